@@ -1,0 +1,32 @@
+//! tarpc over the env's network: the one way factum frames RPC messages (length-delimited bincode over any
+//! byte stream), so the same services run over tokio TCP in production and turmoil TCP in simulation.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tarpc::serde_transport::Transport;
+use tarpc::tokio_serde::formats::Bincode;
+use tarpc::tokio_util::codec::LengthDelimitedCodec;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use factum_proto::MAX_FRAME_BYTES;
+
+/// A tarpc transport over `S` speaking bincode in length-delimited frames of at most [`MAX_FRAME_BYTES`].
+pub fn transport<S, Item, SinkItem>(io: S) -> Transport<S, Item, SinkItem, Bincode<Item, SinkItem>>
+where
+    S: AsyncRead + AsyncWrite,
+    Item: for<'de> Deserialize<'de>,
+    SinkItem: Serialize,
+{
+    let framed = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME_BYTES).new_framed(io);
+    tarpc::serde_transport::new(framed, Bincode::default())
+}
+
+/// A tarpc context whose deadline never fires on its own. tarpc's deadline is a `std::time::Instant`, which
+/// does not follow simulated time, so factum enforces its timeouts with the env clock instead and keeps
+/// tarpc's deadline out of the way.
+pub fn rpc_context() -> tarpc::context::Context {
+    let mut ctx = tarpc::context::current();
+    ctx.deadline = Instant::now() + Duration::from_secs(24 * 3600);
+    ctx
+}

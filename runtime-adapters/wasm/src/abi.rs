@@ -1,0 +1,470 @@
+//! The guest ABI, shared by every engine: a WASI preview 1 subset with no filesystem and no sockets, plus the
+//! `factum` module through which an instance reaches its capabilities. See `docs/guest-abi.md`.
+//!
+//! Engines only move values in and out; what each import means lives here, once, working on the guest's
+//! linear memory as a byte slice. A host call either finishes at once ([`Outcome::Ready`]), ends the guest
+//! ([`Outcome::Exit`]) or needs to wait for the host ([`Outcome::Pending`]): the engine awaits
+//! [`perform`] and then calls [`complete`], so async host work (a provider call, a sleep on the env clock)
+//! never blocks a thread and a simulated run stays deterministic.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use factum_proto::capability::{MAX_OPERATION_LEN, MAX_PARAMS_BYTES};
+use factum_proto::{CapabilityResponse, ErrorCode, ErrorResponse};
+use futures::future::BoxFuture;
+
+/// Import module of the WASI subset.
+pub const WASI_MODULE: &str = "wasi_snapshot_preview1";
+/// Import module of factum's own calls.
+pub const FACTUM_MODULE: &str = "factum";
+
+/// WASI errno values used here.
+pub mod errno {
+    /// Success.
+    pub const SUCCESS: i32 = 0;
+    /// Bad file descriptor (every fd but 0, 1, 2).
+    pub const BADF: i32 = 8;
+    /// A pointer or length outside linear memory.
+    pub const FAULT: i32 = 21;
+    /// Invalid argument.
+    pub const INVAL: i32 = 28;
+    /// Function not supported by factum.
+    pub const NOSYS: i32 = 52;
+    /// Operation not supported (poll on fds).
+    pub const NOTSUP: i32 = 58;
+    /// Seek on a stream.
+    pub const SPIPE: i32 = 70;
+}
+
+/// What the engine needs from the node agent while a guest runs.
+pub trait GuestHost: Send + Sync + 'static {
+    /// Runs one capability invocation for this instance; returns a MessagePack [`CapabilityResponse`].
+    /// Permission checks happen here, at call time.
+    fn invoke(&self, capability_id: String, operation: String, params: Vec<u8>) -> BoxFuture<'static, Vec<u8>>;
+    /// Sleeps on the env clock.
+    fn sleep(&self, d: Duration) -> BoxFuture<'static, ()>;
+    /// Wall-clock nanoseconds since the Unix epoch.
+    fn wall_nanos(&self) -> u64;
+    /// Monotonic nanoseconds since the host started.
+    fn monotonic_nanos(&self) -> u64;
+    /// Fills `buf` from the env's randomness.
+    fn fill_random(&self, buf: &mut [u8]);
+    /// Guest output on fd 1 or 2.
+    fn write_output(&self, fd: u32, bytes: &[u8]);
+}
+
+/// Per-instance state the ABI keeps between calls.
+pub struct GuestState {
+    /// The host.
+    pub host: Arc<dyn GuestHost>,
+    /// The response to the last `factum.invoke`, read back by `factum.response_read`.
+    pub last_response: Vec<u8>,
+}
+
+impl GuestState {
+    /// Fresh state for one instance.
+    pub fn new(host: Arc<dyn GuestHost>) -> Self {
+        Self { host, last_response: Vec::new() }
+    }
+}
+
+/// A Wasm value type as far as the ABI cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ty {
+    /// i32.
+    I32,
+    /// i64.
+    I64,
+    /// Anything else (floats, references, vectors).
+    Other,
+}
+
+/// A host function the ABI provides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostFn {
+    /// `args_get`, `environ_get`: nothing to copy.
+    EmptyListGet,
+    /// `args_sizes_get`, `environ_sizes_get`: zero entries.
+    EmptyListSizes,
+    /// `clock_res_get`.
+    ClockResGet,
+    /// `clock_time_get`.
+    ClockTimeGet,
+    /// `fd_write`.
+    FdWrite,
+    /// `fd_read`: stdin is empty.
+    FdRead,
+    /// `fd_close`.
+    FdClose,
+    /// `fd_fdstat_get`.
+    FdFdstatGet,
+    /// `fd_prestat_get`: no preopened directories.
+    FdPrestatGet,
+    /// `fd_seek`.
+    FdSeek,
+    /// `proc_exit`.
+    ProcExit,
+    /// `random_get`.
+    RandomGet,
+    /// `sched_yield`.
+    SchedYield,
+    /// `poll_oneoff`: clock subscriptions only (sleep).
+    PollOneoff,
+    /// Any other WASI p1 function returning an errno: answers NOSYS.
+    Unsupported,
+    /// `factum.invoke`.
+    Invoke,
+    /// `factum.response_read`.
+    ResponseRead,
+}
+
+/// Resolves an import to the host function serving it, checking its signature. The error says which import
+/// cannot be served; the engine turns it into INVALID_REQUEST at compile time.
+pub fn resolve_import(module: &str, name: &str, params: &[Ty], results: &[Ty]) -> Result<HostFn, String> {
+    use Ty::{I32, I64};
+    let (f, want_params, want_results): (HostFn, &[Ty], &[Ty]) = match (module, name) {
+        (WASI_MODULE, "args_get" | "environ_get") => (HostFn::EmptyListGet, &[I32, I32], &[I32]),
+        (WASI_MODULE, "args_sizes_get" | "environ_sizes_get") => (HostFn::EmptyListSizes, &[I32, I32], &[I32]),
+        (WASI_MODULE, "clock_res_get") => (HostFn::ClockResGet, &[I32, I32], &[I32]),
+        (WASI_MODULE, "clock_time_get") => (HostFn::ClockTimeGet, &[I32, I64, I32], &[I32]),
+        (WASI_MODULE, "fd_write") => (HostFn::FdWrite, &[I32, I32, I32, I32], &[I32]),
+        (WASI_MODULE, "fd_read") => (HostFn::FdRead, &[I32, I32, I32, I32], &[I32]),
+        (WASI_MODULE, "fd_close") => (HostFn::FdClose, &[I32], &[I32]),
+        (WASI_MODULE, "fd_fdstat_get") => (HostFn::FdFdstatGet, &[I32, I32], &[I32]),
+        (WASI_MODULE, "fd_prestat_get") => (HostFn::FdPrestatGet, &[I32, I32], &[I32]),
+        (WASI_MODULE, "fd_seek") => (HostFn::FdSeek, &[I32, I64, I32, I32], &[I32]),
+        (WASI_MODULE, "proc_exit") => (HostFn::ProcExit, &[I32], &[]),
+        (WASI_MODULE, "random_get") => (HostFn::RandomGet, &[I32, I32], &[I32]),
+        (WASI_MODULE, "sched_yield") => (HostFn::SchedYield, &[], &[I32]),
+        (WASI_MODULE, "poll_oneoff") => (HostFn::PollOneoff, &[I32, I32, I32, I32], &[I32]),
+        (WASI_MODULE, _) if results == [I32] && params.iter().all(|t| *t != Ty::Other) => {
+            return Ok(HostFn::Unsupported)
+        }
+        (FACTUM_MODULE, "invoke") => (HostFn::Invoke, &[I32, I32, I32, I32, I32, I32], &[I32]),
+        (FACTUM_MODULE, "response_read") => (HostFn::ResponseRead, &[I32, I32], &[I32]),
+        _ => return Err(format!("module imports {module}.{name}, which factum does not provide")),
+    };
+    if params != want_params || results != want_results {
+        return Err(format!("import {module}.{name} has signature {params:?} -> {results:?}, expected {want_params:?} -> {want_results:?}"));
+    }
+    Ok(f)
+}
+
+/// What a host call asks of the engine.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Return this value (or nothing, for functions without results).
+    Ready(i32),
+    /// The guest called `proc_exit` with this code.
+    Exit(i32),
+    /// Await [`perform`], then [`complete`].
+    Pending(Pending),
+}
+
+/// Host work a call waits for.
+#[derive(Debug)]
+pub enum Pending {
+    /// A capability invocation.
+    Invoke {
+        /// Capability id.
+        capability_id: String,
+        /// Operation.
+        operation: String,
+        /// MessagePack params.
+        params: Vec<u8>,
+    },
+    /// A sleep from `poll_oneoff`; the event is written when it ends.
+    Sleep {
+        /// How long.
+        duration: Duration,
+        /// Subscription userdata to echo.
+        userdata: u64,
+        /// Where the event goes.
+        events_ptr: u32,
+        /// Where the event count goes.
+        nevents_ptr: u32,
+    },
+    /// `sched_yield`: let other tasks run.
+    Yield,
+}
+
+/// The result of [`Pending`] work.
+#[derive(Debug)]
+pub enum Completed {
+    /// Response bytes of an invocation.
+    Invoke(Vec<u8>),
+    /// The sleep ended.
+    Sleep {
+        /// Subscription userdata to echo.
+        userdata: u64,
+        /// Where the event goes.
+        events_ptr: u32,
+        /// Where the event count goes.
+        nevents_ptr: u32,
+    },
+    /// The yield ended.
+    Yield,
+}
+
+/// Runs the async part of a host call.
+pub async fn perform(host: &Arc<dyn GuestHost>, pending: Pending) -> Completed {
+    match pending {
+        Pending::Invoke { capability_id, operation, params } => {
+            Completed::Invoke(host.invoke(capability_id, operation, params).await)
+        }
+        Pending::Sleep { duration, userdata, events_ptr, nevents_ptr } => {
+            host.sleep(duration).await;
+            Completed::Sleep { userdata, events_ptr, nevents_ptr }
+        }
+        Pending::Yield => {
+            host.sleep(Duration::ZERO).await;
+            Completed::Yield
+        }
+    }
+}
+
+/// Memory-access failure: the guest passed a pointer or length outside its memory.
+struct Fault;
+
+fn slice(mem: &[u8], ptr: i64, len: i64) -> Result<&[u8], Fault> {
+    let start = usize::try_from(ptr).map_err(|_| Fault)?;
+    let len = usize::try_from(len).map_err(|_| Fault)?;
+    mem.get(start..start.checked_add(len).ok_or(Fault)?).ok_or(Fault)
+}
+
+fn slice_mut(mem: &mut [u8], ptr: i64, len: usize) -> Result<&mut [u8], Fault> {
+    let start = usize::try_from(ptr).map_err(|_| Fault)?;
+    mem.get_mut(start..start.checked_add(len).ok_or(Fault)?).ok_or(Fault)
+}
+
+fn write_u32(mem: &mut [u8], ptr: i64, v: u32) -> Result<(), Fault> {
+    slice_mut(mem, ptr, 4)?.copy_from_slice(&v.to_le_bytes());
+    Ok(())
+}
+
+fn write_u64(mem: &mut [u8], ptr: i64, v: u64) -> Result<(), Fault> {
+    slice_mut(mem, ptr, 8)?.copy_from_slice(&v.to_le_bytes());
+    Ok(())
+}
+
+fn read_u32(mem: &[u8], ptr: i64) -> Result<u32, Fault> {
+    let b: [u8; 4] = slice(mem, ptr, 4)?.try_into().map_err(|_| Fault)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn read_u64(mem: &[u8], ptr: i64) -> Result<u64, Fault> {
+    let b: [u8; 8] = slice(mem, ptr, 8)?.try_into().map_err(|_| Fault)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn read_u8(mem: &[u8], ptr: i64) -> Result<u8, Fault> {
+    slice(mem, ptr, 1)?.first().copied().ok_or(Fault)
+}
+
+fn arg(args: &[i64], i: usize) -> i64 {
+    args.get(i).copied().unwrap_or(0)
+}
+
+/// Size of one `poll_oneoff` subscription record.
+const SUBSCRIPTION_SIZE: i64 = 48;
+/// Size of one `poll_oneoff` event record.
+const EVENT_SIZE: usize = 32;
+
+/// Runs the synchronous part of host function `f` with integer `args` against the guest's memory (`None` when
+/// the module exports no memory).
+pub fn dispatch(state: &mut GuestState, mem: Option<&mut [u8]>, f: HostFn, args: &[i64]) -> Outcome {
+    let mut empty: [u8; 0] = [];
+    let mem = mem.unwrap_or(&mut empty);
+    match dispatch_inner(state, mem, f, args) {
+        Ok(outcome) => outcome,
+        Err(Fault) => match f {
+            HostFn::Invoke | HostFn::ResponseRead => Outcome::Ready(-errno::FAULT),
+            _ => Outcome::Ready(errno::FAULT),
+        },
+    }
+}
+
+fn dispatch_inner(state: &mut GuestState, mem: &mut [u8], f: HostFn, args: &[i64]) -> Result<Outcome, Fault> {
+    let host = &state.host;
+    let ready = |e: i32| Ok(Outcome::Ready(e));
+    match f {
+        HostFn::EmptyListGet => ready(errno::SUCCESS),
+        HostFn::EmptyListSizes => {
+            write_u32(mem, arg(args, 0), 0)?;
+            write_u32(mem, arg(args, 1), 0)?;
+            ready(errno::SUCCESS)
+        }
+        HostFn::ClockResGet => {
+            write_u64(mem, arg(args, 1), 1_000)?;
+            ready(errno::SUCCESS)
+        }
+        HostFn::ClockTimeGet => {
+            let now = match arg(args, 0) {
+                0 => host.wall_nanos(),
+                1..=3 => host.monotonic_nanos(),
+                _ => return ready(errno::INVAL),
+            };
+            write_u64(mem, arg(args, 2), now)?;
+            ready(errno::SUCCESS)
+        }
+        HostFn::FdWrite => {
+            let fd = arg(args, 0);
+            if fd != 1 && fd != 2 {
+                return ready(errno::BADF);
+            }
+            let (iovs, iovs_len) = (arg(args, 1), arg(args, 2));
+            let mut written: u32 = 0;
+            for i in 0..iovs_len.clamp(0, 1024) {
+                let ptr = read_u32(mem, iovs + i * 8)?;
+                let len = read_u32(mem, iovs + i * 8 + 4)?;
+                host.write_output(fd as u32, slice(mem, i64::from(ptr), i64::from(len))?);
+                written = written.saturating_add(len);
+            }
+            write_u32(mem, arg(args, 3), written)?;
+            ready(errno::SUCCESS)
+        }
+        HostFn::FdRead => {
+            if arg(args, 0) != 0 {
+                return ready(errno::BADF);
+            }
+            write_u32(mem, arg(args, 3), 0)?;
+            ready(errno::SUCCESS)
+        }
+        HostFn::FdClose => ready(if (0..=2).contains(&arg(args, 0)) { errno::SUCCESS } else { errno::BADF }),
+        HostFn::FdFdstatGet => {
+            if !(0..=2).contains(&arg(args, 0)) {
+                return ready(errno::BADF);
+            }
+            // fdstat: filetype u8 (2 = character device), flags u16, rights u64 x2.
+            let out = slice_mut(mem, arg(args, 1), 24)?;
+            out.fill(0);
+            if let Some(filetype) = out.first_mut() {
+                *filetype = 2;
+            }
+            ready(errno::SUCCESS)
+        }
+        HostFn::FdPrestatGet => ready(errno::BADF),
+        HostFn::FdSeek => ready(if (0..=2).contains(&arg(args, 0)) { errno::SPIPE } else { errno::BADF }),
+        HostFn::ProcExit => Ok(Outcome::Exit(arg(args, 0) as i32)),
+        HostFn::RandomGet => {
+            let len = usize::try_from(arg(args, 1)).map_err(|_| Fault)?;
+            host.fill_random(slice_mut(mem, arg(args, 0), len)?);
+            ready(errno::SUCCESS)
+        }
+        HostFn::SchedYield => Ok(Outcome::Pending(Pending::Yield)),
+        HostFn::PollOneoff => poll_oneoff(host, mem, args),
+        HostFn::Unsupported => ready(errno::NOSYS),
+        HostFn::Invoke => invoke(state, mem, args),
+        HostFn::ResponseRead => {
+            let n = state.last_response.len().min(usize::try_from(arg(args, 1)).unwrap_or(0));
+            let src = state.last_response.get(..n).unwrap_or(&[]);
+            slice_mut(mem, arg(args, 0), n)?.copy_from_slice(src);
+            ready(i32::try_from(n).unwrap_or(i32::MAX))
+        }
+    }
+}
+
+fn poll_oneoff(host: &Arc<dyn GuestHost>, mem: &mut [u8], args: &[i64]) -> Result<Outcome, Fault> {
+    let (subs, events_ptr, nsubs, nevents_ptr) = (arg(args, 0), arg(args, 1), arg(args, 2), arg(args, 3));
+    if nsubs <= 0 {
+        return Ok(Outcome::Ready(errno::INVAL));
+    }
+    let mut earliest: Option<(Duration, u64)> = None;
+    for i in 0..nsubs.min(64) {
+        let base = subs + i * SUBSCRIPTION_SIZE;
+        let userdata = read_u64(mem, base)?;
+        let tag = read_u8(mem, base + 8)?;
+        if tag != 0 {
+            return Ok(Outcome::Ready(errno::NOTSUP));
+        }
+        let clock_id = read_u32(mem, base + 16)?;
+        let timeout = read_u64(mem, base + 24)?;
+        let absolute = read_u8(mem, base + 40)? & 1 == 1;
+        let wait = if absolute {
+            let now = if clock_id == 0 { host.wall_nanos() } else { host.monotonic_nanos() };
+            timeout.saturating_sub(now)
+        } else {
+            timeout
+        };
+        let wait = Duration::from_nanos(wait);
+        if earliest.is_none_or(|(d, _)| wait < d) {
+            earliest = Some((wait, userdata));
+        }
+    }
+    let Some((duration, userdata)) = earliest else { return Ok(Outcome::Ready(errno::INVAL)) };
+    // Check the output area now so a bad pointer faults before the sleep, not after.
+    slice_mut(mem, events_ptr, EVENT_SIZE)?;
+    slice_mut(mem, nevents_ptr, 4)?;
+    Ok(Outcome::Pending(Pending::Sleep {
+        duration,
+        userdata,
+        events_ptr: events_ptr as u32,
+        nevents_ptr: nevents_ptr as u32,
+    }))
+}
+
+fn invoke(state: &mut GuestState, mem: &mut [u8], args: &[i64]) -> Result<Outcome, Fault> {
+    let capability_id = slice(mem, arg(args, 0), arg(args, 1))?;
+    let operation = slice(mem, arg(args, 2), arg(args, 3))?;
+    let params_len = arg(args, 5);
+    let refuse = |state: &mut GuestState, err: ErrorResponse| {
+        state.last_response = CapabilityResponse::err(&err).encode();
+        Ok(Outcome::Ready(i32::try_from(state.last_response.len()).unwrap_or(i32::MAX)))
+    };
+    if usize::try_from(params_len).map_or(true, |n| n > MAX_PARAMS_BYTES) {
+        let msg = format!("invocation params of {params_len} bytes are above the {MAX_PARAMS_BYTES}-byte limit");
+        return refuse(state, ErrorResponse::new(ErrorCode::ResourceExhausted, msg));
+    }
+    if operation.len() > MAX_OPERATION_LEN {
+        return refuse(state, ErrorResponse::invalid("operation name too long"));
+    }
+    let params = slice(mem, arg(args, 4), params_len)?.to_vec();
+    let (Ok(capability_id), Ok(operation)) = (std::str::from_utf8(capability_id), std::str::from_utf8(operation))
+    else {
+        return refuse(state, ErrorResponse::invalid("capability id and operation must be UTF-8"));
+    };
+    Ok(Outcome::Pending(Pending::Invoke {
+        capability_id: capability_id.to_string(),
+        operation: operation.to_string(),
+        params,
+    }))
+}
+
+/// Finishes a host call after [`perform`]: writes results into guest memory and returns the value for the
+/// guest.
+pub fn complete(state: &mut GuestState, mem: Option<&mut [u8]>, done: Completed) -> i32 {
+    let mut empty: [u8; 0] = [];
+    let mem = mem.unwrap_or(&mut empty);
+    match done {
+        Completed::Invoke(response) => {
+            state.last_response = response;
+            i32::try_from(state.last_response.len()).unwrap_or(i32::MAX)
+        }
+        Completed::Sleep { userdata, events_ptr, nevents_ptr } => {
+            let write = |mem: &mut [u8]| -> Result<(), Fault> {
+                slice_mut(mem, i64::from(events_ptr), EVENT_SIZE)?.fill(0);
+                write_u64(mem, i64::from(events_ptr), userdata)?;
+                write_u32(mem, i64::from(nevents_ptr), 1)
+            };
+            match write(mem) {
+                Ok(()) => errno::SUCCESS,
+                Err(Fault) => errno::FAULT,
+            }
+        }
+        Completed::Yield => errno::SUCCESS,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_modules_and_bad_signatures_are_refused() {
+        assert!(resolve_import("env", "abort", &[], &[]).is_err());
+        assert!(resolve_import(WASI_MODULE, "fd_write", &[Ty::I32], &[Ty::I32]).is_err());
+        assert_eq!(resolve_import(WASI_MODULE, "path_open", &[Ty::I32; 9], &[Ty::I32]), Ok(HostFn::Unsupported));
+        assert_eq!(resolve_import(WASI_MODULE, "sock_accept", &[Ty::I32; 3], &[Ty::I32]), Ok(HostFn::Unsupported));
+    }
+}

@@ -1,0 +1,42 @@
+//! The guest fixtures under `guests/fixtures/`, compiled into the crate so every test, the simulator and the
+//! CLI's examples use the same bytes.
+
+/// Ends at once with exit code 0.
+pub const EXIT_CLEAN: &str = include_str!("../../../guests/fixtures/exit_clean.wat");
+/// Calls `proc_exit(3)`.
+pub const EXIT_CODE: &str = include_str!("../../../guests/fixtures/exit_code.wat");
+/// Traps at once.
+pub const TRAP: &str = include_str!("../../../guests/fixtures/trap.wat");
+/// Spins forever without host calls.
+pub const LOOP_FOREVER: &str = include_str!("../../../guests/fixtures/loop_forever.wat");
+/// Sleeps 1 s at a time forever.
+pub const SLEEPER: &str = include_str!("../../../guests/fixtures/sleeper.wat");
+/// Grows memory until refused, then traps.
+pub const MEMORY_HOG: &str = include_str!("../../../guests/fixtures/memory_hog.wat");
+/// Exits 7 if its memory survived a restart, else traps (Property 1 probe).
+pub const REMEMBER: &str = include_str!("../../../guests/fixtures/remember.wat");
+/// Sets `greeting` in KV capability `kv`, then sleeps forever.
+pub const KV_GREETER: &str = include_str!("../../../guests/fixtures/kv_greeter.wat");
+
+/// Every fixture by file stem.
+pub const ALL: [(&str, &str); 8] = [
+    ("exit_clean", EXIT_CLEAN),
+    ("exit_code", EXIT_CODE),
+    ("trap", TRAP),
+    ("loop_forever", LOOP_FOREVER),
+    ("sleeper", SLEEPER),
+    ("memory_hog", MEMORY_HOG),
+    ("remember", REMEMBER),
+    ("kv_greeter", KV_GREETER),
+];
+
+/// Module bytes of a fixture. Fixtures are checked in and parsed by the tests, so a parse failure is a bug
+/// in this crate; it yields empty bytes, which every engine then rejects as an invalid module.
+pub fn module(wat_source: &str) -> Vec<u8> {
+    wat::parse_str(wat_source).unwrap_or_default()
+}
+
+/// Module bytes of the fixture named `name` (file stem), if there is one.
+pub fn by_name(name: &str) -> Option<Vec<u8>> {
+    ALL.iter().find(|(n, _)| *n == name).map(|(_, src)| module(src))
+}

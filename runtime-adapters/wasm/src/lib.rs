@@ -1,0 +1,124 @@
+//! The WasmEngine seam: compile a module once, instantiate it with per-instance limits, run it as a future
+//! that can be dropped to stop it. Two engines sit behind it: [`WasmtimeEngine`] (Cranelift, production) and
+//! [`WasmiEngine`] (an interpreter: portable, and cheap to run thousands of times in simulation). Both meter
+//! fuel and yield to the executor every [`Limits::fuel_yield_interval`] units, so a guest in a busy loop
+//! neither blocks its thread nor escapes StopInstance, and both run the same guest ABI ([`abi`]).
+
+pub mod abi;
+mod cache;
+pub mod fixtures;
+mod wasmi_engine;
+mod wasmtime_engine;
+
+use std::any::Any;
+use std::sync::Arc;
+
+use factum_proto::ErrorResponse;
+use futures::future::BoxFuture;
+
+pub use abi::GuestHost;
+pub use cache::ModuleCache;
+pub use wasmi_engine::WasmiEngine;
+pub use wasmtime_engine::WasmtimeEngine;
+
+/// Resource limits of one instance (wasmtime `StoreLimits`-style: explicit, per instance, documented).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most bytes of linear memory; `memory.grow` beyond fails.
+    pub max_memory_bytes: usize,
+    /// Total fuel for one run; `None` runs until the guest ends or is stopped. Running out is a crash.
+    pub fuel: Option<u64>,
+    /// Fuel between two yields to the executor.
+    pub fuel_yield_interval: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_memory_bytes: 64 * 1024 * 1024, fuel: None, fuel_yield_interval: 100_000 }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// `_start` returned, or the guest called `proc_exit(code)`.
+    Exited(i32),
+    /// A trap: unreachable, out-of-bounds access, stack overflow, a failed host call.
+    Trapped(String),
+    /// The fuel budget ran out.
+    OutOfFuel,
+}
+
+impl ExitReason {
+    /// Whether this counts as a crash for restart policies: anything but a clean exit 0.
+    pub fn is_crash(&self) -> bool {
+        !matches!(self, ExitReason::Exited(0))
+    }
+
+    /// One line for status facts and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            ExitReason::Exited(code) => format!("exited with code {code}"),
+            ExitReason::Trapped(why) => format!("trapped: {why}"),
+            ExitReason::OutOfFuel => "ran out of fuel".to_string(),
+        }
+    }
+}
+
+/// Why compiling or instantiating failed; maps onto the design's error codes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The bytes are not a valid module, or it needs imports or exports factum does not provide.
+    #[error("invalid module: {0}")]
+    InvalidModule(String),
+    /// A limit was hit while instantiating (memory, instances).
+    #[error("resource limit: {0}")]
+    ResourceExhausted(String),
+    /// Anything else.
+    #[error("engine error: {0}")]
+    Internal(String),
+}
+
+impl From<EngineError> for ErrorResponse {
+    fn from(e: EngineError) -> Self {
+        use factum_proto::ErrorCode;
+        let code = match e {
+            EngineError::InvalidModule(_) => ErrorCode::InvalidRequest,
+            EngineError::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
+            EngineError::Internal(_) => ErrorCode::InternalError,
+        };
+        ErrorResponse::new(code, e.to_string())
+    }
+}
+
+/// A compiled module, ready to instantiate many times.
+pub trait CompiledModule: Send + Sync + 'static {
+    /// Hex SHA-256 of the bytes it was compiled from.
+    fn hash(&self) -> &str;
+    /// For the engine that made it.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// A Wasm engine.
+pub trait WasmEngine: Send + Sync + 'static {
+    /// Short name, e.g. `wasmtime`.
+    fn name(&self) -> &'static str;
+    /// Validates and compiles; checks every import against the guest ABI.
+    fn compile(&self, bytes: &[u8]) -> Result<Arc<dyn CompiledModule>, EngineError>;
+    /// Creates an instance with fresh memory: nothing survives from earlier instances of the module (P1).
+    fn instantiate<'a>(
+        &'a self,
+        module: &'a Arc<dyn CompiledModule>,
+        host: Arc<dyn GuestHost>,
+        limits: Limits,
+    ) -> BoxFuture<'a, Result<Box<dyn Instance>, EngineError>>;
+}
+
+/// An instantiated module.
+pub trait Instance: Send {
+    /// Runs `_start` to its end. Dropping the future stops the guest at its next yield point.
+    fn run(self: Box<Self>) -> BoxFuture<'static, ExitReason>;
+}
+
+/// The name of the entry point factum calls.
+pub const ENTRY_POINT: &str = "_start";

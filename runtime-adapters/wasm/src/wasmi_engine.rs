@@ -1,0 +1,260 @@
+//! The portable engine: the wasmi interpreter. wasmi host functions are synchronous, so async host work
+//! (provider calls, sleeps) and fuel-driven yields use wasmi's resumable calls: the host function returns a
+//! [`PendingCall`] error, the run loop awaits the work and resumes the guest where it stopped.
+
+use std::any::Any;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use wasmi::{
+    Caller, Config, Engine, Error, ExternType, Func, Linker, Module, ResumableCall, Store, StoreLimits,
+    StoreLimitsBuilder, Val, ValType,
+};
+
+use crate::abi::{self, GuestState, Outcome, Pending, Ty};
+use crate::{CompiledModule, EngineError, ExitReason, GuestHost, Instance, Limits, WasmEngine, ENTRY_POINT};
+
+/// wasmi behind the [`WasmEngine`] seam.
+pub struct WasmiEngine {
+    engine: Engine,
+}
+
+struct StoreData {
+    guest: GuestState,
+    limits: StoreLimits,
+}
+
+/// Raised by a host function whose work must be awaited; the run loop takes the work out and resumes.
+#[derive(Debug)]
+struct PendingCall(Mutex<Option<Pending>>);
+
+impl std::fmt::Display for PendingCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("host call pending")
+    }
+}
+
+impl wasmi::errors::HostError for PendingCall {}
+
+struct Compiled {
+    hash: String,
+    module: Module,
+    linker: Linker<StoreData>,
+}
+
+impl CompiledModule for Compiled {
+    fn hash(&self) -> &str {
+        &self.hash
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl WasmiEngine {
+    /// An interpreter with fuel metering on.
+    pub fn new() -> Self {
+        let mut config = Config::default();
+        config.consume_fuel(true);
+        Self { engine: Engine::new(&config) }
+    }
+}
+
+impl Default for WasmiEngine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn ty(t: &ValType) -> Ty {
+    match t {
+        ValType::I32 => Ty::I32,
+        ValType::I64 => Ty::I64,
+        _ => Ty::Other,
+    }
+}
+
+fn to_args(params: &[Val]) -> Vec<i64> {
+    // Same reading as the wasmtime engine: i32s as unsigned.
+    params
+        .iter()
+        .map(|v| match v {
+            Val::I32(x) => i64::from(*x as u32),
+            Val::I64(x) => *x,
+            _ => 0,
+        })
+        .collect()
+}
+
+fn memory_and_state<'a>(caller: &'a mut Caller<'_, StoreData>) -> (Option<&'a mut [u8]>, &'a mut GuestState) {
+    match caller.get_export("memory").and_then(|e| e.into_memory()) {
+        Some(memory) => {
+            let (mem, data) = memory.data_and_store_mut(caller);
+            (Some(mem), &mut data.guest)
+        }
+        None => (None, &mut caller.data_mut().guest),
+    }
+}
+
+fn store_memory<'a>(
+    store: &'a mut Store<StoreData>,
+    instance: &wasmi::Instance,
+) -> (Option<&'a mut [u8]>, &'a mut GuestState) {
+    match instance.get_memory(&*store, "memory") {
+        Some(memory) => {
+            let (mem, data) = memory.data_and_store_mut(store);
+            (Some(mem), &mut data.guest)
+        }
+        None => (None, &mut store.data_mut().guest),
+    }
+}
+
+impl WasmEngine for WasmiEngine {
+    fn name(&self) -> &'static str {
+        "wasmi"
+    }
+
+    fn compile(&self, bytes: &[u8]) -> Result<Arc<dyn CompiledModule>, EngineError> {
+        let module = Module::new(&self.engine, bytes).map_err(|e| EngineError::InvalidModule(format!("{e}")))?;
+        let has_entry = module.exports().any(|export| {
+            export.name() == ENTRY_POINT
+                && matches!(export.ty(), ExternType::Func(f) if f.params().is_empty() && f.results().is_empty())
+        });
+        if !has_entry {
+            return Err(EngineError::InvalidModule(format!("module exports no `{ENTRY_POINT}: () -> ()` function")));
+        }
+        let mut linker = Linker::new(&self.engine);
+        for import in module.imports() {
+            let ExternType::Func(func_ty) = import.ty() else {
+                return Err(EngineError::InvalidModule(format!(
+                    "module imports {}.{}, which is not a function; factum provides only functions",
+                    import.module(),
+                    import.name()
+                )));
+            };
+            let params: Vec<Ty> = func_ty.params().iter().map(ty).collect();
+            let results: Vec<Ty> = func_ty.results().iter().map(ty).collect();
+            let f = abi::resolve_import(import.module(), import.name(), &params, &results)
+                .map_err(EngineError::InvalidModule)?;
+            linker
+                .func_new(import.module(), import.name(), func_ty.clone(), move |mut caller, params, results| {
+                    let args = to_args(params);
+                    let (mem, state) = memory_and_state(&mut caller);
+                    match abi::dispatch(state, mem, f, &args) {
+                        Outcome::Ready(v) => {
+                            if let Some(slot) = results.first_mut() {
+                                *slot = Val::I32(v);
+                            }
+                            Ok(())
+                        }
+                        Outcome::Exit(code) => Err(Error::i32_exit(code)),
+                        Outcome::Pending(p) => Err(Error::host(PendingCall(Mutex::new(Some(p))))),
+                    }
+                })
+                .map_err(|e| {
+                    EngineError::Internal(format!("cannot define {}.{}: {e}", import.module(), import.name()))
+                })?;
+        }
+        Ok(Arc::new(Compiled { hash: factum_proto::module_hash(bytes), module, linker }))
+    }
+
+    fn instantiate<'a>(
+        &'a self,
+        module: &'a Arc<dyn CompiledModule>,
+        host: Arc<dyn GuestHost>,
+        limits: Limits,
+    ) -> BoxFuture<'a, Result<Box<dyn Instance>, EngineError>> {
+        Box::pin(async move {
+            let compiled = module
+                .as_any()
+                .downcast_ref::<Compiled>()
+                .ok_or_else(|| EngineError::Internal("module was compiled by another engine".into()))?;
+            let store_limits = StoreLimitsBuilder::new().memory_size(limits.max_memory_bytes).instances(1).build();
+            let mut store =
+                Store::new(&self.engine, StoreData { guest: GuestState::new(host.clone()), limits: store_limits });
+            store.limiter(|data| &mut data.limits);
+            let first_slice = limits.fuel.map_or(limits.fuel_yield_interval, |f| f.min(limits.fuel_yield_interval));
+            store.set_fuel(first_slice).map_err(|e| EngineError::Internal(format!("{e}")))?;
+            let instance = compiled.linker.instantiate_and_start(&mut store, &compiled.module).map_err(|e| {
+                let msg = e.to_string();
+                if msg.contains("limit") || msg.contains("out of fuel") {
+                    EngineError::ResourceExhausted(msg)
+                } else {
+                    EngineError::InvalidModule(msg)
+                }
+            })?;
+            let start = instance
+                .get_func(&store, ENTRY_POINT)
+                .ok_or_else(|| EngineError::InvalidModule(format!("no `{ENTRY_POINT}` export")))?;
+            let remaining = limits.fuel.map(|f| f.saturating_sub(first_slice));
+            Ok(Box::new(WasmiInstance { store, instance, start, host, limits, remaining }) as Box<dyn Instance>)
+        })
+    }
+}
+
+struct WasmiInstance {
+    store: Store<StoreData>,
+    instance: wasmi::Instance,
+    start: Func,
+    host: Arc<dyn GuestHost>,
+    limits: Limits,
+    /// Fuel left in the budget after the slice currently in the store; `None` is unlimited.
+    remaining: Option<u64>,
+}
+
+fn exit_reason(e: Error) -> ExitReason {
+    if let Some(code) = e.i32_exit_status() {
+        return ExitReason::Exited(code);
+    }
+    if let Some(wasmi::TrapCode::OutOfFuel) = e.as_trap_code() {
+        return ExitReason::OutOfFuel;
+    }
+    ExitReason::Trapped(e.to_string())
+}
+
+impl Instance for WasmiInstance {
+    fn run(self: Box<Self>) -> BoxFuture<'static, ExitReason> {
+        let WasmiInstance { mut store, instance, start, host, limits, mut remaining } = *self;
+        Box::pin(async move {
+            let mut call = start.call_resumable(&mut store, &[], &mut []);
+            loop {
+                match call {
+                    Err(e) => return exit_reason(e),
+                    Ok(ResumableCall::Finished) => return ExitReason::Exited(0),
+                    Ok(ResumableCall::OutOfFuel(out)) => {
+                        let slice = limits.fuel_yield_interval.max(out.required_fuel());
+                        let refill = match remaining {
+                            None => slice,
+                            Some(0) => return ExitReason::OutOfFuel,
+                            Some(left) => {
+                                let n = left.min(slice);
+                                remaining = Some(left - n);
+                                n
+                            }
+                        };
+                        if let Err(e) = store.set_fuel(refill) {
+                            return ExitReason::Trapped(e.to_string());
+                        }
+                        tokio::task::yield_now().await;
+                        call = out.resume(&mut store, &mut []);
+                    }
+                    Ok(ResumableCall::HostTrap(trap)) => {
+                        let pending = trap
+                            .host_error()
+                            .downcast_ref::<PendingCall>()
+                            .and_then(|p| p.0.lock().ok().and_then(|mut slot| slot.take()));
+                        let Some(pending) = pending else {
+                            return exit_reason(trap.into_host_error());
+                        };
+                        let has_result = !trap.host_func().ty(&store).results().is_empty();
+                        let done = abi::perform(&host, pending).await;
+                        let (mem, state) = store_memory(&mut store, &instance);
+                        let ret = abi::complete(state, mem, done);
+                        let inputs = if has_result { vec![Val::I32(ret)] } else { Vec::new() };
+                        call = trap.resume(&mut store, &inputs, &mut []);
+                    }
+                }
+            }
+        })
+    }
+}

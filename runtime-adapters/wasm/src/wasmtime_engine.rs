@@ -1,0 +1,219 @@
+//! The production engine: wasmtime with Cranelift. Imports are resolved once per module into an
+//! `InstancePre`, so a start only allocates a store and memory.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use wasmtime::{
+    Caller, Config, Engine, ExternType, InstancePre, Linker, Module, Store, StoreLimits, StoreLimitsBuilder, Trap,
+    TypedFunc, Val, ValType,
+};
+
+use crate::abi::{self, GuestState, HostFn, Outcome, Ty};
+use crate::{CompiledModule, EngineError, ExitReason, GuestHost, Instance, Limits, WasmEngine, ENTRY_POINT};
+
+/// wasmtime behind the [`WasmEngine`] seam.
+pub struct WasmtimeEngine {
+    engine: Engine,
+}
+
+/// What a store carries: the ABI state and its limits.
+struct StoreData {
+    guest: GuestState,
+    limits: StoreLimits,
+}
+
+/// `proc_exit` unwinds the guest with this error.
+#[derive(Debug)]
+struct GuestExit(i32);
+
+impl std::fmt::Display for GuestExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "guest exited with code {}", self.0)
+    }
+}
+
+impl std::error::Error for GuestExit {}
+
+struct Compiled {
+    hash: String,
+    pre: InstancePre<StoreData>,
+}
+
+impl CompiledModule for Compiled {
+    fn hash(&self) -> &str {
+        &self.hash
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl WasmtimeEngine {
+    /// An engine with fuel metering on (fuel drives cooperative yielding, so runs are deterministic).
+    pub fn new() -> Result<Self, EngineError> {
+        let mut config = Config::new();
+        config.consume_fuel(true);
+        let engine = Engine::new(&config).map_err(|e| EngineError::Internal(format!("wasmtime config: {e}")))?;
+        Ok(Self { engine })
+    }
+}
+
+fn ty(t: &ValType) -> Ty {
+    match t {
+        ValType::I32 => Ty::I32,
+        ValType::I64 => Ty::I64,
+        _ => Ty::Other,
+    }
+}
+
+fn to_args(params: &[Val]) -> Vec<i64> {
+    // i32 arguments are pointers, lengths or small codes: read them as unsigned so pointers above 2 GiB work;
+    // `proc_exit` truncates back to i32.
+    params
+        .iter()
+        .map(|v| match v {
+            Val::I32(x) => i64::from(*x as u32),
+            Val::I64(x) => *x,
+            _ => 0,
+        })
+        .collect()
+}
+
+fn memory_and_state<'a>(caller: &'a mut Caller<'_, StoreData>) -> (Option<&'a mut [u8]>, &'a mut GuestState) {
+    match caller.get_export("memory").and_then(|e| e.into_memory()) {
+        Some(memory) => {
+            let (mem, data) = memory.data_and_store_mut(caller);
+            (Some(mem), &mut data.guest)
+        }
+        None => (None, &mut caller.data_mut().guest),
+    }
+}
+
+fn define(
+    linker: &mut Linker<StoreData>,
+    module: &str,
+    name: &str,
+    func_ty: wasmtime::FuncType,
+    f: HostFn,
+) -> Result<(), EngineError> {
+    linker
+        .func_new_async(module, name, func_ty, move |mut caller, params, results| {
+            Box::new(async move {
+                let args = to_args(params);
+                let outcome = {
+                    let (mem, state) = memory_and_state(&mut caller);
+                    abi::dispatch(state, mem, f, &args)
+                };
+                let ret = match outcome {
+                    Outcome::Ready(v) => v,
+                    Outcome::Exit(code) => return Err(wasmtime::Error::new(GuestExit(code))),
+                    Outcome::Pending(pending) => {
+                        let host = caller.data().guest.host.clone();
+                        let done = abi::perform(&host, pending).await;
+                        let (mem, state) = memory_and_state(&mut caller);
+                        abi::complete(state, mem, done)
+                    }
+                };
+                if let Some(slot) = results.first_mut() {
+                    *slot = Val::I32(ret);
+                }
+                Ok(())
+            })
+        })
+        .map(|_| ())
+        .map_err(|e| EngineError::Internal(format!("cannot define {module}.{name}: {e}")))
+}
+
+impl WasmEngine for WasmtimeEngine {
+    fn name(&self) -> &'static str {
+        "wasmtime"
+    }
+
+    fn compile(&self, bytes: &[u8]) -> Result<Arc<dyn CompiledModule>, EngineError> {
+        let module = Module::new(&self.engine, bytes).map_err(|e| EngineError::InvalidModule(format!("{e}")))?;
+        match module.get_export(ENTRY_POINT) {
+            Some(ExternType::Func(f)) if f.params().len() == 0 && f.results().len() == 0 => {}
+            _ => {
+                return Err(EngineError::InvalidModule(format!("module exports no `{ENTRY_POINT}: () -> ()` function")))
+            }
+        }
+        let mut linker = Linker::new(&self.engine);
+        for import in module.imports() {
+            let ExternType::Func(func_ty) = import.ty() else {
+                return Err(EngineError::InvalidModule(format!(
+                    "module imports {}.{}, which is not a function; factum provides only functions",
+                    import.module(),
+                    import.name()
+                )));
+            };
+            let params: Vec<Ty> = func_ty.params().map(|t| ty(&t)).collect();
+            let results: Vec<Ty> = func_ty.results().map(|t| ty(&t)).collect();
+            let f = abi::resolve_import(import.module(), import.name(), &params, &results)
+                .map_err(EngineError::InvalidModule)?;
+            define(&mut linker, import.module(), import.name(), func_ty.clone(), f)?;
+        }
+        let pre = linker.instantiate_pre(&module).map_err(|e| EngineError::InvalidModule(format!("{e}")))?;
+        Ok(Arc::new(Compiled { hash: factum_proto::module_hash(bytes), pre }))
+    }
+
+    fn instantiate<'a>(
+        &'a self,
+        module: &'a Arc<dyn CompiledModule>,
+        host: Arc<dyn GuestHost>,
+        limits: Limits,
+    ) -> BoxFuture<'a, Result<Box<dyn Instance>, EngineError>> {
+        Box::pin(async move {
+            let compiled = module
+                .as_any()
+                .downcast_ref::<Compiled>()
+                .ok_or_else(|| EngineError::Internal("module was compiled by another engine".into()))?;
+            let store_limits = StoreLimitsBuilder::new().memory_size(limits.max_memory_bytes).instances(1).build();
+            let mut store = Store::new(&self.engine, StoreData { guest: GuestState::new(host), limits: store_limits });
+            store.limiter(|data| &mut data.limits);
+            let internal = |e: wasmtime::Error| EngineError::Internal(format!("{e}"));
+            store.set_fuel(limits.fuel.unwrap_or(u64::MAX)).map_err(internal)?;
+            store.fuel_async_yield_interval(Some(limits.fuel_yield_interval.max(1))).map_err(internal)?;
+            let instance = compiled.pre.instantiate_async(&mut store).await.map_err(|e| {
+                let msg = format!("{e:#}");
+                if msg.contains("limit") {
+                    EngineError::ResourceExhausted(msg)
+                } else {
+                    EngineError::InvalidModule(msg)
+                }
+            })?;
+            let start = instance
+                .get_typed_func::<(), ()>(&mut store, ENTRY_POINT)
+                .map_err(|e| EngineError::InvalidModule(format!("{e}")))?;
+            Ok(Box::new(WasmtimeInstance { store, start }) as Box<dyn Instance>)
+        })
+    }
+}
+
+struct WasmtimeInstance {
+    store: Store<StoreData>,
+    start: TypedFunc<(), ()>,
+}
+
+impl Instance for WasmtimeInstance {
+    fn run(self: Box<Self>) -> BoxFuture<'static, ExitReason> {
+        let WasmtimeInstance { mut store, start } = *self;
+        Box::pin(async move {
+            match start.call_async(&mut store, ()).await {
+                Ok(()) => ExitReason::Exited(0),
+                Err(e) => {
+                    if let Some(GuestExit(code)) = e.downcast_ref::<GuestExit>() {
+                        ExitReason::Exited(*code)
+                    } else if let Some(Trap::OutOfFuel) = e.downcast_ref::<Trap>() {
+                        ExitReason::OutOfFuel
+                    } else if let Some(trap) = e.downcast_ref::<Trap>() {
+                        ExitReason::Trapped(trap.to_string())
+                    } else {
+                        ExitReason::Trapped(e.to_string())
+                    }
+                }
+            }
+        })
+    }
+}

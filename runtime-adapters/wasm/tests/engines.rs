@@ -1,0 +1,191 @@
+//! Both engines run the same fixtures through the same ABI and must agree on every outcome.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use factum_proto::{CapabilityResponse, ErrorCode, KvOperation};
+use factum_wasm::fixtures::{self, module};
+use factum_wasm::{EngineError, ExitReason, GuestHost, Limits, WasmEngine, WasmiEngine, WasmtimeEngine};
+use futures::future::BoxFuture;
+
+/// A host that records invocations and answers every `set` with success.
+#[derive(Default)]
+struct RecordingHost {
+    calls: Mutex<Vec<(String, String, Vec<u8>)>>,
+    sleeps: Mutex<Vec<Duration>>,
+}
+
+impl GuestHost for RecordingHost {
+    fn invoke(&self, capability_id: String, operation: String, params: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+        self.calls.lock().unwrap().push((capability_id, operation, params));
+        Box::pin(async { CapabilityResponse::ok(&()).encode() })
+    }
+    fn sleep(&self, d: Duration) -> BoxFuture<'static, ()> {
+        self.sleeps.lock().unwrap().push(d);
+        Box::pin(tokio::time::sleep(d))
+    }
+    fn wall_nanos(&self) -> u64 {
+        0
+    }
+    fn monotonic_nanos(&self) -> u64 {
+        0
+    }
+    fn fill_random(&self, buf: &mut [u8]) {
+        buf.fill(4);
+    }
+    fn write_output(&self, _fd: u32, _bytes: &[u8]) {}
+}
+
+fn engines() -> Vec<Arc<dyn WasmEngine>> {
+    vec![Arc::new(WasmtimeEngine::new().unwrap()), Arc::new(WasmiEngine::new())]
+}
+
+async fn run(engine: &Arc<dyn WasmEngine>, wat: &str, host: Arc<RecordingHost>, limits: Limits) -> ExitReason {
+    let compiled = engine.compile(&module(wat)).unwrap();
+    let instance = engine.instantiate(&compiled, host, limits).await.unwrap();
+    instance.run().await
+}
+
+#[tokio::test]
+async fn clean_exit_exit_code_and_trap() {
+    for engine in engines() {
+        let host = Arc::new(RecordingHost::default());
+        assert_eq!(run(&engine, fixtures::EXIT_CLEAN, host.clone(), Limits::default()).await, ExitReason::Exited(0));
+        assert_eq!(run(&engine, fixtures::EXIT_CODE, host.clone(), Limits::default()).await, ExitReason::Exited(3));
+        let trap = run(&engine, fixtures::TRAP, host, Limits::default()).await;
+        assert!(matches!(&trap, ExitReason::Trapped(_)), "{}: {trap:?}", engine.name());
+        assert!(trap.is_crash());
+    }
+}
+
+#[tokio::test]
+async fn fuel_budget_stops_a_runaway_loop() {
+    for engine in engines() {
+        let limits = Limits { fuel: Some(1_000_000), fuel_yield_interval: 10_000, ..Limits::default() };
+        let exit = run(&engine, fixtures::LOOP_FOREVER, Arc::new(RecordingHost::default()), limits).await;
+        assert_eq!(exit, ExitReason::OutOfFuel, "{}", engine.name());
+    }
+}
+
+#[tokio::test]
+async fn dropping_the_run_future_stops_an_endless_loop() {
+    for engine in engines() {
+        let limits = Limits { fuel_yield_interval: 10_000, ..Limits::default() };
+        let compiled = engine.compile(&module(fixtures::LOOP_FOREVER)).unwrap();
+        let instance = engine.instantiate(&compiled, Arc::new(RecordingHost::default()), limits).await.unwrap();
+        let mut run = tokio::spawn(instance.run());
+        // The loop yields every 10k fuel, so the runtime gets control back and can cancel it.
+        tokio::select! {
+            _ = &mut run => panic!("{}: an endless loop ended", engine.name()),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        run.abort();
+        assert!(run.await.unwrap_err().is_cancelled());
+    }
+}
+
+#[tokio::test]
+async fn memory_limit_makes_growth_fail() {
+    for engine in engines() {
+        let limits = Limits { max_memory_bytes: 4 * 65536, ..Limits::default() };
+        let exit = run(&engine, fixtures::MEMORY_HOG, Arc::new(RecordingHost::default()), limits).await;
+        assert!(matches!(exit, ExitReason::Trapped(_)), "{}: {exit:?}", engine.name());
+    }
+}
+
+#[tokio::test]
+async fn a_module_needing_more_memory_than_allowed_is_resource_exhausted() {
+    let wat = r#"(module (memory (export "memory") 100) (func (export "_start")))"#;
+    for engine in engines() {
+        let compiled = engine.compile(&module(wat)).unwrap();
+        let limits = Limits { max_memory_bytes: 65536, ..Limits::default() };
+        let err = engine.instantiate(&compiled, Arc::new(RecordingHost::default()), limits).await.err().unwrap();
+        assert!(matches!(err, EngineError::ResourceExhausted(_)), "{}: {err:?}", engine.name());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn kv_greeter_invokes_then_sleeps_through_the_host() {
+    for engine in engines() {
+        let host = Arc::new(RecordingHost::default());
+        let compiled = engine.compile(&module(fixtures::KV_GREETER)).unwrap();
+        let instance = engine.instantiate(&compiled, host.clone(), Limits::default()).await.unwrap();
+        let run = tokio::spawn(instance.run());
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        assert!(!run.is_finished(), "{}: the greeter should keep running", engine.name());
+        run.abort();
+        let calls = host.calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 1, "{}", engine.name());
+        let (cap, op, params) = &calls[0];
+        assert_eq!((cap.as_str(), op.as_str()), ("kv", "set"));
+        assert_eq!(
+            KvOperation::decode(op, params).unwrap(),
+            KvOperation::Set { key: "greeting".into(), value: b"hello from factum".to_vec() }
+        );
+        let sleeps = host.sleeps.lock().unwrap().clone();
+        assert!(sleeps.len() >= 3, "{}: {sleeps:?}", engine.name());
+        assert!(sleeps.iter().all(|d| *d == Duration::from_secs(1)));
+    }
+}
+
+#[tokio::test]
+async fn kv_greeter_exits_1_when_refused() {
+    struct Refusing;
+    impl GuestHost for Refusing {
+        fn invoke(&self, _: String, _: String, _: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+            let denied = factum_proto::ErrorResponse::permission_denied("no kv:write");
+            Box::pin(async move { CapabilityResponse::err(&denied).encode() })
+        }
+        fn sleep(&self, d: Duration) -> BoxFuture<'static, ()> {
+            Box::pin(tokio::time::sleep(d))
+        }
+        fn wall_nanos(&self) -> u64 {
+            0
+        }
+        fn monotonic_nanos(&self) -> u64 {
+            0
+        }
+        fn fill_random(&self, _: &mut [u8]) {}
+        fn write_output(&self, _: u32, _: &[u8]) {}
+    }
+    for engine in engines() {
+        let compiled = engine.compile(&module(fixtures::KV_GREETER)).unwrap();
+        let instance = engine.instantiate(&compiled, Arc::new(Refusing), Limits::default()).await.unwrap();
+        assert_eq!(instance.run().await, ExitReason::Exited(1), "{}", engine.name());
+    }
+}
+
+#[test]
+fn the_greeter_reads_success_at_byte_18() {
+    // kv_greeter.wat checks byte 18 of the response; this pins the encoding it relies on.
+    assert_eq!(CapabilityResponse::ok(&()).encode()[18], 0xc3);
+    assert_eq!(CapabilityResponse::err(&factum_proto::ErrorResponse::internal("x")).encode()[18], 0xc2);
+}
+
+#[test]
+fn bad_modules_are_invalid() {
+    let missing_start = module(r#"(module (func (export "main")))"#);
+    let foreign_import = module(r#"(module (import "env" "abort" (func)) (func (export "_start")))"#);
+    for engine in engines() {
+        for bytes in [
+            b"not wasm".to_vec(),
+            vec![0, 0x61, 0x73, 0x6d, 1, 0, 0, 0, 0xff],
+            missing_start.clone(),
+            foreign_import.clone(),
+        ] {
+            let err = engine.compile(&bytes).err().unwrap();
+            assert!(matches!(err, EngineError::InvalidModule(_)), "{}: {err:?}", engine.name());
+            assert_eq!(factum_proto::ErrorResponse::from(err).error_code, ErrorCode::InvalidRequest);
+        }
+    }
+}
+
+#[test]
+fn every_fixture_compiles_on_both_engines() {
+    for (name, src) in fixtures::ALL {
+        for engine in engines() {
+            assert!(engine.compile(&module(src)).is_ok(), "{name} on {}", engine.name());
+        }
+    }
+}

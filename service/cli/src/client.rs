@@ -1,0 +1,202 @@
+//! The client commands: one tarpc call each, printed as a table or JSON.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use factum_env::{rpc, Env};
+use factum_proto::{
+    CapabilityGrant, ControlPlaneClient, ErrorResponse, InstanceMetadata, PolicyType, RestartPolicy, StartRequest,
+};
+use serde::Serialize;
+
+use crate::{ClientOpts, Command, Output};
+
+/// How long a client command waits for the control plane.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn connect(opts: &ClientOpts) -> Result<(Env, ControlPlaneClient)> {
+    let env = Env::tokio();
+    let stream = env
+        .timeout(CLIENT_TIMEOUT, env.net.connect(&opts.control_plane))
+        .await
+        .ok_or_else(|| anyhow!("COMMUNICATION_FAILURE: connecting to {} timed out", opts.control_plane))?
+        .with_context(|| {
+            format!(
+                "COMMUNICATION_FAILURE: cannot reach the control plane at {} (is `factum up` running?)",
+                opts.control_plane
+            )
+        })?;
+    Ok((env, ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream)).spawn()))
+}
+
+/// Awaits one call with the client timeout, flattening transport and API errors.
+async fn call<T>(env: &Env, fut: impl std::future::Future<Output = Result<T, tarpc::client::RpcError>>) -> Result<T> {
+    match env.timeout(CLIENT_TIMEOUT, fut).await {
+        Some(Ok(v)) => Ok(v),
+        Some(Err(e)) => bail!("COMMUNICATION_FAILURE: {e}"),
+        None => bail!("COMMUNICATION_FAILURE: the control plane did not answer within {CLIENT_TIMEOUT:?}"),
+    }
+}
+
+fn api<T>(result: Result<T, ErrorResponse>) -> Result<T> {
+    result.map_err(|e| anyhow!("{e}"))
+}
+
+fn print<T: Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> String) -> Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Table => print!("{}", table(value)),
+    }
+    Ok(())
+}
+
+/// Reads a module file; `.wat` text (or anything not starting with the Wasm magic) is parsed as WAT.
+pub fn read_module(path: &std::path::Path) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.starts_with(b"\0asm") {
+        return Ok(bytes);
+    }
+    wat::parse_bytes(&bytes)
+        .map(|b| b.into_owned())
+        .map_err(|e| anyhow!("INVALID_REQUEST: {} is neither a Wasm binary nor valid WAT: {e}", path.display()))
+}
+
+/// Parses `ID=PERM,PERM`.
+pub fn parse_cap(spec: &str) -> Result<CapabilityGrant> {
+    let (id, perms) = spec
+        .split_once('=')
+        .ok_or_else(|| anyhow!("INVALID_REQUEST: bad --cap {spec:?}: expected ID=PERM[,PERM...]"))?;
+    Ok(CapabilityGrant { capability_id: id.to_string(), permissions: split_perms(perms) })
+}
+
+fn split_perms(perms: &str) -> Vec<String> {
+    perms.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect()
+}
+
+/// Parses `--backoff`: whole seconds, with or without a unit (`2`, `2s`, `1m`).
+pub fn parse_backoff(text: &str) -> Result<u32> {
+    if let Ok(secs) = text.parse::<u32>() {
+        return Ok(secs);
+    }
+    let d = humantime::parse_duration(text).map_err(|e| anyhow!("INVALID_REQUEST: bad --backoff {text:?}: {e}"))?;
+    if d.subsec_nanos() != 0 {
+        bail!("INVALID_REQUEST: --backoff must be whole seconds, got {text:?}");
+    }
+    u32::try_from(d.as_secs()).map_err(|_| anyhow!("INVALID_REQUEST: --backoff {text:?} is too long"))
+}
+
+fn instances_table(instances: &[InstanceMetadata]) -> String {
+    let mut out = format!(
+        "{:<24} {:<10} {:<10} {:>8}  {:<14} {}\n",
+        "INSTANCE", "NODE", "STATUS", "RESTARTS", "MODULE", "LAST ERROR"
+    );
+    for m in instances {
+        out.push_str(&format!(
+            "{:<24} {:<10} {:<10} {:>8}  {:<14} {}\n",
+            m.instance_id,
+            m.node_id,
+            m.status,
+            m.restarts,
+            m.module_hash.get(..12).unwrap_or(&m.module_hash),
+            m.last_error.as_deref().unwrap_or("")
+        ));
+    }
+    out
+}
+
+/// Runs one client command.
+pub async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Start { module, caps, restart, max_retries, backoff, id, client } => {
+            let policy_type: PolicyType = restart.parse().map_err(|e: ErrorResponse| anyhow!("{e}"))?;
+            let restart_policy = RestartPolicy {
+                policy_type,
+                max_retries,
+                backoff_seconds: backoff.as_deref().map(parse_backoff).transpose()?,
+            };
+            let capabilities = caps.iter().map(|c| parse_cap(c)).collect::<Result<Vec<_>>>()?;
+            let module_bytes = read_module(&module)?;
+            let (env, cp) = connect(&client).await?;
+            let request = StartRequest { instance_id: id, module_bytes, capabilities, restart_policy };
+            let instance_id = api(call(&env, cp.start_instance(rpc::rpc_context(), request)).await?)?;
+            print(client.output, &serde_json::json!({ "instance_id": instance_id }), |_| format!("{instance_id}\n"))
+        }
+        Command::Stop { instance_id, client } => {
+            let (env, cp) = connect(&client).await?;
+            api(call(&env, cp.stop_instance(rpc::rpc_context(), instance_id.clone())).await?)?;
+            print(client.output, &serde_json::json!({ "stopped": instance_id }), |_| format!("stopped {instance_id}\n"))
+        }
+        Command::Ps { client } => {
+            let (env, cp) = connect(&client).await?;
+            let instances = call(&env, cp.list_instances(rpc::rpc_context())).await?;
+            print(client.output, &instances, |i| instances_table(i))
+        }
+        Command::Inspect { instance_id, client } => {
+            let (env, cp) = connect(&client).await?;
+            let details = api(call(&env, cp.query_instance(rpc::rpc_context(), instance_id)).await?)?;
+            print(client.output, &details, |d| {
+                let mut out = instances_table(std::slice::from_ref(&d.metadata));
+                out.push_str(&format!("restart policy: {:?}\n", d.restart_policy));
+                for c in &d.capabilities {
+                    out.push_str(&format!(
+                        "capability {} ({}): {}\n",
+                        c.capability_id,
+                        c.provider_type,
+                        c.permissions.join(",")
+                    ));
+                }
+                out
+            })
+        }
+        Command::Grant { instance_id, capability_id, permissions, client } => {
+            let (env, cp) = connect(&client).await?;
+            let call_ = cp.assign_capability(
+                rpc::rpc_context(),
+                instance_id.clone(),
+                capability_id.clone(),
+                split_perms(&permissions),
+            );
+            api(call(&env, call_).await?)?;
+            print(client.output, &serde_json::json!({ "granted": capability_id, "instance_id": instance_id }), |_| {
+                format!("granted {capability_id} to {instance_id}\n")
+            })
+        }
+        Command::Revoke { instance_id, capability_id, client } => {
+            let (env, cp) = connect(&client).await?;
+            api(call(&env, cp.revoke_capability(rpc::rpc_context(), instance_id.clone(), capability_id.clone()))
+                .await?)?;
+            print(client.output, &serde_json::json!({ "revoked": capability_id, "instance_id": instance_id }), |_| {
+                format!("revoked {capability_id} from {instance_id}\n")
+            })
+        }
+        Command::Nodes { client } => {
+            let (env, cp) = connect(&client).await?;
+            let nodes = call(&env, cp.list_nodes(rpc::rpc_context())).await?;
+            print(client.output, &nodes, |nodes| {
+                let mut out = format!("{:<12} {:<22} {:<10} {:>9}\n", "NODE", "ADDRESS", "AVAILABLE", "INSTANCES");
+                for n in nodes {
+                    out.push_str(&format!(
+                        "{:<12} {:<22} {:<10} {:>4}/{:<4}\n",
+                        n.node_id, n.agent_addr, n.available, n.instances, n.max_instances
+                    ));
+                }
+                out
+            })
+        }
+        Command::Kv { capability_id, prefix, client } => {
+            let (env, cp) = connect(&client).await?;
+            let entries = api(call(&env, cp.inspect_kv(rpc::rpc_context(), capability_id, prefix)).await?)?;
+            let shown: Vec<serde_json::Value> = entries
+                .iter()
+                .map(|e| serde_json::json!({ "node_id": e.node_id, "key": e.key, "value": String::from_utf8_lossy(&e.value) }))
+                .collect();
+            print(client.output, &shown, |_| {
+                entries
+                    .iter()
+                    .map(|e| format!("{}\t{}\t{}\n", e.node_id, e.key, String::from_utf8_lossy(&e.value)))
+                    .collect()
+            })
+        }
+        Command::Up { .. } | Command::ControlPlane { .. } | Command::Agent { .. } => bail!("not a client command"),
+    }
+}

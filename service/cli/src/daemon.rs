@@ -1,0 +1,90 @@
+//! The long-running commands: `up`, `control-plane`, `agent`.
+
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use factum_control_plane::{ControlPlane, ControlPlaneConfig};
+use factum_env::Env;
+use factum_node_agent::{Agent, AgentConfig};
+use factum_providers::MemoryKv;
+use factum_wasm::{Limits, WasmEngine, WasmiEngine, WasmtimeEngine};
+
+use crate::{AgentOpts, EngineKind};
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Binds and serves a control plane; returns the address it listens on.
+async fn start_control_plane(env: &Env, listen: &str) -> Result<String> {
+    let listener = env.net.bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let cp = ControlPlane::new(env.clone(), ControlPlaneConfig::default());
+    env.spawn(cp.clone().run_failure_detector());
+    env.spawn(factum_control_plane::serve(cp, listener));
+    Ok(addr)
+}
+
+/// Binds and serves an agent linked to `control_plane`; returns the address it listens on.
+async fn start_agent(env: &Env, control_plane: String, opts: AgentOpts) -> Result<(Agent, String)> {
+    let listener =
+        env.net.bind(&opts.agent_listen).await.with_context(|| format!("cannot listen on {}", opts.agent_listen))?;
+    let addr = listener.local_addr()?;
+    let engine: Arc<dyn WasmEngine> = match opts.engine {
+        EngineKind::Wasmtime => Arc::new(WasmtimeEngine::new()?),
+        EngineKind::Wasmi => Arc::new(WasmiEngine::new()),
+    };
+    let mut config = AgentConfig::new(opts.node_id, addr.clone());
+    config.max_instances = opts.max_instances;
+    config.limits = Limits {
+        max_memory_bytes: opts.max_memory_mib.saturating_mul(1024 * 1024),
+        fuel: opts.fuel,
+        ..Limits::default()
+    };
+    let (agent, reports) = Agent::new(env.clone(), config, engine, Arc::new(MemoryKv::new()));
+    env.spawn(factum_node_agent::serve(agent.clone(), listener));
+    env.spawn(factum_node_agent::run_control_plane_link(agent.clone(), control_plane, reports));
+    Ok((agent, addr))
+}
+
+async fn wait_for_shutdown() -> Result<()> {
+    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+    eprintln!("shutting down");
+    Ok(())
+}
+
+/// `factum up`: control plane + one agent + in-memory KV in this process.
+pub async fn up(listen: String, agent_opts: AgentOpts) -> Result<()> {
+    init_logging();
+    let env = Env::tokio();
+    let cp_addr = start_control_plane(&env, &listen).await?;
+    let engine = agent_opts.engine;
+    let (agent, agent_addr) = start_agent(&env, cp_addr.clone(), agent_opts).await?;
+    println!("factum is up: control plane listening on {cp_addr}");
+    println!("node {} ({engine:?}) listening on {agent_addr}", agent.node_id());
+    println!("try: factum start guests/fixtures/kv_greeter.wat --cap kv=kv:write --control-plane {cp_addr}");
+    let result = wait_for_shutdown().await;
+    agent.stop_all();
+    result
+}
+
+/// `factum control-plane`.
+pub async fn control_plane(listen: String) -> Result<()> {
+    init_logging();
+    let env = Env::tokio();
+    let addr = start_control_plane(&env, &listen).await?;
+    println!("control plane listening on {addr}");
+    wait_for_shutdown().await
+}
+
+/// `factum agent`.
+pub async fn agent(control_plane: String, opts: AgentOpts) -> Result<()> {
+    init_logging();
+    let env = Env::tokio();
+    let (agent, addr) = start_agent(&env, control_plane.clone(), opts).await?;
+    println!("node {} listening on {addr}, reporting to {control_plane}", agent.node_id());
+    let result = wait_for_shutdown().await;
+    agent.stop_all();
+    result
+}

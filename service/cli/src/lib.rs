@@ -1,0 +1,213 @@
+//! The `factum` command line: run the orchestrator (`up`, `control-plane`, `agent`) and talk to it (`start`,
+//! `stop`, `ps`, `inspect`, `grant`, `revoke`, `nodes`, `kv`).
+
+mod client;
+mod daemon;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Default control-plane address.
+pub const DEFAULT_CONTROL_PLANE: &str = "127.0.0.1:7700";
+
+/// factum: a WebAssembly orchestrator that records execution facts, not desired state.
+#[derive(Debug, Parser)]
+#[command(name = "factum", version, about = "factum: a WebAssembly orchestrator that records execution facts, not desired state", long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format of client commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Human-readable.
+    Table,
+    /// One JSON document.
+    Json,
+}
+
+/// Which Wasm engine an agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    /// Cranelift-compiled (fast execution, slower compile).
+    Wasmtime,
+    /// Interpreter (fast start, portable).
+    Wasmi,
+}
+
+/// Options every client command takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientOpts {
+    /// Control plane address.
+    #[arg(long, env = "FACTUM_CONTROL_PLANE", default_value = DEFAULT_CONTROL_PLANE, global = true)]
+    pub control_plane: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
+    pub output: Output,
+}
+
+/// Options of an agent.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentOpts {
+    /// Node id, unique in the cluster.
+    #[arg(long, default_value = "node-1")]
+    pub node_id: String,
+    /// Address the agent listens on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7701")]
+    pub agent_listen: String,
+    /// Wasm engine.
+    #[arg(long, value_enum, default_value_t = EngineKind::Wasmtime)]
+    pub engine: EngineKind,
+    /// Most instances starting or running on this node at once.
+    #[arg(long, default_value_t = 1000)]
+    pub max_instances: u32,
+    /// Most linear memory per instance, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub max_memory_mib: usize,
+    /// Fuel budget per run (roughly Wasm instructions); a run that uses it up crashes. Unlimited if unset.
+    #[arg(long)]
+    pub fuel: Option<u64>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a control plane and one agent in this process, with in-memory defaults.
+    Up {
+        /// Address the control plane listens on (port 0 picks a free port).
+        #[arg(long, default_value = DEFAULT_CONTROL_PLANE)]
+        listen: String,
+        /// Agent options.
+        #[command(flatten)]
+        agent: AgentOpts,
+    },
+    /// Run a control plane only.
+    ControlPlane {
+        /// Address to listen on.
+        #[arg(long, default_value = DEFAULT_CONTROL_PLANE)]
+        listen: String,
+    },
+    /// Run a node agent that registers with a control plane.
+    Agent {
+        /// Control plane address.
+        #[arg(long, default_value = DEFAULT_CONTROL_PLANE)]
+        control_plane: String,
+        /// Agent options.
+        #[command(flatten)]
+        agent: AgentOpts,
+    },
+    /// Start an instance of a module (.wasm, or .wat text); prints its id.
+    Start {
+        /// Path to the module.
+        module: std::path::PathBuf,
+        /// Capability grant `ID=PERM[,PERM...]`, e.g. `kv=kv:read,kv:write`; repeatable.
+        #[arg(long = "cap", value_name = "ID=PERMS")]
+        caps: Vec<String>,
+        /// Restart policy: never, always or on_failure.
+        #[arg(long, default_value = "never")]
+        restart: String,
+        /// Most restarts (unlimited if unset).
+        #[arg(long)]
+        max_retries: Option<u32>,
+        /// Base backoff before a restart, in whole seconds (`2s` or `2`); doubles per restart.
+        #[arg(long)]
+        backoff: Option<String>,
+        /// Instance id to use (makes the call idempotent); generated if unset.
+        #[arg(long)]
+        id: Option<String>,
+        /// Client options.
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Stop an instance.
+    Stop {
+        /// Instance id.
+        instance_id: String,
+        /// Client options.
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// List instances.
+    Ps {
+        /// Client options.
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Show one instance with its capabilities.
+    Inspect {
+        /// Instance id.
+        instance_id: String,
+        /// Client options.
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Grant (or replace) a capability: `factum grant ID kv kv:read,kv:write`.
+    Grant {
+        /// Instance id.
+        instance_id: String,
+        /// Capability id.
+        capability_id: String,
+        /// Comma-separated permissions.
+        permissions: String,
+        /// Client options.
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Revoke a capability; the instance's next call on it is denied.
+    Revoke {
+        /// Instance id.
+        instance_id: String,
+        /// Capability id.
+        capability_id: String,
+        /// Client options.
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// List nodes.
+    Nodes {
+        /// Client options.
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Show the entries of a KV store (operator view).
+    Kv {
+        /// Capability id of the store.
+        capability_id: String,
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Client options.
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+/// Runs the command line and returns the process exit code: 0 on success, 1 on a failed request.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up { listen, agent } => daemon::up(listen, agent).await,
+            Command::ControlPlane { listen } => daemon::control_plane(listen).await,
+            Command::Agent { control_plane, agent } => daemon::agent(control_plane, agent).await,
+            other => client::run(other).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! How execution facts from agents update the control plane's maps. Facts only move forward: a fact is applied
+//! when its sequence number is newer than the one held (or equal, for full snapshots, which restate the
+//! truth), so duplicated or reordered reports never roll a status back (P13, P14).
+
+use std::collections::BTreeSet;
+
+use factum_proto::{InstanceFacts, InstanceStatus, StatusReport};
+
+use crate::{InstanceRecord, State};
+
+/// Applies one instance's facts from `node_id`. Unknown instances are added with their assignments: this is
+/// how the maps are rebuilt after a control-plane restart. `restating` accepts an equal sequence number.
+pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts, restating: bool) {
+    let id = facts.metadata.instance_id.clone();
+    match state.instances.get_mut(&id) {
+        Some(record) => {
+            let newer = facts.seq > record.seq || (restating && facts.seq == record.seq);
+            if record.metadata.node_id != node_id || newer {
+                record.metadata = facts.metadata;
+                record.seq = facts.seq;
+            }
+        }
+        None => {
+            tracing::info!(instance_id = %id, node = node_id, status = %facts.metadata.status, "instance learned from agent");
+            let capabilities = facts.capabilities.into_iter().map(|c| (c.capability_id.clone(), c)).collect();
+            state.capabilities.insert(id.clone(), capabilities);
+            state.instances.insert(
+                id,
+                InstanceRecord { metadata: facts.metadata, restart_policy: facts.restart_policy, seq: facts.seq },
+            );
+        }
+    }
+}
+
+/// Applies one status report. Reports about instances the control plane does not know are dropped: the
+/// agent's next snapshot carries them with their assignments.
+pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
+    let Some(record) = state.instances.get_mut(&report.instance_id) else { return };
+    if record.metadata.node_id == report.node_id && report.seq <= record.seq {
+        return;
+    }
+    record.metadata.node_id = report.node_id;
+    record.metadata.status = report.status;
+    record.metadata.restarts = report.restarts;
+    record.metadata.last_error = report.last_error;
+    record.seq = report.seq;
+}
+
+/// Merges a node's full snapshot. Instances the control plane placed on that node which the snapshot lacks
+/// (and whose start is not in flight) were lost with the node's previous life: never-confirmed ones are
+/// forgotten, confirmed ones become `crashed` with the reason.
+pub(crate) fn merge_snapshot(state: &mut State, node_id: &str, snapshot: Vec<InstanceFacts>) {
+    let present: BTreeSet<String> = snapshot.iter().map(|f| f.metadata.instance_id.clone()).collect();
+    for facts in snapshot {
+        apply_facts(state, node_id, facts, true);
+    }
+    let missing: Vec<String> = state
+        .instances
+        .iter()
+        .filter(|(id, r)| {
+            r.metadata.node_id == node_id && !present.contains(*id) && !state.pending_starts.contains(*id)
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in missing {
+        let forget = state.instances.get(&id).is_some_and(|r| r.seq == 0);
+        if forget {
+            state.instances.remove(&id);
+            state.capabilities.remove(&id);
+        } else if let Some(record) = state.instances.get_mut(&id) {
+            if record.metadata.status != InstanceStatus::Crashed {
+                tracing::warn!(instance_id = %id, node = node_id, "instance lost: its node no longer runs it");
+                record.metadata.status = InstanceStatus::Crashed;
+                record.metadata.last_error = Some(format!("lost: node {node_id} no longer runs it"));
+            }
+        }
+    }
+}
+
+/// The node stopped reporting: what it runs is no longer known.
+pub(crate) fn mark_node_unknown(state: &mut State, node_id: &str) {
+    for record in state.instances.values_mut() {
+        if record.metadata.node_id == node_id && !record.metadata.status.is_terminal() {
+            record.metadata.status = InstanceStatus::Unknown;
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! The control plane: validates API requests, places instances on nodes, and answers queries from an
+//! in-memory cache of execution facts reported by node agents (P7, P13, P14, P15).
+//!
+//! It keeps no state of its own worth persisting: after a restart it starts empty and rebuilds every map from
+//! the next [`NodeReport`] of each agent. What it holds is exactly the design's two maps
+//! (instance id → metadata, instance id → capability assignments) plus the node list and, per instance, the
+//! sequence number of the newest fact so reordered reports cannot roll a fact back.
+
+mod facts;
+mod server;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use factum_env::{rpc, Env};
+use factum_proto::{
+    CapabilityAssignment, ErrorCode, ErrorResponse, InstanceDetails, InstanceFacts, InstanceMetadata, InstanceStatus,
+    KvEntry, NodeAgentClient, NodeInfo, NodeReport, RestartPolicy, StartInstanceRequest, StartRequest, StatusReport,
+    StopInstanceRequest, MAX_MODULE_BYTES, PROTOCOL_VERSION,
+};
+
+pub use server::serve;
+
+/// Control plane settings.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneConfig {
+    /// A node whose last report is older than this is unavailable; its instances' status becomes `unknown`.
+    pub node_timeout: Duration,
+    /// How often the failure detector looks.
+    pub check_interval: Duration,
+    /// Deadline of one call to an agent.
+    pub rpc_timeout: Duration,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        Self {
+            node_timeout: Duration::from_secs(5),
+            check_interval: Duration::from_millis(500),
+            rpc_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Per-instance bookkeeping beside the metadata.
+#[derive(Debug, Clone)]
+struct InstanceRecord {
+    metadata: InstanceMetadata,
+    restart_policy: RestartPolicy,
+    /// Sequence number of the newest applied fact from `metadata.node_id`.
+    seq: u64,
+}
+
+#[derive(Debug, Clone)]
+struct NodeRecord {
+    agent_addr: String,
+    max_instances: u32,
+    last_seen: Duration,
+    available: bool,
+    client: Option<NodeAgentClient>,
+}
+
+#[derive(Default)]
+struct State {
+    /// instance id → metadata (design map 1).
+    instances: BTreeMap<String, InstanceRecord>,
+    /// instance id → capability id → assignment (design map 2).
+    capabilities: BTreeMap<String, BTreeMap<String, CapabilityAssignment>>,
+    nodes: BTreeMap<String, NodeRecord>,
+    /// Starts sent to an agent and not yet answered: a snapshot that lacks them is not evidence of loss.
+    pending_starts: BTreeSet<String>,
+}
+
+struct Inner {
+    env: Env,
+    config: ControlPlaneConfig,
+    state: Mutex<State>,
+}
+
+/// The control plane. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct ControlPlane {
+    inner: Arc<Inner>,
+}
+
+/// The 8-byte header every Wasm binary module starts with.
+const WASM_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
+
+impl ControlPlane {
+    /// An empty control plane. Start [`ControlPlane::run_failure_detector`] beside it.
+    pub fn new(env: Env, config: ControlPlaneConfig) -> Self {
+        ControlPlane { inner: Arc::new(Inner { env, config, state: Mutex::new(State::default()) }) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn error(&self, e: ErrorResponse) -> ErrorResponse {
+        e.at(self.inner.env.wall_ms())
+    }
+
+    /// StartInstance (P6, P18): validates everything before any node is asked, places the instance on the
+    /// available node with the fewest active instances (ties: lowest node id), and starts it there.
+    /// Idempotent by instance id.
+    pub async fn start_instance(&self, req: StartRequest) -> Result<String, ErrorResponse> {
+        self.start_inner(req).await.map_err(|e| self.error(e))
+    }
+
+    async fn start_inner(&self, req: StartRequest) -> Result<String, ErrorResponse> {
+        validate_module_bytes(&req.module_bytes)?;
+        req.restart_policy.validate()?;
+        let instance_id = match req.instance_id {
+            Some(id) => id,
+            None => self.inner.env.random_id("i-"),
+        };
+        factum_proto::validate_id("instance_id", &instance_id)?;
+        let mut capabilities = BTreeMap::new();
+        for grant in &req.capabilities {
+            let assignment = CapabilityAssignment::new(&instance_id, &grant.capability_id, &grant.permissions)?;
+            if capabilities.insert(grant.capability_id.clone(), assignment).is_some() {
+                return Err(ErrorResponse::invalid(format!("capability {:?} granted twice", grant.capability_id)));
+            }
+        }
+        let module_hash = factum_proto::module_hash(&req.module_bytes);
+        let (node_id, client) = {
+            let mut state = self.lock();
+            if let Some(existing) = state.instances.get(&instance_id) {
+                return if existing.metadata.module_hash == module_hash {
+                    Ok(instance_id)
+                } else {
+                    Err(ErrorResponse::invalid(format!("instance id {instance_id} is already used by another module")))
+                };
+            }
+            let node_id = place(&state)?;
+            let record = InstanceRecord {
+                metadata: InstanceMetadata {
+                    instance_id: instance_id.clone(),
+                    node_id: node_id.clone(),
+                    module_hash,
+                    created_at: self.inner.env.wall_ms(),
+                    status: InstanceStatus::Starting,
+                    restarts: 0,
+                    last_error: None,
+                },
+                restart_policy: req.restart_policy,
+                seq: 0,
+            };
+            state.instances.insert(instance_id.clone(), record);
+            state.capabilities.insert(instance_id.clone(), capabilities.clone());
+            state.pending_starts.insert(instance_id.clone());
+            let client = state.nodes.get(&node_id).and_then(|n| n.client.clone());
+            (node_id, client)
+        };
+        let request = StartInstanceRequest {
+            instance_id: instance_id.clone(),
+            module_bytes: req.module_bytes,
+            capabilities: capabilities.into_values().collect(),
+            restart_policy: req.restart_policy,
+        };
+        let result = self.call_start(&node_id, client, request).await;
+        let mut state = self.lock();
+        state.pending_starts.remove(&instance_id);
+        match result {
+            Ok(facts) => {
+                facts::apply_facts(&mut state, &node_id, facts, true);
+                tracing::info!(%instance_id, node = %node_id, "instance started");
+                Ok(instance_id)
+            }
+            Err(e) if e.error_code == ErrorCode::CommunicationFailure => {
+                // The agent may or may not run it; say so, and let its next snapshot settle the fact.
+                if let Some(record) = state.instances.get_mut(&instance_id) {
+                    record.metadata.status = InstanceStatus::Unknown;
+                }
+                Err(e)
+            }
+            Err(e) => {
+                state.instances.remove(&instance_id);
+                state.capabilities.remove(&instance_id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn call_start(
+        &self,
+        node_id: &str,
+        client: Option<NodeAgentClient>,
+        request: StartInstanceRequest,
+    ) -> Result<InstanceFacts, ErrorResponse> {
+        let client = self.client(node_id, client).await?;
+        let timeout = self.inner.config.rpc_timeout;
+        match self.inner.env.timeout(timeout, client.start_instance_local(rpc::rpc_context(), request)).await {
+            Some(Ok(resp)) if resp.success => {
+                resp.facts.ok_or_else(|| ErrorResponse::internal("agent accepted a start but sent no facts"))
+            }
+            Some(Ok(resp)) => {
+                Err(resp.error.unwrap_or_else(|| ErrorResponse::internal("agent refused without a reason")))
+            }
+            Some(Err(e)) => Err(self.drop_client(node_id, format!("start on node {node_id} failed: {e}"))),
+            None => Err(self.drop_client(node_id, format!("start on node {node_id} timed out after {timeout:?}"))),
+        }
+    }
+
+    /// StopInstance. Stopping a stopped instance succeeds.
+    pub async fn stop_instance(&self, instance_id: &str) -> Result<(), ErrorResponse> {
+        let result = async {
+            let (node_id, client) = self.route(instance_id)?;
+            let client = self.client(&node_id, client).await?;
+            let req = StopInstanceRequest { instance_id: instance_id.to_string() };
+            let timeout = self.inner.config.rpc_timeout;
+            match self.inner.env.timeout(timeout, client.stop_instance_local(rpc::rpc_context(), req)).await {
+                Some(Ok(resp)) if resp.success => {
+                    if let Some(facts) = resp.facts {
+                        facts::apply_facts(&mut self.lock(), &node_id, facts, false);
+                    }
+                    Ok(())
+                }
+                Some(Ok(resp)) => {
+                    Err(resp.error.unwrap_or_else(|| ErrorResponse::internal("agent refused without a reason")))
+                }
+                Some(Err(e)) => Err(self.drop_client(&node_id, format!("stop on node {node_id} failed: {e}"))),
+                None => Err(self.drop_client(&node_id, format!("stop on node {node_id} timed out"))),
+            }
+        }
+        .await;
+        result.map_err(|e| self.error(e))
+    }
+
+    /// QueryInstance: the latest fact, never an intention (P14).
+    pub fn query_instance(&self, instance_id: &str) -> Result<InstanceDetails, ErrorResponse> {
+        let state = self.lock();
+        let record = state
+            .instances
+            .get(instance_id)
+            .ok_or_else(|| self.error(ErrorResponse::instance_not_found(instance_id)))?;
+        Ok(InstanceDetails {
+            metadata: record.metadata.clone(),
+            capabilities: state
+                .capabilities
+                .get(instance_id)
+                .map(|c| c.values().cloned().collect())
+                .unwrap_or_default(),
+            restart_policy: record.restart_policy,
+        })
+    }
+
+    /// ListInstances, ordered by id.
+    pub fn list_instances(&self) -> Vec<InstanceMetadata> {
+        self.lock().instances.values().map(|r| r.metadata.clone()).collect()
+    }
+
+    /// Capability assignments of one instance, from the registry (P5).
+    pub fn capabilities(&self, instance_id: &str) -> Vec<CapabilityAssignment> {
+        self.lock().capabilities.get(instance_id).map(|c| c.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// AssignCapability: validated here, enforced by the agent from its next call on.
+    pub async fn assign_capability(
+        &self,
+        instance_id: &str,
+        capability_id: &str,
+        permissions: &[String],
+    ) -> Result<(), ErrorResponse> {
+        let result = async {
+            let assignment = CapabilityAssignment::new(instance_id, capability_id, permissions)?;
+            let (node_id, client) = self.route(instance_id)?;
+            let client = self.client(&node_id, client).await?;
+            let timeout = self.inner.config.rpc_timeout;
+            match self
+                .inner
+                .env
+                .timeout(timeout, client.assign_capability(rpc::rpc_context(), assignment.clone()))
+                .await
+            {
+                Some(Ok(Ok(()))) => {
+                    let mut state = self.lock();
+                    state
+                        .capabilities
+                        .entry(instance_id.to_string())
+                        .or_default()
+                        .insert(capability_id.to_string(), assignment);
+                    Ok(())
+                }
+                Some(Ok(Err(e))) => Err(e),
+                Some(Err(e)) => Err(self.drop_client(&node_id, format!("assign on node {node_id} failed: {e}"))),
+                None => Err(self.drop_client(&node_id, format!("assign on node {node_id} timed out"))),
+            }
+        }
+        .await;
+        result.map_err(|e| self.error(e))
+    }
+
+    /// RevokeCapability: the instance's next call on it is PERMISSION_DENIED.
+    pub async fn revoke_capability(&self, instance_id: &str, capability_id: &str) -> Result<(), ErrorResponse> {
+        let result = async {
+            factum_proto::validate_id("capability_id", capability_id)?;
+            let (node_id, client) = self.route(instance_id)?;
+            let client = self.client(&node_id, client).await?;
+            let timeout = self.inner.config.rpc_timeout;
+            let call = client.revoke_capability(rpc::rpc_context(), instance_id.to_string(), capability_id.to_string());
+            match self.inner.env.timeout(timeout, call).await {
+                Some(Ok(Ok(()))) => {
+                    if let Some(caps) = self.lock().capabilities.get_mut(instance_id) {
+                        caps.remove(capability_id);
+                    }
+                    Ok(())
+                }
+                Some(Ok(Err(e))) => Err(e),
+                Some(Err(e)) => Err(self.drop_client(&node_id, format!("revoke on node {node_id} failed: {e}"))),
+                None => Err(self.drop_client(&node_id, format!("revoke on node {node_id} timed out"))),
+            }
+        }
+        .await;
+        result.map_err(|e| self.error(e))
+    }
+
+    /// Nodes and their availability.
+    pub fn list_nodes(&self) -> Vec<NodeInfo> {
+        let state = self.lock();
+        state
+            .nodes
+            .iter()
+            .map(|(node_id, n)| NodeInfo {
+                node_id: node_id.clone(),
+                agent_addr: n.agent_addr.clone(),
+                available: n.available,
+                instances: state.instances.values().filter(|r| r.metadata.node_id == *node_id).count() as u32,
+                max_instances: n.max_instances,
+            })
+            .collect()
+    }
+
+    /// Operator view of KV store `capability_id` on every available node.
+    pub async fn inspect_kv(&self, capability_id: &str, prefix: &str) -> Result<Vec<KvEntry>, ErrorResponse> {
+        factum_proto::validate_id("capability_id", capability_id).map_err(|e| self.error(e))?;
+        let nodes: Vec<(String, Option<NodeAgentClient>)> = {
+            let state = self.lock();
+            state.nodes.iter().filter(|(_, n)| n.available).map(|(id, n)| (id.clone(), n.client.clone())).collect()
+        };
+        let mut entries = Vec::new();
+        for (node_id, client) in nodes {
+            let client = self.client(&node_id, client).await.map_err(|e| self.error(e))?;
+            let call = client.inspect_kv(rpc::rpc_context(), capability_id.to_string(), prefix.to_string());
+            match self.inner.env.timeout(self.inner.config.rpc_timeout, call).await {
+                Some(Ok(Ok(mut found))) => entries.append(&mut found),
+                Some(Ok(Err(e))) => return Err(self.error(e)),
+                _ => {
+                    return Err(
+                        self.error(self.drop_client(&node_id, format!("kv inspection on node {node_id} failed")))
+                    )
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    /// An agent's registration / heartbeat: record the node as alive and merge its facts (rebuilds the maps
+    /// after a control-plane restart).
+    pub fn report_node(&self, report: NodeReport) -> Result<(), ErrorResponse> {
+        if report.protocol_version != PROTOCOL_VERSION {
+            return Err(self.error(ErrorResponse::invalid(format!(
+                "node {} speaks protocol {}, this control plane speaks {PROTOCOL_VERSION}",
+                report.node_id, report.protocol_version
+            ))));
+        }
+        factum_proto::validate_id("node_id", &report.node_id).map_err(|e| self.error(e))?;
+        let now = self.inner.env.clock.now();
+        let mut state = self.lock();
+        let node = state.nodes.entry(report.node_id.clone()).or_insert_with(|| {
+            tracing::info!(node = %report.node_id, addr = %report.agent_addr, "node registered");
+            NodeRecord {
+                agent_addr: report.agent_addr.clone(),
+                max_instances: report.max_instances,
+                last_seen: now,
+                available: true,
+                client: None,
+            }
+        });
+        if node.agent_addr != report.agent_addr {
+            node.agent_addr = report.agent_addr.clone();
+            node.client = None;
+        }
+        if !node.available {
+            tracing::info!(node = %report.node_id, "node available again");
+        }
+        node.available = true;
+        node.last_seen = now;
+        node.max_instances = report.max_instances;
+        facts::merge_snapshot(&mut state, &report.node_id, report.instances);
+        Ok(())
+    }
+
+    /// One status change from an agent.
+    pub fn report_status(&self, report: StatusReport) {
+        facts::apply_report(&mut self.lock(), report);
+    }
+
+    /// Marks nodes unavailable once their reports stop, and their instances `unknown`. Runs until the runtime
+    /// ends.
+    pub async fn run_failure_detector(self) {
+        loop {
+            self.inner.env.clock.sleep(self.inner.config.check_interval).await;
+            self.detect_failures();
+        }
+    }
+
+    /// One pass of the failure detector.
+    pub fn detect_failures(&self) {
+        let now = self.inner.env.clock.now();
+        let timeout = self.inner.config.node_timeout;
+        let mut state = self.lock();
+        let expired: Vec<String> = state
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.available && now.saturating_sub(n.last_seen) > timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for node_id in expired {
+            tracing::warn!(node = %node_id, "node missed its heartbeats; marking it unavailable");
+            if let Some(node) = state.nodes.get_mut(&node_id) {
+                node.available = false;
+                node.client = None;
+            }
+            facts::mark_node_unknown(&mut state, &node_id);
+        }
+    }
+
+    fn route(&self, instance_id: &str) -> Result<(String, Option<NodeAgentClient>), ErrorResponse> {
+        let state = self.lock();
+        let record = state.instances.get(instance_id).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))?;
+        let node_id = record.metadata.node_id.clone();
+        let node = state.nodes.get(&node_id);
+        if !node.is_some_and(|n| n.available) {
+            return Err(ErrorResponse::communication(format!("node {node_id} running {instance_id} is unavailable")));
+        }
+        Ok((node_id, node.and_then(|n| n.client.clone())))
+    }
+
+    /// The cached client of a node, connecting if there is none.
+    async fn client(&self, node_id: &str, cached: Option<NodeAgentClient>) -> Result<NodeAgentClient, ErrorResponse> {
+        if let Some(client) = cached {
+            return Ok(client);
+        }
+        let addr = self.lock().nodes.get(node_id).map(|n| n.agent_addr.clone());
+        let addr = addr.ok_or_else(|| ErrorResponse::communication(format!("unknown node {node_id}")))?;
+        let env = &self.inner.env;
+        let stream = match env.timeout(self.inner.config.rpc_timeout, env.net.connect(&addr)).await {
+            Some(Ok(stream)) => stream,
+            Some(Err(e)) => {
+                return Err(ErrorResponse::communication(format!("cannot reach node {node_id} at {addr}: {e}")))
+            }
+            None => {
+                return Err(ErrorResponse::communication(format!("connecting to node {node_id} at {addr} timed out")))
+            }
+        };
+        let client = NodeAgentClient::new(tarpc::client::Config::default(), rpc::transport(stream)).spawn();
+        if let Some(node) = self.lock().nodes.get_mut(node_id) {
+            node.client = Some(client.clone());
+        }
+        Ok(client)
+    }
+
+    fn drop_client(&self, node_id: &str, message: String) -> ErrorResponse {
+        tracing::warn!(node = node_id, "{message}");
+        if let Some(node) = self.lock().nodes.get_mut(node_id) {
+            node.client = None;
+        }
+        ErrorResponse::communication(message).with_detail("node_id", node_id)
+    }
+}
+
+fn validate_module_bytes(bytes: &[u8]) -> Result<(), ErrorResponse> {
+    if bytes.len() > MAX_MODULE_BYTES {
+        return Err(ErrorResponse::new(
+            ErrorCode::ResourceExhausted,
+            format!("module of {} bytes is above the {MAX_MODULE_BYTES}-byte limit", bytes.len()),
+        ));
+    }
+    if !bytes.starts_with(&WASM_HEADER) {
+        return Err(ErrorResponse::invalid(
+            "module_bytes is not a WebAssembly binary module (no \\0asm version 1 header); compile .wat first",
+        ));
+    }
+    Ok(())
+}
+
+/// Placement: the available node with the fewest active (starting/running) instances below its quota; ties go
+/// to the lowest node id, so placement is deterministic.
+fn place(state: &State) -> Result<String, ErrorResponse> {
+    let active = |node_id: &str| {
+        state
+            .instances
+            .values()
+            .filter(|r| {
+                r.metadata.node_id == node_id
+                    && matches!(r.metadata.status, InstanceStatus::Starting | InstanceStatus::Running)
+            })
+            .count()
+    };
+    state
+        .nodes
+        .iter()
+        .filter(|(_, n)| n.available)
+        .map(|(id, n)| (active(id), id, n.max_instances as usize))
+        .filter(|(count, _, max)| count < max)
+        .min_by_key(|(count, id, _)| (*count, (*id).clone()))
+        .map(|(_, id, _)| id.clone())
+        .ok_or_else(|| {
+            let why = if state.nodes.values().any(|n| n.available) {
+                "every available node is full"
+            } else {
+                "no node is available"
+            };
+            ErrorResponse::new(ErrorCode::ResourceExhausted, format!("cannot place instance: {why}"))
+        })
+}

@@ -1,0 +1,119 @@
+//! What a running instance sees of its node: capability calls checked against its assignments at call time,
+//! the env clock, the env's randomness, and a log for its output.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorCode, ErrorResponse, ProviderType};
+use factum_providers::Provider;
+use factum_wasm::GuestHost;
+use futures::future::BoxFuture;
+
+use crate::Inner;
+
+/// Longest guest output line kept in the log.
+const MAX_LOGGED_OUTPUT: usize = 4096;
+
+pub(crate) struct InstanceHost {
+    agent: Weak<Inner>,
+    instance_id: String,
+}
+
+impl InstanceHost {
+    pub(crate) fn new(agent: Weak<Inner>, instance_id: String) -> Self {
+        Self { agent, instance_id }
+    }
+}
+
+fn denied(instance_id: &str, capability_id: &str, why: String) -> Vec<u8> {
+    // Audit line for every refusal (design §Security Considerations 6).
+    tracing::warn!(target: "factum::audit", instance_id, capability_id, reason = %why, "capability call denied");
+    CapabilityResponse::err(
+        &ErrorResponse::permission_denied(why)
+            .with_detail("instance_id", instance_id)
+            .with_detail("capability_id", capability_id),
+    )
+    .encode()
+}
+
+impl GuestHost for InstanceHost {
+    fn invoke(&self, capability_id: String, operation: String, params: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+        let agent = self.agent.clone();
+        let instance_id = self.instance_id.clone();
+        Box::pin(async move {
+            let Some(agent) = agent.upgrade() else {
+                return CapabilityResponse::err(&ErrorResponse::new(
+                    ErrorCode::ProviderUnavailable,
+                    "node agent is shutting down",
+                ))
+                .encode();
+            };
+            // Look the assignment up now, not at start: a revoke takes effect on the very next call (P4).
+            let assignment = agent.lock().get(&instance_id).and_then(|i| i.capabilities.get(&capability_id).cloned());
+            let Some(assignment) = assignment else {
+                return denied(
+                    &instance_id,
+                    &capability_id,
+                    format!("no capability {capability_id:?} is assigned to this instance"),
+                );
+            };
+            let granted = match assignment.parsed_permissions() {
+                Ok(granted) => granted,
+                Err(e) => return CapabilityResponse::err(&e).encode(),
+            };
+            let invocation = CapabilityInvocation {
+                instance_id: instance_id.clone(),
+                capability_id: capability_id.clone(),
+                operation,
+                params,
+            };
+            let response = match assignment.provider_type {
+                ProviderType::Kv => agent.kv.invoke(&invocation, &granted).await,
+                other => CapabilityResponse::err(&ErrorResponse::new(
+                    ErrorCode::ProviderUnavailable,
+                    format!("no {other} provider runs on node {}", agent.config.node_id),
+                )),
+            };
+            if response.error_code() == Some(ErrorCode::PermissionDenied) {
+                let why = response.error.as_ref().map(|e| e.message.clone()).unwrap_or_default();
+                return denied(&instance_id, &capability_id, why);
+            }
+            response.encode()
+        })
+    }
+
+    fn sleep(&self, d: Duration) -> BoxFuture<'static, ()> {
+        match self.agent.upgrade() {
+            Some(agent) => agent.env.clock.sleep(d),
+            None => Box::pin(futures::future::pending()),
+        }
+    }
+
+    fn wall_nanos(&self) -> u64 {
+        self.agent.upgrade().map_or(0, |a| {
+            let since = a.env.clock.wall().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+        })
+    }
+
+    fn monotonic_nanos(&self) -> u64 {
+        self.agent.upgrade().map_or(0, |a| u64::try_from(a.env.clock.now().as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    fn fill_random(&self, buf: &mut [u8]) {
+        let Some(agent) = self.agent.upgrade() else { return };
+        for chunk in buf.chunks_mut(8) {
+            let bytes = agent.env.rng.next_u64().to_le_bytes();
+            chunk.copy_from_slice(bytes.get(..chunk.len()).unwrap_or(&[]));
+        }
+    }
+
+    fn write_output(&self, fd: u32, bytes: &[u8]) {
+        let shown = bytes.get(..MAX_LOGGED_OUTPUT).unwrap_or(bytes);
+        let text = String::from_utf8_lossy(shown);
+        let text = text.trim_end();
+        if !text.is_empty() {
+            tracing::info!(target: "factum::guest", instance_id = %self.instance_id, fd, "{text}");
+        }
+    }
+}

@@ -1,0 +1,450 @@
+//! The node agent: runs Wasm instances on one node, applies their restart policies, enforces their
+//! capabilities at call time, and reports what happened (execution facts) to the control plane.
+//!
+//! State is in memory only (design §Node Agent): instances with their assignments, policies and crash
+//! counters. The agent is the authority on what runs here; the control plane's maps are a cache of the
+//! agent's facts and are rebuilt from [`Agent::snapshot`] after a control-plane restart.
+
+mod host;
+mod link;
+mod server;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use factum_env::Env;
+use factum_proto::{
+    CapabilityAssignment, ErrorCode, ErrorResponse, InstanceFacts, InstanceMetadata, InstanceStatus, KvEntry,
+    NodeReport, RestartPolicy, StartInstanceRequest, StatusReport, PROTOCOL_VERSION,
+};
+use factum_providers::MemoryKv;
+use factum_wasm::{CompiledModule, ExitReason, Instance, Limits, ModuleCache, WasmEngine};
+use futures::future::AbortHandle;
+use tokio::sync::mpsc;
+
+pub use link::run_control_plane_link;
+pub use server::serve;
+
+/// Agent settings; defaults suit one node on a laptop.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Unique node id.
+    pub node_id: String,
+    /// Address the control plane reaches this agent at.
+    pub advertise_addr: String,
+    /// Most instances in `starting` or `running` at once; more is RESOURCE_EXHAUSTED.
+    pub max_instances: u32,
+    /// Per-instance limits.
+    pub limits: Limits,
+    /// Compiled modules kept.
+    pub module_cache_capacity: usize,
+    /// How often the agent sends its full snapshot to the control plane.
+    pub heartbeat_interval: Duration,
+    /// Deadline of one call to the control plane.
+    pub rpc_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults for node `node_id` reachable at `advertise_addr`.
+    pub fn new(node_id: impl Into<String>, advertise_addr: impl Into<String>) -> Self {
+        Self {
+            node_id: node_id.into(),
+            advertise_addr: advertise_addr.into(),
+            max_instances: 1000,
+            limits: Limits::default(),
+            module_cache_capacity: 256,
+            heartbeat_interval: Duration::from_secs(1),
+            rpc_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One instance as the agent holds it.
+struct LocalInstance {
+    metadata: InstanceMetadata,
+    capabilities: BTreeMap<String, CapabilityAssignment>,
+    policy: RestartPolicy,
+    module: Arc<dyn CompiledModule>,
+    /// Bumped on every status change; orders facts at the control plane.
+    seq: u64,
+    /// Bumped whenever a run is replaced or stopped, so a stale supervisor can tell it lost ownership.
+    generation: u64,
+    abort: Option<AbortHandle>,
+}
+
+impl LocalInstance {
+    fn facts(&self) -> InstanceFacts {
+        InstanceFacts {
+            metadata: self.metadata.clone(),
+            capabilities: self.capabilities.values().cloned().collect(),
+            restart_policy: self.policy,
+            seq: self.seq,
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    env: Env,
+    config: AgentConfig,
+    cache: ModuleCache,
+    kv: Arc<MemoryKv>,
+    instances: Mutex<BTreeMap<String, LocalInstance>>,
+    reports: mpsc::UnboundedSender<StatusReport>,
+}
+
+/// A node agent. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+/// Receives the status reports an [`Agent`] emits; hand it to [`run_control_plane_link`].
+pub struct StatusReports(pub(crate) mpsc::UnboundedReceiver<StatusReport>);
+
+impl Agent {
+    /// A new agent with no instances, running modules on `engine` and serving KV from `kv`.
+    pub fn new(env: Env, config: AgentConfig, engine: Arc<dyn WasmEngine>, kv: Arc<MemoryKv>) -> (Self, StatusReports) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cache = ModuleCache::new(engine, config.module_cache_capacity);
+        let inner = Inner { env, config, cache, kv, instances: Mutex::new(BTreeMap::new()), reports: tx };
+        (Agent { inner: Arc::new(inner) }, StatusReports(rx))
+    }
+
+    /// This agent's node id.
+    pub fn node_id(&self) -> &str {
+        &self.inner.config.node_id
+    }
+
+    /// StartInstanceLocal: compile (cached by hash), instantiate with fresh memory, run under the restart
+    /// policy. Idempotent by instance id: starting an id that exists with the same module returns its
+    /// metadata; with another module it is INVALID_REQUEST.
+    pub async fn start_instance(&self, req: StartInstanceRequest) -> Result<InstanceFacts, ErrorResponse> {
+        let inner = &self.inner;
+        factum_proto::validate_id("instance_id", &req.instance_id)?;
+        req.restart_policy.validate()?;
+        let mut capabilities = BTreeMap::new();
+        for assignment in req.capabilities {
+            if assignment.instance_id != req.instance_id {
+                return Err(ErrorResponse::invalid("capability assigned to another instance"));
+            }
+            assignment.parsed_permissions()?;
+            capabilities.insert(assignment.capability_id.clone(), assignment);
+        }
+        let hash = factum_proto::module_hash(&req.module_bytes);
+        {
+            let instances = inner.lock();
+            if let Some(existing) = instances.get(&req.instance_id) {
+                return if existing.metadata.module_hash == hash {
+                    Ok(existing.facts())
+                } else {
+                    Err(ErrorResponse::invalid(format!(
+                        "instance id {} is already used by another module",
+                        req.instance_id
+                    )))
+                };
+            }
+            let active = instances.values().filter(|i| !i.metadata.status.is_terminal()).count();
+            if active >= inner.config.max_instances as usize {
+                return Err(ErrorResponse::new(
+                    ErrorCode::ResourceExhausted,
+                    format!(
+                        "node {} runs its maximum of {} instances",
+                        inner.config.node_id, inner.config.max_instances
+                    ),
+                ));
+            }
+        }
+        let module = inner.cache.get_or_compile(&hash, &req.module_bytes).map_err(ErrorResponse::from)?;
+        let metadata = InstanceMetadata {
+            instance_id: req.instance_id.clone(),
+            node_id: inner.config.node_id.clone(),
+            module_hash: hash,
+            created_at: inner.env.wall_ms(),
+            status: InstanceStatus::Starting,
+            restarts: 0,
+            last_error: None,
+        };
+        {
+            let mut instances = inner.lock();
+            if let Some(existing) = instances.get(&req.instance_id) {
+                // A concurrent start of the same id won the race while we compiled.
+                return Ok(existing.facts());
+            }
+            let local = LocalInstance {
+                metadata,
+                capabilities,
+                policy: req.restart_policy,
+                module,
+                seq: 0,
+                generation: 0,
+                abort: None,
+            };
+            instances.insert(req.instance_id.clone(), local);
+            inner.set_status(&mut instances, &req.instance_id, InstanceStatus::Starting, None);
+        }
+        match inner.instantiate(&req.instance_id).await {
+            Ok(instance) => {
+                inner.launch(&req.instance_id, 0, instance);
+                self.facts(&req.instance_id).ok_or_else(|| ErrorResponse::instance_not_found(&req.instance_id))
+            }
+            Err(e) => {
+                // Nothing ran: forget the instance so the id can be used again, but report the fact first.
+                let mut instances = inner.lock();
+                inner.set_status(&mut instances, &req.instance_id, InstanceStatus::Crashed, Some(e.message.clone()));
+                instances.remove(&req.instance_id);
+                Err(e)
+            }
+        }
+    }
+
+    /// StopInstanceLocal: ends the run (at its next yield point) and records `stopped`. Stopping a stopped
+    /// or crashed instance succeeds and changes nothing.
+    pub fn stop_instance(&self, instance_id: &str) -> Result<InstanceFacts, ErrorResponse> {
+        let inner = &self.inner;
+        let mut instances = inner.lock();
+        let local = instances.get_mut(instance_id).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))?;
+        local.generation += 1;
+        if let Some(abort) = local.abort.take() {
+            abort.abort();
+        }
+        if !local.metadata.status.is_terminal() {
+            inner.set_status(&mut instances, instance_id, InstanceStatus::Stopped, None);
+        }
+        tracing::info!(instance_id, node = %inner.config.node_id, "instance stopped on request");
+        instances
+            .get(instance_id)
+            .map(LocalInstance::facts)
+            .ok_or_else(|| ErrorResponse::instance_not_found(instance_id))
+    }
+
+    /// RestartInstance: ends the current run if any and starts a new one with fresh memory.
+    pub async fn restart_instance(&self, instance_id: &str) -> Result<(), ErrorResponse> {
+        let inner = &self.inner;
+        let generation = {
+            let mut instances = inner.lock();
+            let local = instances.get_mut(instance_id).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))?;
+            local.generation += 1;
+            if let Some(abort) = local.abort.take() {
+                abort.abort();
+            }
+            local.metadata.restarts = local.metadata.restarts.saturating_add(1);
+            let generation = local.generation;
+            inner.set_status(&mut instances, instance_id, InstanceStatus::Starting, None);
+            generation
+        };
+        match inner.instantiate(instance_id).await {
+            Ok(instance) => {
+                inner.launch(instance_id, generation, instance);
+                Ok(())
+            }
+            Err(e) => {
+                let mut instances = inner.lock();
+                inner.set_status(&mut instances, instance_id, InstanceStatus::Crashed, Some(e.message.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    /// GetInstanceStatus.
+    pub fn status(&self, instance_id: &str) -> Result<InstanceStatus, ErrorResponse> {
+        self.metadata(instance_id).map(|m| m.status).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))
+    }
+
+    /// Metadata of one instance.
+    pub fn metadata(&self, instance_id: &str) -> Option<InstanceMetadata> {
+        self.inner.lock().get(instance_id).map(|i| i.metadata.clone())
+    }
+
+    /// Facts of one instance.
+    pub fn facts(&self, instance_id: &str) -> Option<InstanceFacts> {
+        self.inner.lock().get(instance_id).map(LocalInstance::facts)
+    }
+
+    /// Facts of every local instance, by id.
+    pub fn snapshot(&self) -> Vec<InstanceFacts> {
+        self.inner.lock().values().map(LocalInstance::facts).collect()
+    }
+
+    /// The registration / heartbeat message for the control plane.
+    pub fn node_report(&self) -> NodeReport {
+        NodeReport {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: self.inner.config.node_id.clone(),
+            agent_addr: self.inner.config.advertise_addr.clone(),
+            max_instances: self.inner.config.max_instances,
+            instances: self.snapshot(),
+        }
+    }
+
+    /// Adds or replaces one assignment; the instance's next capability call sees it.
+    pub fn assign_capability(&self, assignment: CapabilityAssignment) -> Result<(), ErrorResponse> {
+        assignment.parsed_permissions()?;
+        let mut instances = self.inner.lock();
+        let local = instances
+            .get_mut(&assignment.instance_id)
+            .ok_or_else(|| ErrorResponse::instance_not_found(&assignment.instance_id))?;
+        tracing::info!(instance_id = %assignment.instance_id, capability = %assignment.capability_id,
+            permissions = ?assignment.permissions, "capability granted");
+        local.capabilities.insert(assignment.capability_id.clone(), assignment);
+        Ok(())
+    }
+
+    /// Removes one assignment; the instance's next call on it is PERMISSION_DENIED.
+    pub fn revoke_capability(&self, instance_id: &str, capability_id: &str) -> Result<(), ErrorResponse> {
+        let mut instances = self.inner.lock();
+        let local = instances.get_mut(instance_id).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))?;
+        local.capabilities.remove(capability_id).ok_or_else(|| {
+            ErrorResponse::invalid(format!("instance {instance_id} holds no capability {capability_id:?}"))
+                .with_detail("capability_id", capability_id)
+        })?;
+        tracing::info!(instance_id, capability = capability_id, "capability revoked");
+        Ok(())
+    }
+
+    /// Operator view of the local KV store `capability_id`.
+    pub fn inspect_kv(&self, capability_id: &str, prefix: &str) -> Vec<KvEntry> {
+        self.inner
+            .kv
+            .inspect(capability_id, prefix)
+            .into_iter()
+            .map(|(key, value)| KvEntry { node_id: self.inner.config.node_id.clone(), key, value })
+            .collect()
+    }
+
+    /// Stops every instance (used on shutdown).
+    pub fn stop_all(&self) {
+        let ids: Vec<String> = self.inner.lock().keys().cloned().collect();
+        for id in ids {
+            let _ = self.stop_instance(&id);
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, LocalInstance>> {
+        self.instances.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a status fact and queues its report (P9).
+    fn set_status(
+        &self,
+        instances: &mut BTreeMap<String, LocalInstance>,
+        instance_id: &str,
+        status: InstanceStatus,
+        error: Option<String>,
+    ) {
+        let Some(local) = instances.get_mut(instance_id) else { return };
+        local.seq += 1;
+        local.metadata.status = status;
+        if error.is_some() {
+            local.metadata.last_error = error;
+        }
+        let report = StatusReport {
+            instance_id: instance_id.to_string(),
+            node_id: self.config.node_id.clone(),
+            status,
+            timestamp: self.env.wall_ms(),
+            seq: local.seq,
+            restarts: local.metadata.restarts,
+            last_error: local.metadata.last_error.clone(),
+        };
+        tracing::debug!(instance_id, %status, seq = local.seq, "status");
+        // The receiver lives as long as the agent's link task; if it is gone the next snapshot carries the fact.
+        let _ = self.reports.send(report);
+    }
+
+    async fn instantiate(self: &Arc<Self>, instance_id: &str) -> Result<Box<dyn Instance>, ErrorResponse> {
+        let module = {
+            let instances = self.lock();
+            let local = instances.get(instance_id).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))?;
+            local.module.clone()
+        };
+        let host = Arc::new(host::InstanceHost::new(Arc::downgrade(self), instance_id.to_string()));
+        self.cache.engine().instantiate(&module, host, self.config.limits).await.map_err(ErrorResponse::from)
+    }
+
+    /// Marks the instance running and supervises its run on the env's spawner.
+    fn launch(self: &Arc<Self>, instance_id: &str, generation: u64, instance: Box<dyn Instance>) {
+        let (abort, registration) = AbortHandle::new_pair();
+        {
+            let mut instances = self.lock();
+            let Some(local) = instances.get_mut(instance_id) else { return };
+            if local.generation != generation {
+                return; // stopped while instantiating
+            }
+            local.abort = Some(abort);
+            self.set_status(&mut instances, instance_id, InstanceStatus::Running, None);
+        }
+        let inner = self.clone();
+        let id = instance_id.to_string();
+        let supervised = futures::future::Abortable::new(
+            async move { inner.supervise(id, generation, instance).await },
+            registration,
+        );
+        self.env.spawn(async move {
+            let _ = supervised.await;
+        });
+    }
+
+    /// Runs one instance, and after each end applies its restart policy (P8): crash → counter, backoff on the
+    /// env clock, fresh instantiation.
+    async fn supervise(self: Arc<Self>, instance_id: String, generation: u64, mut instance: Box<dyn Instance>) {
+        loop {
+            let exit = instance.run().await;
+            let delay = {
+                let mut instances = self.lock();
+                let Some(local) = instances.get_mut(&instance_id) else { return };
+                if local.generation != generation {
+                    return;
+                }
+                let crashed = exit.is_crash();
+                let restart = local.policy.should_restart(crashed, local.metadata.restarts);
+                let status = if crashed { InstanceStatus::Crashed } else { InstanceStatus::Stopped };
+                let error = crashed.then(|| exit.describe());
+                log_exit(&instance_id, &exit, restart);
+                if !restart {
+                    local.abort = None;
+                    self.set_status(&mut instances, &instance_id, status, error);
+                    return;
+                }
+                local.metadata.restarts = local.metadata.restarts.saturating_add(1);
+                let delay = local.policy.backoff(local.metadata.restarts);
+                self.set_status(&mut instances, &instance_id, status, error);
+                delay
+            };
+            self.env.clock.sleep(delay).await;
+            {
+                let mut instances = self.lock();
+                match instances.get(&instance_id) {
+                    Some(local) if local.generation == generation => {}
+                    _ => return,
+                }
+                self.set_status(&mut instances, &instance_id, InstanceStatus::Starting, None);
+            }
+            instance = match self.instantiate(&instance_id).await {
+                Ok(instance) => instance,
+                Err(e) => {
+                    let mut instances = self.lock();
+                    if instances.get(&instance_id).is_some_and(|l| l.generation == generation) {
+                        self.set_status(&mut instances, &instance_id, InstanceStatus::Crashed, Some(e.message));
+                    }
+                    return;
+                }
+            };
+            let mut instances = self.lock();
+            if instances.get(&instance_id).is_none_or(|l| l.generation != generation) {
+                return;
+            }
+            self.set_status(&mut instances, &instance_id, InstanceStatus::Running, None);
+        }
+    }
+}
+
+fn log_exit(instance_id: &str, exit: &ExitReason, restart: bool) {
+    if exit.is_crash() {
+        tracing::warn!(instance_id, reason = %exit.describe(), restart, "instance crashed");
+    } else {
+        tracing::info!(instance_id, restart, "instance exited cleanly");
+    }
+}

@@ -1,0 +1,63 @@
+//! The agent's link to the control plane: status reports as they happen (P9), and a periodic full snapshot
+//! that doubles as registration and heartbeat. A control plane that restarted rebuilds its maps from the
+//! next snapshot; a report lost to a network fault is repaired by the next snapshot too.
+
+use std::time::Duration;
+
+use factum_env::rpc;
+use factum_proto::ControlPlaneClient;
+
+use crate::{Agent, StatusReports};
+
+/// Keeps the agent connected to the control plane at `control_plane_addr`: sends every status report and a
+/// snapshot each heartbeat interval, reconnecting after failures. Runs until the agent's runtime ends.
+pub async fn run_control_plane_link(agent: Agent, control_plane_addr: String, reports: StatusReports) {
+    let StatusReports(mut reports) = reports;
+    let env = agent.inner.env.clone();
+    let interval = agent.inner.config.heartbeat_interval;
+    let timeout = agent.inner.config.rpc_timeout;
+    let mut client: Option<ControlPlaneClient> = None;
+    let mut next_heartbeat = Duration::ZERO;
+    loop {
+        if client.is_none() {
+            match env.timeout(timeout, env.net.connect(&control_plane_addr)).await {
+                Some(Ok(stream)) => {
+                    client =
+                        Some(ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream)).spawn());
+                    next_heartbeat = Duration::ZERO;
+                    tracing::info!(node = agent.node_id(), control_plane = %control_plane_addr, "connected to control plane");
+                }
+                _ => {
+                    tracing::debug!(node = agent.node_id(), control_plane = %control_plane_addr, "control plane unreachable");
+                    env.clock.sleep(interval).await;
+                    continue;
+                }
+            }
+        }
+        let Some(cp) = client.clone() else { continue };
+        let now = env.clock.now();
+        if now >= next_heartbeat {
+            let report = agent.node_report();
+            match env.timeout(timeout, cp.report_node(rpc::rpc_context(), report)).await {
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(refused))) => tracing::error!(error = %refused, "control plane refused this node"),
+                _ => {
+                    client = None;
+                    continue;
+                }
+            }
+            next_heartbeat = env.clock.now() + interval;
+        }
+        let wait = next_heartbeat.saturating_sub(env.clock.now());
+        let report = tokio::select! {
+            report = reports.recv() => report,
+            () = env.clock.sleep(wait) => continue,
+        };
+        let Some(report) = report else {
+            return; // the agent is gone
+        };
+        if !matches!(env.timeout(timeout, cp.report_status(rpc::rpc_context(), report)).await, Some(Ok(Ok(())))) {
+            client = None; // the next snapshot carries what this report said
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! The agent's tarpc server: the [`NodeAgent`] service the control plane calls.
+
+use factum_env::{rpc, Listener};
+use factum_proto::{
+    CapabilityAssignment, ErrorResponse, InstanceFacts, InstanceStatus, KvEntry, NodeAgent, StartInstanceRequest,
+    StartInstanceResponse, StopInstanceRequest, StopInstanceResponse,
+};
+use futures::StreamExt;
+use tarpc::context::Context;
+use tarpc::server::{BaseChannel, Channel};
+
+use crate::Agent;
+
+impl NodeAgent for Agent {
+    async fn start_instance_local(self, _: Context, request: StartInstanceRequest) -> StartInstanceResponse {
+        match self.start_instance(request).await {
+            Ok(facts) => StartInstanceResponse { success: true, error: None, facts: Some(facts) },
+            Err(e) => StartInstanceResponse { success: false, error: Some(e), facts: None },
+        }
+    }
+
+    async fn stop_instance_local(self, _: Context, request: StopInstanceRequest) -> StopInstanceResponse {
+        match self.stop_instance(&request.instance_id) {
+            Ok(facts) => StopInstanceResponse { success: true, error: None, facts: Some(facts) },
+            Err(e) => StopInstanceResponse { success: false, error: Some(e), facts: None },
+        }
+    }
+
+    async fn restart_instance(self, _: Context, instance_id: String) -> Result<(), ErrorResponse> {
+        Agent::restart_instance(&self, &instance_id).await
+    }
+
+    async fn get_instance_status(self, _: Context, instance_id: String) -> Result<InstanceStatus, ErrorResponse> {
+        self.status(&instance_id)
+    }
+
+    async fn list_local_instances(self, _: Context) -> Vec<InstanceFacts> {
+        self.snapshot()
+    }
+
+    async fn assign_capability(self, _: Context, assignment: CapabilityAssignment) -> Result<(), ErrorResponse> {
+        Agent::assign_capability(&self, assignment)
+    }
+
+    async fn revoke_capability(
+        self,
+        _: Context,
+        instance_id: String,
+        capability_id: String,
+    ) -> Result<(), ErrorResponse> {
+        Agent::revoke_capability(&self, &instance_id, &capability_id)
+    }
+
+    async fn inspect_kv(
+        self,
+        _: Context,
+        capability_id: String,
+        prefix: String,
+    ) -> Result<Vec<KvEntry>, ErrorResponse> {
+        Ok(Agent::inspect_kv(&self, &capability_id, &prefix))
+    }
+}
+
+/// Serves the agent's API on `listener` until the listener fails.
+pub async fn serve(agent: Agent, listener: Box<dyn Listener>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _peer)) => stream,
+            Err(e) => {
+                tracing::error!(error = %e, "agent listener failed");
+                return;
+            }
+        };
+        let channel = BaseChannel::with_defaults(rpc::transport(stream));
+        let served = channel.execute(agent.clone().serve()).for_each(|call| async {
+            tokio::spawn(call);
+        });
+        tokio::spawn(served);
+    }
+}

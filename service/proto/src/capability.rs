@@ -1,0 +1,295 @@
+//! Guest ↔ provider invocations (design §CapabilityInvocation / §CapabilityResponse), encoded as MessagePack,
+//! and the typed operations of the KV provider.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ErrorCode, ErrorResponse};
+use crate::permissions::Permission;
+
+/// Version of the guest invocation encoding; carried in every [`CapabilityResponse`] so guest SDKs can check.
+pub const INVOCATION_VERSION: u32 = 1;
+
+/// Largest accepted `params` of one invocation.
+pub const MAX_PARAMS_BYTES: usize = 2 * 1024 * 1024;
+/// Longest accepted operation name.
+pub const MAX_OPERATION_LEN: usize = 64;
+/// Longest accepted KV key.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Largest accepted KV value.
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+
+/// One call from an instance to a provider.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapabilityInvocation {
+    /// The calling instance; set by the host, never by the guest.
+    pub instance_id: String,
+    /// Which capability of the instance.
+    pub capability_id: String,
+    /// Operation name, e.g. `get`.
+    pub operation: String,
+    /// MessagePack-encoded parameters of the operation.
+    #[serde(with = "serde_bytes")]
+    pub params: Vec<u8>,
+}
+
+/// Error carried back to the guest: the design's code plus a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestError {
+    /// One of the seven codes.
+    pub code: ErrorCode,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// The answer to one invocation, MessagePack-encoded into guest memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapabilityResponse {
+    /// Encoding version, [`INVOCATION_VERSION`].
+    pub version: u32,
+    /// Whether the operation succeeded.
+    pub success: bool,
+    /// MessagePack-encoded result on success.
+    #[serde(with = "serde_bytes")]
+    pub result: Option<Vec<u8>>,
+    /// The error on failure.
+    pub error: Option<GuestError>,
+}
+
+impl CapabilityResponse {
+    /// A success carrying `result` encoded as MessagePack.
+    pub fn ok<T: Serialize>(result: &T) -> Self {
+        match rmp_serde::to_vec_named(result) {
+            Ok(bytes) => Self { version: INVOCATION_VERSION, success: true, result: Some(bytes), error: None },
+            Err(e) => Self::err(&ErrorResponse::internal(format!("cannot encode result: {e}"))),
+        }
+    }
+
+    /// A failure.
+    pub fn err(error: &ErrorResponse) -> Self {
+        Self {
+            version: INVOCATION_VERSION,
+            success: false,
+            result: None,
+            error: Some(GuestError { code: error.error_code, message: error.message.clone() }),
+        }
+    }
+
+    /// The error code, if it failed.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        self.error.as_ref().map(|e| e.code)
+    }
+
+    /// Encodes for the guest.
+    pub fn encode(&self) -> Vec<u8> {
+        // A response of plain fields always encodes; fall back to an empty buffer rather than panic.
+        rmp_serde::to_vec_named(self).unwrap_or_default()
+    }
+
+    /// Decodes what a host wrote (used by guest SDKs and tests).
+    pub fn decode(bytes: &[u8]) -> Result<Self, ErrorResponse> {
+        rmp_serde::from_slice(bytes).map_err(|e| ErrorResponse::invalid(format!("bad capability response: {e}")))
+    }
+
+    /// Decodes the result of a success as `T`.
+    pub fn result_as<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ErrorResponse> {
+        if let Some(err) = &self.error {
+            return Err(ErrorResponse::new(err.code, err.message.clone()));
+        }
+        let bytes = self.result.as_deref().unwrap_or(&[]);
+        rmp_serde::from_slice(bytes).map_err(|e| ErrorResponse::invalid(format!("bad result: {e}")))
+    }
+}
+
+/// A decoded KV operation (design §KV Provider Operations).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum KvOperation {
+    /// Get(key) -> optional value.
+    Get {
+        /// Key.
+        key: String,
+    },
+    /// Set(key, value).
+    Set {
+        /// Key.
+        key: String,
+        /// Value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    /// Delete(key); deleting a missing key succeeds.
+    Delete {
+        /// Key.
+        key: String,
+    },
+    /// List(prefix) -> keys, sorted.
+    List {
+        /// Key prefix; empty lists everything.
+        prefix: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct KeyParams {
+    key: String,
+}
+
+#[derive(Deserialize)]
+struct SetParams {
+    key: String,
+    #[serde(with = "serde_bytes")]
+    value: Vec<u8>,
+}
+
+#[derive(Deserialize)]
+struct PrefixParams {
+    #[serde(default)]
+    prefix: String,
+}
+
+impl KvOperation {
+    /// Decodes `operation` + MessagePack `params` sent by a guest. Garbage is INVALID_REQUEST, never a panic.
+    pub fn decode(operation: &str, params: &[u8]) -> Result<Self, ErrorResponse> {
+        fn de<'a, T: Deserialize<'a>>(operation: &str, params: &'a [u8]) -> Result<T, ErrorResponse> {
+            rmp_serde::from_slice(params)
+                .map_err(|e| ErrorResponse::invalid(format!("bad MessagePack params for kv {operation}: {e}")))
+        }
+        let op = match operation {
+            "get" => KvOperation::Get { key: de::<KeyParams>(operation, params)?.key },
+            "set" => {
+                let p: SetParams = de(operation, params)?;
+                KvOperation::Set { key: p.key, value: p.value }
+            }
+            "delete" => KvOperation::Delete { key: de::<KeyParams>(operation, params)?.key },
+            "list" => KvOperation::List { prefix: de::<PrefixParams>(operation, params)?.prefix },
+            other => {
+                return Err(ErrorResponse::invalid(format!(
+                    "unknown kv operation {other:?}: expected get, set, delete or list"
+                )))
+            }
+        };
+        op.validate()?;
+        Ok(op)
+    }
+
+    /// Encodes into (operation, params) as a guest would send them.
+    pub fn encode(&self) -> (String, Vec<u8>) {
+        #[derive(Serialize)]
+        struct Key<'a> {
+            key: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Set<'a> {
+            key: &'a str,
+            #[serde(with = "serde_bytes")]
+            value: &'a [u8],
+        }
+        #[derive(Serialize)]
+        struct Prefix<'a> {
+            prefix: &'a str,
+        }
+        let params = match self {
+            KvOperation::Get { key } | KvOperation::Delete { key } => rmp_serde::to_vec_named(&Key { key }),
+            KvOperation::Set { key, value } => rmp_serde::to_vec_named(&Set { key, value }),
+            KvOperation::List { prefix } => rmp_serde::to_vec_named(&Prefix { prefix }),
+        };
+        (self.name().to_string(), params.unwrap_or_default())
+    }
+
+    /// Operation name on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            KvOperation::Get { .. } => "get",
+            KvOperation::Set { .. } => "set",
+            KvOperation::Delete { .. } => "delete",
+            KvOperation::List { .. } => "list",
+        }
+    }
+
+    /// The permission this operation needs (`kv:read` covers Get and List).
+    pub fn required_permission(&self) -> Permission {
+        match self {
+            KvOperation::Get { .. } | KvOperation::List { .. } => Permission::KvRead,
+            KvOperation::Set { .. } => Permission::KvWrite,
+            KvOperation::Delete { .. } => Permission::KvDelete,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ErrorResponse> {
+        let key = match self {
+            KvOperation::Get { key } | KvOperation::Delete { key } | KvOperation::Set { key, .. } => key,
+            KvOperation::List { prefix } => prefix,
+        };
+        if key.len() > MAX_KEY_BYTES {
+            return Err(ErrorResponse::invalid(format!("kv key longer than {MAX_KEY_BYTES} bytes")));
+        }
+        if matches!(self, KvOperation::Get { key } | KvOperation::Delete { key } if key.is_empty()) {
+            return Err(ErrorResponse::invalid("empty kv key"));
+        }
+        if let KvOperation::Set { key, value } = self {
+            if key.is_empty() {
+                return Err(ErrorResponse::invalid("empty kv key"));
+            }
+            if value.len() > MAX_VALUE_BYTES {
+                return Err(ErrorResponse::new(
+                    ErrorCode::ResourceExhausted,
+                    format!("kv value of {} bytes is above the {MAX_VALUE_BYTES}-byte limit", value.len()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_kv_op() -> impl Strategy<Value = KvOperation> {
+        let key = "[a-z0-9/._-]{1,24}";
+        prop_oneof![
+            key.prop_map(|key| KvOperation::Get { key }),
+            (key, prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(key, value)| KvOperation::Set { key, value }),
+            key.prop_map(|key| KvOperation::Delete { key }),
+            "[a-z0-9/]{0,8}".prop_map(|prefix| KvOperation::List { prefix }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Feature: wasm-orchestrator, Property 16: Control Plane and Node Agent Protocol Communication
+        /// Every KV operation survives its MessagePack encoding unchanged.
+        #[test]
+        fn kv_ops_round_trip(op in arb_kv_op()) {
+            let (name, params) = op.encode();
+            prop_assert_eq!(KvOperation::decode(&name, &params).unwrap(), op);
+        }
+
+        /// Feature: wasm-orchestrator, Property 18: API Request Validation
+        /// Garbage params are INVALID_REQUEST, never a panic.
+        #[test]
+        fn garbage_params_are_invalid_request(op in "get|set|delete|list|frob", params in prop::collection::vec(any::<u8>(), 0..64)) {
+            if let Err(e) = KvOperation::decode(&op, &params) {
+                prop_assert_eq!(e.error_code, ErrorCode::InvalidRequest);
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_value_is_resource_exhausted() {
+        let (name, params) = KvOperation::Set { key: "k".into(), value: vec![0; MAX_VALUE_BYTES + 1] }.encode();
+        let err = KvOperation::decode(&name, &params).unwrap_err();
+        assert_eq!(err.error_code, ErrorCode::ResourceExhausted);
+    }
+
+    #[test]
+    fn response_round_trip() {
+        let ok = CapabilityResponse::ok(&Some(serde_bytes::ByteBuf::from(b"v".to_vec())));
+        let back = CapabilityResponse::decode(&ok.encode()).unwrap();
+        assert_eq!(back.result_as::<Option<serde_bytes::ByteBuf>>().unwrap().unwrap().as_ref(), b"v");
+        let err = CapabilityResponse::err(&ErrorResponse::permission_denied("no"));
+        assert_eq!(CapabilityResponse::decode(&err.encode()).unwrap().error_code(), Some(ErrorCode::PermissionDenied));
+    }
+}

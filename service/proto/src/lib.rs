@@ -1,0 +1,22 @@
+//! Wire types, error codes, permissions and tarpc service traits of factum. No I/O lives here: every other
+//! crate speaks in these types.
+
+pub mod capability;
+pub mod error;
+pub mod permissions;
+pub mod types;
+pub mod wire;
+
+pub use capability::{CapabilityInvocation, CapabilityResponse, GuestError, KvOperation};
+pub use error::{ErrorCode, ErrorResponse};
+pub use permissions::Permission;
+pub use types::{
+    validate_id, CapabilityAssignment, InstanceMetadata, InstanceStatus, PolicyType, ProviderType, RestartPolicy,
+};
+pub use wire::*;
+
+/// Hex SHA-256 of a module: its identity in caches and metadata.
+pub fn module_hash(module_bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(module_bytes))
+}

@@ -1,0 +1,289 @@
+//! The capability permission model (design §Capability Permission Model): parsing, validation and the
+//! check that maps an operation to the permission it needs.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorResponse;
+use crate::types::ProviderType;
+
+/// Longest accepted domain or topic in a permission string.
+pub const MAX_PERMISSION_ARG_LEN: usize = 253;
+
+/// One permission, parsed from its string form (`kv:read`, `http:domain:example.com`, `msg:publish:orders`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Permission {
+    /// `kv:read`: Get and List.
+    KvRead,
+    /// `kv:write`: Set.
+    KvWrite,
+    /// `kv:delete`: Delete.
+    KvDelete,
+    /// `http:request`: outbound requests at all.
+    HttpRequest,
+    /// `http:domain:<d>`: restricts requests to this domain (lower-cased).
+    HttpDomain(String),
+    /// `msg:publish:<topic>`.
+    MsgPublish(String),
+    /// `msg:subscribe:<topic>`.
+    MsgSubscribe(String),
+}
+
+impl Permission {
+    /// The provider this permission belongs to.
+    pub fn provider_type(&self) -> ProviderType {
+        match self {
+            Permission::KvRead | Permission::KvWrite | Permission::KvDelete => ProviderType::Kv,
+            Permission::HttpRequest | Permission::HttpDomain(_) => ProviderType::Http,
+            Permission::MsgPublish(_) | Permission::MsgSubscribe(_) => ProviderType::Messaging,
+        }
+    }
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Permission::KvRead => f.write_str("kv:read"),
+            Permission::KvWrite => f.write_str("kv:write"),
+            Permission::KvDelete => f.write_str("kv:delete"),
+            Permission::HttpRequest => f.write_str("http:request"),
+            Permission::HttpDomain(d) => write!(f, "http:domain:{d}"),
+            Permission::MsgPublish(t) => write!(f, "msg:publish:{t}"),
+            Permission::MsgSubscribe(t) => write!(f, "msg:subscribe:{t}"),
+        }
+    }
+}
+
+impl FromStr for Permission {
+    type Err = ErrorResponse;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad =
+            |why: &str| ErrorResponse::invalid(format!("bad permission {s:?}: {why}")).with_detail("permission", s);
+        match s {
+            "kv:read" => return Ok(Permission::KvRead),
+            "kv:write" => return Ok(Permission::KvWrite),
+            "kv:delete" => return Ok(Permission::KvDelete),
+            "http:request" => return Ok(Permission::HttpRequest),
+            _ => {}
+        }
+        if let Some(domain) = s.strip_prefix("http:domain:") {
+            return validate_domain(domain).map(Permission::HttpDomain).map_err(|why| bad(&why));
+        }
+        if let Some(topic) = s.strip_prefix("msg:publish:") {
+            return validate_topic(topic).map(Permission::MsgPublish).map_err(|why| bad(&why));
+        }
+        if let Some(topic) = s.strip_prefix("msg:subscribe:") {
+            return validate_topic(topic).map(Permission::MsgSubscribe).map_err(|why| bad(&why));
+        }
+        Err(bad("expected one of kv:read, kv:write, kv:delete, http:request, http:domain:<domain>, \
+             msg:publish:<topic>, msg:subscribe:<topic>"))
+    }
+}
+
+impl Serialize for Permission {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Permission {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        s.parse().map_err(|e: ErrorResponse| serde::de::Error::custom(e.message))
+    }
+}
+
+/// A DNS name: labels of `[a-z0-9-]`, not starting or ending with `-`; stored lower-case so checks are
+/// case-insensitive. A leading `*.` allows every subdomain.
+fn validate_domain(domain: &str) -> Result<String, String> {
+    if domain.is_empty() {
+        return Err("empty domain".into());
+    }
+    if domain.len() > MAX_PERMISSION_ARG_LEN {
+        return Err(format!("domain longer than {MAX_PERMISSION_ARG_LEN} bytes"));
+    }
+    let lower = domain.to_ascii_lowercase();
+    let body = lower.strip_prefix("*.").unwrap_or(&lower);
+    for label in body.split('.') {
+        let ok_chars = label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if label.is_empty() || label.len() > 63 || !ok_chars || label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("invalid domain label {label:?}"));
+        }
+    }
+    Ok(lower)
+}
+
+/// A topic: dot-separated tokens of `[A-Za-z0-9_-]`; a token may be `*` (one token) and the last may be `>`
+/// (the rest), the NATS wildcard rules.
+fn validate_topic(topic: &str) -> Result<String, String> {
+    if topic.is_empty() {
+        return Err("empty topic".into());
+    }
+    if topic.len() > MAX_PERMISSION_ARG_LEN {
+        return Err(format!("topic longer than {MAX_PERMISSION_ARG_LEN} bytes"));
+    }
+    let tokens: Vec<&str> = topic.split('.').collect();
+    for (i, token) in tokens.iter().enumerate() {
+        let last = i + 1 == tokens.len();
+        let ok = *token == "*"
+            || (*token == ">" && last)
+            || (!token.is_empty() && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+        if !ok {
+            return Err(format!("invalid topic token {token:?}"));
+        }
+    }
+    Ok(topic.to_string())
+}
+
+/// Parses and validates a list of permission strings for one capability: every string must parse and all
+/// must belong to the same provider type, which is returned.
+pub fn parse_permissions(perms: &[String]) -> Result<(ProviderType, Vec<Permission>), ErrorResponse> {
+    let parsed: Vec<Permission> = perms.iter().map(|p| p.parse()).collect::<Result<_, _>>()?;
+    let Some(first) = parsed.first() else {
+        return Err(ErrorResponse::invalid("a capability needs at least one permission"));
+    };
+    let provider_type = first.provider_type();
+    if let Some(other) = parsed.iter().find(|p| p.provider_type() != provider_type) {
+        return Err(ErrorResponse::invalid(format!(
+            "permissions of one capability must be for one provider: {first} is {provider_type}, {other} is {}",
+            other.provider_type()
+        )));
+    }
+    Ok((provider_type, parsed))
+}
+
+/// Whether `granted` allows `needed`. Exact match, except that topic permissions honour `*` and `>`.
+pub fn allows(granted: &[Permission], needed: &Permission) -> bool {
+    granted.iter().any(|g| match (g, needed) {
+        (Permission::MsgPublish(pattern), Permission::MsgPublish(topic))
+        | (Permission::MsgSubscribe(pattern), Permission::MsgSubscribe(topic)) => topic_matches(pattern, topic),
+        _ => g == needed,
+    })
+}
+
+/// NATS-style subject matching: `*` matches one token, a trailing `>` matches one or more.
+pub fn topic_matches(pattern: &str, topic: &str) -> bool {
+    let mut pattern_tokens = pattern.split('.');
+    let mut topic_tokens = topic.split('.');
+    loop {
+        match (pattern_tokens.next(), topic_tokens.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(p), Some(t)) if p == t => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_every_documented_form() {
+        for s in [
+            "kv:read",
+            "kv:write",
+            "kv:delete",
+            "http:request",
+            "http:domain:example.com",
+            "msg:publish:orders",
+            "msg:subscribe:orders.*",
+        ] {
+            let p: Permission = s.parse().unwrap();
+            assert_eq!(p.to_string(), s);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_strings_with_invalid_request() {
+        for s in [
+            "",
+            "kv",
+            "kv:",
+            "kv:READ",
+            "kv:read ",
+            "http:domain:",
+            "http:domain:-bad.com",
+            "http:domain:a..b",
+            "http:domain:ex ample.com",
+            "msg:publish:",
+            "msg:publish:a..b",
+            "msg:publish:a.>.b",
+            "msg:subscribe:a b",
+            "fs:read",
+        ] {
+            let err = s.parse::<Permission>().unwrap_err();
+            assert_eq!(err.error_code, crate::ErrorCode::InvalidRequest, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn mixed_provider_permissions_are_rejected() {
+        let err = parse_permissions(&["kv:read".into(), "http:request".into()]).unwrap_err();
+        assert_eq!(err.error_code, crate::ErrorCode::InvalidRequest);
+        assert!(parse_permissions(&[]).is_err());
+    }
+
+    #[test]
+    fn domains_compare_case_insensitively() {
+        let p: Permission = "http:domain:Example.COM".parse().unwrap();
+        assert_eq!(p, Permission::HttpDomain("example.com".into()));
+    }
+
+    #[test]
+    fn topic_wildcards() {
+        assert!(topic_matches("a.*", "a.b"));
+        assert!(!topic_matches("a.*", "a.b.c"));
+        assert!(topic_matches("a.>", "a.b.c"));
+        assert!(!topic_matches("a.>", "a"));
+        assert!(!topic_matches("a", "a.b"));
+        assert!(topic_matches("a.b", "a.b"));
+    }
+
+    fn arb_permission() -> impl Strategy<Value = Permission> {
+        let token = "[a-z0-9_-]{1,8}";
+        prop_oneof![
+            Just(Permission::KvRead),
+            Just(Permission::KvWrite),
+            Just(Permission::KvDelete),
+            Just(Permission::HttpRequest),
+            "[a-z0-9]{1,10}(\\.[a-z0-9]{1,10}){0,3}".prop_map(Permission::HttpDomain),
+            prop::collection::vec(token, 1..4).prop_map(|t| Permission::MsgPublish(t.join("."))),
+            prop::collection::vec(token, 1..4).prop_map(|t| Permission::MsgSubscribe(t.join("."))),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Feature: wasm-orchestrator, Property 18: API Request Validation
+        /// Any string either parses to a permission that prints back to itself (modulo domain case) or is
+        /// rejected with INVALID_REQUEST; parsing never panics.
+        #[test]
+        fn any_string_parses_or_is_invalid_request(s in "\\PC{0,40}") {
+            match s.parse::<Permission>() {
+                Ok(p) => prop_assert_eq!(p.to_string().to_ascii_lowercase(), s.to_ascii_lowercase()),
+                Err(e) => prop_assert_eq!(e.error_code, crate::ErrorCode::InvalidRequest),
+            }
+        }
+
+        /// Feature: wasm-orchestrator, Property 4: Runtime Permission Enforcement
+        /// A permission set allows exactly what it contains (exact topics, no wildcards generated here).
+        #[test]
+        fn allows_is_membership(granted in prop::collection::vec(arb_permission(), 0..6), needed in arb_permission()) {
+            prop_assert_eq!(allows(&granted, &needed), granted.contains(&needed));
+        }
+
+        /// Permissions survive their string round trip.
+        #[test]
+        fn display_parse_round_trip(p in arb_permission()) {
+            prop_assert_eq!(p.to_string().parse::<Permission>().unwrap(), p);
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Data model of the design (§Control Plane, §Node Agent, §Data Models), plus the few fields the wire needs
+//! to order facts (`seq`) and to say who reported them (`node_id`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorResponse;
+use crate::permissions::{parse_permissions, Permission};
+
+/// Execution status of an instance: a fact reported by the agent that runs it, never a wish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceStatus {
+    /// The agent accepted the instance and is compiling or instantiating it.
+    Starting,
+    /// The guest is executing.
+    Running,
+    /// The guest ended cleanly (exit code 0) or was stopped on request.
+    Stopped,
+    /// The guest trapped, exited non-zero or ran out of fuel, and its restart policy did not restart it.
+    Crashed,
+    /// The node that ran the instance stopped answering; the last fact from it no longer holds.
+    /// Only the control plane reports this; an agent always knows its own instances.
+    Unknown,
+}
+
+impl InstanceStatus {
+    /// Whether no further transition can come from the agent without a new start.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, InstanceStatus::Stopped | InstanceStatus::Crashed)
+    }
+
+    /// Lower-case name as used on the wire and in the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceStatus::Starting => "starting",
+            InstanceStatus::Running => "running",
+            InstanceStatus::Stopped => "stopped",
+            InstanceStatus::Crashed => "crashed",
+            InstanceStatus::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for InstanceStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the control plane keeps per instance (design §InstanceMetadata).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceMetadata {
+    /// Unique id; the key of every map.
+    pub instance_id: String,
+    /// The node whose agent runs it.
+    pub node_id: String,
+    /// Hex SHA-256 of the module bytes.
+    pub module_hash: String,
+    /// Wall-clock milliseconds since the Unix epoch when the agent accepted it.
+    pub created_at: u64,
+    /// Last execution fact.
+    pub status: InstanceStatus,
+    /// How many times the restart policy restarted it.
+    pub restarts: u32,
+    /// Why it last crashed, if it did.
+    pub last_error: Option<String>,
+}
+
+/// The kind of capability provider (design §CapabilityAssignment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderType {
+    /// Key-value store.
+    Kv,
+    /// Outbound HTTP.
+    Http,
+    /// Publish/subscribe messaging.
+    Messaging,
+}
+
+impl fmt::Display for ProviderType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProviderType::Kv => "kv",
+            ProviderType::Http => "http",
+            ProviderType::Messaging => "messaging",
+        })
+    }
+}
+
+/// Longest accepted id (instance, capability, node).
+pub const MAX_ID_LEN: usize = 128;
+
+/// Checks an id: 1..=128 bytes of `[A-Za-z0-9._-]`, so ids are safe in logs, keys and file names.
+pub fn validate_id(kind: &str, id: &str) -> Result<(), ErrorResponse> {
+    let ok_chars = id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if id.is_empty() || id.len() > MAX_ID_LEN || !ok_chars {
+        return Err(ErrorResponse::invalid(format!(
+            "bad {kind} {id:?}: use 1 to {MAX_ID_LEN} characters from [A-Za-z0-9._-]"
+        ))
+        .with_detail(kind, id));
+    }
+    Ok(())
+}
+
+/// A capability granted to one instance (design §CapabilityAssignment). The capability id names the store,
+/// bus or client the instance reaches through the provider of `provider_type`; instances assigned the same
+/// capability id share it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapabilityAssignment {
+    /// The instance holding it.
+    pub instance_id: String,
+    /// Which store / bus / client.
+    pub capability_id: String,
+    /// Which provider serves it; derived from the permissions.
+    pub provider_type: ProviderType,
+    /// Permission strings, validated.
+    pub permissions: Vec<String>,
+}
+
+impl CapabilityAssignment {
+    /// Builds a validated assignment: ids well-formed, permissions parse and share one provider type.
+    pub fn new(instance_id: &str, capability_id: &str, permissions: &[String]) -> Result<Self, ErrorResponse> {
+        validate_id("instance_id", instance_id)?;
+        validate_id("capability_id", capability_id)?;
+        let (provider_type, parsed) = parse_permissions(permissions)?;
+        Ok(Self {
+            instance_id: instance_id.to_string(),
+            capability_id: capability_id.to_string(),
+            provider_type,
+            permissions: parsed.iter().map(Permission::to_string).collect(),
+        })
+    }
+
+    /// Re-validates an assignment that arrived over the wire and returns its parsed permissions.
+    pub fn parsed_permissions(&self) -> Result<Vec<Permission>, ErrorResponse> {
+        let (provider_type, parsed) = parse_permissions(&self.permissions)?;
+        if provider_type != self.provider_type {
+            return Err(ErrorResponse::invalid(format!(
+                "capability {} claims provider {} but its permissions are for {provider_type}",
+                self.capability_id, self.provider_type
+            )));
+        }
+        Ok(parsed)
+    }
+}
+
+/// When to restart an instance that ended (design §RestartPolicy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyType {
+    /// Never restart.
+    #[default]
+    Never,
+    /// Restart after any end, clean or not.
+    Always,
+    /// Restart only after a crash.
+    OnFailure,
+}
+
+impl FromStr for PolicyType {
+    type Err = ErrorResponse;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "never" => Ok(PolicyType::Never),
+            "always" => Ok(PolicyType::Always),
+            "on_failure" | "on-failure" => Ok(PolicyType::OnFailure),
+            _ => Err(ErrorResponse::invalid(format!("bad restart policy {s:?}: expected never, always or on_failure"))),
+        }
+    }
+}
+
+/// Longest accepted base backoff.
+pub const MAX_BACKOFF_SECONDS: u32 = 3600;
+/// Largest accepted `max_retries`.
+pub const MAX_RETRIES_LIMIT: u32 = 1_000_000;
+
+/// Restart policy of one instance (design §RestartPolicy). Backoff doubles per consecutive restart:
+/// `backoff_seconds * 2^(n-1)`, capped at [`MAX_BACKOFF_SECONDS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    /// When to restart.
+    pub policy_type: PolicyType,
+    /// Restarts allowed in total; `None` means no limit.
+    pub max_retries: Option<u32>,
+    /// Base delay before a restart; `None` means 0 (restart at once).
+    pub backoff_seconds: Option<u32>,
+}
+
+impl RestartPolicy {
+    /// Rejects values outside the documented bounds.
+    pub fn validate(&self) -> Result<(), ErrorResponse> {
+        if self.backoff_seconds.is_some_and(|b| b > MAX_BACKOFF_SECONDS) {
+            return Err(ErrorResponse::invalid(format!("backoff_seconds above {MAX_BACKOFF_SECONDS}")));
+        }
+        if self.max_retries.is_some_and(|r| r > MAX_RETRIES_LIMIT) {
+            return Err(ErrorResponse::invalid(format!("max_retries above {MAX_RETRIES_LIMIT}")));
+        }
+        Ok(())
+    }
+
+    /// Whether an instance that ended (`crashed` or not) after `restarts` restarts is restarted again.
+    pub fn should_restart(&self, crashed: bool, restarts: u32) -> bool {
+        let wants = match self.policy_type {
+            PolicyType::Never => false,
+            PolicyType::Always => true,
+            PolicyType::OnFailure => crashed,
+        };
+        wants && self.max_retries.is_none_or(|max| restarts < max)
+    }
+
+    /// Delay before restart number `restart` (1-based): exponential from `backoff_seconds`, capped.
+    pub fn backoff(&self, restart: u32) -> std::time::Duration {
+        let base = u64::from(self.backoff_seconds.unwrap_or(0));
+        let factor = 1u64 << restart.saturating_sub(1).min(20);
+        std::time::Duration::from_secs(base.saturating_mul(factor).min(u64::from(MAX_BACKOFF_SECONDS)))
+    }
+}

@@ -1,0 +1,225 @@
+//! Messages between components (design §Communication Protocol) and the tarpc services that carry them.
+//!
+//! Client → control plane and control plane → agent use tarpc over a length-delimited bincode transport
+//! ([`crate::transport`]). Guest → provider invocations are MessagePack ([`crate::capability`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorResponse;
+use crate::types::{CapabilityAssignment, InstanceMetadata, InstanceStatus, RestartPolicy};
+
+/// Version of the control plane ↔ agent protocol. An agent whose version differs is refused at registration
+/// with INVALID_REQUEST, so mixed versions fail loudly instead of misreading each other.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest accepted module, in bytes.
+pub const MAX_MODULE_BYTES: usize = 32 * 1024 * 1024;
+
+/// Largest tarpc frame; a module plus its envelope must fit.
+pub const MAX_FRAME_BYTES: usize = MAX_MODULE_BYTES + 1024 * 1024;
+
+/// A capability requested at start: id plus permission strings. The instance id is filled in by the
+/// control plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapabilityGrant {
+    /// Which store / bus / client.
+    pub capability_id: String,
+    /// Permission strings such as `kv:read`.
+    pub permissions: Vec<String>,
+}
+
+/// Client → control plane: StartInstance(module_bytes, capabilities, restart_policy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRequest {
+    /// Makes the call idempotent: a retry with the same id and module returns the same instance. `None` lets
+    /// the control plane choose a fresh id.
+    pub instance_id: Option<String>,
+    /// The Wasm module.
+    #[serde(with = "serde_bytes")]
+    pub module_bytes: Vec<u8>,
+    /// Capabilities granted from the start.
+    pub capabilities: Vec<CapabilityGrant>,
+    /// Restart policy.
+    pub restart_policy: RestartPolicy,
+}
+
+/// Control plane → agent (design §StartInstanceRequest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartInstanceRequest {
+    /// Id chosen by the control plane.
+    pub instance_id: String,
+    /// The Wasm module.
+    #[serde(with = "serde_bytes")]
+    pub module_bytes: Vec<u8>,
+    /// Validated assignments.
+    pub capabilities: Vec<CapabilityAssignment>,
+    /// Restart policy, applied by the agent.
+    pub restart_policy: RestartPolicy,
+}
+
+/// Agent → control plane (design §StartInstanceResponse); `error` carries a code, not only text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartInstanceResponse {
+    /// Whether the instance was accepted (or already existed with the same module).
+    pub success: bool,
+    /// Why not.
+    pub error: Option<ErrorResponse>,
+    /// The instance's facts as the agent holds them after acceptance.
+    pub facts: Option<InstanceFacts>,
+}
+
+/// Control plane → agent (design §StopInstanceRequest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopInstanceRequest {
+    /// Which instance.
+    pub instance_id: String,
+}
+
+/// Agent → control plane (design §StopInstanceResponse).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopInstanceResponse {
+    /// Whether the instance is now stopped.
+    pub success: bool,
+    /// Why not.
+    pub error: Option<ErrorResponse>,
+    /// The instance's facts after the stop.
+    pub facts: Option<InstanceFacts>,
+}
+
+/// Agent → control plane: one execution fact (design §StatusReport).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Which instance.
+    pub instance_id: String,
+    /// The node that observed the fact.
+    pub node_id: String,
+    /// The fact.
+    pub status: InstanceStatus,
+    /// Wall-clock milliseconds since the Unix epoch, from the agent's env clock.
+    pub timestamp: u64,
+    /// Per-instance counter on that node; the control plane ignores a report older than what it holds,
+    /// so reordered or duplicated reports cannot roll a fact back.
+    pub seq: u64,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Crash reason, if any.
+    pub last_error: Option<String>,
+}
+
+/// Everything an agent knows about one of its instances: the facts the control plane rebuilds from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceFacts {
+    /// Metadata, with the current status.
+    pub metadata: InstanceMetadata,
+    /// Assignments the agent enforces for it.
+    pub capabilities: Vec<CapabilityAssignment>,
+    /// Restart policy the agent applies.
+    pub restart_policy: RestartPolicy,
+    /// Sequence number of the latest status fact.
+    pub seq: u64,
+}
+
+/// Agent → control plane, periodically and at start-up: who I am, where I listen, what I run. Idempotent;
+/// it is both registration and heartbeat, and after a control-plane restart it is what the control plane
+/// rebuilds its maps from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub protocol_version: u32,
+    /// Node id, unique in the cluster.
+    pub node_id: String,
+    /// Address at which the agent serves [`NodeAgent`].
+    pub agent_addr: String,
+    /// Most instances this node accepts.
+    pub max_instances: u32,
+    /// Every instance the agent holds.
+    pub instances: Vec<InstanceFacts>,
+}
+
+/// A node as the control plane sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node id.
+    pub node_id: String,
+    /// Agent address.
+    pub agent_addr: String,
+    /// Whether its heartbeats are arriving.
+    pub available: bool,
+    /// Instances it holds (all statuses).
+    pub instances: u32,
+    /// Its quota.
+    pub max_instances: u32,
+}
+
+/// Control plane answer to QueryInstance: metadata plus assignments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceDetails {
+    /// Metadata with the current fact.
+    pub metadata: InstanceMetadata,
+    /// Capability assignments.
+    pub capabilities: Vec<CapabilityAssignment>,
+    /// Restart policy.
+    pub restart_policy: RestartPolicy,
+}
+
+/// One key-value pair read by the operator-facing KV inspection call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEntry {
+    /// Node whose store holds it.
+    pub node_id: String,
+    /// Key.
+    pub key: String,
+    /// Value.
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+/// The control plane's API: the design's six client calls, plus the two calls agents make.
+#[tarpc::service]
+pub trait ControlPlane {
+    /// StartInstance: validate, place on a node, start there; returns the instance id.
+    async fn start_instance(request: StartRequest) -> Result<String, ErrorResponse>;
+    /// StopInstance.
+    async fn stop_instance(instance_id: String) -> Result<(), ErrorResponse>;
+    /// QueryInstance.
+    async fn query_instance(instance_id: String) -> Result<InstanceDetails, ErrorResponse>;
+    /// ListInstances, ordered by instance id.
+    async fn list_instances() -> Vec<InstanceMetadata>;
+    /// AssignCapability: add or replace one capability of an instance; takes effect on its next call.
+    async fn assign_capability(
+        instance_id: String,
+        capability_id: String,
+        permissions: Vec<String>,
+    ) -> Result<(), ErrorResponse>;
+    /// RevokeCapability: takes effect on the instance's next call.
+    async fn revoke_capability(instance_id: String, capability_id: String) -> Result<(), ErrorResponse>;
+    /// Nodes known to the control plane.
+    async fn list_nodes() -> Vec<NodeInfo>;
+    /// Operator view of a KV store (capability id) on every node, keys starting with `prefix`.
+    async fn inspect_kv(capability_id: String, prefix: String) -> Result<Vec<KvEntry>, ErrorResponse>;
+    /// Agent → control plane: registration and heartbeat with a full snapshot of its facts.
+    async fn report_node(report: NodeReport) -> Result<(), ErrorResponse>;
+    /// Agent → control plane: one status change, sent as it happens.
+    async fn report_status(report: StatusReport) -> Result<(), ErrorResponse>;
+}
+
+/// The node agent's API, called by the control plane (design §Node Agent interface).
+#[tarpc::service]
+pub trait NodeAgent {
+    /// StartInstanceLocal; idempotent by instance id.
+    async fn start_instance_local(request: StartInstanceRequest) -> StartInstanceResponse;
+    /// StopInstanceLocal; stopping a stopped instance succeeds.
+    async fn stop_instance_local(request: StopInstanceRequest) -> StopInstanceResponse;
+    /// RestartInstance: stop if running, then start again from the module (fresh memory).
+    async fn restart_instance(instance_id: String) -> Result<(), ErrorResponse>;
+    /// GetInstanceStatus.
+    async fn get_instance_status(instance_id: String) -> Result<InstanceStatus, ErrorResponse>;
+    /// Every instance this agent holds.
+    async fn list_local_instances() -> Vec<InstanceFacts>;
+    /// Replace (or add) one capability assignment of a local instance.
+    async fn assign_capability(assignment: CapabilityAssignment) -> Result<(), ErrorResponse>;
+    /// Remove one capability assignment of a local instance.
+    async fn revoke_capability(instance_id: String, capability_id: String) -> Result<(), ErrorResponse>;
+    /// Operator view of the local KV store `capability_id`.
+    async fn inspect_kv(capability_id: String, prefix: String) -> Result<Vec<KvEntry>, ErrorResponse>;
+}

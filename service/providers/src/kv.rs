@@ -1,0 +1,256 @@
+//! The in-memory key-value provider: one store per capability id.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use factum_proto::permissions::allows;
+use factum_proto::{
+    CapabilityInvocation, CapabilityResponse, ErrorCode, ErrorResponse, KvOperation, Permission, ProviderType,
+};
+use serde_bytes::ByteBuf;
+
+use crate::{unavailable, Provider, ProviderMetadata};
+
+/// Default most keys per store.
+pub const DEFAULT_MAX_KEYS_PER_STORE: usize = 100_000;
+
+/// In-memory KV stores keyed by capability id: instances assigned the same capability id share a store,
+/// different capability ids never see each other's keys.
+pub struct MemoryKv {
+    stores: Mutex<BTreeMap<String, BTreeMap<String, Vec<u8>>>>,
+    running: AtomicBool,
+    max_keys_per_store: usize,
+}
+
+impl MemoryKv {
+    /// An empty, running provider.
+    pub fn new() -> Self {
+        Self::with_max_keys(DEFAULT_MAX_KEYS_PER_STORE)
+    }
+
+    /// An empty, running provider holding at most `max_keys` keys per store.
+    pub fn with_max_keys(max_keys: usize) -> Self {
+        Self { stores: Mutex::new(BTreeMap::new()), running: AtomicBool::new(true), max_keys_per_store: max_keys }
+    }
+
+    /// Operator view: entries of store `capability_id` whose key starts with `prefix`, sorted by key.
+    pub fn inspect(&self, capability_id: &str, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        let stores = self.lock();
+        stores
+            .get(capability_id)
+            .map(|store| {
+                store
+                    .range(prefix.to_string()..)
+                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<String, Vec<u8>>>> {
+        self.stores.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn execute(&self, capability_id: &str, op: KvOperation) -> CapabilityResponse {
+        let mut stores = self.lock();
+        match op {
+            KvOperation::Get { key } => {
+                let value = stores.get(capability_id).and_then(|s| s.get(&key)).cloned().map(ByteBuf::from);
+                CapabilityResponse::ok(&value)
+            }
+            KvOperation::Set { key, value } => {
+                let store = stores.entry(capability_id.to_string()).or_default();
+                if !store.contains_key(&key) && store.len() >= self.max_keys_per_store {
+                    return CapabilityResponse::err(&ErrorResponse::new(
+                        ErrorCode::ResourceExhausted,
+                        format!("kv store {capability_id} is full ({} keys)", self.max_keys_per_store),
+                    ));
+                }
+                store.insert(key, value);
+                CapabilityResponse::ok(&())
+            }
+            KvOperation::Delete { key } => {
+                let existed = stores.get_mut(capability_id).and_then(|s| s.remove(&key)).is_some();
+                CapabilityResponse::ok(&existed)
+            }
+            KvOperation::List { prefix } => {
+                let keys: Vec<String> = stores
+                    .get(capability_id)
+                    .map(|s| {
+                        s.range(prefix.clone()..)
+                            .take_while(|(k, _)| k.starts_with(&prefix))
+                            .map(|(k, _)| k.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                CapabilityResponse::ok(&keys)
+            }
+        }
+    }
+}
+
+impl Default for MemoryKv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[async_trait]
+impl Provider for MemoryKv {
+    fn metadata(&self) -> ProviderMetadata {
+        ProviderMetadata {
+            provider_type: ProviderType::Kv,
+            name: "kv-memory".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            operations: ["get", "set", "delete", "list"].map(String::from).to_vec(),
+        }
+    }
+
+    async fn initialize(&self) -> Result<(), ErrorResponse> {
+        self.running.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn invoke(&self, invocation: &CapabilityInvocation, granted: &[Permission]) -> CapabilityResponse {
+        if !self.running.load(Ordering::SeqCst) {
+            return unavailable(&self.metadata());
+        }
+        let op = match KvOperation::decode(&invocation.operation, &invocation.params) {
+            Ok(op) => op,
+            Err(e) => return CapabilityResponse::err(&e),
+        };
+        let needed = op.required_permission();
+        if !allows(granted, &needed) {
+            return CapabilityResponse::err(
+                &ErrorResponse::permission_denied(format!(
+                    "instance {} lacks {needed} on capability {} for kv {}",
+                    invocation.instance_id,
+                    invocation.capability_id,
+                    op.name()
+                ))
+                .with_detail("permission", needed.to_string()),
+            );
+        }
+        self.execute(&invocation.capability_id, op)
+    }
+
+    async fn shutdown(&self) -> Result<(), ErrorResponse> {
+        self.running.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn inv(cap: &str, op: &KvOperation) -> CapabilityInvocation {
+        let (operation, params) = op.encode();
+        CapabilityInvocation { instance_id: "i".into(), capability_id: cap.into(), operation, params }
+    }
+
+    const ALL: [Permission; 3] = [Permission::KvRead, Permission::KvWrite, Permission::KvDelete];
+
+    #[tokio::test]
+    async fn get_set_delete_list() {
+        let kv = MemoryKv::new();
+        let set = |k: &str, v: &str| KvOperation::Set { key: k.into(), value: v.as_bytes().to_vec() };
+        for (k, v) in [("a/1", "x"), ("a/2", "y"), ("b/1", "z")] {
+            assert!(kv.invoke(&inv("s", &set(k, v)), &ALL).await.success);
+        }
+        let got = kv.invoke(&inv("s", &KvOperation::Get { key: "a/2".into() }), &ALL).await;
+        assert_eq!(got.result_as::<Option<ByteBuf>>().unwrap().unwrap().as_ref(), b"y");
+        let keys = kv.invoke(&inv("s", &KvOperation::List { prefix: "a/".into() }), &ALL).await;
+        assert_eq!(keys.result_as::<Vec<String>>().unwrap(), vec!["a/1", "a/2"]);
+        let del = kv.invoke(&inv("s", &KvOperation::Delete { key: "a/1".into() }), &ALL).await;
+        assert!(del.result_as::<bool>().unwrap());
+        let gone = kv.invoke(&inv("s", &KvOperation::Get { key: "a/1".into() }), &ALL).await;
+        assert_eq!(gone.result_as::<Option<ByteBuf>>().unwrap(), None);
+        // Another capability id is another store.
+        let other = kv.invoke(&inv("t", &KvOperation::Get { key: "a/2".into() }), &ALL).await;
+        assert_eq!(other.result_as::<Option<ByteBuf>>().unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn full_store_is_resource_exhausted_and_shutdown_is_unavailable() {
+        let kv = MemoryKv::with_max_keys(1);
+        let set = |k: &str| KvOperation::Set { key: k.into(), value: vec![] };
+        assert!(kv.invoke(&inv("s", &set("a")), &ALL).await.success);
+        assert!(kv.invoke(&inv("s", &set("a")), &ALL).await.success, "overwrite is not a new key");
+        assert_eq!(kv.invoke(&inv("s", &set("b")), &ALL).await.error_code(), Some(ErrorCode::ResourceExhausted));
+        kv.shutdown().await.unwrap();
+        assert_eq!(kv.invoke(&inv("s", &set("a")), &ALL).await.error_code(), Some(ErrorCode::ProviderUnavailable));
+    }
+
+    fn arb_op() -> impl Strategy<Value = KvOperation> {
+        prop_oneof![
+            "[a-c]{1,2}".prop_map(|key| KvOperation::Get { key }),
+            ("[a-c]{1,2}", prop::collection::vec(any::<u8>(), 0..4))
+                .prop_map(|(key, value)| KvOperation::Set { key, value }),
+            "[a-c]{1,2}".prop_map(|key| KvOperation::Delete { key }),
+            "[a-c]{0,1}".prop_map(|prefix| KvOperation::List { prefix }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Feature: wasm-orchestrator, Property 4: Runtime Permission Enforcement
+        /// An operation succeeds exactly when its required permission was granted; a refused operation changes
+        /// nothing in the store.
+        #[test]
+        fn kv_enforces_permissions(
+            granted in prop::sample::subsequence(ALL.to_vec(), 0..=3),
+            ops in prop::collection::vec(arb_op(), 1..20),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let kv = MemoryKv::new();
+                for op in ops {
+                    let before = kv.inspect("s", "");
+                    let resp = kv.invoke(&inv("s", &op), &granted).await;
+                    let allowed = granted.contains(&op.required_permission());
+                    prop_assert_eq!(resp.success, allowed);
+                    if !allowed {
+                        prop_assert_eq!(resp.error_code(), Some(ErrorCode::PermissionDenied));
+                        prop_assert_eq!(kv.inspect("s", ""), before);
+                    }
+                }
+                Ok(())
+            })?;
+        }
+
+        /// Feature: wasm-orchestrator, Property 10: Capability Provider Invocation Execution
+        /// With full permissions the provider behaves like a sorted map: every operation returns what a model
+        /// BTreeMap says.
+        #[test]
+        fn kv_matches_a_model(ops in prop::collection::vec(arb_op(), 1..40)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let kv = MemoryKv::new();
+                let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+                for op in ops {
+                    let resp = kv.invoke(&inv("s", &op), &ALL).await;
+                    prop_assert!(resp.success);
+                    match op {
+                        KvOperation::Get { key } => prop_assert_eq!(
+                            resp.result_as::<Option<ByteBuf>>().unwrap().map(|b| b.into_vec()),
+                            model.get(&key).cloned()
+                        ),
+                        KvOperation::Set { key, value } => { model.insert(key, value); }
+                        KvOperation::Delete { key } => prop_assert_eq!(resp.result_as::<bool>().unwrap(), model.remove(&key).is_some()),
+                        KvOperation::List { prefix } => {
+                            let want: Vec<String> = model.keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
+                            prop_assert_eq!(resp.result_as::<Vec<String>>().unwrap(), want);
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
