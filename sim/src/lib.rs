@@ -1,1 +1,254 @@
-//! placeholder
+//! Deterministic simulation of a factum cluster on turmoil.
+//!
+//! The real control plane and real node agents (on the wasmi engine, fuel-metered) run as turmoil hosts and
+//! talk tarpc over turmoil's simulated TCP. Time is virtual, randomness comes from the seed, and every status
+//! transition and applied fact is recorded in a [`TraceLog`] whose hash identifies the run: the same seed on
+//! the same commit gives the same hash.
+
+pub mod invariants;
+mod trace;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use factum_control_plane::{ControlPlane, ControlPlaneConfig};
+use factum_env::{rpc, Env};
+use factum_node_agent::{Agent, AgentConfig};
+use factum_proto::{ControlPlaneClient, InstanceMetadata, InstanceStatus, NodeInfo, RestartPolicy, StartRequest};
+use factum_providers::MemoryKv;
+use factum_wasm::{fixtures, Limits, WasmiEngine};
+
+pub use trace::TraceLog;
+
+/// Port every simulated component listens on.
+pub const PORT: u16 = 7700;
+/// Host name of the control plane.
+pub const CONTROL_PLANE: &str = "control-plane";
+
+/// Wall-clock origin of every simulated run, so timestamps do not depend on when the test runs.
+pub fn sim_epoch() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_767_225_600) // 2026-01-01T00:00:00Z
+}
+
+/// Boxed error of simulated hosts.
+pub type SimError = Box<dyn std::error::Error>;
+
+/// Settings of one simulated cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Seed of every random choice: turmoil's network and each component's env.
+    pub seed: u64,
+    /// Number of node agents, named `agent-1`, `agent-2`, ...
+    pub agents: usize,
+    /// Control plane settings.
+    pub control_plane: ControlPlaneConfig,
+    /// Heartbeat interval of agents.
+    pub heartbeat_interval: Duration,
+    /// Longest simulated time a run may take.
+    pub duration: Duration,
+}
+
+impl ClusterConfig {
+    /// A cluster of `agents` agents driven by `seed`, with short timeouts so failures show within seconds.
+    pub fn new(seed: u64, agents: usize) -> Self {
+        Self {
+            seed,
+            agents,
+            control_plane: ControlPlaneConfig {
+                node_timeout: Duration::from_secs(3),
+                check_interval: Duration::from_millis(250),
+                rpc_timeout: Duration::from_secs(2),
+            },
+            heartbeat_interval: Duration::from_millis(500),
+            duration: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Name of agent `i` (1-based).
+pub fn agent_name(i: usize) -> String {
+    format!("agent-{i}")
+}
+
+/// Builds a turmoil simulation running a control plane and `config.agents` agents, all recording into `trace`.
+pub fn build_cluster(config: &ClusterConfig, trace: Arc<TraceLog>) -> turmoil::Sim<'static> {
+    let mut sim = turmoil::Builder::new()
+        .simulation_duration(config.duration)
+        .tick_duration(Duration::from_millis(1))
+        .epoch(sim_epoch())
+        .rng_seed(config.seed)
+        .build();
+    let cp_config = config.control_plane.clone();
+    let cp_trace = trace.clone();
+    let seed = config.seed;
+    sim.host(CONTROL_PLANE, move || {
+        let env = Env::turmoil(seed ^ 0xc0, sim_epoch()).with_trace(CONTROL_PLANE, cp_trace.clone());
+        let cp_config = cp_config.clone();
+        async move {
+            let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
+            let cp = ControlPlane::new(env.clone(), cp_config);
+            env.spawn(cp.clone().run_failure_detector());
+            factum_control_plane::serve(cp, listener).await;
+            Ok(())
+        }
+    });
+    for i in 1..=config.agents {
+        let name = agent_name(i);
+        let agent_trace = trace.clone();
+        let heartbeat = config.heartbeat_interval;
+        sim.host(name.clone(), move || {
+            let env = Env::turmoil(seed ^ (i as u64) << 8, sim_epoch()).with_trace(name.clone(), agent_trace.clone());
+            let mut agent_config = AgentConfig::new(name.clone(), format!("{name}:{PORT}"));
+            agent_config.heartbeat_interval = heartbeat;
+            agent_config.rpc_timeout = Duration::from_secs(2);
+            // Fuel makes guest execution and its yield points a function of the module alone.
+            agent_config.limits = Limits { fuel_yield_interval: 10_000, ..Limits::default() };
+            async move {
+                let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
+                let (agent, reports) =
+                    Agent::new(env.clone(), agent_config, Arc::new(WasmiEngine::new()), Arc::new(MemoryKv::new()));
+                env.spawn(factum_node_agent::serve(agent.clone(), listener));
+                factum_node_agent::run_control_plane_link(agent, format!("{CONTROL_PLANE}:{PORT}"), reports).await;
+                Ok(())
+            }
+        });
+    }
+    sim
+}
+
+/// A client of the simulated control plane, for scenario scripts running as turmoil clients.
+pub struct SimClient {
+    env: Env,
+    cp: ControlPlaneClient,
+}
+
+impl SimClient {
+    /// Connects to the control plane, retrying until it listens.
+    pub async fn connect(seed: u64) -> Result<Self, SimError> {
+        let env = Env::turmoil(seed ^ 0xc1, sim_epoch());
+        for _ in 0..100 {
+            if let Ok(stream) = env.net.connect(&format!("{CONTROL_PLANE}:{PORT}")).await {
+                let cp = ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream)).spawn();
+                return Ok(Self { env, cp });
+            }
+            env.clock.sleep(Duration::from_millis(100)).await;
+        }
+        Err("control plane never listened".into())
+    }
+
+    /// Sleeps on simulated time.
+    pub async fn sleep(&self, d: Duration) {
+        self.env.clock.sleep(d).await;
+    }
+
+    /// ListInstances.
+    pub async fn instances(&self) -> Result<Vec<InstanceMetadata>, SimError> {
+        Ok(self.cp.list_instances(rpc::rpc_context()).await?)
+    }
+
+    /// Nodes.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, SimError> {
+        Ok(self.cp.list_nodes(rpc::rpc_context()).await?)
+    }
+
+    /// StartInstance of a fixture with an explicit id.
+    pub async fn start(&self, id: &str, wat: &str, policy: RestartPolicy) -> Result<String, SimError> {
+        let request = StartRequest {
+            instance_id: Some(id.to_string()),
+            module_bytes: fixtures::module(wat),
+            capabilities: Vec::new(),
+            restart_policy: policy,
+        };
+        Ok(self.cp.start_instance(rpc::rpc_context(), request).await??)
+    }
+
+    /// Polls `check` every 100 ms of simulated time until it holds, for at most `deadline`.
+    pub async fn eventually<F>(
+        &self,
+        what: &str,
+        deadline: Duration,
+        mut check: F,
+    ) -> Result<Vec<InstanceMetadata>, SimError>
+    where
+        F: FnMut(&[InstanceMetadata]) -> bool,
+    {
+        let start = self.env.clock.now();
+        loop {
+            let instances = self.instances().await?;
+            if check(&instances) {
+                return Ok(instances);
+            }
+            if self.env.clock.now().saturating_sub(start) > deadline {
+                return Err(format!("not within {deadline:?}: {what}; instances: {instances:?}").into());
+            }
+            self.sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// What a scenario run produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Hash of the trace: the run's identity.
+    pub trace_hash: String,
+    /// Number of trace events.
+    pub events: usize,
+    /// The control plane's instance list at the end.
+    pub final_instances: Vec<InstanceMetadata>,
+}
+
+/// Scenario: 1 control plane + 2 agents; six long-running instances are placed across both agents; `agent-2`
+/// crashes. Checks that the control plane marks agent-2's instances `unknown` (P12, P14) while agent-1's keep
+/// running (P12), and that every invariant holds at the end.
+pub fn agent_crash(seed: u64) -> Result<Outcome, String> {
+    let config = ClusterConfig::new(seed, 2);
+    let trace = Arc::new(TraceLog::default());
+    let mut sim = build_cluster(&config, trace.clone());
+    let phase = Arc::new(AtomicU8::new(0));
+    let result: Arc<Mutex<Vec<InstanceMetadata>>> = Arc::default();
+    let (client_phase, client_result) = (phase.clone(), result.clone());
+    sim.client("client", async move {
+        let client = SimClient::connect(seed).await?;
+        for _ in 0..100 {
+            if client.nodes().await?.iter().filter(|n| n.available).count() == 2 {
+                break;
+            }
+            client.sleep(Duration::from_millis(100)).await;
+        }
+        for i in 0..6 {
+            client.start(&format!("inst-{i}"), fixtures::SLEEPER, RestartPolicy::default()).await?;
+        }
+        let running = client
+            .eventually("all six running", Duration::from_secs(10), |all| {
+                all.len() == 6 && all.iter().all(|m| m.status == InstanceStatus::Running)
+            })
+            .await?;
+        invariants::placement_is_balanced(&running, 2).map_err(SimError::from)?;
+        client_phase.store(1, Ordering::SeqCst); // the driver crashes agent-2 now
+        let after = client
+            .eventually("agent-2's instances unknown, agent-1's running", Duration::from_secs(15), |all| {
+                invariants::crashed_node_is_unknown(all, "agent-2").is_ok()
+                    && invariants::node_keeps_running(all, "agent-1").is_ok()
+            })
+            .await?;
+        *client_result.lock().map_err(|_| "poisoned")? = after;
+        Ok(())
+    });
+    let mut crashed = false;
+    loop {
+        let done = sim.step().map_err(|e| format!("seed {seed}: {e}"))?;
+        if !crashed && phase.load(Ordering::SeqCst) == 1 {
+            sim.crash("agent-2");
+            trace.record_driver("crash agent-2");
+            crashed = true;
+        }
+        if done {
+            break;
+        }
+    }
+    let final_instances = result.lock().map_err(|_| "poisoned")?.clone();
+    invariants::crashed_node_is_unknown(&final_instances, "agent-2").map_err(|e| format!("seed {seed}: {e}"))?;
+    invariants::node_keeps_running(&final_instances, "agent-1").map_err(|e| format!("seed {seed}: {e}"))?;
+    Ok(Outcome { trace_hash: trace.hash(), events: trace.len(), final_instances })
+}

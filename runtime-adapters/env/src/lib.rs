@@ -61,6 +61,13 @@ pub trait Rng: Send + Sync + 'static {
     fn next_u64(&self) -> u64;
 }
 
+/// Receives the events that define a run: status transitions and the facts the control plane applies. The
+/// simulator hashes them (same seed ⇒ same hash) and checks invariants on them; production records nothing.
+pub trait Trace: Send + Sync + 'static {
+    /// Records one event from `component` (e.g. `agent-1`, `control-plane`).
+    fn record(&self, component: &str, event: String);
+}
+
 /// The bundle every component is built from.
 #[derive(Clone)]
 pub struct Env {
@@ -72,6 +79,8 @@ pub struct Env {
     pub spawner: Arc<dyn Spawn>,
     /// Randomness.
     pub rng: Arc<dyn Rng>,
+    /// Event trace, if anyone listens: `(component name, sink)`.
+    pub trace: Option<(String, Arc<dyn Trace>)>,
 }
 
 impl Env {
@@ -82,6 +91,20 @@ impl Env {
             net: Arc::new(TokioNet),
             spawner: Arc::new(TokioSpawn),
             rng: Arc::new(SeededRng::from_os()),
+            trace: None,
+        }
+    }
+
+    /// The same env, recording events as `component` into `sink`.
+    pub fn with_trace(mut self, component: impl Into<String>, sink: Arc<dyn Trace>) -> Self {
+        self.trace = Some((component.into(), sink));
+        self
+    }
+
+    /// Records an event if a trace sink is attached; `event` is only built when one is.
+    pub fn trace(&self, event: impl FnOnce() -> String) {
+        if let Some((component, sink)) = &self.trace {
+            sink.record(component, event());
         }
     }
 

@@ -53,6 +53,7 @@ impl Env {
             net: Arc::new(TurmoilNet),
             spawner: Arc::new(TokioSpawn),
             rng: Arc::new(SeededRng::new(seed)),
+            trace: None,
         }
     }
 }

@@ -15,7 +15,7 @@ pub const SLEEPER: &str = include_str!("../../../guests/fixtures/sleeper.wat");
 pub const MEMORY_HOG: &str = include_str!("../../../guests/fixtures/memory_hog.wat");
 /// Exits 7 if its memory survived a restart, else traps (Property 1 probe).
 pub const REMEMBER: &str = include_str!("../../../guests/fixtures/remember.wat");
-/// Sets `greeting` in KV capability `kv`, then sleeps forever.
+/// Sets `greeting` in KV capability `kv` once a second; exits 1 when refused.
 pub const KV_GREETER: &str = include_str!("../../../guests/fixtures/kv_greeter.wat");
 
 /// Every fixture by file stem.

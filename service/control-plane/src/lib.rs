@@ -388,13 +388,20 @@ impl ControlPlane {
         node.available = true;
         node.last_seen = now;
         node.max_instances = report.max_instances;
+        let count = report.instances.len();
         facts::merge_snapshot(&mut state, &report.node_id, report.instances);
+        self.inner.env.trace(|| format!("snapshot {} instances={count}", report.node_id));
         Ok(())
     }
 
     /// One status change from an agent.
     pub fn report_status(&self, report: StatusReport) {
-        facts::apply_report(&mut self.lock(), report);
+        let mut state = self.lock();
+        facts::apply_report(&mut state, report.clone());
+        self.inner.env.trace(|| {
+            let now = state.instances.get(&report.instance_id).map(|r| (r.metadata.status, r.seq));
+            format!("report {} {} seq={} -> {now:?}", report.instance_id, report.status, report.seq)
+        });
     }
 
     /// Marks nodes unavailable once their reports stop, and their instances `unknown`. Runs until the runtime
@@ -424,6 +431,7 @@ impl ControlPlane {
                 node.client = None;
             }
             facts::mark_node_unknown(&mut state, &node_id);
+            self.inner.env.trace(|| format!("node {node_id} unavailable"));
         }
     }
 

@@ -350,6 +350,8 @@ impl Inner {
             last_error: local.metadata.last_error.clone(),
         };
         tracing::debug!(instance_id, %status, seq = local.seq, "status");
+        self.env
+            .trace(|| format!("status {instance_id} {status} seq={} restarts={}", local.seq, local.metadata.restarts));
         // The receiver lives as long as the agent's link task; if it is gone the next snapshot carries the fact.
         let _ = self.reports.send(report);
     }

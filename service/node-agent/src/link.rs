@@ -50,6 +50,7 @@ pub async fn run_control_plane_link(agent: Agent, control_plane_addr: String, re
         }
         let wait = next_heartbeat.saturating_sub(env.clock.now());
         let report = tokio::select! {
+            biased; // tokio's unbiased select draws from an unseeded RNG: keep simulated runs deterministic
             report = reports.recv() => report,
             () = env.clock.sleep(wait) => continue,
         };

@@ -1,0 +1,61 @@
+//! The run's trace: every recorded event, stamped with simulated time, folded into a SHA-256.
+
+use std::sync::Mutex;
+
+use factum_env::Trace;
+use sha2::{Digest, Sha256};
+
+/// Trace of one simulated run. Events arrive in the order turmoil runs hosts, which is a function of the seed,
+/// so the hash is too.
+#[derive(Default)]
+pub struct TraceLog {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    hasher: Sha256,
+    lines: Vec<String>,
+}
+
+impl TraceLog {
+    /// Hex digest of everything recorded so far.
+    pub fn hash(&self) -> String {
+        hex::encode(self.lock().hasher.clone().finalize())
+    }
+
+    /// Number of events.
+    pub fn len(&self) -> usize {
+        self.lock().lines.len()
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The readable timeline.
+    pub fn lines(&self) -> Vec<String> {
+        self.lock().lines.clone()
+    }
+
+    /// Records an action of the simulation driver (a fault it injected).
+    pub fn record_driver(&self, event: &str) {
+        self.record("driver", event.to_string());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Trace for TraceLog {
+    fn record(&self, component: &str, event: String) {
+        let at = turmoil::sim_elapsed().unwrap_or_default();
+        let line = format!("{:>10.3}s {component:<14} {event}", at.as_secs_f64());
+        let mut inner = self.lock();
+        inner.hasher.update(line.as_bytes());
+        inner.hasher.update(b"\n");
+        inner.lines.push(line);
+    }
+}
