@@ -11,6 +11,14 @@ use factum_wasm::{Limits, WasmEngine, WasmiEngine, WasmtimeEngine};
 
 use crate::{AgentOpts, EngineKind};
 
+/// Prints a status line; a closed stdout (e.g. `factum up | head -1`) must not take the daemon down.
+fn say(line: String) {
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
@@ -50,7 +58,7 @@ async fn start_agent(env: &Env, control_plane: String, opts: AgentOpts) -> Resul
 
 async fn wait_for_shutdown() -> Result<()> {
     tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
-    eprintln!("shutting down");
+    tracing::info!("shutting down");
     Ok(())
 }
 
@@ -61,9 +69,9 @@ pub async fn up(listen: String, agent_opts: AgentOpts) -> Result<()> {
     let cp_addr = start_control_plane(&env, &listen).await?;
     let engine = agent_opts.engine;
     let (agent, agent_addr) = start_agent(&env, cp_addr.clone(), agent_opts).await?;
-    println!("factum is up: control plane listening on {cp_addr}");
-    println!("node {} ({engine:?}) listening on {agent_addr}", agent.node_id());
-    println!("try: factum start guests/fixtures/kv_greeter.wat --cap kv=kv:write --control-plane {cp_addr}");
+    say(format!("factum is up: control plane listening on {cp_addr}"));
+    say(format!("node {} ({engine:?}) listening on {agent_addr}", agent.node_id()));
+    say(format!("try: factum start guests/fixtures/kv_greeter.wat --cap kv=kv:write --control-plane {cp_addr}"));
     let result = wait_for_shutdown().await;
     agent.stop_all();
     result
@@ -74,7 +82,7 @@ pub async fn control_plane(listen: String) -> Result<()> {
     init_logging();
     let env = Env::tokio();
     let addr = start_control_plane(&env, &listen).await?;
-    println!("control plane listening on {addr}");
+    say(format!("control plane listening on {addr}"));
     wait_for_shutdown().await
 }
 
@@ -83,7 +91,7 @@ pub async fn agent(control_plane: String, opts: AgentOpts) -> Result<()> {
     init_logging();
     let env = Env::tokio();
     let (agent, addr) = start_agent(&env, control_plane.clone(), opts).await?;
-    println!("node {} listening on {addr}, reporting to {control_plane}", agent.node_id());
+    say(format!("node {} listening on {addr}, reporting to {control_plane}", agent.node_id()));
     let result = wait_for_shutdown().await;
     agent.stop_all();
     result

@@ -102,6 +102,22 @@ pub struct Agent {
 /// Receives the status reports an [`Agent`] emits; hand it to [`run_control_plane_link`].
 pub struct StatusReports(pub(crate) mpsc::UnboundedReceiver<StatusReport>);
 
+impl StatusReports {
+    /// The next report, waiting for one.
+    pub async fn recv(&mut self) -> Option<StatusReport> {
+        self.0.recv().await
+    }
+
+    /// Every report queued now, without waiting.
+    pub fn drain(&mut self) -> Vec<StatusReport> {
+        let mut out = Vec::new();
+        while let Ok(report) = self.0.try_recv() {
+            out.push(report);
+        }
+        out
+    }
+}
+
 impl Agent {
     /// A new agent with no instances, running modules on `engine` and serving KV from `kv`.
     pub fn new(env: Env, config: AgentConfig, engine: Arc<dyn WasmEngine>, kv: Arc<MemoryKv>) -> (Self, StatusReports) {
@@ -205,10 +221,9 @@ impl Agent {
         let mut instances = inner.lock();
         let local = instances.get_mut(instance_id).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))?;
         local.generation += 1;
-        if let Some(abort) = local.abort.take() {
-            abort.abort();
-        }
-        if !local.metadata.status.is_terminal() {
+        // A supervisor still holds the instance while it runs or waits out a restart backoff: cancel it.
+        let supervised = local.abort.take().map(|abort| abort.abort()).is_some();
+        if supervised || !local.metadata.status.is_terminal() {
             inner.set_status(&mut instances, instance_id, InstanceStatus::Stopped, None);
         }
         tracing::info!(instance_id, node = %inner.config.node_id, "instance stopped on request");

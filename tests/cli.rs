@@ -1,0 +1,143 @@
+//! End to end: the real `factum` binary. `factum up` on free ports, the example guest started with a KV
+//! capability, its write visible, then stopped; bad input gets the design's error codes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const FACTUM: &str = env!("CARGO_BIN_EXE_factum");
+
+/// A `factum up` process, killed on drop.
+struct Up {
+    child: Child,
+    control_plane: String,
+    /// Kept open: if it were dropped, `factum up`'s next print would hit a closed pipe.
+    _stdout: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn up() -> Up {
+    let mut child = Command::new(FACTUM)
+        .args(["up", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("factum up");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let control_plane = first.rsplit(' ').next().unwrap().to_string();
+    assert!(first.starts_with("factum is up"), "{first}");
+    Up { child, control_plane, _stdout: lines }
+}
+
+fn factum(up: &Up, args: &[&str]) -> Output {
+    Command::new(FACTUM).args(args).args(["--control-plane", &up.control_plane]).output().unwrap()
+}
+
+fn ok(up: &Up, args: &[&str]) -> String {
+    let out = factum(up, args);
+    assert!(out.status.success(), "factum {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails_with(up: &Up, args: &[&str], code: &str) {
+    let out = factum(up, args);
+    assert_eq!(out.status.code(), Some(1), "factum {args:?} should fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(code), "factum {args:?}: expected {code}, got {stderr}");
+}
+
+fn status_of(up: &Up, id: &str) -> String {
+    let json: serde_json::Value = serde_json::from_str(&ok(up, &["inspect", id, "-o", "json"])).unwrap();
+    json["metadata"]["status"].as_str().unwrap().to_string()
+}
+
+fn wait_for_status(up: &Up, id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = status_of(up, id);
+        if status == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{id} stayed {status}, wanted {want}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn fixture(name: &str) -> String {
+    format!("{}/guests/fixtures/{name}.wat", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn up_start_kv_stop() {
+    let up = up();
+    let started: serde_json::Value =
+        serde_json::from_str(&ok(&up, &["start", &fixture("kv_greeter"), "--cap", "kv=kv:write", "-o", "json"]))
+            .unwrap();
+    let id = started["instance_id"].as_str().unwrap().to_string();
+    wait_for_status(&up, &id, "running");
+
+    let ps: serde_json::Value = serde_json::from_str(&ok(&up, &["ps", "-o", "json"])).unwrap();
+    assert_eq!(ps.as_array().unwrap().len(), 1);
+    assert_eq!(ps[0]["instance_id"], id.as_str());
+
+    let kv: serde_json::Value = serde_json::from_str(&ok(&up, &["kv", "kv", "-o", "json"])).unwrap();
+    assert_eq!(kv[0]["key"], "greeting");
+    assert_eq!(kv[0]["value"], "hello from factum");
+
+    let inspect: serde_json::Value = serde_json::from_str(&ok(&up, &["inspect", &id, "-o", "json"])).unwrap();
+    assert_eq!(inspect["capabilities"][0]["permissions"][0], "kv:write");
+
+    ok(&up, &["stop", &id]);
+    assert_eq!(status_of(&up, &id), "stopped");
+    let nodes: serde_json::Value = serde_json::from_str(&ok(&up, &["nodes", "-o", "json"])).unwrap();
+    assert_eq!(nodes[0]["available"], true);
+}
+
+#[test]
+fn revoking_mid_run_crashes_the_greeter_through_its_own_error_path() {
+    let up = up();
+    let id = ok(&up, &["start", &fixture("kv_greeter"), "--cap", "kv=kv:write"]).trim().to_string();
+    wait_for_status(&up, &id, "running");
+    ok(&up, &["revoke", &id, "kv"]);
+    wait_for_status(&up, &id, "crashed");
+    let inspect: serde_json::Value = serde_json::from_str(&ok(&up, &["inspect", &id, "-o", "json"])).unwrap();
+    assert_eq!(inspect["metadata"]["last_error"], "exited with code 1");
+    assert!(inspect["capabilities"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn bad_input_gets_error_codes_and_the_orchestrator_survives() {
+    let up = up();
+    let garbage = std::env::temp_dir().join(format!("factum-garbage-{}.wasm", std::process::id()));
+    std::fs::write(&garbage, b"\0asm\x01\0\0\0\xff\xff\xff").unwrap();
+    fails_with(&up, &["start", garbage.to_str().unwrap()], "INVALID_REQUEST");
+    std::fs::remove_file(&garbage).unwrap();
+    fails_with(&up, &["start", &fixture("sleeper"), "--cap", "kv=kv:sideways"], "INVALID_REQUEST");
+    fails_with(&up, &["start", &fixture("sleeper"), "--restart", "sometimes"], "INVALID_REQUEST");
+    fails_with(&up, &["inspect", "no-such-instance"], "INSTANCE_NOT_FOUND");
+    fails_with(&up, &["stop", "no-such-instance"], "INSTANCE_NOT_FOUND");
+    fails_with(&up, &["grant", "no-such-instance", "kv", "kv:read"], "INSTANCE_NOT_FOUND");
+    // Still serving after all that.
+    let id = ok(&up, &["start", &fixture("exit_clean")]).trim().to_string();
+    wait_for_status(&up, &id, "stopped");
+    let trap =
+        ok(&up, &["start", &fixture("trap"), "--restart", "on_failure", "--max-retries", "2"]).trim().to_string();
+    wait_for_status(&up, &trap, "crashed");
+    let inspect: serde_json::Value = serde_json::from_str(&ok(&up, &["inspect", &trap, "-o", "json"])).unwrap();
+    assert_eq!(inspect["metadata"]["restarts"], 2);
+}
+
+#[test]
+fn client_without_a_control_plane_is_communication_failure() {
+    let out = Command::new(FACTUM).args(["ps", "--control-plane", "127.0.0.1:1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("COMMUNICATION_FAILURE"));
+}
