@@ -459,6 +459,63 @@ pub fn complete(state: &mut GuestState, mem: Option<&mut [u8]>, done: Completed)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    struct NullHost;
+    impl GuestHost for NullHost {
+        fn invoke(&self, _: String, _: String, _: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+            Box::pin(async { Vec::new() })
+        }
+        fn sleep(&self, _: Duration) -> BoxFuture<'static, ()> {
+            Box::pin(async {})
+        }
+        fn wall_nanos(&self) -> u64 {
+            0
+        }
+        fn monotonic_nanos(&self) -> u64 {
+            0
+        }
+        fn fill_random(&self, _: &mut [u8]) {}
+        fn write_output(&self, _: u32, _: &[u8]) {}
+    }
+
+    fn ready(outcome: Outcome) -> i32 {
+        match outcome {
+            Outcome::Ready(v) => v,
+            other => panic!("expected a ready value, got {other:?}"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Feature: wasm-orchestrator, Property 3: Capability-Mediated Side Effects
+        /// No file descriptor but stdout/stderr can be written, none but stdin read, no directory is preopened,
+        /// and every other WASI call (files, sockets) is NOSYS: a guest's only way out is `factum.invoke`.
+        #[test]
+        fn no_os_access_outside_capabilities(fd in 3i64..100_000, args in prop::collection::vec(0i64..4096, 8)) {
+            let mut state = GuestState::new(Arc::new(NullHost));
+            let mut mem = vec![0u8; 8192];
+            let mut call = |f: HostFn, a: &[i64]| ready(dispatch(&mut state, Some(&mut mem), f, a));
+            prop_assert_eq!(call(HostFn::FdWrite, &[fd, 0, 1, 16]), errno::BADF);
+            prop_assert_eq!(call(HostFn::FdRead, &[fd, 0, 1, 16]), errno::BADF);
+            prop_assert_eq!(call(HostFn::FdPrestatGet, &[fd, 0]), errno::BADF);
+            prop_assert_eq!(call(HostFn::FdPrestatGet, &[3, 0]), errno::BADF);
+            prop_assert_eq!(call(HostFn::Unsupported, &args), errno::NOSYS);
+        }
+
+        /// Out-of-bounds pointers from a guest are EFAULT (or -EFAULT for factum calls), never a host panic.
+        #[test]
+        fn wild_pointers_fault(ptr in 8193i64..i64::from(u32::MAX), len in 0i64..i64::from(u32::MAX)) {
+            let mut state = GuestState::new(Arc::new(NullHost));
+            let mut mem = vec![0u8; 8192];
+            let mut call = |f: HostFn, a: &[i64]| ready(dispatch(&mut state, Some(&mut mem), f, a));
+            prop_assert_eq!(call(HostFn::ClockTimeGet, &[0, 0, ptr]), errno::FAULT);
+            prop_assert_eq!(call(HostFn::RandomGet, &[ptr, len.max(1)]), errno::FAULT);
+            prop_assert_eq!(call(HostFn::Invoke, &[ptr, len.max(1), 0, 1, 0, 1]), -errno::FAULT);
+            prop_assert_eq!(call(HostFn::ResponseRead, &[ptr, 0]), -errno::FAULT);
+        }
+    }
 
     #[test]
     fn unknown_modules_and_bad_signatures_are_refused() {

@@ -180,6 +180,39 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    /// Feature: wasm-orchestrator, Property 2: System State Preservation During Instance Crashes
+    /// Whatever mix of instances crash (trap, non-zero exit, running out of fuel is covered by the engines), the
+    /// agent keeps every instance's metadata and capability assignments, and the instances that did not crash
+    /// keep running untouched.
+    #[test]
+    fn crashes_preserve_system_state(kinds in prop::collection::vec(0u8..3, 1..8)) {
+        let rt = paused_runtime();
+        rt.block_on(async {
+            let (agent, _reports, kv) = new_agent(Arc::new(WasmiEngine::new()), 20);
+            for (i, kind) in kinds.iter().enumerate() {
+                let wat = [fixtures::KV_GREETER, fixtures::TRAP, fixtures::EXIT_CODE][*kind as usize];
+                agent.start_instance(request(&format!("i{i}"), wat, RestartPolicy::default(), &[("kv", &["kv:write"])])).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let snapshot = agent.snapshot();
+            prop_assert_eq!(snapshot.len(), kinds.len());
+            for (facts, kind) in snapshot.iter().zip(&kinds) {
+                let want = if *kind == 0 { InstanceStatus::Running } else { InstanceStatus::Crashed };
+                prop_assert_eq!(facts.metadata.status, want);
+                prop_assert_eq!(facts.capabilities.len(), 1);
+                prop_assert_eq!(&facts.capabilities[0].permissions, &vec!["kv:write".to_string()]);
+                prop_assert_eq!(facts.metadata.last_error.is_some(), *kind != 0);
+            }
+            prop_assert_eq!(!kv.inspect("kv", "greeting").is_empty(), kinds.contains(&0));
+            agent.stop_all();
+            Ok(())
+        })?;
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn revoke_takes_effect_on_the_next_call() {
     let (agent, _reports, kv) = new_agent(Arc::new(WasmtimeEngine::new().unwrap()), 10);

@@ -1,0 +1,117 @@
+//! Protocol messages through the real RPC framing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
+
+use factum_env::rpc;
+use factum_proto::{
+    CapabilityAssignment, InstanceFacts, InstanceMetadata, InstanceStatus, NodeReport, PolicyType, RestartPolicy,
+    StartInstanceRequest, StatusReport, PROTOCOL_VERSION,
+};
+use futures::{SinkExt, StreamExt};
+use proptest::prelude::*;
+use serde::{de::DeserializeOwned, Serialize};
+
+fn arb_status() -> impl Strategy<Value = InstanceStatus> {
+    prop_oneof![
+        Just(InstanceStatus::Starting),
+        Just(InstanceStatus::Running),
+        Just(InstanceStatus::Stopped),
+        Just(InstanceStatus::Crashed),
+        Just(InstanceStatus::Unknown),
+    ]
+}
+
+fn arb_policy() -> impl Strategy<Value = RestartPolicy> {
+    (
+        prop_oneof![Just(PolicyType::Never), Just(PolicyType::Always), Just(PolicyType::OnFailure)],
+        prop::option::of(any::<u32>()),
+        prop::option::of(any::<u32>()),
+    )
+        .prop_map(|(policy_type, max_retries, backoff_seconds)| RestartPolicy {
+            policy_type,
+            max_retries,
+            backoff_seconds,
+        })
+}
+
+fn arb_assignment(instance_id: String) -> impl Strategy<Value = CapabilityAssignment> {
+    ("[a-z]{1,8}", prop::sample::subsequence(vec!["kv:read", "kv:write", "kv:delete"], 1..=3)).prop_map(
+        move |(cap, perms)| {
+            let perms: Vec<String> = perms.into_iter().map(String::from).collect();
+            CapabilityAssignment::new(&instance_id, &cap, &perms).unwrap()
+        },
+    )
+}
+
+fn arb_metadata() -> impl Strategy<Value = InstanceMetadata> {
+    (
+        "[a-z0-9-]{1,20}",
+        "[a-z0-9-]{1,10}",
+        "[0-9a-f]{64}",
+        any::<u64>(),
+        arb_status(),
+        any::<u32>(),
+        prop::option::of("\\PC{0,30}"),
+    )
+        .prop_map(|(instance_id, node_id, module_hash, created_at, status, restarts, last_error)| {
+            InstanceMetadata { instance_id, node_id, module_hash, created_at, status, restarts, last_error }
+        })
+}
+
+fn arb_facts() -> impl Strategy<Value = InstanceFacts> {
+    arb_metadata().prop_flat_map(|metadata| {
+        let id = metadata.instance_id.clone();
+        (Just(metadata), prop::collection::vec(arb_assignment(id), 0..3), arb_policy(), any::<u64>()).prop_map(
+            |(metadata, capabilities, restart_policy, seq)| InstanceFacts {
+                metadata,
+                capabilities,
+                restart_policy,
+                seq,
+            },
+        )
+    })
+}
+
+/// Sends `msg` through one end of the RPC framing and reads it back from the other.
+fn round_trip<T: Serialize + DeserializeOwned + Unpin + Send + 'static>(msg: T) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(async move {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut tx = rpc::transport::<_, T, T>(a);
+        let mut rx = rpc::transport::<_, T, T>(b);
+        let send = tokio::spawn(async move { tx.send(msg).await.unwrap() });
+        let back = rx.next().await.unwrap().unwrap();
+        send.await.unwrap();
+        back
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Feature: wasm-orchestrator, Property 16: Control Plane and Node Agent Protocol Communication
+    /// Every StatusReport survives the control plane ↔ agent framing unchanged.
+    #[test]
+    fn status_reports_round_trip(
+        (instance_id, node_id) in ("[a-z0-9-]{1,20}", "[a-z0-9-]{1,10}"),
+        status in arb_status(), timestamp in any::<u64>(), seq in any::<u64>(), restarts in any::<u32>(),
+        last_error in prop::option::of("\\PC{0,40}"),
+    ) {
+        let report = StatusReport { instance_id, node_id, status, timestamp, seq, restarts, last_error };
+        prop_assert_eq!(round_trip(report.clone()), report);
+    }
+
+    /// Feature: wasm-orchestrator, Property 16: Control Plane and Node Agent Protocol Communication
+    /// Every StartInstanceRequest (module bytes, assignments, policy) and every NodeReport survives the framing.
+    #[test]
+    fn start_requests_and_node_reports_round_trip(
+        module_bytes in prop::collection::vec(any::<u8>(), 0..512),
+        policy in arb_policy(),
+        facts in prop::collection::vec(arb_facts(), 0..4),
+    ) {
+        let capabilities = facts.iter().flat_map(|f| f.capabilities.clone()).collect();
+        let start = StartInstanceRequest { instance_id: "i-1".into(), module_bytes, capabilities, restart_policy: policy };
+        prop_assert_eq!(round_trip(start.clone()), start);
+        let report = NodeReport { protocol_version: PROTOCOL_VERSION, node_id: "n".into(), agent_addr: "h:1".into(), max_instances: 9, instances: facts };
+        prop_assert_eq!(round_trip(report.clone()), report);
+    }
+}
