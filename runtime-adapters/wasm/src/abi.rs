@@ -1,5 +1,5 @@
 //! The guest ABI, shared by every engine: a WASI preview 1 subset with no filesystem and no sockets, plus the
-//! `factum` module through which an instance reaches its capabilities. See `docs/guest-abi.md`.
+//! `factum` module through which an instance reaches its capabilities. See `guests/ABI.md`.
 //!
 //! Engines only move values in and out; what each import means lives here, once, working on the guest's
 //! linear memory as a byte slice. A host call either finishes at once ([`Outcome::Ready`]), ends the guest

@@ -1,0 +1,101 @@
+//! StartInstance → `running` latency and throughput, in-process and through the control plane over loopback
+//! tarpc, for both engines. Run with `cargo bench --bench start`. Prints p50 / p99 / mean and starts per second.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use factum_control_plane::{ControlPlane, ControlPlaneConfig};
+use factum_env::Env;
+use factum_node_agent::{Agent, AgentConfig};
+use factum_proto::{RestartPolicy, StartInstanceRequest, StartRequest};
+use factum_providers::MemoryKv;
+use factum_wasm::fixtures::{self, module};
+use factum_wasm::{WasmEngine, WasmiEngine, WasmtimeEngine};
+
+const ITERATIONS: usize = 2_000;
+
+fn report(name: &str, mut samples: Vec<Duration>, total: Duration) {
+    samples.sort();
+    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    let mean = total / samples.len() as u32;
+    println!(
+        "{name:<40} p50 {:>8.1} µs  p99 {:>8.1} µs  mean {:>8.1} µs  {:>8.0} starts/s",
+        pct(0.5).as_secs_f64() * 1e6,
+        pct(0.99).as_secs_f64() * 1e6,
+        mean.as_secs_f64() * 1e6,
+        samples.len() as f64 / total.as_secs_f64()
+    );
+}
+
+fn engines() -> Vec<(&'static str, Arc<dyn WasmEngine>)> {
+    vec![("wasmtime", Arc::new(WasmtimeEngine::new().expect("wasmtime"))), ("wasmi", Arc::new(WasmiEngine::new()))]
+}
+
+fn new_agent(env: &Env, engine: Arc<dyn WasmEngine>, addr: String) -> (Agent, factum_node_agent::StatusReports) {
+    let mut config = AgentConfig::new("node-1", addr);
+    config.max_instances = 100_000;
+    Agent::new(env.clone(), config, engine, Arc::new(MemoryKv::new()))
+}
+
+async fn agent_local(name: &str, engine: Arc<dyn WasmEngine>) {
+    let env = Env::tokio();
+    let (agent, mut reports) = new_agent(&env, engine, "127.0.0.1:0".into());
+    let bytes = module(fixtures::SLEEPER);
+    let mut samples = Vec::with_capacity(ITERATIONS);
+    let started = Instant::now();
+    for i in 0..ITERATIONS {
+        let req = StartInstanceRequest {
+            instance_id: format!("i-{i}"),
+            module_bytes: bytes.clone(),
+            capabilities: vec![],
+            restart_policy: RestartPolicy::default(),
+        };
+        let t = Instant::now();
+        agent.start_instance(req).await.expect("start");
+        samples.push(t.elapsed());
+        reports.drain();
+    }
+    report(&format!("agent.start_instance ({name})"), samples, started.elapsed());
+    agent.stop_all();
+}
+
+async fn through_control_plane(name: &str, engine: Arc<dyn WasmEngine>) {
+    let env = Env::tokio();
+    let cp_listener = env.net.bind("127.0.0.1:0").await.expect("bind");
+    let cp_addr = cp_listener.local_addr().expect("addr");
+    let cp = ControlPlane::new(env.clone(), ControlPlaneConfig::default());
+    env.spawn(factum_control_plane::serve(cp.clone(), cp_listener));
+    let listener = env.net.bind("127.0.0.1:0").await.expect("bind");
+    let (agent, reports) = new_agent(&env, engine, listener.local_addr().expect("addr"));
+    env.spawn(factum_node_agent::serve(agent.clone(), listener));
+    env.spawn(factum_node_agent::run_control_plane_link(agent.clone(), cp_addr, reports));
+    while cp.list_nodes().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let bytes = module(fixtures::SLEEPER);
+    let mut samples = Vec::with_capacity(ITERATIONS);
+    let started = Instant::now();
+    for _ in 0..ITERATIONS {
+        let req = StartRequest {
+            instance_id: None,
+            module_bytes: bytes.clone(),
+            capabilities: vec![],
+            restart_policy: RestartPolicy::default(),
+        };
+        let t = Instant::now();
+        cp.start_instance(req).await.expect("start");
+        samples.push(t.elapsed());
+    }
+    report(&format!("control plane → agent over tarpc ({name})"), samples, started.elapsed());
+    agent.stop_all();
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        for (name, engine) in engines() {
+            agent_local(name, engine.clone()).await;
+            through_control_plane(name, engine).await;
+        }
+    });
+}
