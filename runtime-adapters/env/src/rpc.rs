@@ -30,3 +30,17 @@ pub fn rpc_context() -> tarpc::context::Context {
     ctx.deadline = Instant::now() + Duration::from_secs(24 * 3600);
     ctx
 }
+
+/// Accepts connections on `listener` forever, handing each to `on_connection` (which typically wraps it in
+/// [`transport`] and spawns a tarpc channel). Returns when the listener fails, after logging why.
+pub async fn accept_loop(listener: Box<dyn crate::Listener>, what: &str, on_connection: impl Fn(crate::BoxStream)) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => on_connection(stream),
+            Err(e) => {
+                tracing::error!(error = %e, "{what} listener failed");
+                return;
+            }
+        }
+    }
+}

@@ -72,18 +72,11 @@ impl factum_proto::ControlPlane for ControlPlane {
 /// Serves the control plane's API on `listener` until the listener fails.
 pub async fn serve(control_plane: ControlPlane, listener: Box<dyn Listener>) {
     use factum_proto::ControlPlane as _;
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _peer)) => stream,
-            Err(e) => {
-                tracing::error!(error = %e, "control plane listener failed");
-                return;
-            }
-        };
+    rpc::accept_loop(listener, "control plane", |stream| {
         let channel = BaseChannel::with_defaults(rpc::transport(stream));
-        let served = channel.execute(control_plane.clone().serve()).for_each(|call| async {
+        tokio::spawn(channel.execute(control_plane.clone().serve()).for_each(|call| async {
             tokio::spawn(call);
-        });
-        tokio::spawn(served);
-    }
+        }));
+    })
+    .await;
 }

@@ -63,18 +63,11 @@ impl NodeAgent for Agent {
 
 /// Serves the agent's API on `listener` until the listener fails.
 pub async fn serve(agent: Agent, listener: Box<dyn Listener>) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _peer)) => stream,
-            Err(e) => {
-                tracing::error!(error = %e, "agent listener failed");
-                return;
-            }
-        };
+    rpc::accept_loop(listener, "agent", |stream| {
         let channel = BaseChannel::with_defaults(rpc::transport(stream));
-        let served = channel.execute(agent.clone().serve()).for_each(|call| async {
+        tokio::spawn(channel.execute(agent.clone().serve()).for_each(|call| async {
             tokio::spawn(call);
-        });
-        tokio::spawn(served);
-    }
+        }));
+    })
+    .await;
 }
