@@ -12,7 +12,10 @@ use factum_providers::MemoryKv;
 use factum_wasm::fixtures::{self, module};
 use factum_wasm::{WasmEngine, WasmiEngine, WasmtimeEngine};
 
-const ITERATIONS: usize = 2_000;
+/// Starts per measurement; `FACTUM_BENCH_STARTS` overrides (e.g. 10000 to check a node holds that many idle instances).
+fn iterations() -> usize {
+    std::env::var("FACTUM_BENCH_STARTS").ok().and_then(|s| s.parse().ok()).unwrap_or(2_000)
+}
 
 fn report(name: &str, mut samples: Vec<Duration>, total: Duration) {
     samples.sort();
@@ -41,9 +44,9 @@ async fn agent_local(name: &str, engine: Arc<dyn WasmEngine>) {
     let env = Env::tokio();
     let (agent, mut reports) = new_agent(&env, engine, "127.0.0.1:0".into());
     let bytes = module(fixtures::SLEEPER);
-    let mut samples = Vec::with_capacity(ITERATIONS);
+    let mut samples = Vec::with_capacity(iterations());
     let started = Instant::now();
-    for i in 0..ITERATIONS {
+    for i in 0..iterations() {
         let req = StartInstanceRequest {
             instance_id: format!("i-{i}"),
             module_bytes: bytes.clone(),
@@ -73,9 +76,9 @@ async fn through_control_plane(name: &str, engine: Arc<dyn WasmEngine>) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let bytes = module(fixtures::SLEEPER);
-    let mut samples = Vec::with_capacity(ITERATIONS);
+    let mut samples = Vec::with_capacity(iterations());
     let started = Instant::now();
-    for _ in 0..ITERATIONS {
+    for _ in 0..iterations() {
         let req = StartRequest {
             instance_id: None,
             module_bytes: bytes.clone(),
