@@ -1,6 +1,144 @@
-//! Invariant checkers: one named function per property, each returning what was violated.
+//! Invariant checkers: one named function per property, each returning what was violated. Scenario files
+//! name them in `[[always]]` and `[[eventually]]` blocks (see [`check`]).
 
-use factum_proto::{InstanceMetadata, InstanceStatus};
+use std::collections::BTreeMap;
+
+use factum_proto::{CapabilityAssignment, InstanceFacts, InstanceMetadata, InstanceStatus, NodeInfo};
+
+/// What the control plane says.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneView {
+    /// ListInstances.
+    pub instances: Vec<InstanceMetadata>,
+    /// The capability registry, per instance.
+    pub capabilities: BTreeMap<String, Vec<CapabilityAssignment>>,
+    /// Nodes.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// The cluster at one moment: the control plane's view (if it is up) and the truth of every running agent.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// `None` while the control plane is down.
+    pub control_plane: Option<ControlPlaneView>,
+    /// Facts of every running agent, by node.
+    pub agents: BTreeMap<String, Vec<InstanceFacts>>,
+}
+
+/// Runs the check named `spec` (`name` or `name:argument`) on `view`.
+pub fn check(spec: &str, view: &View) -> Result<(), String> {
+    let (name, arg) = spec.split_once(':').unwrap_or((spec, ""));
+    match name {
+        "single_placement" => single_placement(view),
+        "facts_match_agents" => facts_match_agents(view),
+        "registry_matches_agents" => registry_matches_agents(view),
+        "all_running" => all_running(view),
+        "no_unknown" => no_unknown(view),
+        "node_unknown" => node_unknown(view, arg),
+        _ => Err(format!("unknown check {spec:?}")),
+    }
+}
+
+/// Every check name [`check`] understands.
+pub const CHECKS: [&str; 6] = [
+    "single_placement",
+    "facts_match_agents",
+    "registry_matches_agents",
+    "all_running",
+    "no_unknown",
+    "node_unknown:<node>",
+];
+
+fn cp(view: &View) -> Result<&ControlPlaneView, String> {
+    view.control_plane.as_ref().ok_or_else(|| "the control plane is down".to_string())
+}
+
+/// Safety: no instance id is starting or running on two nodes at once.
+pub fn single_placement(view: &View) -> Result<(), String> {
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (node, facts) in &view.agents {
+        for f in facts.iter().filter(|f| !f.metadata.status.is_terminal()) {
+            if let Some(other) = seen.insert(&f.metadata.instance_id, node) {
+                return Err(format!("{} is active on {other} and {node}", f.metadata.instance_id));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Properties 13 and 14: the control plane's facts are the agents' facts. Every instance a running agent holds
+/// is listed with the same status and node, and every instance listed on a running agent's node exists there.
+pub fn facts_match_agents(view: &View) -> Result<(), String> {
+    let cp = cp(view)?;
+    let listed: BTreeMap<&str, &InstanceMetadata> = cp.instances.iter().map(|m| (m.instance_id.as_str(), m)).collect();
+    for (node, facts) in &view.agents {
+        for f in facts {
+            let id = f.metadata.instance_id.as_str();
+            match listed.get(id) {
+                None => return Err(format!("{id} runs on {node} but the control plane does not list it")),
+                Some(m) if m.node_id != *node || m.status != f.metadata.status => {
+                    return Err(format!(
+                        "{id}: control plane says {} on {}, agent {node} says {}",
+                        m.status, m.node_id, f.metadata.status
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        let held: Vec<&str> = facts.iter().map(|f| f.metadata.instance_id.as_str()).collect();
+        if let Some(m) = cp
+            .instances
+            .iter()
+            .find(|m| m.node_id == *node && !m.status.is_terminal() && !held.contains(&m.instance_id.as_str()))
+        {
+            return Err(format!(
+                "control plane says {} is {} on {node}, which does not hold it",
+                m.instance_id, m.status
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Property 5: the control plane's capability registry equals what the agents enforce.
+pub fn registry_matches_agents(view: &View) -> Result<(), String> {
+    let cp = cp(view)?;
+    for (node, facts) in &view.agents {
+        for f in facts {
+            let id = &f.metadata.instance_id;
+            let registry = cp.capabilities.get(id).cloned().unwrap_or_default();
+            if registry != f.capabilities {
+                return Err(format!("{id} on {node}: registry {registry:?}, agent enforces {:?}", f.capabilities));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Liveness: every listed instance is running.
+pub fn all_running(view: &View) -> Result<(), String> {
+    let cp = cp(view)?;
+    if cp.instances.is_empty() {
+        return Err("no instances listed".into());
+    }
+    match cp.instances.iter().find(|m| m.status != InstanceStatus::Running) {
+        Some(m) => Err(format!("{} on {} is {}", m.instance_id, m.node_id, m.status)),
+        None => Ok(()),
+    }
+}
+
+/// After every node is back, nothing is `unknown`.
+pub fn no_unknown(view: &View) -> Result<(), String> {
+    match cp(view)?.instances.iter().find(|m| m.status == InstanceStatus::Unknown) {
+        Some(m) => Err(format!("{} on {} is still unknown", m.instance_id, m.node_id)),
+        None => Ok(()),
+    }
+}
+
+/// Properties 12 and 14 through the control plane's eyes: every instance on `node` is `unknown` or terminal.
+pub fn node_unknown(view: &View, node: &str) -> Result<(), String> {
+    crashed_node_is_unknown(&cp(view)?.instances, node)
+}
 
 /// Property 6 (placement): instances spread over `nodes` nodes differ by at most one per node.
 pub fn placement_is_balanced(instances: &[InstanceMetadata], nodes: usize) -> Result<(), String> {

@@ -6,9 +6,11 @@
 //! the same commit gives the same hash.
 
 pub mod invariants;
+pub mod scenario;
 mod trace;
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -71,8 +73,67 @@ pub fn agent_name(i: usize) -> String {
     format!("agent-{i}")
 }
 
+/// Handles on the components currently running in a simulation, for invariant checkers: they read the real
+/// state of the control plane and of every agent directly, not over the (faulty) network. A host's entry is
+/// replaced when it restarts and removed when the driver crashes it.
+#[derive(Default)]
+pub struct Observed {
+    control_plane: Mutex<Option<ControlPlane>>,
+    agents: Mutex<BTreeMap<String, Agent>>,
+}
+
+impl Observed {
+    fn set_control_plane(&self, cp: Option<ControlPlane>) {
+        *self.control_plane.lock().unwrap_or_else(|p| p.into_inner()) = cp;
+    }
+
+    fn set_agent(&self, name: &str, agent: Option<Agent>) {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        match agent {
+            Some(agent) => agents.insert(name.to_string(), agent),
+            None => agents.remove(name),
+        };
+    }
+
+    /// Forgets whatever ran on host `name` (it crashed).
+    pub fn crashed(&self, name: &str) {
+        if name == CONTROL_PLANE {
+            self.set_control_plane(None);
+        } else {
+            self.set_agent(name, None);
+        }
+    }
+
+    /// A consistent picture of the cluster now.
+    pub fn view(&self) -> invariants::View {
+        let cp = self.control_plane.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        invariants::View {
+            control_plane: cp.map(|cp| invariants::ControlPlaneView {
+                capabilities: cp
+                    .list_instances()
+                    .iter()
+                    .map(|m| (m.instance_id.clone(), cp.capabilities(&m.instance_id)))
+                    .collect(),
+                instances: cp.list_instances(),
+                nodes: cp.list_nodes(),
+            }),
+            agents: agents.iter().map(|(name, agent)| (name.clone(), agent.snapshot())).collect(),
+        }
+    }
+}
+
 /// Builds a turmoil simulation running a control plane and `config.agents` agents, all recording into `trace`.
 pub fn build_cluster(config: &ClusterConfig, trace: Arc<TraceLog>) -> turmoil::Sim<'static> {
+    build_observed_cluster(config, trace, Arc::new(Observed::default()))
+}
+
+/// [`build_cluster`], registering every component that starts in `observed`.
+pub fn build_observed_cluster(
+    config: &ClusterConfig,
+    trace: Arc<TraceLog>,
+    observed: Arc<Observed>,
+) -> turmoil::Sim<'static> {
     let mut sim = turmoil::Builder::new()
         .simulation_duration(config.duration)
         .tick_duration(Duration::from_millis(1))
@@ -82,12 +143,20 @@ pub fn build_cluster(config: &ClusterConfig, trace: Arc<TraceLog>) -> turmoil::S
     let cp_config = config.control_plane.clone();
     let cp_trace = trace.clone();
     let seed = config.seed;
+    // Each incarnation of a host draws from its own stream, as a restarted process would.
+    let incarnations = Arc::new(AtomicU64::new(0));
+    let cp_observed = observed.clone();
+    let cp_incarnations = incarnations.clone();
     sim.host(CONTROL_PLANE, move || {
-        let env = Env::turmoil(seed ^ 0xc0, sim_epoch()).with_trace(CONTROL_PLANE, cp_trace.clone());
+        let incarnation = cp_incarnations.fetch_add(1, Ordering::SeqCst);
+        let env =
+            Env::turmoil(seed ^ 0xc0 ^ (incarnation << 32), sim_epoch()).with_trace(CONTROL_PLANE, cp_trace.clone());
         let cp_config = cp_config.clone();
+        let observed = cp_observed.clone();
         async move {
             let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
             let cp = ControlPlane::new(env.clone(), cp_config);
+            observed.set_control_plane(Some(cp.clone()));
             env.spawn(cp.clone().run_failure_detector());
             factum_control_plane::serve(cp, listener).await;
             Ok(())
@@ -97,8 +166,14 @@ pub fn build_cluster(config: &ClusterConfig, trace: Arc<TraceLog>) -> turmoil::S
         let name = agent_name(i);
         let agent_trace = trace.clone();
         let heartbeat = config.heartbeat_interval;
+        let agent_observed = observed.clone();
+        let agent_incarnations = incarnations.clone();
         sim.host(name.clone(), move || {
-            let env = Env::turmoil(seed ^ (i as u64) << 8, sim_epoch()).with_trace(name.clone(), agent_trace.clone());
+            let incarnation = agent_incarnations.fetch_add(1, Ordering::SeqCst);
+            let env = Env::turmoil(seed ^ ((i as u64) << 8) ^ (incarnation << 32), sim_epoch())
+                .with_trace(name.clone(), agent_trace.clone());
+            let observed = agent_observed.clone();
+            let name = name.clone();
             let mut agent_config = AgentConfig::new(name.clone(), format!("{name}:{PORT}"));
             agent_config.heartbeat_interval = heartbeat;
             agent_config.rpc_timeout = Duration::from_secs(2);
@@ -108,6 +183,7 @@ pub fn build_cluster(config: &ClusterConfig, trace: Arc<TraceLog>) -> turmoil::S
                 let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
                 let (agent, reports) =
                     Agent::new(env.clone(), agent_config, Arc::new(WasmiEngine::new()), Arc::new(MemoryKv::new()));
+                observed.set_agent(&name, Some(agent.clone()));
                 env.spawn(factum_node_agent::serve(agent.clone(), listener));
                 factum_node_agent::run_control_plane_link(agent, format!("{CONTROL_PLANE}:{PORT}"), reports).await;
                 Ok(())
@@ -163,6 +239,11 @@ impl SimClient {
         Ok(self.cp.start_instance(rpc::rpc_context(), request).await??)
     }
 
+    /// StopInstance.
+    pub async fn stop(&self, id: &str) -> Result<(), SimError> {
+        Ok(self.cp.stop_instance(rpc::rpc_context(), id.to_string()).await??)
+    }
+
     /// Polls `check` every 100 ms of simulated time until it holds, for at most `deadline`.
     pub async fn eventually<F>(
         &self,
@@ -196,6 +277,8 @@ pub struct Outcome {
     pub events: usize,
     /// The control plane's instance list at the end.
     pub final_instances: Vec<InstanceMetadata>,
+    /// The readable trace.
+    pub timeline: Vec<String>,
 }
 
 /// Scenario: 1 control plane + 2 agents; six long-running instances are placed across both agents; `agent-2`
@@ -250,5 +333,5 @@ pub fn agent_crash(seed: u64) -> Result<Outcome, String> {
     let final_instances = result.lock().map_err(|_| "poisoned")?.clone();
     invariants::crashed_node_is_unknown(&final_instances, "agent-2").map_err(|e| format!("seed {seed}: {e}"))?;
     invariants::node_keeps_running(&final_instances, "agent-1").map_err(|e| format!("seed {seed}: {e}"))?;
-    Ok(Outcome { trace_hash: trace.hash(), events: trace.len(), final_instances })
+    Ok(Outcome { trace_hash: trace.hash(), events: trace.len(), final_instances, timeline: trace.lines() })
 }
