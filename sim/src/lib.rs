@@ -61,6 +61,7 @@ impl ClusterConfig {
                 node_timeout: Duration::from_secs(3),
                 check_interval: Duration::from_millis(250),
                 rpc_timeout: Duration::from_secs(2),
+                injected_bug: None,
             },
             heartbeat_interval: Duration::from_millis(500),
             duration: Duration::from_secs(120),

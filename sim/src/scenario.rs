@@ -252,7 +252,13 @@ async fn drive_api(steps: Vec<Step>, seed: u64, duration: Duration) -> Result<()
 /// Runs `scenario` from `seed`: the control plane and agents as turmoil hosts, API steps from a client, faults
 /// from the driver, checks sampled every 50 ms. The error names the seed, the time and the violated check.
 pub fn run(scenario: &Scenario, seed: u64) -> Result<Outcome, String> {
-    let mut config = ClusterConfig::new(seed, scenario.agents);
+    run_with(scenario, ClusterConfig::new(seed, scenario.agents))
+}
+
+/// [`run`] with a cluster configuration of the caller's (its seed and agent count are used as given).
+pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcome, String> {
+    let seed = config.seed;
+    config.agents = scenario.agents;
     config.duration = scenario.duration + Duration::from_secs(30);
     let trace = Arc::new(TraceLog::default());
     let observed = Arc::new(Observed::default());

@@ -9,8 +9,9 @@ use factum_proto::{InstanceFacts, InstanceStatus, StatusReport};
 use crate::{InstanceRecord, State};
 
 /// Applies one instance's facts from `node_id`. Unknown instances are added with their assignments: this is
-/// how the maps are rebuilt after a control-plane restart. `restating` accepts an equal sequence number.
-pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts, restating: bool) {
+/// how the maps are rebuilt after a control-plane restart (unless `learn` is off). `restating` accepts an equal
+/// sequence number.
+pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts, restating: bool, learn: bool) {
     let id = facts.metadata.instance_id.clone();
     match state.instances.get_mut(&id) {
         Some(record) => {
@@ -20,6 +21,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 record.seq = facts.seq;
             }
         }
+        None if !learn => {}
         None => {
             tracing::info!(instance_id = %id, node = node_id, status = %facts.metadata.status, "instance learned from agent");
             let capabilities = facts.capabilities.into_iter().map(|c| (c.capability_id.clone(), c)).collect();
@@ -49,10 +51,10 @@ pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
 /// Merges a node's full snapshot. Instances the control plane placed on that node which the snapshot lacks
 /// (and whose start is not in flight) were lost with the node's previous life: never-confirmed ones are
 /// forgotten, confirmed ones become `crashed` with the reason.
-pub(crate) fn merge_snapshot(state: &mut State, node_id: &str, snapshot: Vec<InstanceFacts>) {
+pub(crate) fn merge_snapshot(state: &mut State, node_id: &str, snapshot: Vec<InstanceFacts>, learn: bool) {
     let present: BTreeSet<String> = snapshot.iter().map(|f| f.metadata.instance_id.clone()).collect();
     for facts in snapshot {
-        apply_facts(state, node_id, facts, true);
+        apply_facts(state, node_id, facts, true, learn);
     }
     let missing: Vec<String> = state
         .instances

@@ -31,6 +31,18 @@ pub struct ControlPlaneConfig {
     pub check_interval: Duration,
     /// Deadline of one call to an agent.
     pub rpc_timeout: Duration,
+    /// A deliberate bug, for proving that the simulator catches it (`sim/tests/injected_bugs.rs`). Always
+    /// `None` in real deployments; the CLI has no way to set it.
+    pub injected_bug: Option<InjectedBug>,
+}
+
+/// Bugs the simulator must catch; see [`ControlPlaneConfig::injected_bug`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedBug {
+    /// Snapshots only update instances already known: a restarted control plane never rebuilds (breaks P13).
+    NoRebuildFromSnapshots,
+    /// The failure detector never fires: a dead node's instances stay `running` (breaks P12, P14).
+    NoFailureDetection,
 }
 
 impl Default for ControlPlaneConfig {
@@ -39,6 +51,7 @@ impl Default for ControlPlaneConfig {
             node_timeout: Duration::from_secs(5),
             check_interval: Duration::from_millis(500),
             rpc_timeout: Duration::from_secs(10),
+            injected_bug: None,
         }
     }
 }
@@ -164,7 +177,7 @@ impl ControlPlane {
         state.pending_starts.remove(&instance_id);
         match result {
             Ok(facts) => {
-                facts::apply_facts(&mut state, &node_id, facts, true);
+                facts::apply_facts(&mut state, &node_id, facts, true, true);
                 tracing::info!(%instance_id, node = %node_id, "instance started");
                 Ok(instance_id)
             }
@@ -213,7 +226,7 @@ impl ControlPlane {
             match self.inner.env.timeout(timeout, client.stop_instance_local(rpc::rpc_context(), req)).await {
                 Some(Ok(resp)) if resp.success => {
                     if let Some(facts) = resp.facts {
-                        facts::apply_facts(&mut self.lock(), &node_id, facts, false);
+                        facts::apply_facts(&mut self.lock(), &node_id, facts, false, true);
                     }
                     Ok(())
                 }
@@ -389,7 +402,8 @@ impl ControlPlane {
         node.last_seen = now;
         node.max_instances = report.max_instances;
         let count = report.instances.len();
-        facts::merge_snapshot(&mut state, &report.node_id, report.instances);
+        let learn = self.inner.config.injected_bug != Some(InjectedBug::NoRebuildFromSnapshots);
+        facts::merge_snapshot(&mut state, &report.node_id, report.instances, learn);
         self.inner.env.trace(|| format!("snapshot {} instances={count}", report.node_id));
         Ok(())
     }
@@ -415,6 +429,9 @@ impl ControlPlane {
 
     /// One pass of the failure detector.
     pub fn detect_failures(&self) {
+        if self.inner.config.injected_bug == Some(InjectedBug::NoFailureDetection) {
+            return;
+        }
         let now = self.inner.env.clock.now();
         let timeout = self.inner.config.node_timeout;
         let mut state = self.lock();

@@ -1,0 +1,76 @@
+//! Product code must not read nondeterminism directly: the OS clock, OS randomness, sleeps outside the env
+//! clock, `HashMap` iteration, or tokio's unseeded `select!` choice. Only the env seam's production
+//! implementations may, and the few documented exceptions below.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
+
+use std::path::{Path, PathBuf};
+
+/// Patterns that bypass the env seam.
+const FORBIDDEN: [&str; 9] = [
+    "SystemTime::now",
+    "Instant::now",
+    "thread_rng",
+    "OsRng",
+    "rand::",
+    "HashMap",
+    "HashSet",
+    "tokio::time::sleep",
+    "std::thread::sleep",
+];
+
+/// Files allowed to use them, and why.
+const ALLOWED: [(&str, &str); 3] = [
+    ("runtime-adapters/env/src/lib.rs", "the production (tokio) implementation of the seam itself"),
+    (
+        "runtime-adapters/env/src/rpc.rs",
+        "pushes tarpc's std-Instant deadline out of the way; never fires in simulation",
+    ),
+    ("sim/src/main.rs", "the sweep driver measures seeds per wall-clock second; not simulated code"),
+];
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if path.file_name().is_some_and(|n| n == "tests" || n == "target") {
+                continue;
+            }
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn product_code_goes_through_the_env_seam() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    for dir in ["service", "runtime-adapters", "sim/src"] {
+        rust_files(&root.join(dir), &mut files);
+    }
+    assert!(files.len() > 20, "found only {} files", files.len());
+    let mut violations = Vec::new();
+    for file in files {
+        let rel = file.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
+        if ALLOWED.iter().any(|(allowed, _)| rel == *allowed) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        // Unit tests inside a file may use real time; they follow `#[cfg(test)]`.
+        let product = text.split("#[cfg(test)]").next().unwrap_or("");
+        let lines: Vec<&str> = product.lines().collect();
+        for (n, line) in lines.iter().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            for pattern in FORBIDDEN {
+                if code.contains(pattern) {
+                    violations.push(format!("{rel}:{}: {pattern}", n + 1));
+                }
+            }
+            if code.contains("select!") && !lines.get(n + 1).is_some_and(|next| next.contains("biased;")) {
+                violations.push(format!("{rel}:{}: select! without `biased;` draws from an unseeded RNG", n + 1));
+            }
+        }
+    }
+    assert!(violations.is_empty(), "nondeterminism outside the env seam:\n{}", violations.join("\n"));
+}

@@ -1,0 +1,35 @@
+//! The tester is tested: deliberately injected bugs must be caught by a sweep of the scenarios within a few
+//! seeds, each failure naming the seed to replay.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
+
+use std::path::Path;
+
+use factum_control_plane::InjectedBug;
+use factum_sim::scenario::{self, Scenario};
+use factum_sim::ClusterConfig;
+
+/// The first seed in 1..=100 at which `scenario` fails with `bug` injected, with the failure.
+fn first_failure(file: &str, bug: InjectedBug) -> Option<(u64, String)> {
+    let scenario = Scenario::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(file)).unwrap();
+    (1..=100).find_map(|seed| {
+        let mut config = ClusterConfig::new(seed, scenario.agents);
+        config.control_plane.injected_bug = Some(bug);
+        scenario::run_with(&scenario, config).err().map(|e| (seed, e))
+    })
+}
+
+#[test]
+fn a_control_plane_that_does_not_rebuild_is_caught() {
+    let (seed, failure) =
+        first_failure("control_plane_restart.toml", InjectedBug::NoRebuildFromSnapshots).expect("bug not caught");
+    assert!(
+        failure.contains("facts_match_agents") || failure.contains("registry_matches_agents"),
+        "seed {seed}: {failure}"
+    );
+}
+
+#[test]
+fn a_missing_failure_detector_is_caught() {
+    let (seed, failure) = first_failure("agent_crash.toml", InjectedBug::NoFailureDetection).expect("bug not caught");
+    assert!(failure.contains("node_unknown:agent-2"), "seed {seed}: {failure}");
+}
