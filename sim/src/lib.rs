@@ -5,6 +5,7 @@
 //! transition and applied fact is recorded in a [`TraceLog`] whose hash identifies the run: the same seed on
 //! the same commit gives the same hash.
 
+pub mod buggify;
 pub mod invariants;
 pub mod scenario;
 mod trace;
@@ -49,6 +50,10 @@ pub struct ClusterConfig {
     pub heartbeat_interval: Duration,
     /// Longest simulated time a run may take.
     pub duration: Duration,
+    /// Fault points in product code fire (BUGGIFY); `None` keeps them all off.
+    pub faults: Option<Arc<buggify::Buggify>>,
+    /// Network latency range of every message.
+    pub latency: (Duration, Duration),
 }
 
 impl ClusterConfig {
@@ -65,6 +70,8 @@ impl ClusterConfig {
             },
             heartbeat_interval: Duration::from_millis(500),
             duration: Duration::from_secs(120),
+            faults: None,
+            latency: (Duration::ZERO, Duration::from_millis(100)),
         }
     }
 }
@@ -140,7 +147,10 @@ pub fn build_observed_cluster(
         .tick_duration(Duration::from_millis(1))
         .epoch(sim_epoch())
         .rng_seed(config.seed)
+        .min_message_latency(config.latency.0)
+        .max_message_latency(config.latency.1)
         .build();
+    let faults = config.faults.clone();
     let cp_config = config.control_plane.clone();
     let cp_trace = trace.clone();
     let seed = config.seed;
@@ -148,10 +158,13 @@ pub fn build_observed_cluster(
     let incarnations = Arc::new(AtomicU64::new(0));
     let cp_observed = observed.clone();
     let cp_incarnations = incarnations.clone();
+    let cp_faults = faults.clone();
     sim.host(CONTROL_PLANE, move || {
         let incarnation = cp_incarnations.fetch_add(1, Ordering::SeqCst);
-        let env =
-            Env::turmoil(seed ^ 0xc0 ^ (incarnation << 32), sim_epoch()).with_trace(CONTROL_PLANE, cp_trace.clone());
+        let env = with_faults(
+            Env::turmoil(seed ^ 0xc0 ^ (incarnation << 32), sim_epoch()).with_trace(CONTROL_PLANE, cp_trace.clone()),
+            &cp_faults,
+        );
         let cp_config = cp_config.clone();
         let observed = cp_observed.clone();
         async move {
@@ -169,10 +182,14 @@ pub fn build_observed_cluster(
         let heartbeat = config.heartbeat_interval;
         let agent_observed = observed.clone();
         let agent_incarnations = incarnations.clone();
+        let agent_faults = faults.clone();
         sim.host(name.clone(), move || {
             let incarnation = agent_incarnations.fetch_add(1, Ordering::SeqCst);
-            let env = Env::turmoil(seed ^ ((i as u64) << 8) ^ (incarnation << 32), sim_epoch())
-                .with_trace(name.clone(), agent_trace.clone());
+            let env = with_faults(
+                Env::turmoil(seed ^ ((i as u64) << 8) ^ (incarnation << 32), sim_epoch())
+                    .with_trace(name.clone(), agent_trace.clone()),
+                &agent_faults,
+            );
             let observed = agent_observed.clone();
             let name = name.clone();
             let mut agent_config = AgentConfig::new(name.clone(), format!("{name}:{PORT}"));
@@ -192,6 +209,13 @@ pub fn build_observed_cluster(
         });
     }
     sim
+}
+
+fn with_faults(env: Env, faults: &Option<Arc<buggify::Buggify>>) -> Env {
+    match faults {
+        Some(f) => env.with_faults(f.clone()),
+        None => env,
+    }
 }
 
 /// A client of the simulated control plane, for scenario scripts running as turmoil clients.
@@ -280,6 +304,8 @@ pub struct Outcome {
     pub final_instances: Vec<InstanceMetadata>,
     /// The readable trace.
     pub timeline: Vec<String>,
+    /// Fault points reached and fired (empty when faults were off).
+    pub coverage: BTreeMap<String, buggify::PointCoverage>,
 }
 
 /// Scenario: 1 control plane + 2 agents; six long-running instances are placed across both agents; `agent-2`
@@ -334,5 +360,11 @@ pub fn agent_crash(seed: u64) -> Result<Outcome, String> {
     let final_instances = result.lock().map_err(|_| "poisoned")?.clone();
     invariants::crashed_node_is_unknown(&final_instances, "agent-2").map_err(|e| format!("seed {seed}: {e}"))?;
     invariants::node_keeps_running(&final_instances, "agent-1").map_err(|e| format!("seed {seed}: {e}"))?;
-    Ok(Outcome { trace_hash: trace.hash(), events: trace.len(), final_instances, timeline: trace.lines() })
+    Ok(Outcome {
+        trace_hash: trace.hash(),
+        events: trace.len(),
+        final_instances,
+        timeline: trace.lines(),
+        coverage: BTreeMap::new(),
+    })
 }

@@ -66,6 +66,12 @@ fn run_one(path: &std::path::Path, seed: u64, trace: bool) -> ExitCode {
                 }
             }
             println!("ok: {} seed {seed}: {} events, trace hash {}", scenario.name, outcome.events, outcome.trace_hash);
+            for (point, c) in &outcome.coverage {
+                println!(
+                    "  fault point {point:<28} enabled {:<5} reached {:>5} fired {:>4}",
+                    c.enabled, c.reached, c.fired
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -93,17 +99,37 @@ fn main() -> ExitCode {
             let began = Instant::now();
             let mut runs = 0u64;
             let mut failures = 0u64;
+            let mut simulated = std::time::Duration::ZERO;
+            // point -> (runs that reached it, total fired)
+            let mut coverage: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
             for (path, scenario) in &scenarios {
                 for seed in start..start + seeds {
                     runs += 1;
-                    if let Err(e) = scenario::run(scenario, seed) {
-                        failures += 1;
-                        eprintln!("FAILED: {e}\n  replay: factum-sim replay {path} --seed {seed}");
+                    simulated += scenario.duration;
+                    match scenario::run(scenario, seed) {
+                        Ok(outcome) => {
+                            for (point, c) in outcome.coverage {
+                                let entry = coverage.entry(point).or_default();
+                                entry.0 += 1;
+                                entry.1 += c.fired;
+                            }
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            eprintln!("FAILED: {e}\n  replay: factum-sim replay {path} --seed {seed}");
+                        }
                     }
                 }
             }
             let secs = began.elapsed().as_secs_f64();
-            println!("{runs} runs, {failures} failed, {:.1} s, {:.1} seeds/s", secs, runs as f64 / secs);
+            println!(
+                "{runs} runs, {failures} failed, {secs:.1} s, {:.1} seeds/s, simulated/real time {:.0}x",
+                runs as f64 / secs,
+                simulated.as_secs_f64() / secs
+            );
+            for (point, (reached_in, fired)) in &coverage {
+                println!("  fault point {point:<28} reached in {reached_in:>5} runs, fired {fired:>6} times");
+            }
             if failures == 0 {
                 ExitCode::SUCCESS
             } else {

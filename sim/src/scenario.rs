@@ -67,6 +67,20 @@ pub struct Scenario {
     /// Checks that must come to hold.
     #[serde(default)]
     pub eventually: Vec<Eventually>,
+    /// Whether BUGGIFY fault points in product code may fire (default true).
+    #[serde(default = "yes")]
+    pub buggify: bool,
+    /// Longest network latency of a message (default 100ms); each message takes a random time up to it.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub max_latency: Option<Duration>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
 }
 
 /// One timed step.
@@ -260,6 +274,13 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     let seed = config.seed;
     config.agents = scenario.agents;
     config.duration = scenario.duration + Duration::from_secs(30);
+    if scenario.buggify && config.faults.is_none() {
+        config.faults = Some(Arc::new(crate::buggify::Buggify::new(seed)));
+    }
+    if let Some(max) = scenario.max_latency {
+        config.latency.1 = max;
+    }
+    let buggify = config.faults.clone();
     let trace = Arc::new(TraceLog::default());
     let observed = Arc::new(Observed::default());
     let mut sim = build_observed_cluster(&config, trace.clone(), observed.clone());
@@ -311,7 +332,8 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
         }
     }
     let final_instances = observed.view().control_plane.map(|cp| cp.instances).unwrap_or_default();
-    Ok(Outcome { trace_hash: trace.hash(), events: trace.len(), final_instances, timeline: trace.lines() })
+    let coverage = buggify.map(|f| f.coverage()).unwrap_or_default();
+    Ok(Outcome { trace_hash: trace.hash(), events: trace.len(), final_instances, timeline: trace.lines(), coverage })
 }
 
 fn sorted(mut steps: Vec<Step>) -> Vec<Step> {

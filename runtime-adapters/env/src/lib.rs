@@ -68,6 +68,13 @@ pub trait Trace: Send + Sync + 'static {
     fn record(&self, component: &str, event: String);
 }
 
+/// Fault injection at named points in product code (FoundationDB's BUGGIFY): only a simulation installs
+/// one, so in production every point is a no-op.
+pub trait Faults: Send + Sync + 'static {
+    /// Whether the fault at `point` happens this time.
+    fn fire(&self, point: &'static str) -> bool;
+}
+
 /// The bundle every component is built from.
 #[derive(Clone)]
 pub struct Env {
@@ -81,6 +88,8 @@ pub struct Env {
     pub rng: Arc<dyn Rng>,
     /// Event trace, if anyone listens: `(component name, sink)`.
     pub trace: Option<(String, Arc<dyn Trace>)>,
+    /// Fault injection, in simulation only.
+    pub faults: Option<Arc<dyn Faults>>,
 }
 
 impl Env {
@@ -92,7 +101,19 @@ impl Env {
             spawner: Arc::new(TokioSpawn),
             rng: Arc::new(SeededRng::from_os()),
             trace: None,
+            faults: None,
         }
+    }
+
+    /// The same env, injecting faults from `faults`.
+    pub fn with_faults(mut self, faults: Arc<dyn Faults>) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
+    /// Whether the fault at `point` fires now; always false outside simulation.
+    pub fn buggify(&self, point: &'static str) -> bool {
+        self.faults.as_ref().is_some_and(|f| f.fire(point))
     }
 
     /// The same env, recording events as `component` into `sink`.

@@ -54,6 +54,7 @@ impl Env {
             spawner: Arc::new(TokioSpawn),
             rng: Arc::new(SeededRng::new(seed)),
             trace: None,
+            faults: None,
         }
     }
 }

@@ -410,6 +410,9 @@ impl ControlPlane {
 
     /// One status change from an agent.
     pub fn report_status(&self, report: StatusReport) {
+        if self.inner.env.buggify("cp.drop_status_report") {
+            return; // the agent's next snapshot must repair it
+        }
         let mut state = self.lock();
         facts::apply_report(&mut state, report.clone());
         self.inner.env.trace(|| {

@@ -48,6 +48,11 @@ impl GuestHost for InstanceHost {
                 ))
                 .encode();
             };
+            if agent.env.buggify("host.provider_unavailable") {
+                let outage =
+                    ErrorResponse::new(ErrorCode::ProviderUnavailable, "provider unavailable (injected fault)");
+                return CapabilityResponse::err(&outage).encode();
+            }
             // Look the assignment up now, not at start: a revoke takes effect on the very next call (P4).
             let assignment = agent.lock().get(&instance_id).and_then(|i| i.capabilities.get(&capability_id).cloned());
             let Some(assignment) = assignment else {

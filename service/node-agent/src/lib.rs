@@ -367,6 +367,9 @@ impl Inner {
         tracing::debug!(instance_id, %status, seq = local.seq, "status");
         self.env
             .trace(|| format!("status {instance_id} {status} seq={} restarts={}", local.seq, local.metadata.restarts));
+        if self.env.buggify("agent.drop_status_report") {
+            return; // the next snapshot must repair the control plane's view
+        }
         // The receiver lives as long as the agent's link task; if it is gone the next snapshot carries the fact.
         let _ = self.reports.send(report);
     }
@@ -377,6 +380,9 @@ impl Inner {
             let local = instances.get(instance_id).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))?;
             local.module.clone()
         };
+        if self.env.buggify("agent.slow_instantiate") {
+            self.env.clock.sleep(Duration::from_millis(1500)).await;
+        }
         let host = Arc::new(host::InstanceHost::new(Arc::downgrade(self), instance_id.to_string()));
         self.cache.engine().instantiate(&module, host, self.config.limits).await.map_err(ErrorResponse::from)
     }

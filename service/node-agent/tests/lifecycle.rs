@@ -22,6 +22,7 @@ fn test_env() -> Env {
         spawner: Arc::new(TokioSpawn),
         rng: Arc::new(SeededRng::new(1)),
         trace: None,
+        faults: None,
     }
 }
 
