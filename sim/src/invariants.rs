@@ -35,6 +35,8 @@ pub fn check(spec: &str, view: &View) -> Result<(), String> {
         "all_running" => all_running(view),
         "no_unknown" => no_unknown(view),
         "node_unknown" => node_unknown(view, arg),
+        "none_running" => none_running(view),
+        "restarts" => restarts(view, arg),
         _ => Err(format!("unknown check {spec:?}")),
     }
 }
@@ -174,6 +176,28 @@ pub fn node_keeps_running(instances: &[InstanceMetadata], node: &str) -> Result<
     }
     match on_node.iter().find(|m| m.status != InstanceStatus::Running) {
         Some(m) => Err(format!("{} on healthy node {node} is {}", m.instance_id, m.status)),
+        None => Ok(()),
+    }
+}
+
+/// Every listed instance has ended (stopped or crashed): e.g. guests whose capability was revoked.
+pub fn none_running(view: &View) -> Result<(), String> {
+    let cp = cp(view)?;
+    if cp.instances.is_empty() {
+        return Err("no instances listed".into());
+    }
+    match cp.instances.iter().find(|m| !m.status.is_terminal()) {
+        Some(m) => Err(format!("{} on {} is {}", m.instance_id, m.node_id, m.status)),
+        None => Ok(()),
+    }
+}
+
+/// Property 8 at cluster scale: every listed instance ended after exactly `n` restarts.
+pub fn restarts(view: &View, n: &str) -> Result<(), String> {
+    let want: u32 = n.parse().map_err(|_| format!("restarts needs a number, got {n:?}"))?;
+    none_running(view)?;
+    match cp(view)?.instances.iter().find(|m| m.restarts != want) {
+        Some(m) => Err(format!("{} restarted {} times, expected {want}", m.instance_id, m.restarts)),
         None => Ok(()),
     }
 }

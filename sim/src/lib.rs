@@ -18,7 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use factum_control_plane::{ControlPlane, ControlPlaneConfig};
 use factum_env::{rpc, Env};
 use factum_node_agent::{Agent, AgentConfig};
-use factum_proto::{ControlPlaneClient, InstanceMetadata, InstanceStatus, NodeInfo, RestartPolicy, StartRequest};
+use factum_proto::{
+    CapabilityGrant, ControlPlaneClient, InstanceMetadata, InstanceStatus, NodeInfo, RestartPolicy, StartRequest,
+};
 use factum_providers::MemoryKv;
 use factum_wasm::{fixtures, Limits, WasmiEngine};
 
@@ -255,10 +257,21 @@ impl SimClient {
 
     /// StartInstance of a fixture with an explicit id.
     pub async fn start(&self, id: &str, wat: &str, policy: RestartPolicy) -> Result<String, SimError> {
+        self.start_with(id, wat, policy, Vec::new()).await
+    }
+
+    /// StartInstance of a fixture with an explicit id and capabilities.
+    pub async fn start_with(
+        &self,
+        id: &str,
+        wat: &str,
+        policy: RestartPolicy,
+        capabilities: Vec<CapabilityGrant>,
+    ) -> Result<String, SimError> {
         let request = StartRequest {
             instance_id: Some(id.to_string()),
             module_bytes: fixtures::module(wat),
-            capabilities: Vec::new(),
+            capabilities,
             restart_policy: policy,
         };
         Ok(self.cp.start_instance(rpc::rpc_context(), request).await??)

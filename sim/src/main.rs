@@ -75,6 +75,11 @@ fn run_one(path: &std::path::Path, seed: u64, trace: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
+            if trace {
+                for line in &e.timeline {
+                    println!("{line}");
+                }
+            }
             eprintln!("FAILED: {e}");
             eprintln!("replay: factum-sim replay {} --seed {seed}", path.display());
             ExitCode::FAILURE

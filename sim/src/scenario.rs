@@ -8,7 +8,7 @@
 //!
 //! [[step]]
 //! at = "1s"
-//! do = "start"        # start | stop_all | crash | restart | partition | heal
+//! do = "start"        # start | stop_all | grant | revoke | crash | restart | partition | heal
 //! instances = 6
 //! guest = "sleeper"   # a fixture name
 //!
@@ -33,7 +33,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use factum_proto::{PolicyType, RestartPolicy};
+use factum_env::rpc;
+use factum_proto::{CapabilityGrant, PolicyType, RestartPolicy};
 use factum_wasm::fixtures;
 use serde::Deserialize;
 
@@ -105,6 +106,15 @@ pub struct Step {
     /// `start`: max retries.
     #[serde(default)]
     pub max_retries: Option<u32>,
+    /// `start`: base restart backoff in seconds.
+    #[serde(default)]
+    pub backoff: Option<u32>,
+    /// `start` / `grant` / `revoke`: capability id.
+    #[serde(default)]
+    pub capability: Option<String>,
+    /// `start` / `grant`: permissions of `capability`.
+    #[serde(default)]
+    pub permissions: Vec<String>,
     /// `crash` / `restart`: host name (`control-plane`, `agent-N`).
     #[serde(default)]
     pub node: Option<String>,
@@ -124,6 +134,10 @@ pub enum Action {
     Start,
     /// StopInstance on every instance started so far.
     StopAll,
+    /// AssignCapability `capability` with `permissions` to every instance started so far.
+    Grant,
+    /// RevokeCapability `capability` from every instance started so far.
+    Revoke,
     /// Crash host `node`.
     Crash,
     /// Restart host `node` (after a crash, or kill-and-restart).
@@ -136,7 +150,7 @@ pub enum Action {
 
 impl Action {
     fn is_fault(self) -> bool {
-        !matches!(self, Action::Start | Action::StopAll)
+        !matches!(self, Action::Start | Action::StopAll | Action::Grant | Action::Revoke)
     }
 }
 
@@ -202,7 +216,10 @@ impl Scenario {
                     host(&step.a, "a", step)?;
                     host(&step.b, "b", step)?;
                 }
-                Action::StopAll | Action::Heal => {}
+                Action::Grant | Action::Revoke if step.capability.is_none() => {
+                    return Err(format!("step at {:?} ({:?}) needs `capability`", step.at, step.action));
+                }
+                Action::StopAll | Action::Heal | Action::Grant | Action::Revoke => {}
             }
             if step.at > self.duration {
                 return Err(format!("step at {:?} is after the end ({:?})", step.at, self.duration));
@@ -226,12 +243,16 @@ impl Scenario {
 
 /// Runs the API steps of a scenario as a turmoil client.
 async fn drive_api(steps: Vec<Step>, seed: u64, duration: Duration) -> Result<(), SimError> {
-    let client = SimClient::connect(seed).await?;
+    let mut client = SimClient::connect(seed).await?;
     let start = client.env.clock.now();
     let mut started: Vec<String> = Vec::new();
     for (index, step) in steps.iter().enumerate() {
         let elapsed = client.env.clock.now().saturating_sub(start);
         client.sleep(step.at.saturating_sub(elapsed)).await;
+        // A crashed or restarted control plane broke the old connection: dial again, as a real client would.
+        if client.nodes().await.is_err() {
+            client = SimClient::connect(seed).await?;
+        }
         match step.action {
             Action::Start => {
                 let wat = fixtures::ALL
@@ -240,11 +261,17 @@ async fn drive_api(steps: Vec<Step>, seed: u64, duration: Duration) -> Result<()
                     .map_or(fixtures::SLEEPER, |(_, w)| w);
                 let policy_type =
                     step.policy.as_deref().map_or(Ok(PolicyType::Never), str::parse).map_err(|e| e.message)?;
-                let policy = RestartPolicy { policy_type, max_retries: step.max_retries, backoff_seconds: None };
+                let policy =
+                    RestartPolicy { policy_type, max_retries: step.max_retries, backoff_seconds: step.backoff };
+                let caps: Vec<CapabilityGrant> = step
+                    .capability
+                    .iter()
+                    .map(|c| CapabilityGrant { capability_id: c.clone(), permissions: step.permissions.clone() })
+                    .collect();
                 for k in 0..step.instances.unwrap_or(1) {
                     let id = format!("s{index}-{k}");
                     // Faults make some starts fail; what matters is that the facts stay true.
-                    match client.start(&id, wat, policy).await {
+                    match client.start_with(&id, wat, policy, caps.clone()).await {
                         Ok(_) => started.push(id),
                         Err(e) => tracing::debug!(%id, error = %e, "start failed"),
                     }
@@ -255,6 +282,22 @@ async fn drive_api(steps: Vec<Step>, seed: u64, duration: Duration) -> Result<()
                     let _ = client.stop(id).await;
                 }
             }
+            Action::Grant | Action::Revoke => {
+                let cap = step.capability.clone().unwrap_or_default();
+                for id in &started {
+                    let result = if step.action == Action::Grant {
+                        client
+                            .cp
+                            .assign_capability(rpc::rpc_context(), id.clone(), cap.clone(), step.permissions.clone())
+                            .await
+                    } else {
+                        client.cp.revoke_capability(rpc::rpc_context(), id.clone(), cap.clone()).await
+                    };
+                    if !matches!(result, Ok(Ok(()))) {
+                        tracing::debug!(%id, ?result, "capability change failed");
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -263,14 +306,29 @@ async fn drive_api(steps: Vec<Step>, seed: u64, duration: Duration) -> Result<()
     Ok(())
 }
 
+/// A failed run: what was violated, and the timeline that led there.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// Scenario, seed, simulated time and the violated check.
+    pub message: String,
+    /// The trace up to the failure.
+    pub timeline: Vec<String>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// Runs `scenario` from `seed`: the control plane and agents as turmoil hosts, API steps from a client, faults
 /// from the driver, checks sampled every 50 ms. The error names the seed, the time and the violated check.
-pub fn run(scenario: &Scenario, seed: u64) -> Result<Outcome, String> {
+pub fn run(scenario: &Scenario, seed: u64) -> Result<Outcome, Failure> {
     run_with(scenario, ClusterConfig::new(seed, scenario.agents))
 }
 
 /// [`run`] with a cluster configuration of the caller's (its seed and agent count are used as given).
-pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcome, String> {
+pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcome, Failure> {
     let seed = config.seed;
     config.agents = scenario.agents;
     config.duration = scenario.duration + Duration::from_secs(30);
@@ -290,8 +348,10 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     let duration = scenario.duration;
     sim.client("client", drive_api(api_steps, seed, duration));
 
-    let fail =
-        |at: Duration, what: String| format!("{} (seed {seed}) at {:.3}s: {what}", scenario.name, at.as_secs_f64());
+    let fail = |at: Duration, what: String| Failure {
+        message: format!("{} (seed {seed}) at {:.3}s: {what}", scenario.name, at.as_secs_f64()),
+        timeline: trace.lines(),
+    };
     let settle_from = scenario.last_step_at();
     let mut satisfied = vec![false; scenario.eventually.len()];
     let mut partitions: Vec<(String, String)> = Vec::new();
@@ -379,7 +439,7 @@ fn inject(
                 sim.repair(a.as_str(), b.as_str());
             }
         }
-        Action::Start | Action::StopAll => {}
+        Action::Start | Action::StopAll | Action::Grant | Action::Revoke => {}
     }
 }
 

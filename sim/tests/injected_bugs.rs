@@ -14,7 +14,7 @@ fn first_failure(file: &str, bug: InjectedBug) -> Option<(u64, String)> {
     (1..=100).find_map(|seed| {
         let mut config = ClusterConfig::new(seed, scenario.agents);
         config.control_plane.injected_bug = Some(bug);
-        scenario::run_with(&scenario, config).err().map(|e| (seed, e))
+        scenario::run_with(&scenario, config).err().map(|e| (seed, e.message))
     })
 }
 
