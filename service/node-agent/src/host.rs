@@ -122,3 +122,58 @@ impl GuestHost for InstanceHost {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use factum_env::Env;
+    use factum_proto::{CapabilityAssignment, KvOperation, RestartPolicy, StartInstanceRequest};
+    use factum_providers::MemoryKv;
+    use factum_wasm::{fixtures, WasmiEngine};
+
+    use super::*;
+    use crate::{Agent, AgentConfig};
+
+    async fn host_for(perms: &[(&str, &str)]) -> (Agent, InstanceHost) {
+        let config = AgentConfig::new("n", "127.0.0.1:0");
+        let (agent, _reports) =
+            Agent::new(Env::tokio(), config, Arc::new(WasmiEngine::new()), Arc::new(MemoryKv::new()));
+        let capabilities =
+            perms.iter().map(|(cap, perm)| CapabilityAssignment::new("i", cap, &[perm.to_string()]).unwrap()).collect();
+        let request = StartInstanceRequest {
+            instance_id: "i".into(),
+            module_bytes: fixtures::module(fixtures::SLEEPER),
+            capabilities,
+            restart_policy: RestartPolicy::default(),
+        };
+        agent.start_instance(request).await.unwrap();
+        let host = InstanceHost::new(Arc::downgrade(&agent.inner), "i".into());
+        (agent, host)
+    }
+
+    async fn call(host: &InstanceHost, cap: &str, op: &str, params: Vec<u8>) -> CapabilityResponse {
+        CapabilityResponse::decode(&host.invoke(cap.into(), op.into(), params).await).unwrap()
+    }
+
+    #[tokio::test]
+    async fn guest_errors_come_back_as_error_codes() {
+        let (agent, host) = host_for(&[("kv", "kv:write"), ("web", "http:request")]).await;
+        let (op, params) = KvOperation::Set { key: "k".into(), value: b"v".to_vec() }.encode();
+        assert!(call(&host, "kv", &op, params.clone()).await.success);
+        // Garbage MessagePack, an unknown operation, a capability never granted, one whose provider is absent.
+        assert_eq!(
+            call(&host, "kv", "set", vec![0xc1, 0xff, 0x00]).await.error_code(),
+            Some(ErrorCode::InvalidRequest)
+        );
+        assert_eq!(call(&host, "kv", "explode", params.clone()).await.error_code(), Some(ErrorCode::InvalidRequest));
+        assert_eq!(call(&host, "db", &op, params.clone()).await.error_code(), Some(ErrorCode::PermissionDenied));
+        assert_eq!(call(&host, "web", "request", vec![]).await.error_code(), Some(ErrorCode::ProviderUnavailable));
+        // Held permission kv:write does not cover kv:read.
+        let (get, get_params) = KvOperation::Get { key: "k".into() }.encode();
+        assert_eq!(call(&host, "kv", &get, get_params).await.error_code(), Some(ErrorCode::PermissionDenied));
+        // None of that hurt the instance.
+        assert_eq!(agent.status("i").unwrap(), factum_proto::InstanceStatus::Running);
+        agent.stop_all();
+    }
+}
