@@ -176,4 +176,36 @@ mod tests {
         assert_eq!(agent.status("i").unwrap(), factum_proto::InstanceStatus::Running);
         agent.stop_all();
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(100))]
+
+        /// Feature: wasm-orchestrator, Property 7: Minimal State Storage Policy
+        /// Whatever an instance writes through its capabilities, none of it reaches what the agent reports to the
+        /// control plane (the only source of the control plane's state): facts hold ids, statuses and
+        /// assignments, never application data.
+        #[test]
+        fn application_data_never_reaches_the_control_plane(
+            writes in proptest::collection::vec(("appkey-[a-z]{6,12}", proptest::collection::vec(proptest::prelude::any::<u8>(), 12..48)), 1..6),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let (agent, host) = host_for(&[("kv", "kv:write")]).await;
+                for (key, value) in &writes {
+                    let (op, params) = KvOperation::Set { key: key.clone(), value: value.clone() }.encode();
+                    proptest::prop_assert!(call(&host, "kv", &op, params).await.success);
+                }
+                let report = serde_json::to_vec(&agent.node_report()).unwrap();
+                let report_text = String::from_utf8_lossy(&report).to_string();
+                for (key, value) in &writes {
+                    proptest::prop_assert!(!report_text.contains(key.as_str()), "key {} leaked", key);
+                    proptest::prop_assert!(!report.windows(value.len()).any(|w| w == value.as_slice()), "value leaked");
+                    let as_json = serde_json::to_string(value).unwrap();
+                    proptest::prop_assert!(!report_text.contains(as_json.trim_matches(|c| c == '[' || c == ']')), "value leaked");
+                }
+                agent.stop_all();
+                Ok(())
+            })?;
+        }
+    }
 }
