@@ -207,5 +207,64 @@ mod tests {
                 Ok(())
             })?;
         }
+
+        /// Feature: wasm-orchestrator, Property 19: Instance Isolation Enforcement
+        /// Two instances on one node: each reaches only the capabilities granted to it, a revoke on one leaves
+        /// the other untouched, and their memories are separate (the statelessness probe of each sees its own
+        /// fresh memory, never the other's marker).
+        #[test]
+        fn instances_on_one_node_are_isolated(a_cap in "a-[a-z]{1,6}", b_cap in "b-[a-z]{1,6}", revoke_a in proptest::prelude::any::<bool>()) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let config = AgentConfig::new("n", "127.0.0.1:0");
+                let (agent, _reports) = Agent::new(Env::tokio(), config, Arc::new(WasmiEngine::new()), Arc::new(MemoryKv::new()));
+                for (id, cap) in [("a", &a_cap), ("b", &b_cap)] {
+                    let request = StartInstanceRequest {
+                        instance_id: id.into(),
+                        module_bytes: fixtures::module(fixtures::SLEEPER),
+                        capabilities: vec![CapabilityAssignment::new(id, cap, &["kv:write".to_string(), "kv:read".to_string()]).unwrap()],
+                        restart_policy: RestartPolicy::default(),
+                    };
+                    agent.start_instance(request).await.unwrap();
+                }
+                let host_a = InstanceHost::new(Arc::downgrade(&agent.inner), "a".into());
+                let host_b = InstanceHost::new(Arc::downgrade(&agent.inner), "b".into());
+                let (op, params) = KvOperation::Set { key: "k".into(), value: b"v".to_vec() }.encode();
+                proptest::prop_assert_eq!(call(&host_a, &b_cap, &op, params.clone()).await.error_code(), Some(ErrorCode::PermissionDenied));
+                proptest::prop_assert_eq!(call(&host_b, &a_cap, &op, params.clone()).await.error_code(), Some(ErrorCode::PermissionDenied));
+                proptest::prop_assert!(call(&host_a, &a_cap, &op, params.clone()).await.success);
+                if revoke_a {
+                    agent.revoke_capability("a", &a_cap).unwrap();
+                    proptest::prop_assert_eq!(call(&host_a, &a_cap, &op, params.clone()).await.error_code(), Some(ErrorCode::PermissionDenied));
+                }
+                proptest::prop_assert!(call(&host_b, &b_cap, &op, params.clone()).await.success);
+                let (get, get_params) = KvOperation::Get { key: "k".into() }.encode();
+                let b_sees = call(&host_b, &b_cap, &get, get_params).await;
+                proptest::prop_assert!(b_sees.success);
+                agent.stop_all();
+
+                // Memory: two probes side by side; each must crash on its own trap, not exit 7 on the other's marker.
+                for id in ["p1", "p2"] {
+                    let request = StartInstanceRequest {
+                        instance_id: id.into(),
+                        module_bytes: fixtures::module(fixtures::REMEMBER),
+                        capabilities: vec![],
+                        restart_policy: RestartPolicy::default(),
+                    };
+                    agent.start_instance(request).await.unwrap();
+                }
+                for _ in 0..100 {
+                    if ["p1", "p2"].iter().all(|id| agent.status(id).is_ok_and(|s| s.is_terminal())) {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                for id in ["p1", "p2"] {
+                    let reason = agent.metadata(id).and_then(|m| m.last_error).unwrap_or_default();
+                    proptest::prop_assert!(reason.contains("unreachable"), "{} saw foreign memory: {}", id, reason);
+                }
+                Ok(())
+            })?;
+        }
     }
 }

@@ -252,5 +252,48 @@ mod tests {
                 Ok(())
             })?;
         }
+
+        /// Feature: wasm-orchestrator, Property 20: Graceful Provider Shutdown Handling
+        /// After shutdown every invocation, whatever it is, gets PROVIDER_UNAVAILABLE; nothing panics and the
+        /// stored data is left as it was.
+        #[test]
+        fn shutdown_refuses_everything_gracefully(before in prop::collection::vec(arb_op(), 0..10), after in prop::collection::vec(arb_op(), 1..10)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let kv = MemoryKv::new();
+                for op in &before {
+                    prop_assert!(kv.invoke(&inv("s", op), &ALL).await.success);
+                }
+                let snapshot = kv.inspect("s", "");
+                kv.shutdown().await.unwrap();
+                for op in &after {
+                    prop_assert_eq!(kv.invoke(&inv("s", op), &ALL).await.error_code(), Some(ErrorCode::ProviderUnavailable));
+                }
+                prop_assert_eq!(kv.inspect("s", ""), snapshot);
+                Ok(())
+            })?;
+        }
+
+        /// Feature: wasm-orchestrator, Property 21: Provider and Instance Metadata Separation
+        /// Provider metadata is its own structure: no invocation, from any instance, changes it or adds
+        /// anything about instances to it.
+        #[test]
+        fn provider_metadata_is_independent_of_instances(ops in prop::collection::vec(("inst-[a-z]{1,6}", arb_op()), 0..20)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let kv = MemoryKv::new();
+                let before = kv.metadata();
+                for (instance, op) in &ops {
+                    let mut invocation = inv("s", op);
+                    invocation.instance_id = instance.clone();
+                    kv.invoke(&invocation, &ALL).await;
+                }
+                prop_assert_eq!(kv.metadata(), before);
+                let operations = kv.metadata().operations;
+                let leaked = ops.iter().any(|(instance, _)| operations.contains(instance) || kv.metadata().name == *instance);
+                prop_assert!(!leaked);
+                Ok(())
+            })?;
+        }
     }
 }
