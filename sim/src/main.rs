@@ -47,7 +47,84 @@ enum Command {
         /// First seed.
         #[arg(long, default_value_t = 1)]
         start: u64,
+        /// Parallel workers.
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
     },
+    /// Swarm testing: a random scenario per seed (faults, starts, revokes), checked for safety and
+    /// convergence; a failure is shrunk to fewer steps and printed as a scenario file to replay.
+    Swarm {
+        /// Number of seeds.
+        #[arg(long, default_value_t = 100)]
+        seeds: u64,
+        /// First seed.
+        #[arg(long, default_value_t = 1)]
+        start: u64,
+        /// Agents per cluster.
+        #[arg(long, default_value_t = 3)]
+        agents: usize,
+        /// Simulated duration of each run.
+        #[arg(long, default_value = "40s")]
+        duration: humantime::Duration,
+        /// Parallel workers.
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+    },
+}
+
+/// One run of a sweep.
+struct Job {
+    label: String,
+    scenario: Scenario,
+    seed: u64,
+}
+
+/// Runs `jobs` on `workers` threads (each simulation is single-threaded and deterministic on its own); returns
+/// the results in job order.
+fn run_parallel(jobs: &[Job], workers: usize) -> Vec<Result<factum_sim::Outcome, scenario::Failure>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: std::sync::Mutex<Vec<Option<Result<factum_sim::Outcome, scenario::Failure>>>> =
+        std::sync::Mutex::new((0..jobs.len()).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..workers.max(1) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some(job) = jobs.get(i) else { return };
+                let result = scenario::run(&job.scenario, job.seed);
+                if let Err(e) = &result {
+                    eprintln!("FAILED: {e}\n  replay: {} --seed {}", job.label, job.seed);
+                }
+                if let Some(slot) = results.lock().unwrap_or_else(|p| p.into_inner()).get_mut(i) {
+                    *slot = Some(result);
+                }
+            });
+        }
+    });
+    results.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().flatten().collect()
+}
+
+/// Prints throughput and fault coverage of a finished sweep; returns the number of failures.
+fn summarize(jobs: &[Job], results: &[Result<factum_sim::Outcome, scenario::Failure>], secs: f64) -> usize {
+    let simulated: f64 = jobs.iter().map(|j| j.scenario.duration.as_secs_f64()).sum();
+    let failures = results.iter().filter(|r| r.is_err()).count();
+    println!(
+        "{} runs, {failures} failed, {secs:.1} s, {:.1} seeds/s, simulated/real time {:.0}x",
+        jobs.len(),
+        jobs.len() as f64 / secs,
+        simulated / secs
+    );
+    let mut coverage: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for outcome in results.iter().flatten() {
+        for (point, c) in &outcome.coverage {
+            let entry = coverage.entry(point.clone()).or_default();
+            entry.0 += 1;
+            entry.1 += c.fired;
+        }
+    }
+    for (point, (reached_in, fired)) in &coverage {
+        println!("  fault point {point:<28} reached in {reached_in:>5} runs, fired {fired:>6} times");
+    }
+    failures
 }
 
 fn run_one(path: &std::path::Path, seed: u64, trace: bool) -> ExitCode {
@@ -93,7 +170,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run { scenario, seed, trace } => run_one(&scenario, seed, trace),
         Command::Replay { scenario, seed } => run_one(&scenario, seed, true),
-        Command::Sweep { dir, seeds, start } => {
+        Command::Sweep { dir, seeds, start, jobs } => {
             let scenarios = match scenario::load_dir(&dir) {
                 Ok(s) => s,
                 Err(e) => {
@@ -101,39 +178,48 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let work: Vec<Job> = scenarios
+                .iter()
+                .flat_map(|(path, scenario)| {
+                    (start..start + seeds).map(move |seed| Job {
+                        label: format!("factum-sim replay {path}"),
+                        scenario: scenario.clone(),
+                        seed,
+                    })
+                })
+                .collect();
             let began = Instant::now();
-            let mut runs = 0u64;
-            let mut failures = 0u64;
-            let mut simulated = std::time::Duration::ZERO;
-            // point -> (runs that reached it, total fired)
-            let mut coverage: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
-            for (path, scenario) in &scenarios {
-                for seed in start..start + seeds {
-                    runs += 1;
-                    simulated += scenario.duration;
-                    match scenario::run(scenario, seed) {
-                        Ok(outcome) => {
-                            for (point, c) in outcome.coverage {
-                                let entry = coverage.entry(point).or_default();
-                                entry.0 += 1;
-                                entry.1 += c.fired;
-                            }
-                        }
-                        Err(e) => {
-                            failures += 1;
-                            eprintln!("FAILED: {e}\n  replay: factum-sim replay {path} --seed {seed}");
-                        }
-                    }
-                }
+            let results = run_parallel(&work, jobs);
+            let failures = summarize(&work, &results, began.elapsed().as_secs_f64());
+            if failures == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             }
-            let secs = began.elapsed().as_secs_f64();
-            println!(
-                "{runs} runs, {failures} failed, {secs:.1} s, {:.1} seeds/s, simulated/real time {:.0}x",
-                runs as f64 / secs,
-                simulated.as_secs_f64() / secs
-            );
-            for (point, (reached_in, fired)) in &coverage {
-                println!("  fault point {point:<28} reached in {reached_in:>5} runs, fired {fired:>6} times");
+        }
+        Command::Swarm { seeds, start, agents, duration, jobs } => {
+            let work: Vec<Job> = (start..start + seeds)
+                .map(|seed| Job {
+                    label: format!("factum-sim swarm --seeds 1 --agents {agents} --duration {duration} --start"),
+                    scenario: Scenario::swarm(seed, agents, *duration),
+                    seed,
+                })
+                .collect();
+            let began = Instant::now();
+            let results = run_parallel(&work, jobs);
+            let failures = summarize(&work, &results, began.elapsed().as_secs_f64());
+            for (job, result) in work.iter().zip(&results) {
+                if result.is_err() {
+                    let shrunk = job.scenario.shrink(job.seed);
+                    println!(
+                        "# seed {} shrunk from {} to {} steps; save as a .toml and run with `factum-sim replay FILE --seed {}`",
+                        job.seed,
+                        job.scenario.steps.len(),
+                        shrunk.steps.len(),
+                        job.seed
+                    );
+                    println!("{}", shrunk.to_toml());
+                }
             }
             if failures == 0 {
                 ExitCode::SUCCESS

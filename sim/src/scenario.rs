@@ -8,7 +8,7 @@
 //!
 //! [[step]]
 //! at = "1s"
-//! do = "start"        # start | stop_all | grant | revoke | crash | restart | partition | heal
+//! do = "start"        # start | stop_all | grant | revoke | crash | restart | recover | partition | heal
 //! instances = 6
 //! guest = "sleeper"   # a fixture name
 //!
@@ -36,7 +36,7 @@ use std::time::Duration;
 use factum_env::rpc;
 use factum_proto::{CapabilityGrant, PolicyType, RestartPolicy};
 use factum_wasm::fixtures;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{build_observed_cluster, invariants, ClusterConfig, Observed, Outcome, SimClient, SimError, TraceLog};
 
@@ -49,7 +49,7 @@ fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Er
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
 /// A parsed scenario file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
     /// Title.
@@ -57,7 +57,7 @@ pub struct Scenario {
     /// Number of agents (`agent-1` …).
     pub agents: usize,
     /// Simulated time the run lasts.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub duration: Duration,
     /// Timed steps, in any order.
     #[serde(default, rename = "step")]
@@ -72,7 +72,12 @@ pub struct Scenario {
     #[serde(default = "yes")]
     pub buggify: bool,
     /// Longest network latency of a message (default 100ms); each message takes a random time up to it.
-    #[serde(default, deserialize_with = "de_opt_duration")]
+    #[serde(
+        default,
+        deserialize_with = "de_opt_duration",
+        serialize_with = "ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_latency: Option<Duration>,
 }
 
@@ -80,54 +85,71 @@ fn yes() -> bool {
     true
 }
 
+/// Item `r` (mod the length) of a non-empty list.
+fn nth<T: Clone + Default>(items: &[T], r: u64) -> T {
+    let len = items.len().max(1) as u64;
+    items.get((r % len) as usize).cloned().unwrap_or_default()
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
+}
+
 fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     de_duration(d).map(Some)
 }
 
 /// One timed step.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
     /// When, in simulated time from the start.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub at: Duration,
     /// What.
     #[serde(rename = "do")]
     pub action: Action,
     /// `start`: how many instances.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<usize>,
     /// `start`: fixture name (default `sleeper`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<String>,
     /// `start`: restart policy (default `never`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
     /// `start`: max retries.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<u32>,
     /// `start`: base restart backoff in seconds.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<u32>,
     /// `start` / `grant` / `revoke`: capability id.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capability: Option<String>,
     /// `start` / `grant`: permissions of `capability`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub permissions: Vec<String>,
     /// `crash` / `restart`: host name (`control-plane`, `agent-N`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     /// `partition`: one side.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub a: Option<String>,
     /// `partition`: the other side.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub b: Option<String>,
 }
 
 /// What a step does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// StartInstance × `instances`.
@@ -142,6 +164,8 @@ pub enum Action {
     Crash,
     /// Restart host `node` (after a crash, or kill-and-restart).
     Restart,
+    /// Restart host `node` only if it is crashed.
+    Recover,
     /// Drop traffic between `a` and `b`.
     Partition,
     /// Repair every partition.
@@ -155,7 +179,7 @@ impl Action {
 }
 
 /// An `[[always]]` block.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Always {
     /// Check name, see [`invariants::check`].
@@ -163,13 +187,13 @@ pub struct Always {
 }
 
 /// An `[[eventually]]` block.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Eventually {
     /// Check name.
     pub check: String,
     /// Deadline in simulated time.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub by: Duration,
 }
 
@@ -211,7 +235,7 @@ impl Scenario {
                         p.parse::<PolicyType>().map_err(|e| e.message)?;
                     }
                 }
-                Action::Crash | Action::Restart => host(&step.node, "node", step)?,
+                Action::Crash | Action::Restart | Action::Recover => host(&step.node, "node", step)?,
                 Action::Partition => {
                     host(&step.a, "a", step)?;
                     host(&step.b, "b", step)?;
@@ -234,6 +258,134 @@ impl Scenario {
             }
         }
         Ok(())
+    }
+
+    /// The scenario as TOML, e.g. to save a shrunk failing swarm run.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print scenario: {e}"))
+    }
+
+    /// A random scenario drawn from `seed` (swarm testing): starts of random guests and policies, crashes and
+    /// restarts of agents and of the control plane, partitions and heals, at random times in the first part
+    /// of the run; then everything is healed and restarted so the cluster can settle, and the settle checks
+    /// (`facts_match_agents`, `registry_matches_agents`) must hold before the end.
+    pub fn swarm(seed: u64, agents: usize, duration: Duration) -> Self {
+        use rand_chacha::ChaCha8Rng;
+        use rand_core::{RngCore, SeedableRng};
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5a4a);
+        let mut pick = |n: u64| rng.next_u64() % n.max(1);
+        let chaos_end = duration.saturating_sub(Duration::from_secs(15)).max(Duration::from_secs(2));
+        let hosts: Vec<String> =
+            std::iter::once(crate::CONTROL_PLANE.to_string()).chain((1..=agents).map(crate::agent_name)).collect();
+        let blank = |at: Duration, action: Action| Step {
+            at,
+            action,
+            instances: None,
+            guest: None,
+            policy: None,
+            max_retries: None,
+            backoff: None,
+            capability: None,
+            permissions: Vec::new(),
+            node: None,
+            a: None,
+            b: None,
+        };
+        let mut steps = Vec::new();
+        let events = 4 + pick(8);
+        for _ in 0..events {
+            // Chaos ends before the settle steps, which the shrinker keeps.
+            let at = Duration::from_millis(500 + pick(chaos_end.as_millis().saturating_sub(1000) as u64));
+            let step = match pick(7) {
+                0..=2 => {
+                    let mut s = blank(at, Action::Start);
+                    s.instances = Some(1 + pick(5) as usize);
+                    let guests = [("sleeper", false), ("kv_greeter", true), ("trap", false), ("exit_clean", false)];
+                    let (guest, cap) = nth(&guests, pick(4));
+                    s.guest = Some(guest.to_string());
+                    s.policy = Some(nth(&["never", "always", "on_failure"], pick(3)).to_string());
+                    s.max_retries = Some(pick(4) as u32);
+                    if cap {
+                        s.capability = Some("kv".into());
+                        s.permissions = vec!["kv:write".into()];
+                    }
+                    s
+                }
+                3 => {
+                    let mut s = blank(at, Action::Crash);
+                    s.node = Some(nth(&hosts, pick(hosts.len() as u64)));
+                    s
+                }
+                4 => {
+                    let mut s = blank(at, Action::Restart);
+                    s.node = Some(nth(&hosts, pick(hosts.len() as u64)));
+                    s
+                }
+                5 => {
+                    let mut s = blank(at, Action::Partition);
+                    s.a = Some(crate::CONTROL_PLANE.to_string());
+                    s.b = Some(crate::agent_name(1 + pick(agents as u64) as usize));
+                    s
+                }
+                _ => {
+                    let mut s = blank(at, Action::Revoke);
+                    s.capability = Some("kv".into());
+                    s
+                }
+            };
+            steps.push(step);
+        }
+        // Settle: heal every partition and bring back every host that is down.
+        steps.push(blank(chaos_end, Action::Heal));
+        for host in &hosts {
+            let mut s = blank(chaos_end + Duration::from_millis(100), Action::Recover);
+            s.node = Some(host.clone());
+            steps.push(s);
+        }
+        let by = duration.saturating_sub(Duration::from_secs(1));
+        Scenario {
+            name: format!("swarm {seed}"),
+            agents,
+            duration,
+            steps,
+            always: vec![Always { check: "single_placement".into() }],
+            eventually: vec![
+                Eventually { check: "facts_match_agents".into(), by },
+                Eventually { check: "registry_matches_agents".into(), by },
+            ],
+            buggify: true,
+            max_latency: None,
+        }
+    }
+
+    /// Shrinks a scenario that fails from `seed`: drops one step at a time (keeping the settle steps) while the
+    /// run still fails, until no single step can go. Returns the smallest failing scenario found.
+    pub fn shrink(&self, seed: u64) -> Scenario {
+        self.shrink_with(&|| ClusterConfig::new(seed, self.agents))
+    }
+
+    /// [`Scenario::shrink`] under a cluster configuration of the caller's (e.g. with an injected bug).
+    pub fn shrink_with(&self, config: &dyn Fn() -> ClusterConfig) -> Scenario {
+        let mut current = self.clone();
+        let settle_from = current.last_step_at().saturating_sub(Duration::from_millis(100));
+        loop {
+            let mut shrunk = false;
+            for i in 0..current.steps.len() {
+                if current.steps.get(i).is_none_or(|s| s.at >= settle_from) {
+                    continue;
+                }
+                let mut candidate = current.clone();
+                candidate.steps.remove(i);
+                if run_with(&candidate, config()).is_err() {
+                    current = candidate;
+                    shrunk = true;
+                    break;
+                }
+            }
+            if !shrunk {
+                return current;
+            }
+        }
     }
 
     fn last_step_at(&self) -> Duration {
@@ -426,6 +578,13 @@ fn inject(
                     observed.crashed(node);
                 }
                 sim.bounce(node.as_str());
+            }
+        }
+        Action::Recover => {
+            if let Some(node) = &step.node {
+                if crashed.remove(node) {
+                    sim.bounce(node.as_str());
+                }
             }
         }
         Action::Partition => {

@@ -33,3 +33,30 @@ fn a_missing_failure_detector_is_caught() {
     let (seed, failure) = first_failure("agent_crash.toml", InjectedBug::NoFailureDetection).expect("bug not caught");
     assert!(failure.contains("node_unknown:agent-2"), "seed {seed}: {failure}");
 }
+
+#[test]
+fn swarm_finds_the_rebuild_bug_and_shrinks_it() {
+    let bugged = |seed: u64| {
+        let mut config = ClusterConfig::new(seed, 3);
+        config.control_plane.injected_bug = Some(InjectedBug::NoRebuildFromSnapshots);
+        config
+    };
+    let duration = std::time::Duration::from_secs(30);
+    let (seed, swarm) = (1..=200)
+        .map(|seed| (seed, Scenario::swarm(seed, 3, duration)))
+        .find(|(seed, swarm)| scenario::run_with(swarm, bugged(*seed)).is_err())
+        .expect("no swarm seed caught the bug");
+    let shrunk = swarm.shrink_with(&|| bugged(seed));
+    assert!(shrunk.steps.len() <= swarm.steps.len());
+    assert!(scenario::run_with(&shrunk, bugged(seed)).is_err(), "the shrunk scenario must still fail");
+    if let Err(e) = scenario::run(&shrunk, seed) {
+        panic!(
+            "seed {seed}: shrunk scenario fails without the bug too: {e}\n{}\n{}",
+            shrunk.to_toml(),
+            e.timeline.join("\n")
+        );
+    }
+    // The shrunk scenario prints as a scenario file that parses back to the same steps.
+    let reparsed = Scenario::parse(&shrunk.to_toml()).unwrap();
+    assert_eq!(reparsed.steps.len(), shrunk.steps.len());
+}
