@@ -449,7 +449,8 @@ impl Inner {
                 Ok(instance) => instance,
                 Err(e) => {
                     let mut instances = self.lock();
-                    if instances.get(&instance_id).is_some_and(|l| l.generation == generation) {
+                    if let Some(local) = instances.get_mut(&instance_id).filter(|l| l.generation == generation) {
+                        local.abort = None; // this supervisor ends here; nothing is left to cancel
                         self.set_status(&mut instances, &instance_id, InstanceStatus::Crashed, Some(e.message));
                     }
                     return;
