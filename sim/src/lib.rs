@@ -231,13 +231,28 @@ impl SimClient {
     pub async fn connect(seed: u64) -> Result<Self, SimError> {
         let env = Env::turmoil(seed ^ 0xc1, sim_epoch());
         for _ in 0..100 {
-            if let Ok(stream) = env.net.connect(&format!("{CONTROL_PLANE}:{PORT}")).await {
+            // A connect into a partition never answers: bound it like every other call.
+            let connect = env.timeout(Duration::from_secs(1), env.net.connect(&format!("{CONTROL_PLANE}:{PORT}")));
+            if let Some(Ok(stream)) = connect.await {
                 let cp = ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream)).spawn();
                 return Ok(Self { env, cp });
             }
             env.clock.sleep(Duration::from_millis(100)).await;
         }
         Err("control plane never listened".into())
+    }
+
+    /// Awaits one call with a 5 s deadline on simulated time: a call into a crashed or partitioned control plane
+    /// must fail like it would for a real client, not hang the scenario.
+    pub async fn call<T, E>(&self, fut: impl std::future::Future<Output = Result<T, E>>) -> Result<T, SimError>
+    where
+        E: std::error::Error + 'static,
+    {
+        match self.env.timeout(Duration::from_secs(5), fut).await {
+            Some(Ok(v)) => Ok(v),
+            Some(Err(e)) => Err(Box::new(e)),
+            None => Err("control plane call timed out".into()),
+        }
     }
 
     /// Sleeps on simulated time.
@@ -247,12 +262,12 @@ impl SimClient {
 
     /// ListInstances.
     pub async fn instances(&self) -> Result<Vec<InstanceMetadata>, SimError> {
-        Ok(self.cp.list_instances(rpc::rpc_context()).await?)
+        self.call(self.cp.list_instances(rpc::rpc_context())).await
     }
 
     /// Nodes.
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, SimError> {
-        Ok(self.cp.list_nodes(rpc::rpc_context()).await?)
+        self.call(self.cp.list_nodes(rpc::rpc_context())).await
     }
 
     /// StartInstance of a fixture with an explicit id.
@@ -274,12 +289,12 @@ impl SimClient {
             capabilities,
             restart_policy: policy,
         };
-        Ok(self.cp.start_instance(rpc::rpc_context(), request).await??)
+        Ok(self.call(self.cp.start_instance(rpc::rpc_context(), request)).await??)
     }
 
     /// StopInstance.
     pub async fn stop(&self, id: &str) -> Result<(), SimError> {
-        Ok(self.cp.stop_instance(rpc::rpc_context(), id.to_string()).await??)
+        Ok(self.call(self.cp.stop_instance(rpc::rpc_context(), id.to_string())).await??)
     }
 
     /// Polls `check` every 100 ms of simulated time until it holds, for at most `deadline`.

@@ -396,11 +396,13 @@ impl Scenario {
 /// Runs the API steps of a scenario as a turmoil client.
 async fn drive_api(steps: Vec<Step>, seed: u64, duration: Duration) -> Result<(), SimError> {
     let mut client = SimClient::connect(seed).await?;
-    let start = client.env.clock.now();
+    // One time base for the whole script, kept across reconnections (a new client has a new clock).
+    let clock = client.env.clock.clone();
+    let start = clock.now();
     let mut started: Vec<String> = Vec::new();
     for (index, step) in steps.iter().enumerate() {
-        let elapsed = client.env.clock.now().saturating_sub(start);
-        client.sleep(step.at.saturating_sub(elapsed)).await;
+        let elapsed = clock.now().saturating_sub(start);
+        clock.sleep(step.at.saturating_sub(elapsed)).await;
         // A crashed or restarted control plane broke the old connection: dial again, as a real client would.
         if client.nodes().await.is_err() {
             client = SimClient::connect(seed).await?;
@@ -438,12 +440,15 @@ async fn drive_api(steps: Vec<Step>, seed: u64, duration: Duration) -> Result<()
                 let cap = step.capability.clone().unwrap_or_default();
                 for id in &started {
                     let result = if step.action == Action::Grant {
-                        client
-                            .cp
-                            .assign_capability(rpc::rpc_context(), id.clone(), cap.clone(), step.permissions.clone())
-                            .await
+                        let call = client.cp.assign_capability(
+                            rpc::rpc_context(),
+                            id.clone(),
+                            cap.clone(),
+                            step.permissions.clone(),
+                        );
+                        client.call(call).await
                     } else {
-                        client.cp.revoke_capability(rpc::rpc_context(), id.clone(), cap.clone()).await
+                        client.call(client.cp.revoke_capability(rpc::rpc_context(), id.clone(), cap.clone())).await
                     };
                     if !matches!(result, Ok(Ok(()))) {
                         tracing::debug!(%id, ?result, "capability change failed");
@@ -453,8 +458,8 @@ async fn drive_api(steps: Vec<Step>, seed: u64, duration: Duration) -> Result<()
             _ => {}
         }
     }
-    let elapsed = client.env.clock.now().saturating_sub(start);
-    client.sleep(duration.saturating_sub(elapsed)).await;
+    let elapsed = clock.now().saturating_sub(start);
+    clock.sleep(duration.saturating_sub(elapsed)).await;
     Ok(())
 }
 

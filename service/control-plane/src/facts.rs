@@ -15,8 +15,16 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
     let id = facts.metadata.instance_id.clone();
     match state.instances.get_mut(&id) {
         Some(record) => {
-            let newer = facts.seq > record.seq || (restating && facts.seq == record.seq);
-            if record.metadata.node_id != node_id || newer {
+            let moved = record.metadata.node_id != node_id;
+            let newer = |held: u64| facts.seq > held || (restating && facts.seq == held);
+            // Assignments have their own watermark: a status report may overtake the answer to a grant, and
+            // the grant must still land. The agent enforces them, so its word wins.
+            if moved || newer(record.caps_seq) {
+                let capabilities = facts.capabilities.into_iter().map(|c| (c.capability_id.clone(), c)).collect();
+                state.capabilities.insert(id.clone(), capabilities);
+                record.caps_seq = facts.seq;
+            }
+            if moved || newer(record.seq) {
                 record.metadata = facts.metadata;
                 record.seq = facts.seq;
             }
@@ -26,10 +34,13 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
             tracing::info!(instance_id = %id, node = node_id, status = %facts.metadata.status, "instance learned from agent");
             let capabilities = facts.capabilities.into_iter().map(|c| (c.capability_id.clone(), c)).collect();
             state.capabilities.insert(id.clone(), capabilities);
-            state.instances.insert(
-                id,
-                InstanceRecord { metadata: facts.metadata, restart_policy: facts.restart_policy, seq: facts.seq },
-            );
+            let record = InstanceRecord {
+                metadata: facts.metadata,
+                restart_policy: facts.restart_policy,
+                seq: facts.seq,
+                caps_seq: facts.seq,
+            };
+            state.instances.insert(id, record);
         }
     }
 }

@@ -61,8 +61,10 @@ impl Default for ControlPlaneConfig {
 struct InstanceRecord {
     metadata: InstanceMetadata,
     restart_policy: RestartPolicy,
-    /// Sequence number of the newest applied fact from `metadata.node_id`.
+    /// Sequence number of the newest applied status fact from `metadata.node_id`.
     seq: u64,
+    /// Sequence number of the newest applied capability fact (the agent is the authority on assignments).
+    caps_seq: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +161,7 @@ impl ControlPlane {
                 },
                 restart_policy: req.restart_policy,
                 seq: 0,
+                caps_seq: 0,
             };
             state.instances.insert(instance_id.clone(), record);
             state.capabilities.insert(instance_id.clone(), capabilities.clone());
@@ -281,19 +284,9 @@ impl ControlPlane {
             let (node_id, client) = self.route(instance_id)?;
             let client = self.client(&node_id, client).await?;
             let timeout = self.inner.config.rpc_timeout;
-            match self
-                .inner
-                .env
-                .timeout(timeout, client.assign_capability(rpc::rpc_context(), assignment.clone()))
-                .await
-            {
-                Some(Ok(Ok(()))) => {
-                    let mut state = self.lock();
-                    state
-                        .capabilities
-                        .entry(instance_id.to_string())
-                        .or_default()
-                        .insert(capability_id.to_string(), assignment);
+            match self.inner.env.timeout(timeout, client.assign_capability(rpc::rpc_context(), assignment)).await {
+                Some(Ok(Ok(facts))) => {
+                    facts::apply_facts(&mut self.lock(), &node_id, facts, false, true);
                     Ok(())
                 }
                 Some(Ok(Err(e))) => Err(e),
@@ -314,10 +307,8 @@ impl ControlPlane {
             let timeout = self.inner.config.rpc_timeout;
             let call = client.revoke_capability(rpc::rpc_context(), instance_id.to_string(), capability_id.to_string());
             match self.inner.env.timeout(timeout, call).await {
-                Some(Ok(Ok(()))) => {
-                    if let Some(caps) = self.lock().capabilities.get_mut(instance_id) {
-                        caps.remove(capability_id);
-                    }
+                Some(Ok(Ok(facts))) => {
+                    facts::apply_facts(&mut self.lock(), &node_id, facts, false, true);
                     Ok(())
                 }
                 Some(Ok(Err(e))) => Err(e),

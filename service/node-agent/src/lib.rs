@@ -292,8 +292,9 @@ impl Agent {
         }
     }
 
-    /// Adds or replaces one assignment; the instance's next capability call sees it.
-    pub fn assign_capability(&self, assignment: CapabilityAssignment) -> Result<(), ErrorResponse> {
+    /// Adds or replaces one assignment; the instance's next capability call sees it. A capability change is a
+    /// fact like a status change: it takes the next sequence number, so the control plane can order it.
+    pub fn assign_capability(&self, assignment: CapabilityAssignment) -> Result<InstanceFacts, ErrorResponse> {
         assignment.parsed_permissions()?;
         let mut instances = self.inner.lock();
         let local = instances
@@ -302,11 +303,12 @@ impl Agent {
         tracing::info!(instance_id = %assignment.instance_id, capability = %assignment.capability_id,
             permissions = ?assignment.permissions, "capability granted");
         local.capabilities.insert(assignment.capability_id.clone(), assignment);
-        Ok(())
+        local.seq += 1;
+        Ok(local.facts())
     }
 
     /// Removes one assignment; the instance's next call on it is PERMISSION_DENIED.
-    pub fn revoke_capability(&self, instance_id: &str, capability_id: &str) -> Result<(), ErrorResponse> {
+    pub fn revoke_capability(&self, instance_id: &str, capability_id: &str) -> Result<InstanceFacts, ErrorResponse> {
         let mut instances = self.inner.lock();
         let local = instances.get_mut(instance_id).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))?;
         local.capabilities.remove(capability_id).ok_or_else(|| {
@@ -314,7 +316,8 @@ impl Agent {
                 .with_detail("capability_id", capability_id)
         })?;
         tracing::info!(instance_id, capability = capability_id, "capability revoked");
-        Ok(())
+        local.seq += 1;
+        Ok(local.facts())
     }
 
     /// Operator view of the local KV store `capability_id`.

@@ -38,7 +38,11 @@ impl NodeAgent for Agent {
         self.snapshot()
     }
 
-    async fn assign_capability(self, _: Context, assignment: CapabilityAssignment) -> Result<(), ErrorResponse> {
+    async fn assign_capability(
+        self,
+        _: Context,
+        assignment: CapabilityAssignment,
+    ) -> Result<InstanceFacts, ErrorResponse> {
         Agent::assign_capability(&self, assignment)
     }
 
@@ -47,7 +51,7 @@ impl NodeAgent for Agent {
         _: Context,
         instance_id: String,
         capability_id: String,
-    ) -> Result<(), ErrorResponse> {
+    ) -> Result<InstanceFacts, ErrorResponse> {
         Agent::revoke_capability(&self, &instance_id, &capability_id)
     }
 

@@ -115,7 +115,7 @@ pub struct InstanceFacts {
     pub capabilities: Vec<CapabilityAssignment>,
     /// Restart policy the agent applies.
     pub restart_policy: RestartPolicy,
-    /// Sequence number of the latest status fact.
+    /// Sequence number of the latest fact about the instance (a status change or a capability change).
     pub seq: u64,
 }
 
@@ -216,10 +216,10 @@ pub trait NodeAgent {
     async fn get_instance_status(instance_id: String) -> Result<InstanceStatus, ErrorResponse>;
     /// Every instance this agent holds.
     async fn list_local_instances() -> Vec<InstanceFacts>;
-    /// Replace (or add) one capability assignment of a local instance.
-    async fn assign_capability(assignment: CapabilityAssignment) -> Result<(), ErrorResponse>;
-    /// Remove one capability assignment of a local instance.
-    async fn revoke_capability(instance_id: String, capability_id: String) -> Result<(), ErrorResponse>;
+    /// Replace (or add) one capability assignment of a local instance; returns its facts after the change.
+    async fn assign_capability(assignment: CapabilityAssignment) -> Result<InstanceFacts, ErrorResponse>;
+    /// Remove one capability assignment of a local instance; returns its facts after the change.
+    async fn revoke_capability(instance_id: String, capability_id: String) -> Result<InstanceFacts, ErrorResponse>;
     /// Operator view of the local KV store `capability_id`.
     async fn inspect_kv(capability_id: String, prefix: String) -> Result<Vec<KvEntry>, ErrorResponse>;
 }
