@@ -205,17 +205,12 @@ impl ControlPlane {
         client: Option<NodeAgentClient>,
         request: StartInstanceRequest,
     ) -> Result<InstanceFacts, ErrorResponse> {
-        let client = self.client(node_id, client).await?;
-        let timeout = self.inner.config.rpc_timeout;
-        match self.inner.env.timeout(timeout, client.start_instance_local(rpc::rpc_context(), request)).await {
-            Some(Ok(resp)) if resp.success => {
-                resp.facts.ok_or_else(|| ErrorResponse::internal("agent accepted a start but sent no facts"))
-            }
-            Some(Ok(resp)) => {
-                Err(resp.error.unwrap_or_else(|| ErrorResponse::internal("agent refused without a reason")))
-            }
-            Some(Err(e)) => Err(self.drop_client(node_id, format!("start on node {node_id} failed: {e}"))),
-            None => Err(self.drop_client(node_id, format!("start on node {node_id} timed out after {timeout:?}"))),
+        let call = |c: NodeAgentClient| async move { c.start_instance_local(rpc::rpc_context(), request).await };
+        let resp = self.call_agent(node_id, client, "start", call).await?;
+        if resp.success {
+            resp.facts.ok_or_else(|| ErrorResponse::internal("agent accepted a start but sent no facts"))
+        } else {
+            Err(resp.error.unwrap_or_else(|| ErrorResponse::internal("agent refused without a reason")))
         }
     }
 
@@ -223,22 +218,16 @@ impl ControlPlane {
     pub async fn stop_instance(&self, instance_id: &str) -> Result<(), ErrorResponse> {
         let result = async {
             let (node_id, client) = self.route(instance_id)?;
-            let client = self.client(&node_id, client).await?;
             let req = StopInstanceRequest { instance_id: instance_id.to_string() };
-            let timeout = self.inner.config.rpc_timeout;
-            match self.inner.env.timeout(timeout, client.stop_instance_local(rpc::rpc_context(), req)).await {
-                Some(Ok(resp)) if resp.success => {
-                    if let Some(facts) = resp.facts {
-                        facts::apply_facts(&mut self.lock(), &node_id, facts, false, true);
-                    }
-                    Ok(())
-                }
-                Some(Ok(resp)) => {
-                    Err(resp.error.unwrap_or_else(|| ErrorResponse::internal("agent refused without a reason")))
-                }
-                Some(Err(e)) => Err(self.drop_client(&node_id, format!("stop on node {node_id} failed: {e}"))),
-                None => Err(self.drop_client(&node_id, format!("stop on node {node_id} timed out"))),
+            let call = |c: NodeAgentClient| async move { c.stop_instance_local(rpc::rpc_context(), req).await };
+            let resp = self.call_agent(&node_id, client, "stop", call).await?;
+            if !resp.success {
+                return Err(resp.error.unwrap_or_else(|| ErrorResponse::internal("agent refused without a reason")));
             }
+            if let Some(facts) = resp.facts {
+                facts::apply_facts(&mut self.lock(), &node_id, facts, false, true);
+            }
+            Ok(())
         }
         .await;
         result.map_err(|e| self.error(e))
@@ -282,17 +271,10 @@ impl ControlPlane {
         let result = async {
             let assignment = CapabilityAssignment::new(instance_id, capability_id, permissions)?;
             let (node_id, client) = self.route(instance_id)?;
-            let client = self.client(&node_id, client).await?;
-            let timeout = self.inner.config.rpc_timeout;
-            match self.inner.env.timeout(timeout, client.assign_capability(rpc::rpc_context(), assignment)).await {
-                Some(Ok(Ok(facts))) => {
-                    facts::apply_facts(&mut self.lock(), &node_id, facts, false, true);
-                    Ok(())
-                }
-                Some(Ok(Err(e))) => Err(e),
-                Some(Err(e)) => Err(self.drop_client(&node_id, format!("assign on node {node_id} failed: {e}"))),
-                None => Err(self.drop_client(&node_id, format!("assign on node {node_id} timed out"))),
-            }
+            let call = |c: NodeAgentClient| async move { c.assign_capability(rpc::rpc_context(), assignment).await };
+            let facts = self.call_agent(&node_id, client, "assign", call).await??;
+            facts::apply_facts(&mut self.lock(), &node_id, facts, false, true);
+            Ok(())
         }
         .await;
         result.map_err(|e| self.error(e))
@@ -303,18 +285,12 @@ impl ControlPlane {
         let result = async {
             factum_proto::validate_id("capability_id", capability_id)?;
             let (node_id, client) = self.route(instance_id)?;
-            let client = self.client(&node_id, client).await?;
-            let timeout = self.inner.config.rpc_timeout;
-            let call = client.revoke_capability(rpc::rpc_context(), instance_id.to_string(), capability_id.to_string());
-            match self.inner.env.timeout(timeout, call).await {
-                Some(Ok(Ok(facts))) => {
-                    facts::apply_facts(&mut self.lock(), &node_id, facts, false, true);
-                    Ok(())
-                }
-                Some(Ok(Err(e))) => Err(e),
-                Some(Err(e)) => Err(self.drop_client(&node_id, format!("revoke on node {node_id} failed: {e}"))),
-                None => Err(self.drop_client(&node_id, format!("revoke on node {node_id} timed out"))),
-            }
+            let (instance, capability) = (instance_id.to_string(), capability_id.to_string());
+            let call =
+                |c: NodeAgentClient| async move { c.revoke_capability(rpc::rpc_context(), instance, capability).await };
+            let facts = self.call_agent(&node_id, client, "revoke", call).await??;
+            facts::apply_facts(&mut self.lock(), &node_id, facts, false, true);
+            Ok(())
         }
         .await;
         result.map_err(|e| self.error(e))
@@ -345,17 +321,14 @@ impl ControlPlane {
         };
         let mut entries = Vec::new();
         for (node_id, client) in nodes {
-            let client = self.client(&node_id, client).await.map_err(|e| self.error(e))?;
-            let call = client.inspect_kv(rpc::rpc_context(), capability_id.to_string(), prefix.to_string());
-            match self.inner.env.timeout(self.inner.config.rpc_timeout, call).await {
-                Some(Ok(Ok(mut found))) => entries.append(&mut found),
-                Some(Ok(Err(e))) => return Err(self.error(e)),
-                _ => {
-                    return Err(
-                        self.error(self.drop_client(&node_id, format!("kv inspection on node {node_id} failed")))
-                    )
-                }
-            }
+            let (capability, prefix) = (capability_id.to_string(), prefix.to_string());
+            let call = |c: NodeAgentClient| async move { c.inspect_kv(rpc::rpc_context(), capability, prefix).await };
+            let mut found = self
+                .call_agent(&node_id, client, "kv inspection", call)
+                .await
+                .and_then(|r| r)
+                .map_err(|e| self.error(e))?;
+            entries.append(&mut found);
         }
         Ok(entries)
     }
@@ -479,6 +452,29 @@ impl ControlPlane {
             node.client = Some(client.clone());
         }
         Ok(client)
+    }
+
+    /// The one way the control plane calls an agent: through the node's cached client (connecting if needed),
+    /// under the RPC deadline on the env clock. A transport failure or a timeout drops the cached client and is
+    /// COMMUNICATION_FAILURE naming `what` and the node.
+    async fn call_agent<T, F, Fut>(
+        &self,
+        node_id: &str,
+        cached: Option<NodeAgentClient>,
+        what: &str,
+        call: F,
+    ) -> Result<T, ErrorResponse>
+    where
+        F: FnOnce(NodeAgentClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tarpc::client::RpcError>>,
+    {
+        let client = self.client(node_id, cached).await?;
+        let timeout = self.inner.config.rpc_timeout;
+        match self.inner.env.timeout(timeout, call(client)).await {
+            Some(Ok(value)) => Ok(value),
+            Some(Err(e)) => Err(self.drop_client(node_id, format!("{what} on node {node_id} failed: {e}"))),
+            None => Err(self.drop_client(node_id, format!("{what} on node {node_id} timed out after {timeout:?}"))),
+        }
     }
 
     fn drop_client(&self, node_id: &str, message: String) -> ErrorResponse {
