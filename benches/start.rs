@@ -52,6 +52,7 @@ async fn agent_local(name: &str, engine: Arc<dyn WasmEngine>) {
             module_bytes: bytes.clone(),
             capabilities: vec![],
             restart_policy: RestartPolicy::default(),
+            epoch: 1,
         };
         let t = Instant::now();
         agent.start_instance(req).await.expect("start");

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use factum_proto::{CapabilityAssignment, InstanceFacts, InstanceMetadata, InstanceStatus, NodeInfo};
+use factum_proto::{CapabilityAssignment, InstanceFacts, InstanceMetadata, InstanceStatus, NodeInfo, PolicyType};
 
 /// What the control plane says.
 #[derive(Debug, Clone)]
@@ -14,6 +14,8 @@ pub struct ControlPlaneView {
     pub capabilities: BTreeMap<String, Vec<CapabilityAssignment>>,
     /// Nodes.
     pub nodes: Vec<NodeInfo>,
+    /// Restart policy of every listed instance.
+    pub policies: BTreeMap<String, PolicyType>,
 }
 
 /// The cluster at one moment: the control plane's view (if it is up) and the truth of every running agent.
@@ -23,6 +25,8 @@ pub struct View {
     pub control_plane: Option<ControlPlaneView>,
     /// Facts of every running agent, by node.
     pub agents: BTreeMap<String, Vec<InstanceFacts>>,
+    /// Every key of the simulated registry, when the cluster runs one and it is up.
+    pub registry_keys: Option<Vec<String>>,
 }
 
 /// Runs the check named `spec` (`name` or `name:argument`) on `view`.
@@ -37,12 +41,18 @@ pub fn check(spec: &str, view: &View) -> Result<(), String> {
         "node_unknown" => node_unknown(view, arg),
         "none_running" => none_running(view),
         "restarts" => restarts(view, arg),
+        "registry_only_membership" => registry_only_membership(view),
+        "always_running" => always_running(view),
+        "dead_nodes_unknown" => dead_nodes_unknown(view),
         _ => Err(format!("unknown check {spec:?}")),
     }
 }
 
 /// Every check name [`check`] understands.
-pub const CHECKS: [&str; 6] = [
+pub const CHECKS: [&str; 9] = [
+    "dead_nodes_unknown",
+    "always_running",
+    "registry_only_membership",
     "single_placement",
     "facts_match_agents",
     "registry_matches_agents",
@@ -50,6 +60,24 @@ pub const CHECKS: [&str; 6] = [
     "no_unknown",
     "node_unknown:<node>",
 ];
+
+/// Property 11: the registry holds node entries and provider metadata only: no key names an instance, and
+/// nothing lives outside `nodes/` and `providers/`.
+pub fn registry_only_membership(view: &View) -> Result<(), String> {
+    let Some(keys) = &view.registry_keys else { return Ok(()) };
+    let nodes = format!("{}/nodes/", crate::REGISTRY_PREFIX);
+    let providers = format!("{}/providers/", crate::REGISTRY_PREFIX);
+    if let Some(bad) = keys.iter().find(|k| !k.starts_with(&nodes) && !k.starts_with(&providers)) {
+        return Err(format!("registry holds {bad:?}, which is neither a node nor a provider"));
+    }
+    let instance_ids = view.agents.values().flatten().map(|f| f.metadata.instance_id.as_str());
+    for id in instance_ids {
+        if let Some(key) = keys.iter().find(|k| k.ends_with(&format!("/{id}"))) {
+            return Err(format!("registry key {key:?} names instance {id}"));
+        }
+    }
+    Ok(())
+}
 
 fn cp(view: &View) -> Result<&ControlPlaneView, String> {
     view.control_plane.as_ref().ok_or_else(|| "the control plane is down".to_string())
@@ -125,6 +153,37 @@ pub fn all_running(view: &View) -> Result<(), String> {
     }
     match cp.instances.iter().find(|m| m.status != InstanceStatus::Running) {
         Some(m) => Err(format!("{} on {} is {}", m.instance_id, m.node_id, m.status)),
+        None => Ok(()),
+    }
+}
+
+/// Property 12, liveness: every instance with restart policy `always` is running on a live node, including
+/// those whose node died (they must have been rescheduled).
+pub fn always_running(view: &View) -> Result<(), String> {
+    let cp = cp(view)?;
+    let always = cp.instances.iter().filter(|m| cp.policies.get(&m.instance_id) == Some(&PolicyType::Always));
+    for m in always {
+        let live = view.agents.get(&m.node_id).is_some_and(|facts| {
+            facts
+                .iter()
+                .any(|f| f.metadata.instance_id == m.instance_id && f.metadata.status == InstanceStatus::Running)
+        });
+        if m.status != InstanceStatus::Running || !live {
+            return Err(format!("{} (policy always) is {} on {}", m.instance_id, m.status, m.node_id));
+        }
+    }
+    Ok(())
+}
+
+/// Property 14 for nodes that are down: nothing the control plane lists on a node that is not running claims
+/// to be `starting` or `running`; it is `unknown` (or ended).
+pub fn dead_nodes_unknown(view: &View) -> Result<(), String> {
+    let cp = cp(view)?;
+    let claimed = cp.instances.iter().find(|m| {
+        !view.agents.contains_key(&m.node_id) && matches!(m.status, InstanceStatus::Starting | InstanceStatus::Running)
+    });
+    match claimed {
+        Some(m) => Err(format!("{} is {} on {}, which is down", m.instance_id, m.status, m.node_id)),
         None => Ok(()),
     }
 }

@@ -22,6 +22,7 @@ use factum_proto::{
     CapabilityGrant, ControlPlaneClient, InstanceMetadata, InstanceStatus, NodeInfo, RestartPolicy, StartRequest,
 };
 use factum_providers::MemoryKv;
+use factum_registry::{MemoryRegistry, RemoteRegistry};
 use factum_wasm::{fixtures, Limits, WasmiEngine};
 
 pub use trace::TraceLog;
@@ -30,6 +31,10 @@ pub use trace::TraceLog;
 pub const PORT: u16 = 7700;
 /// Host name of the control plane.
 pub const CONTROL_PLANE: &str = "control-plane";
+/// Host name of the simulated etcd (a [`MemoryRegistry`] served over the simulated network).
+pub const REGISTRY: &str = "etcd";
+/// Key prefix of the simulated registry.
+pub const REGISTRY_PREFIX: &str = "/factum";
 
 /// Wall-clock origin of every simulated run, so timestamps do not depend on when the test runs.
 pub fn sim_epoch() -> SystemTime {
@@ -56,6 +61,11 @@ pub struct ClusterConfig {
     pub faults: Option<Arc<buggify::Buggify>>,
     /// Network latency range of every message.
     pub latency: (Duration, Duration),
+    /// Run a registry host ([`REGISTRY`]): agents hold leases, the control plane follows membership and
+    /// reschedules the instances of nodes whose lease expires.
+    pub registry: bool,
+    /// TTL of agents' registry leases.
+    pub lease_ttl: Duration,
 }
 
 impl ClusterConfig {
@@ -68,12 +78,16 @@ impl ClusterConfig {
                 node_timeout: Duration::from_secs(3),
                 check_interval: Duration::from_millis(250),
                 rpc_timeout: Duration::from_secs(2),
+                reschedule: true,
+                watch_wait: Duration::from_secs(2),
                 injected_bug: None,
             },
             heartbeat_interval: Duration::from_millis(500),
             duration: Duration::from_secs(120),
             faults: None,
             latency: (Duration::ZERO, Duration::from_millis(100)),
+            registry: false,
+            lease_ttl: Duration::from_secs(2),
         }
     }
 }
@@ -90,6 +104,7 @@ pub fn agent_name(i: usize) -> String {
 pub struct Observed {
     control_plane: Mutex<Option<ControlPlane>>,
     agents: Mutex<BTreeMap<String, Agent>>,
+    registry: Mutex<Option<Arc<MemoryRegistry>>>,
 }
 
 impl Observed {
@@ -109,6 +124,8 @@ impl Observed {
     pub fn crashed(&self, name: &str) {
         if name == CONTROL_PLANE {
             self.set_control_plane(None);
+        } else if name == REGISTRY {
+            *self.registry.lock().unwrap_or_else(|p| p.into_inner()) = None;
         } else {
             self.set_agent(name, None);
         }
@@ -125,10 +142,17 @@ impl Observed {
                     .iter()
                     .map(|m| (m.instance_id.clone(), cp.capabilities(&m.instance_id)))
                     .collect(),
+                policies: cp
+                    .list_instances()
+                    .iter()
+                    .filter_map(|m| cp.query_instance(&m.instance_id).ok())
+                    .map(|d| (d.metadata.instance_id, d.restart_policy.policy_type))
+                    .collect(),
                 instances: cp.list_instances(),
                 nodes: cp.list_nodes(),
             }),
             agents: agents.iter().map(|(name, agent)| (name.clone(), agent.snapshot())).collect(),
+            registry_keys: self.registry.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|r| r.keys_now()),
         }
     }
 }
@@ -161,6 +185,22 @@ pub fn build_observed_cluster(
     let cp_observed = observed.clone();
     let cp_incarnations = incarnations.clone();
     let cp_faults = faults.clone();
+    let with_registry = config.registry;
+    if with_registry {
+        let registry_observed = observed.clone();
+        let registry_trace = trace.clone();
+        sim.host(REGISTRY, move || {
+            let env = Env::turmoil(seed ^ 0xe7cd, sim_epoch()).with_trace(REGISTRY, registry_trace.clone());
+            let observed = registry_observed.clone();
+            async move {
+                let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
+                let registry = Arc::new(MemoryRegistry::new(env.clone(), REGISTRY_PREFIX));
+                *observed.registry.lock().unwrap_or_else(|p| p.into_inner()) = Some(registry.clone());
+                factum_registry::serve(registry, listener).await;
+                Ok(())
+            }
+        });
+    }
     sim.host(CONTROL_PLANE, move || {
         let incarnation = cp_incarnations.fetch_add(1, Ordering::SeqCst);
         let env = with_faults(
@@ -174,6 +214,9 @@ pub fn build_observed_cluster(
             let cp = ControlPlane::new(env.clone(), cp_config);
             observed.set_control_plane(Some(cp.clone()));
             env.spawn(cp.clone().run_failure_detector());
+            if with_registry {
+                env.spawn(cp.clone().run_membership(remote_registry(&env)));
+            }
             factum_control_plane::serve(cp, listener).await;
             Ok(())
         }
@@ -185,6 +228,7 @@ pub fn build_observed_cluster(
         let agent_observed = observed.clone();
         let agent_incarnations = incarnations.clone();
         let agent_faults = faults.clone();
+        let lease_ttl = config.lease_ttl;
         sim.host(name.clone(), move || {
             let incarnation = agent_incarnations.fetch_add(1, Ordering::SeqCst);
             let env = with_faults(
@@ -197,6 +241,7 @@ pub fn build_observed_cluster(
             let mut agent_config = AgentConfig::new(name.clone(), format!("{name}:{PORT}"));
             agent_config.heartbeat_interval = heartbeat;
             agent_config.rpc_timeout = Duration::from_secs(2);
+            agent_config.lease_ttl = lease_ttl;
             // Fuel makes guest execution and its yield points a function of the module alone.
             agent_config.limits = Limits { fuel_yield_interval: 10_000, ..Limits::default() };
             async move {
@@ -205,12 +250,19 @@ pub fn build_observed_cluster(
                     Agent::new(env.clone(), agent_config, Arc::new(WasmiEngine::new()), Arc::new(MemoryKv::new()));
                 observed.set_agent(&name, Some(agent.clone()));
                 env.spawn(factum_node_agent::serve(agent.clone(), listener));
+                if with_registry {
+                    env.spawn(factum_node_agent::run_registry_link(agent.clone(), remote_registry(&env)));
+                }
                 factum_node_agent::run_control_plane_link(agent, format!("{CONTROL_PLANE}:{PORT}"), reports).await;
                 Ok(())
             }
         });
     }
     sim
+}
+
+fn remote_registry(env: &Env) -> Arc<dyn factum_registry::Registry> {
+    Arc::new(RemoteRegistry::new(env.clone(), format!("{REGISTRY}:{PORT}"), Duration::from_secs(2)))
 }
 
 fn with_faults(env: Env, faults: &Option<Arc<buggify::Buggify>>) -> Env {

@@ -79,6 +79,9 @@ pub struct Scenario {
         skip_serializing_if = "Option::is_none"
     )]
     pub max_latency: Option<Duration>,
+    /// Run a simulated etcd (host `etcd`): leases, membership, rescheduling (default false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub registry: bool,
 }
 
 fn yes() -> bool {
@@ -215,8 +218,11 @@ impl Scenario {
         if self.agents == 0 {
             return Err("a scenario needs at least one agent".into());
         }
-        let hosts: BTreeSet<String> =
-            std::iter::once(crate::CONTROL_PLANE.to_string()).chain((1..=self.agents).map(crate::agent_name)).collect();
+        let registry = self.registry.then(|| crate::REGISTRY.to_string());
+        let hosts: BTreeSet<String> = std::iter::once(crate::CONTROL_PLANE.to_string())
+            .chain(registry)
+            .chain((1..=self.agents).map(crate::agent_name))
+            .collect();
         let host = |h: &Option<String>, field: &str, step: &Step| match h {
             Some(h) if hosts.contains(h) => Ok(()),
             other => Err(format!(
@@ -249,7 +255,7 @@ impl Scenario {
                 return Err(format!("step at {:?} is after the end ({:?})", step.at, self.duration));
             }
         }
-        let empty = invariants::View { control_plane: None, agents: Default::default() };
+        let empty = invariants::View { control_plane: None, agents: Default::default(), registry_keys: None };
         for check in self.always.iter().map(|a| &a.check).chain(self.eventually.iter().map(|e| &e.check)) {
             if let Err(e) = invariants::check(check, &empty) {
                 if e.starts_with("unknown check") {
@@ -274,6 +280,8 @@ impl Scenario {
         use rand_core::{RngCore, SeedableRng};
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5a4a);
         let mut pick = |n: u64| rng.next_u64() % n.max(1);
+        // Half the runs have a registry: leases, fencing and rescheduling join the fault space.
+        let registry = pick(2) == 0;
         let chaos_end = duration.saturating_sub(Duration::from_secs(15)).max(Duration::from_secs(2));
         let hosts: Vec<String> =
             std::iter::once(crate::CONTROL_PLANE.to_string()).chain((1..=agents).map(crate::agent_name)).collect();
@@ -323,7 +331,8 @@ impl Scenario {
                 }
                 5 => {
                     let mut s = blank(at, Action::Partition);
-                    s.a = Some(crate::CONTROL_PLANE.to_string());
+                    let from_registry = registry && pick(2) == 0;
+                    s.a = Some(if from_registry { crate::REGISTRY } else { crate::CONTROL_PLANE }.to_string());
                     s.b = Some(crate::agent_name(1 + pick(agents as u64) as usize));
                     s
                 }
@@ -348,13 +357,17 @@ impl Scenario {
             agents,
             duration,
             steps,
-            always: vec![Always { check: "single_placement".into() }],
+            always: vec![
+                Always { check: "single_placement".into() },
+                Always { check: "registry_only_membership".into() },
+            ],
             eventually: vec![
                 Eventually { check: "facts_match_agents".into(), by },
                 Eventually { check: "registry_matches_agents".into(), by },
             ],
             buggify: true,
             max_latency: None,
+            registry,
         }
     }
 
@@ -488,6 +501,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> Result<Outcome, Failure> {
 pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcome, Failure> {
     let seed = config.seed;
     config.agents = scenario.agents;
+    config.registry = scenario.registry;
     config.duration = scenario.duration + Duration::from_secs(30);
     if scenario.buggify && config.faults.is_none() {
         config.faults = Some(Arc::new(crate::buggify::Buggify::new(seed)));

@@ -60,12 +60,13 @@ fn arb_metadata() -> impl Strategy<Value = InstanceMetadata> {
 fn arb_facts() -> impl Strategy<Value = InstanceFacts> {
     arb_metadata().prop_flat_map(|metadata| {
         let id = metadata.instance_id.clone();
-        (Just(metadata), prop::collection::vec(arb_assignment(id), 0..3), arb_policy(), any::<u64>()).prop_map(
-            |(metadata, capabilities, restart_policy, seq)| InstanceFacts {
+        (Just(metadata), prop::collection::vec(arb_assignment(id), 0..3), arb_policy(), any::<(u64, u64)>()).prop_map(
+            |(metadata, capabilities, restart_policy, (seq, epoch))| InstanceFacts {
                 metadata,
                 capabilities,
                 restart_policy,
                 seq,
+                epoch,
             },
         )
     })
@@ -94,9 +95,9 @@ proptest! {
     fn status_reports_round_trip(
         (instance_id, node_id) in ("[a-z0-9-]{1,20}", "[a-z0-9-]{1,10}"),
         status in arb_status(), timestamp in any::<u64>(), seq in any::<u64>(), restarts in any::<u32>(),
-        last_error in prop::option::of("\\PC{0,40}"),
+        last_error in prop::option::of("\\PC{0,40}"), epoch in any::<u64>(),
     ) {
-        let report = StatusReport { instance_id, node_id, status, timestamp, seq, restarts, last_error };
+        let report = StatusReport { instance_id, node_id, status, timestamp, seq, restarts, last_error, epoch };
         prop_assert_eq!(round_trip(report.clone()), report);
     }
 
@@ -106,10 +107,11 @@ proptest! {
     fn start_requests_and_node_reports_round_trip(
         module_bytes in prop::collection::vec(any::<u8>(), 0..512),
         policy in arb_policy(),
+        epoch in any::<u64>(),
         facts in prop::collection::vec(arb_facts(), 0..4),
     ) {
         let capabilities = facts.iter().flat_map(|f| f.capabilities.clone()).collect();
-        let start = StartInstanceRequest { instance_id: "i-1".into(), module_bytes, capabilities, restart_policy: policy };
+        let start = StartInstanceRequest { instance_id: "i-1".into(), module_bytes, capabilities, restart_policy: policy, epoch };
         prop_assert_eq!(round_trip(start.clone()), start);
         let report = NodeReport { protocol_version: PROTOCOL_VERSION, node_id: "n".into(), agent_addr: "h:1".into(), max_instances: 9, instances: facts };
         prop_assert_eq!(round_trip(report.clone()), report);

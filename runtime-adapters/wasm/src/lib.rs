@@ -17,7 +17,7 @@ use factum_proto::ErrorResponse;
 use futures::future::BoxFuture;
 
 pub use abi::GuestHost;
-pub use cache::ModuleCache;
+pub use cache::{CachedModule, ModuleCache};
 pub use wasmi_engine::WasmiEngine;
 pub use wasmtime_engine::WasmtimeEngine;
 

@@ -1,6 +1,7 @@
 //! The long-running commands: `up`, `control-plane`, `agent`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use factum_control_plane::{ControlPlane, ControlPlaneConfig};
@@ -9,7 +10,9 @@ use factum_node_agent::{Agent, AgentConfig};
 use factum_providers::MemoryKv;
 use factum_wasm::{Limits, WasmEngine, WasmiEngine, WasmtimeEngine};
 
-use crate::{AgentOpts, EngineKind};
+use factum_registry::{EtcdRegistry, Registry};
+
+use crate::{AgentOpts, EngineKind, RegistryOpts};
 
 /// Prints a status line; a closed stdout (e.g. `factum up | head -1`) must not take the daemon down.
 fn say(line: String) {
@@ -24,18 +27,43 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
+/// Connects to etcd if endpoints are given.
+async fn connect_registry(env: &Env, opts: &RegistryOpts) -> Result<Option<Arc<dyn Registry>>> {
+    if opts.etcd.is_empty() {
+        return Ok(None);
+    }
+    let registry = EtcdRegistry::connect(env.clone(), &opts.etcd, &opts.etcd_prefix, Duration::from_secs(5))
+        .await
+        .with_context(|| format!("cannot use etcd at {}", opts.etcd.join(",")))?;
+    say(format!("registry: etcd at {} (prefix {})", opts.etcd.join(","), opts.etcd_prefix));
+    Ok(Some(Arc::new(registry)))
+}
+
 /// Binds and serves a control plane; returns the address it listens on.
-async fn start_control_plane(env: &Env, listen: &str) -> Result<String> {
+async fn start_control_plane(
+    env: &Env,
+    listen: &str,
+    config: ControlPlaneConfig,
+    registry: Option<Arc<dyn Registry>>,
+) -> Result<String> {
     let listener = env.net.bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    let cp = ControlPlane::new(env.clone(), ControlPlaneConfig::default());
+    let cp = ControlPlane::new(env.clone(), config);
     env.spawn(cp.clone().run_failure_detector());
+    if let Some(registry) = registry {
+        env.spawn(cp.clone().run_membership(registry));
+    }
     env.spawn(factum_control_plane::serve(cp, listener));
     Ok(addr)
 }
 
 /// Binds and serves an agent linked to `control_plane`; returns the address it listens on.
-async fn start_agent(env: &Env, control_plane: String, opts: AgentOpts) -> Result<(Agent, String)> {
+async fn start_agent(
+    env: &Env,
+    control_plane: String,
+    opts: AgentOpts,
+    registry: Option<Arc<dyn Registry>>,
+) -> Result<(Agent, String)> {
     let listener =
         env.net.bind(&opts.agent_listen).await.with_context(|| format!("cannot listen on {}", opts.agent_listen))?;
     let addr = listener.local_addr()?;
@@ -45,6 +73,7 @@ async fn start_agent(env: &Env, control_plane: String, opts: AgentOpts) -> Resul
     };
     let mut config = AgentConfig::new(opts.node_id, addr.clone());
     config.max_instances = opts.max_instances;
+    config.lease_ttl = opts.lease_ttl;
     config.limits = Limits {
         max_memory_bytes: opts.max_memory_mib.saturating_mul(1024 * 1024),
         fuel: opts.fuel,
@@ -53,6 +82,9 @@ async fn start_agent(env: &Env, control_plane: String, opts: AgentOpts) -> Resul
     let (agent, reports) = Agent::new(env.clone(), config, engine, Arc::new(MemoryKv::new()));
     env.spawn(factum_node_agent::serve(agent.clone(), listener));
     env.spawn(factum_node_agent::run_control_plane_link(agent.clone(), control_plane, reports));
+    if let Some(registry) = registry {
+        env.spawn(factum_node_agent::run_registry_link(agent.clone(), registry));
+    }
     Ok((agent, addr))
 }
 
@@ -66,9 +98,9 @@ async fn wait_for_shutdown() -> Result<()> {
 pub async fn up(listen: String, agent_opts: AgentOpts) -> Result<()> {
     init_logging();
     let env = Env::tokio();
-    let cp_addr = start_control_plane(&env, &listen).await?;
+    let cp_addr = start_control_plane(&env, &listen, ControlPlaneConfig::default(), None).await?;
     let engine = agent_opts.engine;
-    let (agent, agent_addr) = start_agent(&env, cp_addr.clone(), agent_opts).await?;
+    let (agent, agent_addr) = start_agent(&env, cp_addr.clone(), agent_opts, None).await?;
     say(format!("factum is up: control plane listening on {cp_addr}"));
     say(format!("node {} ({engine:?}) listening on {agent_addr}", agent.node_id()));
     say(format!("try: factum start guests/fixtures/kv_greeter.wat --cap kv=kv:write --control-plane {cp_addr}"));
@@ -78,19 +110,22 @@ pub async fn up(listen: String, agent_opts: AgentOpts) -> Result<()> {
 }
 
 /// `factum control-plane`.
-pub async fn control_plane(listen: String) -> Result<()> {
+pub async fn control_plane(listen: String, reschedule: bool, registry: RegistryOpts) -> Result<()> {
     init_logging();
     let env = Env::tokio();
-    let addr = start_control_plane(&env, &listen).await?;
+    let registry = connect_registry(&env, &registry).await?;
+    let config = ControlPlaneConfig { reschedule, ..ControlPlaneConfig::default() };
+    let addr = start_control_plane(&env, &listen, config, registry).await?;
     say(format!("control plane listening on {addr}"));
     wait_for_shutdown().await
 }
 
 /// `factum agent`.
-pub async fn agent(control_plane: String, opts: AgentOpts) -> Result<()> {
+pub async fn agent(control_plane: String, opts: AgentOpts, registry: RegistryOpts) -> Result<()> {
     init_logging();
     let env = Env::tokio();
-    let (agent, addr) = start_agent(&env, control_plane.clone(), opts).await?;
+    let registry = connect_registry(&env, &registry).await?;
+    let (agent, addr) = start_agent(&env, control_plane.clone(), opts, registry).await?;
     say(format!("node {} listening on {addr}, reporting to {control_plane}", agent.node_id()));
     let result = wait_for_shutdown().await;
     agent.stop_all();

@@ -70,6 +70,22 @@ pub struct AgentOpts {
     /// Fuel budget per run (roughly Wasm instructions); a run that uses it up crashes. Unlimited if unset.
     #[arg(long)]
     pub fuel: Option<u64>,
+    /// TTL of the node's registry lease (with `--etcd`), e.g. `5s`. A node that cannot renew it for 4/5 of
+    /// this stops its reschedulable instances; the control plane reschedules them once the lease expires.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: std::time::Duration,
+}
+
+/// Where node membership and provider metadata live.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RegistryOpts {
+    /// etcd endpoints, comma-separated (e.g. `127.0.0.1:2379`). Unset: no registry; membership comes from
+    /// agent heartbeats alone.
+    #[arg(long, env = "FACTUM_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Key prefix in etcd.
+    #[arg(long, default_value = factum_registry::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
 }
 
 /// The subcommands.
@@ -84,13 +100,20 @@ pub enum Command {
         #[command(flatten)]
         agent: AgentOpts,
     },
-    /// Run a control plane only.
+    /// Run a control plane only. With `--etcd` it follows node membership in etcd, rebuilds from the agents
+    /// it finds there after a restart, and reschedules instances of nodes whose lease expires.
     ControlPlane {
         /// Address to listen on.
         #[arg(long, default_value = DEFAULT_CONTROL_PLANE)]
         listen: String,
+        /// Do not reschedule instances of a lost node (they stay `unknown` until it returns).
+        #[arg(long)]
+        no_reschedule: bool,
+        /// Registry options.
+        #[command(flatten)]
+        registry: RegistryOpts,
     },
-    /// Run a node agent that registers with a control plane.
+    /// Run a node agent that reports to a control plane (and, with `--etcd`, registers under a lease).
     Agent {
         /// Control plane address.
         #[arg(long, default_value = DEFAULT_CONTROL_PLANE)]
@@ -98,6 +121,9 @@ pub enum Command {
         /// Agent options.
         #[command(flatten)]
         agent: AgentOpts,
+        /// Registry options.
+        #[command(flatten)]
+        registry: RegistryOpts,
     },
     /// Start an instance of a module (.wasm, or .wat text); prints its id.
     Start {
@@ -198,8 +224,10 @@ pub fn run() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Up { listen, agent } => daemon::up(listen, agent).await,
-            Command::ControlPlane { listen } => daemon::control_plane(listen).await,
-            Command::Agent { control_plane, agent } => daemon::agent(control_plane, agent).await,
+            Command::ControlPlane { listen, no_reschedule, registry } => {
+                daemon::control_plane(listen, !no_reschedule, registry).await
+            }
+            Command::Agent { control_plane, agent, registry } => daemon::agent(control_plane, agent, registry).await,
             other => client::run(other).await,
         }
     });

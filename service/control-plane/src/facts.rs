@@ -1,6 +1,7 @@
 //! How execution facts from agents update the control plane's maps. Facts only move forward: a fact is applied
-//! when its sequence number is newer than the one held (or equal, for full snapshots, which restate the
-//! truth), so duplicated or reordered reports never roll a status back (P13, P14).
+//! when its `(epoch, seq)` is newer than the one held (or equal, for full snapshots, which restate the truth),
+//! so duplicated or reordered reports never roll a status back (P13, P14), and facts from a node that ran an
+//! older placement of a rescheduled instance never overwrite those of its new node.
 
 use std::collections::BTreeSet;
 
@@ -15,19 +16,23 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
     let id = facts.metadata.instance_id.clone();
     match state.instances.get_mut(&id) {
         Some(record) => {
-            let moved = record.metadata.node_id != node_id;
-            let newer = |held: u64| facts.seq > held || (restating && facts.seq == held);
+            if facts.epoch < record.epoch || (facts.epoch == record.epoch && record.metadata.node_id != node_id) {
+                return; // an older placement, or a node that does not hold this one
+            }
+            let moved = facts.epoch > record.epoch;
+            let newer = |held: u64| moved || facts.seq > held || (restating && facts.seq == held);
             // Assignments have their own watermark: a status report may overtake the answer to a grant, and
             // the grant must still land. The agent enforces them, so its word wins.
-            if moved || newer(record.caps_seq) {
+            if newer(record.caps_seq) {
                 let capabilities = facts.capabilities.into_iter().map(|c| (c.capability_id.clone(), c)).collect();
                 state.capabilities.insert(id.clone(), capabilities);
                 record.caps_seq = facts.seq;
             }
-            if moved || newer(record.seq) {
+            if newer(record.seq) {
                 record.metadata = facts.metadata;
                 record.seq = facts.seq;
             }
+            record.epoch = facts.epoch;
         }
         None if !learn => {}
         None => {
@@ -39,6 +44,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 restart_policy: facts.restart_policy,
                 seq: facts.seq,
                 caps_seq: facts.seq,
+                epoch: facts.epoch,
             };
             state.instances.insert(id, record);
         }
@@ -49,9 +55,14 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
 /// agent's next snapshot carries them with their assignments.
 pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
     let Some(record) = state.instances.get_mut(&report.instance_id) else { return };
-    if record.metadata.node_id == report.node_id && report.seq <= record.seq {
+    let same_placement = report.epoch == record.epoch && record.metadata.node_id == report.node_id;
+    if report.epoch < record.epoch || (report.epoch == record.epoch && !same_placement) {
+        return; // from an older placement
+    }
+    if same_placement && report.seq <= record.seq {
         return;
     }
+    record.epoch = report.epoch;
     record.metadata.node_id = report.node_id;
     record.metadata.status = report.status;
     record.metadata.restarts = report.restarts;

@@ -7,6 +7,7 @@
 //! sequence number of the newest fact so reordered reports cannot roll a fact back.
 
 mod facts;
+mod membership;
 mod server;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,6 +32,12 @@ pub struct ControlPlaneConfig {
     pub check_interval: Duration,
     /// Deadline of one call to an agent.
     pub rpc_timeout: Duration,
+    /// With a registry: when a node's lease expires, start its instances whose restart policy is `always` or
+    /// `on_failure` (and whose retries are not used up) on another node, under the next placement epoch. Safe
+    /// because an agent fences its reschedulable instances before its lease can expire.
+    pub reschedule: bool,
+    /// Longest wait of one registry watch call; the membership is re-read at least this often.
+    pub watch_wait: Duration,
     /// A deliberate bug, for proving that the simulator catches it (`sim/tests/injected_bugs.rs`). Always
     /// `None` in real deployments; the CLI has no way to set it.
     pub injected_bug: Option<InjectedBug>,
@@ -51,6 +58,8 @@ impl Default for ControlPlaneConfig {
             node_timeout: Duration::from_secs(5),
             check_interval: Duration::from_millis(500),
             rpc_timeout: Duration::from_secs(10),
+            reschedule: true,
+            watch_wait: Duration::from_secs(5),
             injected_bug: None,
         }
     }
@@ -65,6 +74,8 @@ struct InstanceRecord {
     seq: u64,
     /// Sequence number of the newest applied capability fact (the agent is the authority on assignments).
     caps_seq: u64,
+    /// Placement epoch: facts from an older one are ignored.
+    epoch: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -73,6 +84,9 @@ struct NodeRecord {
     max_instances: u32,
     last_seen: Duration,
     available: bool,
+    /// Whether the registry lists the node (always true without a registry). Only registered nodes get new
+    /// instances: an unregistered one may be fencing.
+    registered: bool,
     client: Option<NodeAgentClient>,
 }
 
@@ -85,6 +99,10 @@ struct State {
     nodes: BTreeMap<String, NodeRecord>,
     /// Starts sent to an agent and not yet answered: a snapshot that lacks them is not evidence of loss.
     pending_starts: BTreeSet<String>,
+    /// Module bytes by hash, kept for rescheduling; refilled from agents after a restart.
+    modules: BTreeMap<String, Arc<Vec<u8>>>,
+    /// Whether a registry decides membership (set when [`ControlPlane::run_membership`] starts).
+    registry_mode: bool,
 }
 
 struct Inner {
@@ -153,7 +171,7 @@ impl ControlPlane {
                 metadata: InstanceMetadata {
                     instance_id: instance_id.clone(),
                     node_id: node_id.clone(),
-                    module_hash,
+                    module_hash: module_hash.clone(),
                     created_at: self.inner.env.wall_ms(),
                     status: InstanceStatus::Starting,
                     restarts: 0,
@@ -162,11 +180,15 @@ impl ControlPlane {
                 restart_policy: req.restart_policy,
                 seq: 0,
                 caps_seq: 0,
+                epoch: 1,
             };
             state.instances.insert(instance_id.clone(), record);
             state.capabilities.insert(instance_id.clone(), capabilities.clone());
             state.pending_starts.insert(instance_id.clone());
             let client = state.nodes.get(&node_id).and_then(|n| n.client.clone());
+            if state.registry_mode {
+                state.modules.entry(module_hash.clone()).or_insert_with(|| Arc::new(req.module_bytes.clone()));
+            }
             (node_id, client)
         };
         let request = StartInstanceRequest {
@@ -174,6 +196,7 @@ impl ControlPlane {
             module_bytes: req.module_bytes,
             capabilities: capabilities.into_values().collect(),
             restart_policy: req.restart_policy,
+            epoch: 1,
         };
         let result = self.call_start(&node_id, client, request).await;
         let mut state = self.lock();
@@ -305,7 +328,8 @@ impl ControlPlane {
             .map(|(node_id, n)| NodeInfo {
                 node_id: node_id.clone(),
                 agent_addr: n.agent_addr.clone(),
-                available: n.available,
+                // With a registry, a node whose lease is gone is not available even while it still reports.
+                available: n.available && n.registered,
                 instances: state.instances.values().filter(|r| r.metadata.node_id == *node_id).count() as u32,
                 max_instances: n.max_instances,
             })
@@ -345,6 +369,7 @@ impl ControlPlane {
         factum_proto::validate_id("node_id", &report.node_id).map_err(|e| self.error(e))?;
         let now = self.inner.env.clock.now();
         let mut state = self.lock();
+        let registry_mode = state.registry_mode;
         let node = state.nodes.entry(report.node_id.clone()).or_insert_with(|| {
             tracing::info!(node = %report.node_id, addr = %report.agent_addr, "node registered");
             NodeRecord {
@@ -352,9 +377,13 @@ impl ControlPlane {
                 max_instances: report.max_instances,
                 last_seen: now,
                 available: true,
+                registered: false,
                 client: None,
             }
         });
+        if !registry_mode {
+            node.registered = true;
+        }
         if node.agent_addr != report.agent_addr {
             node.agent_addr = report.agent_addr.clone();
             node.client = None;
@@ -504,26 +533,23 @@ fn validate_module_bytes(bytes: &[u8]) -> Result<(), ErrorResponse> {
 /// Placement: the available node with the fewest active (starting/running) instances below its quota; ties go
 /// to the lowest node id, so placement is deterministic.
 fn place(state: &State) -> Result<String, ErrorResponse> {
-    let active = |node_id: &str| {
-        state
-            .instances
-            .values()
-            .filter(|r| {
-                r.metadata.node_id == node_id
-                    && matches!(r.metadata.status, InstanceStatus::Starting | InstanceStatus::Running)
-            })
-            .count()
-    };
+    // One pass over the instances, then one over the nodes.
+    let mut active: BTreeMap<&str, usize> = BTreeMap::new();
+    for record in state.instances.values() {
+        if matches!(record.metadata.status, InstanceStatus::Starting | InstanceStatus::Running) {
+            *active.entry(record.metadata.node_id.as_str()).or_default() += 1;
+        }
+    }
     state
         .nodes
         .iter()
-        .filter(|(_, n)| n.available)
-        .map(|(id, n)| (active(id), id, n.max_instances as usize))
+        .filter(|(_, n)| n.available && n.registered)
+        .map(|(id, n)| (active.get(id.as_str()).copied().unwrap_or(0), id, n.max_instances as usize))
         .filter(|(count, _, max)| count < max)
         .min_by_key(|(count, id, _)| (*count, (*id).clone()))
         .map(|(_, id, _)| id.clone())
         .ok_or_else(|| {
-            let why = if state.nodes.values().any(|n| n.available) {
+            let why = if state.nodes.values().any(|n| n.available && n.registered) {
                 "every available node is full"
             } else {
                 "no node is available"

@@ -146,6 +146,7 @@ mod tests {
             module_bytes: fixtures::module(fixtures::SLEEPER),
             capabilities,
             restart_policy: RestartPolicy::default(),
+            epoch: 1,
         };
         agent.start_instance(request).await.unwrap();
         let host = InstanceHost::new(Arc::downgrade(&agent.inner), "i".into());
@@ -224,6 +225,7 @@ mod tests {
                         module_bytes: fixtures::module(fixtures::SLEEPER),
                         capabilities: vec![CapabilityAssignment::new(id, cap, &["kv:write".to_string(), "kv:read".to_string()]).unwrap()],
                         restart_policy: RestartPolicy::default(),
+                        epoch: 1,
                     };
                     agent.start_instance(request).await.unwrap();
                 }
@@ -250,6 +252,7 @@ mod tests {
                         module_bytes: fixtures::module(fixtures::REMEMBER),
                         capabilities: vec![],
                         restart_policy: RestartPolicy::default(),
+                        epoch: 1,
                     };
                     agent.start_instance(request).await.unwrap();
                 }

@@ -7,6 +7,7 @@
 
 mod host;
 mod link;
+mod registry_link;
 mod server;
 
 use std::collections::BTreeMap;
@@ -19,11 +20,12 @@ use factum_proto::{
     NodeReport, RestartPolicy, StartInstanceRequest, StatusReport, PROTOCOL_VERSION,
 };
 use factum_providers::MemoryKv;
-use factum_wasm::{CompiledModule, ExitReason, Instance, Limits, ModuleCache, WasmEngine};
+use factum_wasm::{CachedModule, ExitReason, Instance, Limits, ModuleCache, WasmEngine};
 use futures::future::AbortHandle;
 use tokio::sync::mpsc;
 
 pub use link::run_control_plane_link;
+pub use registry_link::run_registry_link;
 pub use server::serve;
 
 /// Agent settings; defaults suit one node on a laptop.
@@ -43,6 +45,8 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// Deadline of one call to the control plane.
     pub rpc_timeout: Duration,
+    /// TTL of this node's registry lease; it is renewed every third of it.
+    pub lease_ttl: Duration,
 }
 
 impl AgentConfig {
@@ -56,6 +60,7 @@ impl AgentConfig {
             module_cache_capacity: 256,
             heartbeat_interval: Duration::from_secs(1),
             rpc_timeout: Duration::from_secs(5),
+            lease_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -65,7 +70,9 @@ struct LocalInstance {
     metadata: InstanceMetadata,
     capabilities: BTreeMap<String, CapabilityAssignment>,
     policy: RestartPolicy,
-    module: Arc<dyn CompiledModule>,
+    module: CachedModule,
+    /// Placement epoch given by the control plane; orders facts across nodes.
+    epoch: u64,
     /// Bumped on every status change; orders facts at the control plane.
     seq: u64,
     /// Bumped whenever a run is replaced or stopped, so a stale supervisor can tell it lost ownership.
@@ -80,6 +87,7 @@ impl LocalInstance {
             capabilities: self.capabilities.values().cloned().collect(),
             restart_policy: self.policy,
             seq: self.seq,
+            epoch: self.epoch,
         }
     }
 }
@@ -91,6 +99,9 @@ pub(crate) struct Inner {
     kv: Arc<MemoryKv>,
     instances: Mutex<BTreeMap<String, LocalInstance>>,
     reports: mpsc::UnboundedSender<StatusReport>,
+    /// Set while the node has lost its registry lease and not yet re-registered: starts are refused, since the
+    /// control plane may be rescheduling elsewhere what would run here.
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 /// A node agent. Cheap to clone; clones share state.
@@ -123,7 +134,15 @@ impl Agent {
     pub fn new(env: Env, config: AgentConfig, engine: Arc<dyn WasmEngine>, kv: Arc<MemoryKv>) -> (Self, StatusReports) {
         let (tx, rx) = mpsc::unbounded_channel();
         let cache = ModuleCache::new(engine, config.module_cache_capacity);
-        let inner = Inner { env, config, cache, kv, instances: Mutex::new(BTreeMap::new()), reports: tx };
+        let inner = Inner {
+            env,
+            config,
+            cache,
+            kv,
+            instances: Mutex::new(BTreeMap::new()),
+            reports: tx,
+            fenced: std::sync::atomic::AtomicBool::new(false),
+        };
         (Agent { inner: Arc::new(inner) }, StatusReports(rx))
     }
 
@@ -149,9 +168,19 @@ impl Agent {
         }
         let hash = factum_proto::module_hash(&req.module_bytes);
         {
-            let instances = inner.lock();
-            if let Some(existing) = instances.get(&req.instance_id) {
+            let mut instances = inner.lock();
+            let superseded =
+                instances.get(&req.instance_id).is_some_and(|i| i.epoch < req.epoch && i.metadata.status.is_terminal());
+            if superseded {
+                // An ended run of an older placement; the control plane placed the instance here anew.
+                instances.remove(&req.instance_id);
+            }
+            if let Some(existing) = instances.get_mut(&req.instance_id) {
                 return if existing.metadata.module_hash == hash {
+                    if existing.epoch < req.epoch {
+                        existing.epoch = req.epoch;
+                        existing.seq += 1;
+                    }
                     Ok(existing.facts())
                 } else {
                     Err(ErrorResponse::invalid(format!(
@@ -187,11 +216,18 @@ impl Agent {
                 // A concurrent start of the same id won the race while we compiled.
                 return Ok(existing.facts());
             }
+            if inner.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(ErrorResponse::communication(format!(
+                    "node {} lost its registry lease and accepts no instances until it has registered again",
+                    inner.config.node_id
+                )));
+            }
             let local = LocalInstance {
                 metadata,
                 capabilities,
                 policy: req.restart_policy,
                 module,
+                epoch: req.epoch,
                 seq: 0,
                 generation: 0,
                 abort: None,
@@ -330,6 +366,67 @@ impl Agent {
             .collect()
     }
 
+    /// The bytes of a module some local instance runs (or the cache still holds), by hash.
+    pub fn module_bytes(&self, module_hash: &str) -> Result<Vec<u8>, ErrorResponse> {
+        let instances = self.inner.lock();
+        instances.values().find(|i| i.metadata.module_hash == module_hash).map(|i| i.module.bytes.to_vec()).ok_or_else(
+            || {
+                ErrorResponse::new(
+                    ErrorCode::InstanceNotFound,
+                    format!("no module with hash {module_hash} on this node"),
+                )
+                .with_detail("module_hash", module_hash)
+            },
+        )
+    }
+
+    /// Fencing after the node lost its registry lease: the control plane may already be rescheduling every
+    /// instance whose restart policy is `always` or `on_failure` onto another node, so those runs end here and
+    /// are forgotten (not reported as stopped: the newer placement's facts must not be contradicted). Instances
+    /// with policy `never` are never rescheduled, so they keep running. Returns how many were dropped.
+    pub fn fence(&self) -> usize {
+        let mut instances = self.inner.lock();
+        self.inner.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+        let fenced: Vec<String> = instances
+            .iter()
+            .filter(|(_, i)| i.policy.policy_type != factum_proto::PolicyType::Never)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &fenced {
+            if let Some(mut local) = instances.remove(id) {
+                if let Some(abort) = local.abort.take() {
+                    abort.abort();
+                }
+            }
+        }
+        let dropped = fenced.len();
+        tracing::warn!(node = %self.inner.config.node_id, dropped, "registry lease lost: fenced reschedulable instances");
+        self.inner.env.trace(|| format!("fence {} dropped={dropped}", self.inner.config.node_id));
+        dropped
+    }
+
+    /// Metadata of the capability providers this node hosts.
+    pub fn providers(&self) -> Vec<factum_proto::ProviderMetadata> {
+        use factum_providers::Provider;
+        vec![self.inner.kv.metadata()]
+    }
+
+    /// Called once the node holds a fresh lease again: starts are accepted again.
+    pub fn registered(&self) {
+        self.inner.fenced.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// This node's registry entry (the lease is filled in when it registers).
+    pub fn registration(&self) -> factum_registry::NodeRegistration {
+        factum_registry::NodeRegistration {
+            node_id: self.inner.config.node_id.clone(),
+            agent_addr: self.inner.config.advertise_addr.clone(),
+            max_instances: self.inner.config.max_instances,
+            protocol_version: PROTOCOL_VERSION,
+            lease: 0,
+        }
+    }
+
     /// Stops every instance (used on shutdown).
     pub fn stop_all(&self) {
         let ids: Vec<String> = self.inner.lock().keys().cloned().collect();
@@ -366,6 +463,7 @@ impl Inner {
             seq: local.seq,
             restarts: local.metadata.restarts,
             last_error: local.metadata.last_error.clone(),
+            epoch: local.epoch,
         };
         tracing::debug!(instance_id, %status, seq = local.seq, "status");
         self.env
@@ -381,7 +479,7 @@ impl Inner {
         let module = {
             let instances = self.lock();
             let local = instances.get(instance_id).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))?;
-            local.module.clone()
+            local.module.compiled.clone()
         };
         if self.env.buggify("agent.slow_instantiate") {
             self.env.clock.sleep(Duration::from_millis(1500)).await;

@@ -63,6 +63,10 @@ impl NodeAgent for Agent {
     ) -> Result<Vec<KvEntry>, ErrorResponse> {
         Ok(Agent::inspect_kv(&self, &capability_id, &prefix))
     }
+
+    async fn module_bytes(self, _: Context, module_hash: String) -> Result<Vec<u8>, ErrorResponse> {
+        Agent::module_bytes(&self, &module_hash)
+    }
 }
 
 /// Serves the agent's API on `listener` until the listener fails.

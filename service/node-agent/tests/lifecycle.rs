@@ -46,6 +46,7 @@ fn request(id: &str, wat: &str, policy: RestartPolicy, caps: &[(&str, &[&str])])
             })
             .collect(),
         restart_policy: policy,
+        epoch: 1,
     }
 }
 

@@ -11,7 +11,8 @@ pub use capability::{CapabilityInvocation, CapabilityResponse, GuestError, KvOpe
 pub use error::{ErrorCode, ErrorResponse};
 pub use permissions::Permission;
 pub use types::{
-    validate_id, CapabilityAssignment, InstanceMetadata, InstanceStatus, PolicyType, ProviderType, RestartPolicy,
+    validate_id, CapabilityAssignment, InstanceMetadata, InstanceStatus, PolicyType, ProviderMetadata, ProviderType,
+    RestartPolicy,
 };
 pub use wire::*;
 

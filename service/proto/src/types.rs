@@ -91,6 +91,20 @@ impl fmt::Display for ProviderType {
     }
 }
 
+/// What a provider is: type, implementation, version, operations. Kept apart from instance metadata (P21);
+/// it is the only provider data the registry (etcd) holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderMetadata {
+    /// Which capability kind it serves.
+    pub provider_type: ProviderType,
+    /// Implementation name, e.g. `kv-memory`.
+    pub name: String,
+    /// Implementation version.
+    pub version: String,
+    /// Operation names it understands.
+    pub operations: Vec<String>,
+}
+
 /// Longest accepted id (instance, capability, node).
 pub const MAX_ID_LEN: usize = 128;
 

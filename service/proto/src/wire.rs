@@ -55,6 +55,9 @@ pub struct StartInstanceRequest {
     pub capabilities: Vec<CapabilityAssignment>,
     /// Restart policy, applied by the agent.
     pub restart_policy: RestartPolicy,
+    /// Placement epoch: 1 for the first placement, one more for every rescheduling onto another node. Facts
+    /// carry it back, so facts from an older placement can never overwrite those of a newer one.
+    pub epoch: u64,
 }
 
 /// Agent → control plane (design §StartInstanceResponse); `error` carries a code, not only text.
@@ -104,6 +107,8 @@ pub struct StatusReport {
     pub restarts: u32,
     /// Crash reason, if any.
     pub last_error: Option<String>,
+    /// Placement epoch of the instance on that node (see [`StartInstanceRequest::epoch`]).
+    pub epoch: u64,
 }
 
 /// Everything an agent knows about one of its instances: the facts the control plane rebuilds from.
@@ -117,6 +122,8 @@ pub struct InstanceFacts {
     pub restart_policy: RestartPolicy,
     /// Sequence number of the latest fact about the instance (a status change or a capability change).
     pub seq: u64,
+    /// Placement epoch (see [`StartInstanceRequest::epoch`]); facts order by `(epoch, seq)`.
+    pub epoch: u64,
 }
 
 /// Agent → control plane, periodically and at start-up: who I am, where I listen, what I run. Idempotent;
@@ -143,7 +150,7 @@ pub struct NodeInfo {
     pub node_id: String,
     /// Agent address.
     pub agent_addr: String,
-    /// Whether its heartbeats are arriving.
+    /// Whether it gets new instances: its heartbeats arrive and, with a registry, its lease is alive.
     pub available: bool,
     /// Instances it holds (all statuses).
     pub instances: u32,
@@ -222,4 +229,7 @@ pub trait NodeAgent {
     async fn revoke_capability(instance_id: String, capability_id: String) -> Result<InstanceFacts, ErrorResponse>;
     /// Operator view of the local KV store `capability_id`.
     async fn inspect_kv(capability_id: String, prefix: String) -> Result<Vec<KvEntry>, ErrorResponse>;
+    /// The bytes of a module this agent runs, by module hash: how a restarted control plane recovers what it
+    /// needs to reschedule an instance elsewhere. INSTANCE_NOT_FOUND if the agent no longer holds them.
+    async fn module_bytes(module_hash: String) -> Result<Vec<u8>, ErrorResponse>;
 }

@@ -7,23 +7,11 @@
 mod kv;
 
 use async_trait::async_trait;
-use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorResponse, Permission, ProviderType};
-use serde::{Deserialize, Serialize};
+use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorResponse, Permission};
+
+pub use factum_proto::ProviderMetadata;
 
 pub use kv::MemoryKv;
-
-/// What a provider is: kept apart from instance metadata (P21).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProviderMetadata {
-    /// Which capability kind it serves.
-    pub provider_type: ProviderType,
-    /// Implementation name, e.g. `kv-memory`.
-    pub name: String,
-    /// Implementation version.
-    pub version: String,
-    /// Operation names it understands.
-    pub operations: Vec<String>,
-}
 
 /// A capability provider (design §Capability Provider, Base Interface).
 #[async_trait]

@@ -1,0 +1,81 @@
+//! The agent's registry membership: a lease with a TTL, kept alive every third of it, with this node's entry
+//! attached. When the lease is lost the node fences itself before the control plane can reschedule its
+//! instances elsewhere, so no instance runs on two nodes at once.
+//!
+//! Why the fence comes first: the lease was renewed at the registry no earlier than the renewal was sent, so
+//! it cannot expire before `last successful send + TTL`. The agent fences at `last successful send + 4/5 TTL`
+//! by its own clock, while the control plane only reschedules after it has seen the expiry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use factum_registry::{LeaseId, ProviderRecord, Registry, RegistryError};
+
+use crate::Agent;
+
+/// Keeps this node registered in `registry` for as long as the agent's runtime lives, re-registering under a
+/// fresh lease after a loss and fencing (see [`Agent::fence`]) whenever the old lease may have expired.
+pub async fn run_registry_link(agent: Agent, registry: Arc<dyn Registry>) {
+    let env = agent.inner.env.clone();
+    let ttl = agent.inner.config.lease_ttl;
+    let renew_every = ttl / 3;
+    let fence_after = ttl * 4 / 5;
+    let node = agent.registration();
+    loop {
+        let sent = env.clock.now();
+        let lease = match register(&agent, &*registry, &node, ttl).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::warn!(node = %node.node_id, error = %e, "cannot register with the registry; retrying");
+                env.clock.sleep(renew_every).await;
+                continue;
+            }
+        };
+        agent.registered();
+        tracing::info!(node = %node.node_id, lease, ?ttl, "registered");
+        env.trace(|| format!("registered {} lease={lease}", node.node_id));
+        let mut fence_at = sent + fence_after;
+        loop {
+            env.clock.sleep(renew_every).await;
+            let sent = env.clock.now();
+            // A renewal stuck in a partition must not carry the node past its fence deadline.
+            let left = fence_at.saturating_sub(sent);
+            match env.timeout(left, registry.keep_alive(lease)).await {
+                Some(Ok(())) => fence_at = sent + fence_after,
+                Some(Err(RegistryError::LeaseExpired(_))) => {
+                    tracing::warn!(node = %node.node_id, lease, "registry lease expired");
+                    agent.fence();
+                    break;
+                }
+                Some(Err(e)) => tracing::warn!(node = %node.node_id, error = %e, "cannot renew the registry lease"),
+                None => {}
+            }
+            if env.clock.now() >= fence_at {
+                tracing::warn!(node = %node.node_id, lease, "lease not renewed in time");
+                agent.fence();
+                break;
+            }
+        }
+    }
+}
+
+/// Takes a lease and writes this node's entry and its providers' metadata under it (P11: nothing else).
+async fn register(
+    agent: &Agent,
+    registry: &dyn Registry,
+    node: &factum_registry::NodeRegistration,
+    ttl: Duration,
+) -> Result<LeaseId, RegistryError> {
+    let lease = registry.grant_lease(ttl).await?;
+    let node = factum_registry::NodeRegistration { lease, ..node.clone() };
+    registry.register_node(&node, lease).await?;
+    for metadata in agent.providers() {
+        let record = ProviderRecord {
+            provider_id: format!("{}@{}", metadata.name, node.node_id),
+            node_id: node.node_id.clone(),
+            metadata,
+        };
+        registry.put_provider(&record, Some(lease)).await?;
+    }
+    Ok(lease)
+}
