@@ -53,6 +53,7 @@ async fn agent_local(name: &str, engine: Arc<dyn WasmEngine>) {
             capabilities: vec![],
             restart_policy: RestartPolicy::default(),
             epoch: 1,
+            node_lease: None,
         };
         let t = Instant::now();
         agent.start_instance(req).await.expect("start");

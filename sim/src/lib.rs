@@ -249,10 +249,10 @@ pub fn build_observed_cluster(
                 let (agent, reports) =
                     Agent::new(env.clone(), agent_config, Arc::new(WasmiEngine::new()), Arc::new(MemoryKv::new()));
                 observed.set_agent(&name, Some(agent.clone()));
-                env.spawn(factum_node_agent::serve(agent.clone(), listener));
                 if with_registry {
                     env.spawn(factum_node_agent::run_registry_link(agent.clone(), remote_registry(&env)));
                 }
+                env.spawn(factum_node_agent::serve(agent.clone(), listener));
                 factum_node_agent::run_control_plane_link(agent, format!("{CONTROL_PLANE}:{PORT}"), reports).await;
                 Ok(())
             }

@@ -67,6 +67,7 @@ fn arb_facts() -> impl Strategy<Value = InstanceFacts> {
                 restart_policy,
                 seq,
                 epoch,
+                lease: Some(7),
             },
         )
     })
@@ -111,7 +112,7 @@ proptest! {
         facts in prop::collection::vec(arb_facts(), 0..4),
     ) {
         let capabilities = facts.iter().flat_map(|f| f.capabilities.clone()).collect();
-        let start = StartInstanceRequest { instance_id: "i-1".into(), module_bytes, capabilities, restart_policy: policy, epoch };
+        let start = StartInstanceRequest { instance_id: "i-1".into(), module_bytes, capabilities, restart_policy: policy, epoch, node_lease: Some(3) };
         prop_assert_eq!(round_trip(start.clone()), start);
         let report = NodeReport { protocol_version: PROTOCOL_VERSION, node_id: "n".into(), agent_addr: "h:1".into(), max_instances: 9, instances: facts };
         prop_assert_eq!(round_trip(report.clone()), report);

@@ -80,11 +80,11 @@ async fn start_agent(
         ..Limits::default()
     };
     let (agent, reports) = Agent::new(env.clone(), config, engine, Arc::new(MemoryKv::new()));
-    env.spawn(factum_node_agent::serve(agent.clone(), listener));
-    env.spawn(factum_node_agent::run_control_plane_link(agent.clone(), control_plane, reports));
     if let Some(registry) = registry {
         env.spawn(factum_node_agent::run_registry_link(agent.clone(), registry));
     }
+    env.spawn(factum_node_agent::serve(agent.clone(), listener));
+    env.spawn(factum_node_agent::run_control_plane_link(agent.clone(), control_plane, reports));
     Ok((agent, addr))
 }
 

@@ -31,6 +31,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
             if newer(record.seq) {
                 record.metadata = facts.metadata;
                 record.seq = facts.seq;
+                record.lease = facts.lease;
             }
             record.epoch = facts.epoch;
         }
@@ -45,6 +46,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 seq: facts.seq,
                 caps_seq: facts.seq,
                 epoch: facts.epoch,
+                lease: facts.lease,
             };
             state.instances.insert(id, record);
         }

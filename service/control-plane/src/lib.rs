@@ -76,6 +76,8 @@ struct InstanceRecord {
     caps_seq: u64,
     /// Placement epoch: facts from an older one are ignored.
     epoch: u64,
+    /// Registry lease of the node under which this placement was made (none without a registry).
+    lease: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +89,8 @@ struct NodeRecord {
     /// Whether the registry lists the node (always true without a registry). Only registered nodes get new
     /// instances: an unregistered one may be fencing.
     registered: bool,
+    /// Its current registry lease, as last seen in the registry.
+    lease: Option<i64>,
     client: Option<NodeAgentClient>,
 }
 
@@ -157,7 +161,7 @@ impl ControlPlane {
             }
         }
         let module_hash = factum_proto::module_hash(&req.module_bytes);
-        let (node_id, client) = {
+        let (node_id, client, node_lease) = {
             let mut state = self.lock();
             if let Some(existing) = state.instances.get(&instance_id) {
                 return if existing.metadata.module_hash == module_hash {
@@ -167,6 +171,7 @@ impl ControlPlane {
                 };
             }
             let node_id = place(&state)?;
+            let node_lease = state.nodes.get(&node_id).and_then(|n| n.lease);
             let record = InstanceRecord {
                 metadata: InstanceMetadata {
                     instance_id: instance_id.clone(),
@@ -181,6 +186,7 @@ impl ControlPlane {
                 seq: 0,
                 caps_seq: 0,
                 epoch: 1,
+                lease: node_lease,
             };
             state.instances.insert(instance_id.clone(), record);
             state.capabilities.insert(instance_id.clone(), capabilities.clone());
@@ -189,7 +195,7 @@ impl ControlPlane {
             if state.registry_mode {
                 state.modules.entry(module_hash.clone()).or_insert_with(|| Arc::new(req.module_bytes.clone()));
             }
-            (node_id, client)
+            (node_id, client, node_lease)
         };
         let request = StartInstanceRequest {
             instance_id: instance_id.clone(),
@@ -197,10 +203,14 @@ impl ControlPlane {
             capabilities: capabilities.into_values().collect(),
             restart_policy: req.restart_policy,
             epoch: 1,
+            node_lease,
         };
         let result = self.call_start(&node_id, client, request).await;
         let mut state = self.lock();
         state.pending_starts.remove(&instance_id);
+        // Meanwhile the node may have been lost and the instance rescheduled: then the record is no longer
+        // this placement's to touch.
+        let placement = state.instances.get_mut(&instance_id).filter(|r| r.epoch == 1 && r.metadata.node_id == node_id);
         match result {
             Ok(facts) => {
                 facts::apply_facts(&mut state, &node_id, facts, true, true);
@@ -209,14 +219,16 @@ impl ControlPlane {
             }
             Err(e) if e.error_code == ErrorCode::CommunicationFailure => {
                 // The agent may or may not run it; say so, and let its next snapshot settle the fact.
-                if let Some(record) = state.instances.get_mut(&instance_id) {
+                if let Some(record) = placement {
                     record.metadata.status = InstanceStatus::Unknown;
                 }
                 Err(e)
             }
             Err(e) => {
-                state.instances.remove(&instance_id);
-                state.capabilities.remove(&instance_id);
+                if placement.is_some() {
+                    state.instances.remove(&instance_id);
+                    state.capabilities.remove(&instance_id);
+                }
                 Err(e)
             }
         }
@@ -228,8 +240,12 @@ impl ControlPlane {
         client: Option<NodeAgentClient>,
         request: StartInstanceRequest,
     ) -> Result<InstanceFacts, ErrorResponse> {
-        let call = |c: NodeAgentClient| async move { c.start_instance_local(rpc::rpc_context(), request).await };
-        let resp = self.call_agent(node_id, client, "start", call).await?;
+        // Idempotent by instance id and epoch: safe to retry.
+        let call = |c: NodeAgentClient| {
+            let request = request.clone();
+            async move { c.start_instance_local(rpc::rpc_context(), request).await }
+        };
+        let resp = self.call_agent_retrying(node_id, client, "start", call).await?;
         if resp.success {
             resp.facts.ok_or_else(|| ErrorResponse::internal("agent accepted a start but sent no facts"))
         } else {
@@ -242,8 +258,11 @@ impl ControlPlane {
         let result = async {
             let (node_id, client) = self.route(instance_id)?;
             let req = StopInstanceRequest { instance_id: instance_id.to_string() };
-            let call = |c: NodeAgentClient| async move { c.stop_instance_local(rpc::rpc_context(), req).await };
-            let resp = self.call_agent(&node_id, client, "stop", call).await?;
+            let call = |c: NodeAgentClient| {
+                let req = req.clone();
+                async move { c.stop_instance_local(rpc::rpc_context(), req).await }
+            };
+            let resp = self.call_agent_retrying(&node_id, client, "stop", call).await?;
             if !resp.success {
                 return Err(resp.error.unwrap_or_else(|| ErrorResponse::internal("agent refused without a reason")));
             }
@@ -294,8 +313,13 @@ impl ControlPlane {
         let result = async {
             let assignment = CapabilityAssignment::new(instance_id, capability_id, permissions)?;
             let (node_id, client) = self.route(instance_id)?;
-            let call = |c: NodeAgentClient| async move { c.assign_capability(rpc::rpc_context(), assignment).await };
-            let facts = self.call_agent(&node_id, client, "assign", call).await??;
+            // Assigning replaces: safe to retry. (Revoking is not retried: a second revoke of an applied one
+            // would report that the capability is not held.)
+            let call = |c: NodeAgentClient| {
+                let assignment = assignment.clone();
+                async move { c.assign_capability(rpc::rpc_context(), assignment).await }
+            };
+            let facts = self.call_agent_retrying(&node_id, client, "assign", call).await??;
             facts::apply_facts(&mut self.lock(), &node_id, facts, false, true);
             Ok(())
         }
@@ -378,6 +402,7 @@ impl ControlPlane {
                 last_seen: now,
                 available: true,
                 registered: false,
+                lease: None,
                 client: None,
             }
         });
@@ -503,6 +528,41 @@ impl ControlPlane {
             Some(Ok(value)) => Ok(value),
             Some(Err(e)) => Err(self.drop_client(node_id, format!("{what} on node {node_id} failed: {e}"))),
             None => Err(self.drop_client(node_id, format!("{what} on node {node_id} timed out after {timeout:?}"))),
+        }
+    }
+
+    /// [`Self::call_agent`] for idempotent calls: a COMMUNICATION_FAILURE is retried with exponential backoff
+    /// (from 50 ms, doubling) on the env clock while the node is still available, within one RPC timeout in
+    /// all; the last failure is returned.
+    async fn call_agent_retrying<T, F, Fut>(
+        &self,
+        node_id: &str,
+        cached: Option<NodeAgentClient>,
+        what: &str,
+        call: F,
+    ) -> Result<T, ErrorResponse>
+    where
+        F: Fn(NodeAgentClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tarpc::client::RpcError>>,
+    {
+        let env = &self.inner.env;
+        let give_up_at = env.clock.now() + self.inner.config.rpc_timeout;
+        let mut backoff = Duration::from_millis(50);
+        let mut cached = cached;
+        loop {
+            match self.call_agent(node_id, cached, what, &call).await {
+                Err(e) if e.error_code == ErrorCode::CommunicationFailure => {
+                    let available = self.lock().nodes.get(node_id).is_some_and(|n| n.available);
+                    if !available || env.clock.now() + backoff >= give_up_at {
+                        return Err(e);
+                    }
+                    tracing::debug!(node = node_id, ?backoff, "{what} failed; retrying");
+                    env.clock.sleep(backoff).await;
+                    backoff *= 2;
+                    cached = self.lock().nodes.get(node_id).and_then(|n| n.client.clone());
+                }
+                other => return other,
+            }
         }
     }
 

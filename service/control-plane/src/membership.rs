@@ -36,16 +36,32 @@ impl ControlPlane {
             let listed: BTreeMap<String, NodeRegistration> =
                 membership.nodes.into_iter().map(|n| (n.node_id.clone(), n)).collect();
             for (node_id, old) in &known {
-                if listed.get(node_id) != Some(old) {
-                    self.node_lost(node_id);
+                match listed.get(node_id) {
+                    None => self.node_lost(node_id, true),
+                    Some(new) if new != old => self.node_rejoined(new),
+                    Some(_) => {}
                 }
             }
             for (node_id, registration) in &listed {
-                if known.get(node_id) != Some(registration) {
+                if !known.contains_key(node_id) {
                     self.node_joined(registration);
                 }
             }
             known = listed;
+        }
+    }
+
+    /// The node registered under a new lease: it lost the old one (and fenced) or restarted, so nothing
+    /// reschedulable placed under an older lease runs there any more, and none of it can start there (the
+    /// agent refuses starts placed under another lease). Those are rescheduled; what was placed under the new
+    /// lease stays.
+    fn node_rejoined(&self, registration: &NodeRegistration) {
+        self.node_lost(&registration.node_id, false);
+        self.node_joined(registration);
+        if self.inner.config.reschedule {
+            let cp = self.clone();
+            let (node_id, lease) = (registration.node_id.clone(), registration.lease);
+            self.inner.env.spawn(cp.reschedule_from(node_id, Some(lease)));
         }
     }
 
@@ -69,6 +85,7 @@ impl ControlPlane {
                 last_seen: now,
                 available: true,
                 registered: true,
+                lease: Some(registration.lease),
                 client: None,
             });
             if node.agent_addr != registration.agent_addr {
@@ -76,14 +93,18 @@ impl ControlPlane {
                 node.client = None;
             }
             node.max_instances = registration.max_instances;
+            node.lease = Some(registration.lease);
             node.registered = true;
             node.available = true;
             node.last_seen = now;
         }
-        self.inner.env.spawn(self.clone().sync_node(node_id));
+        let cp = self.clone();
+        self.inner.env.spawn(async move {
+            cp.sync_node(node_id).await;
+        });
     }
 
-    fn node_lost(&self, node_id: &str) {
+    fn node_lost(&self, node_id: &str, reschedule: bool) {
         tracing::warn!(node = node_id, "node left the registry (lease expired or revoked)");
         self.inner.env.trace(|| format!("node {node_id} left"));
         {
@@ -91,12 +112,13 @@ impl ControlPlane {
             if let Some(node) = state.nodes.get_mut(node_id) {
                 node.registered = false;
                 node.available = false;
+                node.lease = None;
                 node.client = None;
             }
             facts::mark_node_unknown(&mut state, node_id);
         }
-        if self.inner.config.reschedule {
-            self.inner.env.spawn(self.clone().reschedule_from(node_id.to_string()));
+        if reschedule && self.inner.config.reschedule {
+            self.inner.env.spawn(self.clone().reschedule_from(node_id.to_string(), None));
         }
     }
 
@@ -105,7 +127,7 @@ impl ControlPlane {
     async fn sync_node(self, node_id: String) {
         let client = self.lock().nodes.get(&node_id).and_then(|n| n.client.clone());
         let call = |c: NodeAgentClient| async move { c.list_local_instances(rpc::rpc_context()).await };
-        let snapshot = match self.call_agent(&node_id, client, "instance listing", call).await {
+        let snapshot = match self.call_agent_retrying(&node_id, client, "instance listing", call).await {
             Ok(snapshot) => snapshot,
             Err(e) => {
                 tracing::warn!(node = %node_id, error = %e, "cannot list the node's instances; waiting for its report");
@@ -131,8 +153,11 @@ impl ControlPlane {
         for hash in missing {
             let client = self.lock().nodes.get(&node_id).and_then(|n| n.client.clone());
             let wanted = hash.clone();
-            let call = |c: NodeAgentClient| async move { c.module_bytes(rpc::rpc_context(), wanted).await };
-            match self.call_agent(&node_id, client, "module fetch", call).await.and_then(|r| r) {
+            let call = |c: NodeAgentClient| {
+                let wanted = wanted.clone();
+                async move { c.module_bytes(rpc::rpc_context(), wanted).await }
+            };
+            match self.call_agent_retrying(&node_id, client, "module fetch", call).await.and_then(|r| r) {
                 Ok(bytes) if factum_proto::module_hash(&bytes) == hash => {
                     self.lock().modules.insert(hash, Arc::new(bytes));
                 }
@@ -143,22 +168,22 @@ impl ControlPlane {
     }
 
     /// Starts every reschedulable instance of a lost node on another node, one at a time, each under the next
-    /// placement epoch. An instance that cannot be placed keeps status `unknown` with the reason in
-    /// `last_error`.
-    async fn reschedule_from(self, lost: String) {
+    /// placement epoch, except those placed under `current_lease` (the node's new lease, if it re-registered).
+    /// An instance that cannot be placed keeps its status with the reason in `last_error`.
+    async fn reschedule_from(self, lost: String, current_lease: Option<i64>) {
         let candidates: Vec<String> = {
             let state = self.lock();
             state
                 .instances
                 .values()
-                .filter(|r| reschedulable(r, &lost))
+                .filter(|r| reschedulable(r, &lost, current_lease))
                 .map(|r| r.metadata.instance_id.clone())
                 .collect()
         };
         for instance_id in candidates {
             let prepared = {
                 let mut state = self.lock();
-                self.prepare_reschedule(&mut state, &instance_id, &lost)
+                self.prepare_reschedule(&mut state, &instance_id, &lost, current_lease)
             };
             let (node_id, client, request) = match prepared {
                 Ok(Some(prepared)) => prepared,
@@ -200,9 +225,10 @@ impl ControlPlane {
         state: &mut crate::State,
         instance_id: &str,
         lost: &str,
+        current_lease: Option<i64>,
     ) -> Result<Option<(String, Option<NodeAgentClient>, StartInstanceRequest)>, String> {
         let Some(record) = state.instances.get(instance_id) else { return Ok(None) };
-        if !reschedulable(record, lost) {
+        if !reschedulable(record, lost, current_lease) {
             return Ok(None); // stopped, moved or out of retries meanwhile
         }
         let bytes = state
@@ -214,8 +240,10 @@ impl ControlPlane {
         let capabilities =
             state.capabilities.get(instance_id).map(|c| c.values().cloned().collect()).unwrap_or_default();
         let client = state.nodes.get(&node_id).and_then(|n| n.client.clone());
+        let node_lease = state.nodes.get(&node_id).and_then(|n| n.lease);
         let Some(record) = state.instances.get_mut(instance_id) else { return Ok(None) };
         record.epoch += 1;
+        record.lease = node_lease;
         record.seq = 0;
         record.caps_seq = 0;
         record.metadata.node_id = node_id.clone();
@@ -227,6 +255,7 @@ impl ControlPlane {
             capabilities,
             restart_policy: record.restart_policy,
             epoch: record.epoch,
+            node_lease,
         };
         state.pending_starts.insert(instance_id.to_string());
         Ok(Some((node_id, client, request)))
@@ -237,8 +266,9 @@ impl ControlPlane {
 /// the node is one), it has retries left, and nobody stopped it. A `crashed` instance qualifies too: the node
 /// may have fenced it (its snapshot then lacked it) just before its lease expired, or it was waiting out a
 /// restart backoff there.
-fn reschedulable(record: &crate::InstanceRecord, lost: &str) -> bool {
+fn reschedulable(record: &crate::InstanceRecord, lost: &str, current_lease: Option<i64>) -> bool {
     record.metadata.node_id == lost
+        && (current_lease.is_none() || record.lease != current_lease)
         && record.restart_policy.policy_type != PolicyType::Never
         && matches!(
             record.metadata.status,

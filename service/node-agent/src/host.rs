@@ -147,6 +147,7 @@ mod tests {
             capabilities,
             restart_policy: RestartPolicy::default(),
             epoch: 1,
+            node_lease: None,
         };
         agent.start_instance(request).await.unwrap();
         let host = InstanceHost::new(Arc::downgrade(&agent.inner), "i".into());
@@ -226,6 +227,7 @@ mod tests {
                         capabilities: vec![CapabilityAssignment::new(id, cap, &["kv:write".to_string(), "kv:read".to_string()]).unwrap()],
                         restart_policy: RestartPolicy::default(),
                         epoch: 1,
+                        node_lease: None,
                     };
                     agent.start_instance(request).await.unwrap();
                 }
@@ -253,6 +255,7 @@ mod tests {
                         capabilities: vec![],
                         restart_policy: RestartPolicy::default(),
                         epoch: 1,
+                        node_lease: None,
                     };
                     agent.start_instance(request).await.unwrap();
                 }

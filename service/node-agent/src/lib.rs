@@ -73,6 +73,8 @@ struct LocalInstance {
     module: CachedModule,
     /// Placement epoch given by the control plane; orders facts across nodes.
     epoch: u64,
+    /// Registry lease held when the instance was accepted.
+    lease: Option<i64>,
     /// Bumped on every status change; orders facts at the control plane.
     seq: u64,
     /// Bumped whenever a run is replaced or stopped, so a stale supervisor can tell it lost ownership.
@@ -88,6 +90,7 @@ impl LocalInstance {
             restart_policy: self.policy,
             seq: self.seq,
             epoch: self.epoch,
+            lease: self.lease,
         }
     }
 }
@@ -102,6 +105,8 @@ pub(crate) struct Inner {
     /// Set while the node has lost its registry lease and not yet re-registered: starts are refused, since the
     /// control plane may be rescheduling elsewhere what would run here.
     fenced: std::sync::atomic::AtomicBool,
+    /// The registry lease this node holds (0: none yet, or no registry).
+    lease: std::sync::atomic::AtomicI64,
 }
 
 /// A node agent. Cheap to clone; clones share state.
@@ -142,6 +147,7 @@ impl Agent {
             instances: Mutex::new(BTreeMap::new()),
             reports: tx,
             fenced: std::sync::atomic::AtomicBool::new(false),
+            lease: std::sync::atomic::AtomicI64::new(0),
         };
         (Agent { inner: Arc::new(inner) }, StatusReports(rx))
     }
@@ -218,7 +224,14 @@ impl Agent {
             }
             if inner.fenced.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(ErrorResponse::communication(format!(
-                    "node {} lost its registry lease and accepts no instances until it has registered again",
+                    "node {} holds no registry lease and accepts no instances until it has registered",
+                    inner.config.node_id
+                )));
+            }
+            let held = inner.lease();
+            if let Some(wanted) = req.node_lease.filter(|wanted| Some(*wanted) != held) {
+                return Err(ErrorResponse::communication(format!(
+                    "placed under registry lease {wanted}, but node {} holds {held:?}: the placement is stale",
                     inner.config.node_id
                 )));
             }
@@ -228,6 +241,7 @@ impl Agent {
                 policy: req.restart_policy,
                 module,
                 epoch: req.epoch,
+                lease: inner.lease(),
                 seq: 0,
                 generation: 0,
                 abort: None,
@@ -411,8 +425,10 @@ impl Agent {
         vec![self.inner.kv.metadata()]
     }
 
-    /// Called once the node holds a fresh lease again: starts are accepted again.
-    pub fn registered(&self) {
+    /// Called once the node holds `lease`: starts placed under it are accepted.
+    pub fn registered(&self, lease: i64) {
+        let _guard = self.inner.lock(); // ordered with starts, which check both under the instance lock
+        self.inner.lease.store(lease, std::sync::atomic::Ordering::SeqCst);
         self.inner.fenced.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
@@ -439,6 +455,10 @@ impl Agent {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, LocalInstance>> {
         self.instances.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lease(&self) -> Option<i64> {
+        Some(self.lease.load(std::sync::atomic::Ordering::SeqCst)).filter(|l| *l != 0)
     }
 
     /// Records a status fact and queues its report (P9).

@@ -15,7 +15,16 @@ use crate::Agent;
 
 /// Keeps this node registered in `registry` for as long as the agent's runtime lives, re-registering under a
 /// fresh lease after a loss and fencing (see [`Agent::fence`]) whenever the old lease may have expired.
-pub async fn run_registry_link(agent: Agent, registry: Arc<dyn Registry>) {
+///
+/// Call it before the agent serves: from this call until the first registration the agent refuses starts,
+/// because a control plane that still holds this node's previous registration must not place instances on a
+/// new incarnation it has not seen register (it may be rescheduling them elsewhere).
+pub fn run_registry_link(agent: Agent, registry: Arc<dyn Registry>) -> impl std::future::Future<Output = ()> {
+    agent.inner.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+    registry_link(agent, registry)
+}
+
+async fn registry_link(agent: Agent, registry: Arc<dyn Registry>) {
     let env = agent.inner.env.clone();
     let ttl = agent.inner.config.lease_ttl;
     let renew_every = ttl / 3;
@@ -31,7 +40,7 @@ pub async fn run_registry_link(agent: Agent, registry: Arc<dyn Registry>) {
                 continue;
             }
         };
-        agent.registered();
+        agent.registered(lease);
         tracing::info!(node = %node.node_id, lease, ?ttl, "registered");
         env.trace(|| format!("registered {} lease={lease}", node.node_id));
         let mut fence_at = sent + fence_after;

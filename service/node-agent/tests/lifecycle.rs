@@ -47,6 +47,7 @@ fn request(id: &str, wat: &str, policy: RestartPolicy, caps: &[(&str, &[&str])])
             .collect(),
         restart_policy: policy,
         epoch: 1,
+        node_lease: None,
     }
 }
 

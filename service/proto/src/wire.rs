@@ -58,6 +58,10 @@ pub struct StartInstanceRequest {
     /// Placement epoch: 1 for the first placement, one more for every rescheduling onto another node. Facts
     /// carry it back, so facts from an older placement can never overwrite those of a newer one.
     pub epoch: u64,
+    /// The registry lease the control plane saw the node holding when it placed the instance (none without a
+    /// registry). The agent refuses the start under any other lease: once the control plane has seen that lease
+    /// end, nothing placed under it can start, which is what makes rescheduling safe (a fencing token).
+    pub node_lease: Option<i64>,
 }
 
 /// Agent → control plane (design §StartInstanceResponse); `error` carries a code, not only text.
@@ -124,6 +128,8 @@ pub struct InstanceFacts {
     pub seq: u64,
     /// Placement epoch (see [`StartInstanceRequest::epoch`]); facts order by `(epoch, seq)`.
     pub epoch: u64,
+    /// The registry lease the agent held when it accepted the instance (none without a registry).
+    pub lease: Option<i64>,
 }
 
 /// Agent → control plane, periodically and at start-up: who I am, where I listen, what I run. Idempotent;

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# A local 3-node factum cluster: one etcd, one control plane, three agents, each a separate process, logs under
+# ./cluster-logs/. Ctrl-C stops everything. Needs `etcd` (apt install etcd-server).
+#
+#   scripts/cluster.sh                 # build (release) and run
+#   factum nodes / ps / start ...      # in another terminal (cargo run --release -- nodes)
+#   kill -9 $(cat cluster-logs/agent-n2.pid)   # lose a node: its `always` instances move within ~TTL
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v etcd >/dev/null || { echo "error: etcd not found (apt-get install etcd-server)" >&2; exit 1; }
+cargo build --release --quiet
+factum=./target/release/factum
+logs=cluster-logs
+rm -rf "$logs" && mkdir -p "$logs"
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+
+etcd --name factum --data-dir "$logs/etcd-data" \
+    --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
+    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+    --initial-cluster factum=http://127.0.0.1:2380 >"$logs/etcd.log" 2>&1 &
+pids+=($!)
+until (exec 3<>/dev/tcp/127.0.0.1/2379) 2>/dev/null; do sleep 0.1; done
+
+$factum control-plane --listen 127.0.0.1:7700 --etcd 127.0.0.1:2379 >"$logs/control-plane.log" 2>&1 &
+pids+=($!)
+echo $! >"$logs/control-plane.pid"
+for i in 1 2 3; do
+    $factum agent --node-id "n$i" --agent-listen "127.0.0.1:771$i" --control-plane 127.0.0.1:7700 \
+        --etcd 127.0.0.1:2379 --lease-ttl 3s >"$logs/agent-n$i.log" 2>&1 &
+    pids+=($!)
+    echo $! >"$logs/agent-n$i.pid"
+done
+sleep 2
+$factum nodes
+echo "cluster up: control plane 127.0.0.1:7700, etcd 127.0.0.1:2379, logs in $logs/ (Ctrl-C stops it)"
+wait
