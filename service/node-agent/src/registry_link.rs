@@ -45,11 +45,17 @@ async fn registry_link(agent: Agent, registry: Arc<dyn Registry>) {
         env.trace(|| format!("registered {} lease={lease}", node.node_id));
         let mut fence_at = sent + fence_after;
         loop {
-            env.clock.sleep(renew_every).await;
+            // Wake for the next renewal, or at the fence deadline if that comes first: neither a failed
+            // renewal's wait nor one stuck in a partition may carry the node past it.
+            let wake = (env.clock.now() + renew_every).min(fence_at);
+            env.clock.sleep(wake.saturating_sub(env.clock.now())).await;
             let sent = env.clock.now();
-            // A renewal stuck in a partition must not carry the node past its fence deadline.
-            let left = fence_at.saturating_sub(sent);
-            match env.timeout(left, registry.keep_alive(lease)).await {
+            if sent >= fence_at {
+                tracing::warn!(node = %node.node_id, lease, "lease not renewed in time");
+                agent.fence();
+                break;
+            }
+            match env.timeout(fence_at - sent, registry.keep_alive(lease)).await {
                 Some(Ok(())) => fence_at = sent + fence_after,
                 Some(Err(RegistryError::LeaseExpired(_))) => {
                     tracing::warn!(node = %node.node_id, lease, "registry lease expired");
@@ -58,11 +64,6 @@ async fn registry_link(agent: Agent, registry: Arc<dyn Registry>) {
                 }
                 Some(Err(e)) => tracing::warn!(node = %node.node_id, error = %e, "cannot renew the registry lease"),
                 None => {}
-            }
-            if env.clock.now() >= fence_at {
-                tracing::warn!(node = %node.node_id, lease, "lease not renewed in time");
-                agent.fence();
-                break;
             }
         }
     }
