@@ -24,14 +24,24 @@ impl Drop for Up {
 }
 
 fn up() -> Up {
+    up_with(&[])
+}
+
+fn up_with(extra: &[&str]) -> Up {
     let mut child = Command::new(FACTUM)
         .args(["up", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("factum up");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
+    let first = loop {
+        let line = lines.next().unwrap().unwrap();
+        if line.starts_with("factum is up") {
+            break line;
+        }
+    };
     let control_plane = first.rsplit(' ').next().unwrap().to_string();
     assert!(first.starts_with("factum is up"), "{first}");
     Up { child, control_plane, _stdout: lines }
@@ -140,4 +150,40 @@ fn client_without_a_control_plane_is_communication_failure() {
     let out = Command::new(FACTUM).args(["ps", "--control-plane", "127.0.0.1:1"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("COMMUNICATION_FAILURE"));
+}
+
+/// The example guest's KV write lands in a real Redis when the agent is told to keep KV there.
+#[test]
+fn kv_in_redis() {
+    if Command::new("redis-server").arg("--version").output().is_err() {
+        assert!(std::env::var("CI").is_err(), "redis-server is not installed, but CI must run the Redis tests");
+        eprintln!("skipping: no redis-server (apt install redis-server)");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut redis = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("redis://127.0.0.1:{port}");
+    {
+        let up = up_with(&["--kv-redis", &url, "--kv-namespace", "clitest"]);
+        let id = ok(&up, &["start", &fixture("kv_greeter"), "--cap", "kv=kv:write"]).trim().to_string();
+        wait_for_status(&up, &id, "running");
+        let kv: serde_json::Value = serde_json::from_str(&ok(&up, &["kv", "kv", "-o", "json"])).unwrap();
+        assert_eq!(kv[0]["value"], "hello from factum");
+    }
+    let stored = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "HGET", "clitest:kv:kv", "greeting"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&stored.stdout).trim(), "hello from factum", "the value is in Redis itself");
+    let _ = redis.kill();
+    let _ = redis.wait();
 }

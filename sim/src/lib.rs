@@ -196,7 +196,7 @@ pub fn build_observed_cluster(
                 let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
                 let registry = Arc::new(MemoryRegistry::new(env.clone(), REGISTRY_PREFIX));
                 *observed.registry.lock().unwrap_or_else(|p| p.into_inner()) = Some(registry.clone());
-                factum_registry::serve(registry, listener).await;
+                factum_registry::serve(env, registry, listener).await;
                 Ok(())
             }
         });
@@ -286,7 +286,8 @@ impl SimClient {
             // A connect into a partition never answers: bound it like every other call.
             let connect = env.timeout(Duration::from_secs(1), env.net.connect(&format!("{CONTROL_PLANE}:{PORT}")));
             if let Some(Ok(stream)) = connect.await {
-                let cp = ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream)).spawn();
+                let new = ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream));
+                let cp = rpc::start_client(&env, new);
                 return Ok(Self { env, cp });
             }
             env.clock.sleep(Duration::from_millis(100)).await;
@@ -430,7 +431,7 @@ pub fn agent_crash(seed: u64) -> Result<Outcome, String> {
         let done = sim.step().map_err(|e| format!("seed {seed}: {e}"))?;
         if !crashed && phase.load(Ordering::SeqCst) == 1 {
             sim.crash("agent-2");
-            trace.record_driver("crash agent-2");
+            trace.record_driver(sim.elapsed(), "crash agent-2");
             crashed = true;
         }
         if done {

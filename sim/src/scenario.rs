@@ -534,7 +534,7 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
         while faults.last().is_some_and(|f| f.at <= now) {
             let Some(step) = faults.pop() else { break };
             inject(&mut sim, &observed, &step, &mut partitions, &mut crashed);
-            trace.record_driver(&format!("{:?} {}", step.action, describe(&step)));
+            trace.record_driver(now, &format!("{:?} {}", step.action, describe(&step)));
         }
         if now >= next_sample {
             next_sample = now + SAMPLE_EVERY;

@@ -39,9 +39,18 @@ impl TraceLog {
         self.lock().lines.clone()
     }
 
-    /// Records an action of the simulation driver (a fault it injected).
-    pub fn record_driver(&self, event: &str) {
-        self.record("driver", event.to_string());
+    /// Records an action of the simulation driver (a fault it injected) at simulated time `at` (the driver runs
+    /// outside every host, where turmoil has no clock to read).
+    pub fn record_driver(&self, at: std::time::Duration, event: &str) {
+        self.push(at, "driver", event);
+    }
+
+    fn push(&self, at: std::time::Duration, component: &str, event: &str) {
+        let line = format!("{:>10.3}s {component:<14} {event}", at.as_secs_f64());
+        let mut inner = self.lock();
+        inner.hasher.update(line.as_bytes());
+        inner.hasher.update(b"\n");
+        inner.lines.push(line);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -51,11 +60,6 @@ impl TraceLog {
 
 impl Trace for TraceLog {
     fn record(&self, component: &str, event: String) {
-        let at = turmoil::sim_elapsed().unwrap_or_default();
-        let line = format!("{:>10.3}s {component:<14} {event}", at.as_secs_f64());
-        let mut inner = self.lock();
-        inner.hasher.update(line.as_bytes());
-        inner.hasher.update(b"\n");
-        inner.lines.push(line);
+        self.push(turmoil::sim_elapsed().unwrap_or_default(), component, &event);
     }
 }

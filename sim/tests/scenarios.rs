@@ -48,3 +48,27 @@ fn bad_scenarios_are_refused_with_a_reason() {
     assert!(scenario::Scenario::parse(late).unwrap_err().contains("after the end"));
     assert!(scenario::Scenario::parse("name='x'\nagents=0\nduration='5s'\n").is_err());
 }
+
+/// Found while building the registry: a host crash drops its tasks, and tasks made with a bare `tokio::spawn`
+/// were dropped in an order set by process-global task ids, so another thread creating tasks changed a run.
+/// Every product task now goes through the env's spawner (a `LocalSet` in simulation).
+#[test]
+fn replays_bit_for_bit_while_other_threads_create_tasks() {
+    let path = format!("{}/../scenarios/agent_restart_during_starts.toml", env!("CARGO_MANIFEST_DIR"));
+    let scenario = scenario::Scenario::load(std::path::Path::new(&path)).unwrap();
+    let first = scenario::run(&scenario, 11).unwrap_or_else(|e| panic!("{e}"));
+    let churn = std::thread::spawn(|| {
+        for _ in 0..2_000 {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                for _ in 0..50 {
+                    tokio::spawn(async {}).await.unwrap();
+                }
+            });
+        }
+    });
+    let second = scenario::run(&scenario, 11).unwrap_or_else(|e| panic!("{e}"));
+    churn.join().unwrap();
+    assert_eq!(first.timeline, second.timeline);
+    assert_eq!(first.trace_hash, second.trace_hash);
+}

@@ -44,3 +44,16 @@ pub async fn accept_loop(listener: Box<dyn crate::Listener>, what: &str, on_conn
         }
     }
 }
+
+/// Starts a tarpc client: its dispatch task runs on the env's spawner (never a bare `tokio::spawn`, which
+/// simulation cannot keep deterministic) and the client is returned.
+pub fn start_client<C, D, E>(env: &crate::Env, new: tarpc::client::NewClient<C, D>) -> C
+where
+    D: std::future::Future<Output = Result<(), E>> + Send + 'static,
+{
+    let tarpc::client::NewClient { client, dispatch } = new;
+    env.spawn(async move {
+        let _ = dispatch.await; // the dispatch ends when the connection does; callers see that as call errors
+    });
+    client
+}

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use futures::future::BoxFuture;
 
-use crate::{BoxStream, Env, Listener, Net, SeededRng, TokioClock, TokioSpawn};
+use crate::{BoxStream, Env, Listener, Net, SeededRng, Spawn, TokioClock};
 
 /// turmoil's simulated TCP: partitions, holds and host crashes apply to it.
 pub struct TurmoilNet;
@@ -44,6 +44,18 @@ impl Net for TurmoilNet {
     }
 }
 
+/// Spawns onto the simulated host's `LocalSet`. Tasks spawned with `tokio::spawn` live in tokio's task list,
+/// sharded by a process-global task id, and a crashed host's runtime drops them in shard order: with another
+/// simulation running on another thread the ids interleave differently, so the order of the messages those
+/// drops send (TCP FINs) changed the run. `LocalSet` tasks are dropped in spawn order.
+pub struct TurmoilSpawn;
+
+impl Spawn for TurmoilSpawn {
+    fn spawn(&self, f: BoxFuture<'static, ()>) {
+        tokio::task::spawn_local(f);
+    }
+}
+
 impl Env {
     /// Simulation: virtual tokio time with a fixed wall-clock origin, turmoil's network, and randomness from
     /// `seed`. Build one per simulated host, inside that host.
@@ -51,7 +63,7 @@ impl Env {
         Env {
             clock: Arc::new(TokioClock::with_wall_origin(wall_origin)),
             net: Arc::new(TurmoilNet),
-            spawner: Arc::new(TokioSpawn),
+            spawner: Arc::new(TurmoilSpawn),
             rng: Arc::new(SeededRng::new(seed)),
             trace: None,
             faults: None,

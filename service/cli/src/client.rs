@@ -26,7 +26,9 @@ async fn connect(opts: &ClientOpts) -> Result<(Env, ControlPlaneClient)> {
                 opts.control_plane
             )
         })?;
-    Ok((env, ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream)).spawn()))
+    let client =
+        rpc::start_client(&env, ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream)));
+    Ok((env, client))
 }
 
 /// Awaits one call with the client timeout, flattening transport and API errors.

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result};
 use factum_control_plane::{ControlPlane, ControlPlaneConfig};
 use factum_env::Env;
 use factum_node_agent::{Agent, AgentConfig};
-use factum_providers::MemoryKv;
+use factum_providers::{KvProvider, RedisStore, DEFAULT_MAX_KEYS_PER_STORE};
 use factum_wasm::{Limits, WasmEngine, WasmiEngine, WasmtimeEngine};
 
 use factum_registry::{EtcdRegistry, Registry};
@@ -39,13 +39,13 @@ async fn connect_registry(env: &Env, opts: &RegistryOpts) -> Result<Option<Arc<d
     Ok(Some(Arc::new(registry)))
 }
 
-/// Binds and serves a control plane; returns the address it listens on.
+/// Binds and serves a control plane; returns it and the address it listens on.
 async fn start_control_plane(
     env: &Env,
     listen: &str,
     config: ControlPlaneConfig,
     registry: Option<Arc<dyn Registry>>,
-) -> Result<String> {
+) -> Result<(ControlPlane, String)> {
     let listener = env.net.bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let cp = ControlPlane::new(env.clone(), config);
@@ -53,8 +53,8 @@ async fn start_control_plane(
     if let Some(registry) = registry {
         env.spawn(cp.clone().run_membership(registry));
     }
-    env.spawn(factum_control_plane::serve(cp, listener));
-    Ok(addr)
+    env.spawn(factum_control_plane::serve(cp.clone(), listener));
+    Ok((cp, addr))
 }
 
 /// Binds and serves an agent linked to `control_plane`; returns the address it listens on.
@@ -79,7 +79,19 @@ async fn start_agent(
         fuel: opts.fuel,
         ..Limits::default()
     };
-    let (agent, reports) = Agent::new(env.clone(), config, engine, Arc::new(MemoryKv::new()));
+    let kv = match &opts.kv_redis {
+        None => KvProvider::new(),
+        Some(url) => {
+            let store =
+                RedisStore::connect(url, &opts.kv_namespace, DEFAULT_MAX_KEYS_PER_STORE, Duration::from_secs(5))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+                    .with_context(|| format!("cannot use Redis at {url} for KV"))?;
+            say(format!("kv: redis at {url} (namespace {})", opts.kv_namespace));
+            KvProvider::with_backend(Arc::new(store))
+        }
+    };
+    let (agent, reports) = Agent::new(env.clone(), config, engine, Arc::new(kv));
     if let Some(registry) = registry {
         env.spawn(factum_node_agent::run_registry_link(agent.clone(), registry));
     }
@@ -98,9 +110,16 @@ async fn wait_for_shutdown() -> Result<()> {
 pub async fn up(listen: String, agent_opts: AgentOpts) -> Result<()> {
     init_logging();
     let env = Env::tokio();
-    let cp_addr = start_control_plane(&env, &listen, ControlPlaneConfig::default(), None).await?;
+    let (cp, cp_addr) = start_control_plane(&env, &listen, ControlPlaneConfig::default(), None).await?;
     let engine = agent_opts.engine;
     let (agent, agent_addr) = start_agent(&env, cp_addr.clone(), agent_opts, None).await?;
+    // Say "up" only once the node can take instances, so a `factum start` right after it is placed.
+    for _ in 0..200 {
+        if cp.list_nodes().iter().any(|n| n.available) {
+            break;
+        }
+        env.clock.sleep(Duration::from_millis(25)).await;
+    }
     say(format!("factum is up: control plane listening on {cp_addr}"));
     say(format!("node {} ({engine:?}) listening on {agent_addr}", agent.node_id()));
     say(format!("try: factum start guests/fixtures/kv_greeter.wat --cap kv=kv:write --control-plane {cp_addr}"));
@@ -115,7 +134,7 @@ pub async fn control_plane(listen: String, reschedule: bool, registry: RegistryO
     let env = Env::tokio();
     let registry = connect_registry(&env, &registry).await?;
     let config = ControlPlaneConfig { reschedule, ..ControlPlaneConfig::default() };
-    let addr = start_control_plane(&env, &listen, config, registry).await?;
+    let (_, addr) = start_control_plane(&env, &listen, config, registry).await?;
     say(format!("control plane listening on {addr}"));
     wait_for_shutdown().await
 }

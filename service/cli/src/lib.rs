@@ -74,6 +74,12 @@ pub struct AgentOpts {
     /// this stops its reschedulable instances; the control plane reschedules them once the lease expires.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub lease_ttl: std::time::Duration,
+    /// Keep KV data in Redis at this URL (e.g. `redis://127.0.0.1:6379`) instead of in memory.
+    #[arg(long, env = "FACTUM_KV_REDIS")]
+    pub kv_redis: Option<String>,
+    /// Namespace of this cluster's keys in Redis (clusters sharing a Redis must differ).
+    #[arg(long, default_value = "factum")]
+    pub kv_namespace: String,
 }
 
 /// Where node membership and provider metadata live.

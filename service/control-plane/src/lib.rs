@@ -501,7 +501,8 @@ impl ControlPlane {
                 return Err(ErrorResponse::communication(format!("connecting to node {node_id} at {addr} timed out")))
             }
         };
-        let client = NodeAgentClient::new(tarpc::client::Config::default(), rpc::transport(stream)).spawn();
+        let new = NodeAgentClient::new(tarpc::client::Config::default(), rpc::transport(stream));
+        let client = rpc::start_client(env, new);
         if let Some(node) = self.lock().nodes.get_mut(node_id) {
             node.client = Some(client.clone());
         }

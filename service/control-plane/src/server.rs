@@ -72,10 +72,13 @@ impl factum_proto::ControlPlane for ControlPlane {
 /// Serves the control plane's API on `listener` until the listener fails.
 pub async fn serve(control_plane: ControlPlane, listener: Box<dyn Listener>) {
     use factum_proto::ControlPlane as _;
+    let env = control_plane.inner.env.clone();
     rpc::accept_loop(listener, "control plane", |stream| {
         let channel = BaseChannel::with_defaults(rpc::transport(stream));
-        tokio::spawn(channel.execute(control_plane.clone().serve()).for_each(|call| async {
-            tokio::spawn(call);
+        let spawner = env.clone();
+        env.spawn(channel.execute(control_plane.clone().serve()).for_each(move |call| {
+            spawner.spawn(call);
+            futures::future::ready(())
         }));
     })
     .await;

@@ -4,8 +4,7 @@
 use std::sync::Weak;
 use std::time::Duration;
 
-use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorCode, ErrorResponse, ProviderType};
-use factum_providers::Provider;
+use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorCode, ErrorResponse};
 use factum_wasm::GuestHost;
 use futures::future::BoxFuture;
 
@@ -72,11 +71,11 @@ impl GuestHost for InstanceHost {
                 operation,
                 params,
             };
-            let response = match assignment.provider_type {
-                ProviderType::Kv => agent.kv.invoke(&invocation, &granted).await,
-                other => CapabilityResponse::err(&ErrorResponse::new(
+            let response = match agent.providers.get(assignment.provider_type) {
+                Some(provider) => provider.invoke(&invocation, &granted).await,
+                None => CapabilityResponse::err(&ErrorResponse::new(
                     ErrorCode::ProviderUnavailable,
-                    format!("no {other} provider runs on node {}", agent.config.node_id),
+                    format!("no {} provider runs on node {}", assignment.provider_type, agent.config.node_id),
                 )),
             };
             if response.error_code() == Some(ErrorCode::PermissionDenied) {

@@ -19,7 +19,7 @@ use factum_proto::{
     CapabilityAssignment, ErrorCode, ErrorResponse, InstanceFacts, InstanceMetadata, InstanceStatus, KvEntry,
     NodeReport, RestartPolicy, StartInstanceRequest, StatusReport, PROTOCOL_VERSION,
 };
-use factum_providers::MemoryKv;
+use factum_providers::{KvProvider, Provider};
 use factum_wasm::{CachedModule, ExitReason, Instance, Limits, ModuleCache, WasmEngine};
 use futures::future::AbortHandle;
 use tokio::sync::mpsc;
@@ -27,6 +27,41 @@ use tokio::sync::mpsc;
 pub use link::run_control_plane_link;
 pub use registry_link::run_registry_link;
 pub use server::serve;
+
+/// The capability providers a node hosts: KV always, HTTP and messaging when configured. A call for a kind
+/// this node does not host is PROVIDER_UNAVAILABLE.
+#[derive(Clone)]
+pub struct Providers {
+    /// Key-value.
+    pub kv: Arc<KvProvider>,
+    /// Outbound HTTP.
+    pub http: Option<Arc<dyn Provider>>,
+    /// Publish/subscribe messaging.
+    pub messaging: Option<Arc<dyn Provider>>,
+}
+
+impl Providers {
+    /// Every provider, KV first.
+    pub fn all(&self) -> Vec<Arc<dyn Provider>> {
+        let kv: Arc<dyn Provider> = self.kv.clone();
+        std::iter::once(kv).chain(self.http.clone()).chain(self.messaging.clone()).collect()
+    }
+
+    /// The provider of `kind`, if hosted here.
+    pub fn get(&self, kind: factum_proto::ProviderType) -> Option<Arc<dyn Provider>> {
+        match kind {
+            factum_proto::ProviderType::Kv => Some(self.kv.clone()),
+            factum_proto::ProviderType::Http => self.http.clone(),
+            factum_proto::ProviderType::Messaging => self.messaging.clone(),
+        }
+    }
+}
+
+impl From<Arc<KvProvider>> for Providers {
+    fn from(kv: Arc<KvProvider>) -> Self {
+        Providers { kv, http: None, messaging: None }
+    }
+}
 
 /// Agent settings; defaults suit one node on a laptop.
 #[derive(Debug, Clone)]
@@ -99,7 +134,7 @@ pub(crate) struct Inner {
     env: Env,
     config: AgentConfig,
     cache: ModuleCache,
-    kv: Arc<MemoryKv>,
+    providers: Providers,
     instances: Mutex<BTreeMap<String, LocalInstance>>,
     reports: mpsc::UnboundedSender<StatusReport>,
     /// Set while the node has lost its registry lease and not yet re-registered: starts are refused, since the
@@ -135,15 +170,22 @@ impl StatusReports {
 }
 
 impl Agent {
-    /// A new agent with no instances, running modules on `engine` and serving KV from `kv`.
-    pub fn new(env: Env, config: AgentConfig, engine: Arc<dyn WasmEngine>, kv: Arc<MemoryKv>) -> (Self, StatusReports) {
+    /// A new agent with no instances, running modules on `engine`, with `providers` (an `Arc<KvProvider>`
+    /// alone converts into a set with only KV).
+    pub fn new(
+        env: Env,
+        config: AgentConfig,
+        engine: Arc<dyn WasmEngine>,
+        providers: impl Into<Providers>,
+    ) -> (Self, StatusReports) {
+        let providers = providers.into();
         let (tx, rx) = mpsc::unbounded_channel();
         let cache = ModuleCache::new(engine, config.module_cache_capacity);
         let inner = Inner {
             env,
             config,
             cache,
-            kv,
+            providers,
             instances: Mutex::new(BTreeMap::new()),
             reports: tx,
             fenced: std::sync::atomic::AtomicBool::new(false),
@@ -371,13 +413,21 @@ impl Agent {
     }
 
     /// Operator view of the local KV store `capability_id`.
-    pub fn inspect_kv(&self, capability_id: &str, prefix: &str) -> Vec<KvEntry> {
-        self.inner
-            .kv
-            .inspect(capability_id, prefix)
-            .into_iter()
-            .map(|(key, value)| KvEntry { node_id: self.inner.config.node_id.clone(), key, value })
-            .collect()
+    pub async fn inspect_kv(&self, capability_id: &str, prefix: &str) -> Result<Vec<KvEntry>, ErrorResponse> {
+        let entries = self.inner.providers.kv.inspect(capability_id, prefix).await?;
+        let node_id = &self.inner.config.node_id;
+        Ok(entries.into_iter().map(|(key, value)| KvEntry { node_id: node_id.clone(), key, value }).collect())
+    }
+
+    /// Shuts every provider down gracefully (P20): new capability calls get PROVIDER_UNAVAILABLE, calls in
+    /// flight finish first.
+    pub async fn shutdown_providers(&self) {
+        for provider in self.inner.providers.all() {
+            let name = provider.metadata().name;
+            if let Err(e) = provider.shutdown().await {
+                tracing::warn!(provider = %name, error = %e, "provider shutdown failed");
+            }
+        }
     }
 
     /// The bytes of a module some local instance runs (or the cache still holds), by hash.
@@ -421,8 +471,7 @@ impl Agent {
 
     /// Metadata of the capability providers this node hosts.
     pub fn providers(&self) -> Vec<factum_proto::ProviderMetadata> {
-        use factum_providers::Provider;
-        vec![self.inner.kv.metadata()]
+        self.inner.providers.all().iter().map(|p| p.metadata()).collect()
     }
 
     /// Called once the node holds `lease`: starts placed under it are accepted.

@@ -22,8 +22,8 @@ pub async fn run_control_plane_link(agent: Agent, control_plane_addr: String, re
         if client.is_none() {
             match env.timeout(timeout, env.net.connect(&control_plane_addr)).await {
                 Some(Ok(stream)) => {
-                    client =
-                        Some(ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream)).spawn());
+                    let new = ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream));
+                    client = Some(rpc::start_client(&env, new));
                     next_heartbeat = Duration::ZERO;
                     tracing::info!(node = agent.node_id(), control_plane = %control_plane_addr, "connected to control plane");
                 }

@@ -61,7 +61,7 @@ impl NodeAgent for Agent {
         capability_id: String,
         prefix: String,
     ) -> Result<Vec<KvEntry>, ErrorResponse> {
-        Ok(Agent::inspect_kv(&self, &capability_id, &prefix))
+        Agent::inspect_kv(&self, &capability_id, &prefix).await
     }
 
     async fn module_bytes(self, _: Context, module_hash: String) -> Result<Vec<u8>, ErrorResponse> {
@@ -71,10 +71,13 @@ impl NodeAgent for Agent {
 
 /// Serves the agent's API on `listener` until the listener fails.
 pub async fn serve(agent: Agent, listener: Box<dyn Listener>) {
+    let env = agent.inner.env.clone();
     rpc::accept_loop(listener, "agent", |stream| {
         let channel = BaseChannel::with_defaults(rpc::transport(stream));
-        tokio::spawn(channel.execute(agent.clone().serve()).for_each(|call| async {
-            tokio::spawn(call);
+        let spawner = env.clone();
+        env.spawn(channel.execute(agent.clone().serve()).for_each(move |call| {
+            spawner.spawn(call);
+            futures::future::ready(())
         }));
     })
     .await;

@@ -176,7 +176,7 @@ proptest! {
             let allowed = cap_id == "kv" && perms.contains(&"kv:write");
             let status = agent.status("g").unwrap();
             prop_assert_eq!(status, if allowed { InstanceStatus::Running } else { InstanceStatus::Crashed });
-            prop_assert_eq!(!kv.inspect("kv", "greeting").is_empty(), allowed);
+            prop_assert_eq!(!kv.inspect("kv", "greeting").await.unwrap().is_empty(), allowed);
             agent.stop_instance("g").unwrap();
             Ok(())
         })?;
@@ -209,7 +209,7 @@ proptest! {
                 prop_assert_eq!(&facts.capabilities[0].permissions, &vec!["kv:write".to_string()]);
                 prop_assert_eq!(facts.metadata.last_error.is_some(), *kind != 0);
             }
-            prop_assert_eq!(!kv.inspect("kv", "greeting").is_empty(), kinds.contains(&0));
+            prop_assert_eq!(!kv.inspect("kv", "greeting").await.unwrap().is_empty(), kinds.contains(&0));
             agent.stop_all();
             Ok(())
         })?;
@@ -225,7 +225,7 @@ async fn revoke_takes_effect_on_the_next_call() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(agent.status("g").unwrap(), InstanceStatus::Running);
-    assert_eq!(kv.inspect("kv", "")[0].1, b"hello from factum");
+    assert_eq!(kv.inspect("kv", "").await.unwrap()[0].1, b"hello from factum");
     agent.revoke_capability("g", "kv").unwrap();
     // The greeter calls again within a second; that call is denied and the guest exits 1.
     assert_eq!(wait_terminal(&agent, "g", Duration::from_secs(5)).await, InstanceStatus::Crashed);

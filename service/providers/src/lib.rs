@@ -11,7 +11,9 @@ use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorResponse, Perm
 
 pub use factum_proto::ProviderMetadata;
 
-pub use kv::MemoryKv;
+#[cfg(feature = "redis")]
+pub use kv::RedisStore;
+pub use kv::{KvBackend, KvProvider, MemoryKv, MemoryStore, DEFAULT_MAX_KEYS_PER_STORE};
 
 /// A capability provider (design §Capability Provider, Base Interface).
 #[async_trait]
@@ -33,4 +35,72 @@ pub fn unavailable(metadata: &ProviderMetadata) -> CapabilityResponse {
         factum_proto::ErrorCode::ProviderUnavailable,
         format!("provider {} is not running", metadata.name),
     ))
+}
+
+/// Start/stop gate shared by providers, for graceful shutdown (P20): once [`Lifecycle::shutdown`] begins, new
+/// invocations are refused (PROVIDER_UNAVAILABLE) and it returns when the ones already inside have finished.
+pub struct Lifecycle {
+    running: std::sync::atomic::AtomicBool,
+    in_flight: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Held by one invocation while it runs; see [`Lifecycle::enter`].
+pub struct InFlight<'a>(&'a Lifecycle);
+
+impl Lifecycle {
+    /// A running gate.
+    pub fn new() -> Self {
+        Lifecycle {
+            running: std::sync::atomic::AtomicBool::new(true),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Admits one invocation, or `None` once shutdown has begun.
+    pub fn enter(&self) -> Option<InFlight<'_>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.in_flight.fetch_add(1, SeqCst);
+        let guard = InFlight(self);
+        // Checked after counting in, so a shutdown that saw zero in flight cannot miss this invocation.
+        self.running.load(SeqCst).then_some(guard)
+    }
+
+    /// Accepts invocations again.
+    pub fn start(&self) {
+        self.running.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether invocations are accepted.
+    pub fn is_running(&self) -> bool {
+        self.running.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Refuses new invocations and waits for those in flight to finish.
+    pub async fn shutdown(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.running.store(false, SeqCst);
+        loop {
+            let idle = self.idle.notified();
+            if self.in_flight.load(SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }

@@ -85,6 +85,7 @@ impl MemoryRegistry {
                 return Err(RegistryError::LeaseExpired(lease));
             }
         }
+        self.env.trace(|| format!("registry put {key} lease={lease:?} revision={}", state.revision + 1));
         state.entries.insert(key, Entry { value, lease });
         self.bump(&mut state);
         Ok(())
@@ -102,9 +103,12 @@ impl MemoryRegistry {
         Ok(Membership { revision: state.revision, nodes })
     }
 
-    /// Every key now, for invariant checkers that inspect the registry directly (P11).
+    /// Every key held, for invariant checkers that inspect the registry directly (P11). A pure read: it
+    /// neither expires leases nor reads the clock, because checkers run outside the simulated hosts, where a
+    /// clock read would be the OS clock (a simulator bug this caused: an observer expired leases early).
     pub fn keys_now(&self) -> Vec<String> {
-        self.lock().entries.keys().cloned().collect()
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.entries.keys().cloned().collect()
     }
 
     /// Time until the earliest lease deadline, so a watcher wakes to expire it.
@@ -123,6 +127,7 @@ impl Registry for MemoryRegistry {
         state.next_lease += 1;
         let id = state.next_lease;
         state.leases.insert(id, Lease { ttl, expires_at: self.env.clock.now() + ttl });
+        self.env.trace(|| format!("registry grant lease {id} ttl={ttl:?}"));
         Ok(id)
     }
 

@@ -78,13 +78,15 @@ impl RegistryApi for Server {
     }
 }
 
-/// Serves `registry` on `listener` until the listener fails.
-pub async fn serve(registry: Arc<dyn Registry>, listener: Box<dyn Listener>) {
+/// Serves `registry` on `listener` until the listener fails, spawning on `env`.
+pub async fn serve(env: Env, registry: Arc<dyn Registry>, listener: Box<dyn Listener>) {
     let server = Server(registry);
     rpc::accept_loop(listener, "registry", |stream| {
         let channel = BaseChannel::with_defaults(rpc::transport(stream));
-        tokio::spawn(channel.execute(server.clone().serve()).for_each(|call| async {
-            tokio::spawn(call);
+        let spawner = env.clone();
+        env.spawn(channel.execute(server.clone().serve()).for_each(move |call| {
+            spawner.spawn(call);
+            futures::future::ready(())
         }));
     })
     .await;
@@ -119,7 +121,8 @@ impl RemoteRegistry {
                     Some(Err(e)) => return Err(RegistryError::Unavailable(format!("cannot reach {}: {e}", self.addr))),
                     None => return Err(RegistryError::Unavailable(format!("connecting to {} timed out", self.addr))),
                 };
-                let client = RegistryApiClient::new(tarpc::client::Config::default(), rpc::transport(stream)).spawn();
+                let new = RegistryApiClient::new(tarpc::client::Config::default(), rpc::transport(stream));
+                let client = rpc::start_client(&self.env, new);
                 *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
                 client
             }

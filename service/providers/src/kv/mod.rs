@@ -1,123 +1,115 @@
-//! The in-memory key-value provider: one store per capability id.
+//! The key-value provider: decodes MessagePack operations, checks each against the permissions granted for the
+//! capability, and runs it on a [`KvBackend`]. Every capability id is its own store: instances assigned the same
+//! capability id share it, different ids never see each other's keys (P19), on every backend.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use factum_proto::permissions::allows;
-use factum_proto::{
-    CapabilityInvocation, CapabilityResponse, ErrorCode, ErrorResponse, KvOperation, Permission, ProviderType,
-};
+use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorResponse, KvOperation, Permission, ProviderType};
 use serde_bytes::ByteBuf;
 
-use crate::{unavailable, Provider, ProviderMetadata};
+pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
+
+use crate::{unavailable, Lifecycle, Provider, ProviderMetadata};
 
 /// Default most keys per store.
 pub const DEFAULT_MAX_KEYS_PER_STORE: usize = 100_000;
 
-/// In-memory KV stores keyed by capability id: instances assigned the same capability id share a store,
-/// different capability ids never see each other's keys.
-pub struct MemoryKv {
-    stores: Mutex<BTreeMap<String, BTreeMap<String, Vec<u8>>>>,
-    running: AtomicBool,
-    max_keys_per_store: usize,
+/// Where key-value data lives. `store` is the capability id; keys are opaque strings. Failures of the backend
+/// itself are PROVIDER_UNAVAILABLE; a full store is RESOURCE_EXHAUSTED.
+#[async_trait]
+pub trait KvBackend: Send + Sync + 'static {
+    /// Implementation name, e.g. `kv-memory`.
+    fn name(&self) -> &'static str;
+    /// The value of `key`, if set.
+    async fn get(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>, ErrorResponse>;
+    /// Sets `key`; a new key in a full store is RESOURCE_EXHAUSTED.
+    async fn set(&self, store: &str, key: &str, value: &[u8]) -> Result<(), ErrorResponse>;
+    /// Deletes `key`; whether it existed.
+    async fn delete(&self, store: &str, key: &str) -> Result<bool, ErrorResponse>;
+    /// Keys starting with `prefix`, sorted.
+    async fn list(&self, store: &str, prefix: &str) -> Result<Vec<String>, ErrorResponse>;
+    /// Entries whose key starts with `prefix`, sorted by key (the operator view).
+    async fn entries(&self, store: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, ErrorResponse>;
 }
 
-impl MemoryKv {
-    /// An empty, running provider.
+/// The KV provider over one backend.
+pub struct KvProvider {
+    backend: Arc<dyn KvBackend>,
+    lifecycle: Lifecycle,
+}
+
+/// The in-memory KV provider (the default): [`KvProvider::new`].
+pub type MemoryKv = KvProvider;
+
+impl KvProvider {
+    /// A running provider over an empty in-memory store.
     pub fn new() -> Self {
         Self::with_max_keys(DEFAULT_MAX_KEYS_PER_STORE)
     }
 
-    /// An empty, running provider holding at most `max_keys` keys per store.
+    /// A running in-memory provider holding at most `max_keys` keys per store.
     pub fn with_max_keys(max_keys: usize) -> Self {
-        Self { stores: Mutex::new(BTreeMap::new()), running: AtomicBool::new(true), max_keys_per_store: max_keys }
+        Self::with_backend(Arc::new(MemoryStore::new(max_keys)))
+    }
+
+    /// A running provider over `backend`.
+    pub fn with_backend(backend: Arc<dyn KvBackend>) -> Self {
+        Self { backend, lifecycle: Lifecycle::new() }
     }
 
     /// Operator view: entries of store `capability_id` whose key starts with `prefix`, sorted by key.
-    pub fn inspect(&self, capability_id: &str, prefix: &str) -> Vec<(String, Vec<u8>)> {
-        let stores = self.lock();
-        stores
-            .get(capability_id)
-            .map(|store| {
-                store
-                    .range(prefix.to_string()..)
-                    .take_while(|(k, _)| k.starts_with(prefix))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            })
-            .unwrap_or_default()
+    pub async fn inspect(&self, capability_id: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, ErrorResponse> {
+        self.backend.entries(capability_id, prefix).await
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<String, Vec<u8>>>> {
-        self.stores.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn execute(&self, capability_id: &str, op: KvOperation) -> CapabilityResponse {
-        let mut stores = self.lock();
-        match op {
-            KvOperation::Get { key } => {
-                let value = stores.get(capability_id).and_then(|s| s.get(&key)).cloned().map(ByteBuf::from);
-                CapabilityResponse::ok(&value)
-            }
+    async fn execute(&self, store: &str, op: KvOperation) -> Result<CapabilityResponse, ErrorResponse> {
+        let backend = &self.backend;
+        Ok(match op {
+            KvOperation::Get { key } => CapabilityResponse::ok(&backend.get(store, &key).await?.map(ByteBuf::from)),
             KvOperation::Set { key, value } => {
-                let store = stores.entry(capability_id.to_string()).or_default();
-                if !store.contains_key(&key) && store.len() >= self.max_keys_per_store {
-                    return CapabilityResponse::err(&ErrorResponse::new(
-                        ErrorCode::ResourceExhausted,
-                        format!("kv store {capability_id} is full ({} keys)", self.max_keys_per_store),
-                    ));
-                }
-                store.insert(key, value);
+                backend.set(store, &key, &value).await?;
                 CapabilityResponse::ok(&())
             }
-            KvOperation::Delete { key } => {
-                let existed = stores.get_mut(capability_id).and_then(|s| s.remove(&key)).is_some();
-                CapabilityResponse::ok(&existed)
-            }
-            KvOperation::List { prefix } => {
-                let keys: Vec<String> = stores
-                    .get(capability_id)
-                    .map(|s| {
-                        s.range(prefix.clone()..)
-                            .take_while(|(k, _)| k.starts_with(&prefix))
-                            .map(|(k, _)| k.clone())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                CapabilityResponse::ok(&keys)
-            }
-        }
+            KvOperation::Delete { key } => CapabilityResponse::ok(&backend.delete(store, &key).await?),
+            KvOperation::List { prefix } => CapabilityResponse::ok(&backend.list(store, &prefix).await?),
+        })
     }
 }
 
-impl Default for MemoryKv {
+impl Default for KvProvider {
     fn default() -> Self {
         Self::new()
     }
 }
 
 #[async_trait]
-impl Provider for MemoryKv {
+impl Provider for KvProvider {
     fn metadata(&self) -> ProviderMetadata {
         ProviderMetadata {
             provider_type: ProviderType::Kv,
-            name: "kv-memory".into(),
+            name: self.backend.name().into(),
             version: env!("CARGO_PKG_VERSION").into(),
             operations: ["get", "set", "delete", "list"].map(String::from).to_vec(),
         }
     }
 
     async fn initialize(&self) -> Result<(), ErrorResponse> {
-        self.running.store(true, Ordering::SeqCst);
+        self.lifecycle.start();
         Ok(())
     }
 
     async fn invoke(&self, invocation: &CapabilityInvocation, granted: &[Permission]) -> CapabilityResponse {
-        if !self.running.load(Ordering::SeqCst) {
+        let Some(_in_flight) = self.lifecycle.enter() else {
             return unavailable(&self.metadata());
-        }
+        };
         let op = match KvOperation::decode(&invocation.operation, &invocation.params) {
             Ok(op) => op,
             Err(e) => return CapabilityResponse::err(&e),
@@ -134,17 +126,21 @@ impl Provider for MemoryKv {
                 .with_detail("permission", needed.to_string()),
             );
         }
-        self.execute(&invocation.capability_id, op)
+        self.execute(&invocation.capability_id, op).await.unwrap_or_else(|e| CapabilityResponse::err(&e))
     }
 
     async fn shutdown(&self) -> Result<(), ErrorResponse> {
-        self.running.store(false, Ordering::SeqCst);
+        self.lifecycle.shutdown().await;
         Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use factum_proto::ErrorCode;
+
     use super::*;
     use proptest::prelude::*;
 
@@ -211,13 +207,13 @@ mod tests {
             rt.block_on(async {
                 let kv = MemoryKv::new();
                 for op in ops {
-                    let before = kv.inspect("s", "");
+                    let before = kv.inspect("s", "").await.unwrap();
                     let resp = kv.invoke(&inv("s", &op), &granted).await;
                     let allowed = granted.contains(&op.required_permission());
                     prop_assert_eq!(resp.success, allowed);
                     if !allowed {
                         prop_assert_eq!(resp.error_code(), Some(ErrorCode::PermissionDenied));
-                        prop_assert_eq!(kv.inspect("s", ""), before);
+                        prop_assert_eq!(kv.inspect("s", "").await.unwrap(), before);
                     }
                 }
                 Ok(())
@@ -264,12 +260,12 @@ mod tests {
                 for op in &before {
                     prop_assert!(kv.invoke(&inv("s", op), &ALL).await.success);
                 }
-                let snapshot = kv.inspect("s", "");
+                let snapshot = kv.inspect("s", "").await.unwrap();
                 kv.shutdown().await.unwrap();
                 for op in &after {
                     prop_assert_eq!(kv.invoke(&inv("s", op), &ALL).await.error_code(), Some(ErrorCode::ProviderUnavailable));
                 }
-                prop_assert_eq!(kv.inspect("s", ""), snapshot);
+                prop_assert_eq!(kv.inspect("s", "").await.unwrap(), snapshot);
                 Ok(())
             })?;
         }
