@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use factum_control_plane::{ControlPlane, ControlPlaneConfig};
 use factum_env::Env;
-use factum_node_agent::{Agent, AgentConfig};
-use factum_providers::{KvProvider, RedisStore, DEFAULT_MAX_KEYS_PER_STORE};
+use factum_node_agent::{Agent, AgentConfig, Providers};
+use factum_providers::{HttpLimits, HttpProvider, KvProvider, RedisStore, DEFAULT_MAX_KEYS_PER_STORE};
 use factum_wasm::{Limits, WasmEngine, WasmiEngine, WasmtimeEngine};
 
 use factum_registry::{EtcdRegistry, Registry};
@@ -91,7 +91,9 @@ async fn start_agent(
             KvProvider::with_backend(Arc::new(store))
         }
     };
-    let (agent, reports) = Agent::new(env.clone(), config, engine, Arc::new(kv));
+    let http = HttpProvider::new(HttpLimits::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let providers = Providers { kv: Arc::new(kv), http: Some(Arc::new(http)), messaging: None };
+    let (agent, reports) = Agent::new(env.clone(), config, engine, providers);
     if let Some(registry) = registry {
         env.spawn(factum_node_agent::run_registry_link(agent.clone(), registry));
     }
@@ -125,6 +127,7 @@ pub async fn up(listen: String, agent_opts: AgentOpts) -> Result<()> {
     say(format!("try: factum start guests/fixtures/kv_greeter.wat --cap kv=kv:write --control-plane {cp_addr}"));
     let result = wait_for_shutdown().await;
     agent.stop_all();
+    agent.shutdown_providers().await;
     result
 }
 
@@ -148,5 +151,6 @@ pub async fn agent(control_plane: String, opts: AgentOpts, registry: RegistryOpt
     say(format!("node {} listening on {addr}, reporting to {control_plane}", agent.node_id()));
     let result = wait_for_shutdown().await;
     agent.stop_all();
+    agent.shutdown_providers().await;
     result
 }

@@ -241,6 +241,49 @@ impl KvOperation {
     }
 }
 
+/// Params of the HTTP provider's `request` operation (MessagePack, named fields).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpRequest {
+    /// `GET`, `POST`, … (case-insensitive).
+    pub method: String,
+    /// Absolute `http://` or `https://` URL.
+    pub url: String,
+    /// Request headers, in order.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// Request body.
+    #[serde(default, with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// Result of the HTTP provider's `request` operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpResponse {
+    /// HTTP status code.
+    pub status: u16,
+    /// Response headers, in order (values that are not UTF-8 are dropped).
+    pub headers: Vec<(String, String)>,
+    /// Response body.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+impl HttpRequest {
+    /// Decodes the params of operation `operation`; only `request` exists. Garbage is INVALID_REQUEST.
+    pub fn decode(operation: &str, params: &[u8]) -> Result<Self, ErrorResponse> {
+        if operation != "request" {
+            return Err(ErrorResponse::invalid(format!("unknown http operation {operation:?}: expected request")));
+        }
+        rmp_serde::from_slice(params)
+            .map_err(|e| ErrorResponse::invalid(format!("bad MessagePack params for http request: {e}")))
+    }
+
+    /// Encodes into (operation, params) as a guest would send them.
+    pub fn encode(&self) -> (String, Vec<u8>) {
+        ("request".to_string(), rmp_serde::to_vec_named(self).unwrap_or_default())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

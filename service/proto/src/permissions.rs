@@ -164,6 +164,24 @@ pub fn allows(granted: &[Permission], needed: &Permission) -> bool {
     })
 }
 
+/// Whether `granted` lets a request reach `host`: it needs `http:request` and an `http:domain` that is `host`
+/// exactly, or `*.parent` for a host strictly below `parent`. `host` must come from a parsed URL (never from
+/// the raw string, where userinfo, ports or case could disguise it); it is compared lower-cased and without a
+/// trailing dot. IP literals match only an identical `http:domain:<ip>`; IPv6 literals never match.
+pub fn http_host_allowed(granted: &[Permission], host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host.is_empty() || !granted.contains(&Permission::HttpRequest) {
+        return false;
+    }
+    granted.iter().any(|g| match g {
+        Permission::HttpDomain(domain) => match domain.strip_prefix("*.") {
+            Some(parent) => host.strip_suffix(parent).is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+            None => *domain == host,
+        },
+        _ => false,
+    })
+}
+
 /// NATS-style subject matching: `*` matches one token, a trailing `>` matches one or more.
 pub fn topic_matches(pattern: &str, topic: &str) -> bool {
     let mut pattern_tokens = pattern.split('.');
@@ -284,6 +302,32 @@ mod tests {
         #[test]
         fn display_parse_round_trip(p in arb_permission()) {
             prop_assert_eq!(p.to_string().parse::<Permission>().unwrap(), p);
+        }
+
+        /// Feature: wasm-orchestrator, Property 4: Runtime Permission Enforcement
+        /// A host is reachable exactly when `http:request` is granted and a granted domain names it, exactly
+        /// or as `*.parent` strictly above it; case and a trailing dot never change the answer, and a host
+        /// that merely ends with an allowed name's characters (`evilexample.com`) is not below it.
+        #[test]
+        fn http_hosts_follow_the_allowlist(
+            host in "[a-c]{1,2}(\\.[a-c]{1,2}){0,2}",
+            domains in prop::collection::vec(("[a-c]{1,2}(\\.[a-c]{1,2}){0,2}", any::<bool>()), 0..4),
+            request in any::<bool>(),
+            upper in any::<bool>(), dot in any::<bool>(),
+        ) {
+            let mut granted: Vec<Permission> =
+                domains.iter().map(|(d, wild)| Permission::HttpDomain(if *wild { format!("*.{d}") } else { d.clone() })).collect();
+            if request {
+                granted.push(Permission::HttpRequest);
+            }
+            let model = request && domains.iter().any(|(d, wild)| {
+                if *wild { host.ends_with(&format!(".{d}")) } else { host == *d }
+            });
+            let mut asked = if upper { host.to_ascii_uppercase() } else { host.clone() };
+            if dot {
+                asked.push('.');
+            }
+            prop_assert_eq!(http_host_allowed(&granted, &asked), model);
         }
     }
 }

@@ -4,6 +4,7 @@
 //! that capability, and only then executes it. The node agent finds the assignment (no assignment is
 //! PERMISSION_DENIED before any provider is asked) and hands the provider the granted permissions.
 
+mod http;
 mod kv;
 
 use async_trait::async_trait;
@@ -11,6 +12,7 @@ use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorResponse, Perm
 
 pub use factum_proto::ProviderMetadata;
 
+pub use http::{HttpLimits, HttpProvider};
 #[cfg(feature = "redis")]
 pub use kv::RedisStore;
 pub use kv::{KvBackend, KvProvider, MemoryKv, MemoryStore, DEFAULT_MAX_KEYS_PER_STORE};

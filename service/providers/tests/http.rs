@@ -1,0 +1,201 @@
+//! The HTTP provider against a local HTTP server (there is no internet here): allowed requests go through;
+//! every way of disguising the destination (userinfo, fragments, case, trailing dots, IP spellings, IPv6,
+//! redirects, a Host header) is PERMISSION_DENIED or INVALID_REQUEST; responses are capped; slow servers
+//! time out.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
+
+use std::time::Duration;
+
+use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorCode, HttpRequest, HttpResponse, Permission};
+use factum_providers::{HttpLimits, HttpProvider, Provider};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A tiny HTTP/1.1 server on 127.0.0.1: `/hello`, `/big` (with length), `/chunked-big`, `/slow`,
+/// `/redirect?to=<url>`, `/echo-host`. One response per connection.
+async fn server() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = socket.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let text = String::from_utf8_lossy(&head).to_string();
+                let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let host = text
+                    .lines()
+                    .find(|l| l.to_ascii_lowercase().starts_with("host:"))
+                    .map(|l| l[5..].trim().to_string())
+                    .unwrap_or_default();
+                let reply = |status: &str, extra: &str, body: &[u8]| {
+                    let mut r = format!("HTTP/1.1 {status}\r\nconnection: close\r\n{extra}").into_bytes();
+                    r.extend_from_slice(body);
+                    r
+                };
+                let response = if path == "/hello" {
+                    reply("200 OK", "content-length: 5\r\nx-test: yes\r\n\r\n", b"hello")
+                } else if path == "/big" {
+                    reply("200 OK", "content-length: 5000\r\n\r\n", &[b'x'; 5000])
+                } else if path == "/chunked-big" {
+                    let mut r = b"HTTP/1.1 200 OK\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                    for _ in 0..10 {
+                        r.extend_from_slice(b"3e8\r\n");
+                        r.extend_from_slice(&[b'y'; 1000]);
+                        r.extend_from_slice(b"\r\n");
+                    }
+                    r.extend_from_slice(b"0\r\n\r\n");
+                    r
+                } else if path == "/slow" {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    reply("200 OK", "content-length: 0\r\n\r\n", b"")
+                } else if let Some(to) = path.strip_prefix("/redirect?to=") {
+                    reply("302 Found", &format!("location: {to}\r\ncontent-length: 0\r\n\r\n"), b"")
+                } else if path == "/echo-host" {
+                    reply("200 OK", &format!("content-length: {}\r\n\r\n", host.len()), host.as_bytes())
+                } else {
+                    reply("404 Not Found", "content-length: 0\r\n\r\n", b"")
+                };
+                let _ = socket.write_all(&response).await;
+            });
+        }
+    });
+    port
+}
+
+fn grant(perms: &[&str]) -> Vec<Permission> {
+    perms.iter().map(|p| p.parse().unwrap()).collect()
+}
+
+fn get(url: &str) -> CapabilityInvocation {
+    let request = HttpRequest { method: "GET".into(), url: url.into(), headers: vec![], body: vec![] };
+    let (operation, params) = request.encode();
+    CapabilityInvocation { instance_id: "i".into(), capability_id: "web".into(), operation, params }
+}
+
+fn provider() -> HttpProvider {
+    HttpProvider::new(HttpLimits { timeout: Duration::from_millis(500), max_response_bytes: 4096, max_redirects: 3 })
+        .unwrap()
+}
+
+fn code(response: &CapabilityResponse) -> Option<ErrorCode> {
+    response.error_code()
+}
+
+#[tokio::test]
+async fn an_allowed_request_returns_status_headers_and_body() {
+    let port = server().await;
+    let http = provider();
+    let response = http
+        .invoke(&get(&format!("http://127.0.0.1:{port}/hello")), &grant(&["http:request", "http:domain:127.0.0.1"]))
+        .await;
+    let answer: HttpResponse = response.result_as().unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, b"hello");
+    assert!(answer.headers.contains(&("x-test".into(), "yes".into())));
+    let not_found = http
+        .invoke(&get(&format!("http://127.0.0.1:{port}/nope")), &grant(&["http:request", "http:domain:127.0.0.1"]))
+        .await;
+    assert_eq!(
+        not_found.result_as::<HttpResponse>().unwrap().status,
+        404,
+        "an HTTP error status is a result, not a failure"
+    );
+}
+
+#[tokio::test]
+async fn disguised_destinations_are_denied() {
+    let port = server().await;
+    let http = provider();
+    let only_loopback = grant(&["http:request", "http:domain:127.0.0.1"]);
+    let denied = [
+        format!("http://127.0.0.1@localhost:{port}/hello"), // userinfo names the allowed host
+        format!("http://localhost:{port}#@127.0.0.1/hello"), // fragment
+        format!("http://localhost:{port}/hello?127.0.0.1"), // query
+        format!("http://[::1]:{port}/hello"),               // IPv6 loopback
+        format!("http://127.0.0.1.evil.example:{port}/hello"), // allowed host as a prefix
+    ];
+    for url in &denied {
+        assert_eq!(code(&http.invoke(&get(url), &only_loopback).await), Some(ErrorCode::PermissionDenied), "{url}");
+    }
+    // Spellings of the allowed address that parse to it are the same destination and are allowed.
+    for url in [format!("http://2130706433:{port}/hello"), format!("http://127.0.0.1.:{port}/hello")] {
+        let response = http.invoke(&get(&url), &only_loopback).await;
+        assert!(response.success, "{url}: {:?}", response.error);
+    }
+    // Case does not matter; the allowlist is by host, not by port.
+    let localhost = grant(&["http:request", "http:domain:localhost"]);
+    assert!(http.invoke(&get(&format!("http://LocalHost:{port}/hello")), &localhost).await.success);
+    assert_eq!(
+        code(&http.invoke(&get(&format!("http://127.0.0.1:{port}/hello")), &localhost).await),
+        Some(ErrorCode::PermissionDenied),
+        "an IP is not the name that resolves to it"
+    );
+    // http:request alone reaches nothing; a domain without http:request neither.
+    let url = format!("http://127.0.0.1:{port}/hello");
+    assert_eq!(code(&http.invoke(&get(&url), &grant(&["http:request"])).await), Some(ErrorCode::PermissionDenied));
+    assert_eq!(
+        code(&http.invoke(&get(&url), &grant(&["http:domain:127.0.0.1"])).await),
+        Some(ErrorCode::PermissionDenied)
+    );
+}
+
+#[tokio::test]
+async fn redirects_are_checked_hop_by_hop() {
+    let port = server().await;
+    let http = provider();
+    let only_loopback = grant(&["http:request", "http:domain:127.0.0.1"]);
+    let inside = format!("http://127.0.0.1:{port}/redirect?to=/hello");
+    let followed: HttpResponse = http.invoke(&get(&inside), &only_loopback).await.result_as().unwrap();
+    assert_eq!(followed.body, b"hello");
+    let outside = format!("http://127.0.0.1:{port}/redirect?to=http://localhost:{port}/hello");
+    assert_eq!(code(&http.invoke(&get(&outside), &only_loopback).await), Some(ErrorCode::PermissionDenied));
+    let looping =
+        format!("http://127.0.0.1:{port}/redirect?to=/redirect?to=/redirect?to=/redirect?to=/redirect?to=/hello");
+    assert_eq!(code(&http.invoke(&get(&looping), &only_loopback).await), Some(ErrorCode::CommunicationFailure));
+}
+
+#[tokio::test]
+async fn bad_requests_are_invalid_and_big_or_slow_responses_fail_cleanly() {
+    let port = server().await;
+    let http = provider();
+    let all = grant(&["http:request", "http:domain:127.0.0.1"]);
+    let with_host = HttpRequest {
+        method: "GET".into(),
+        url: format!("http://127.0.0.1:{port}/echo-host"),
+        headers: vec![("Host".into(), "internal.example".into())],
+        body: vec![],
+    };
+    let (operation, params) = with_host.encode();
+    let invocation = CapabilityInvocation { instance_id: "i".into(), capability_id: "web".into(), operation, params };
+    assert_eq!(code(&http.invoke(&invocation, &all).await), Some(ErrorCode::InvalidRequest));
+    for url in ["file:///etc/passwd", "not a url", "ftp://127.0.0.1/x"] {
+        assert_eq!(code(&http.invoke(&get(url), &all).await), Some(ErrorCode::InvalidRequest), "{url}");
+    }
+    let garbage = CapabilityInvocation {
+        instance_id: "i".into(),
+        capability_id: "web".into(),
+        operation: "request".into(),
+        params: vec![0xc1, 0xff],
+    };
+    assert_eq!(code(&http.invoke(&garbage, &all).await), Some(ErrorCode::InvalidRequest));
+    let mut unknown = get("http://127.0.0.1/");
+    unknown.operation = "teleport".into();
+    assert_eq!(code(&http.invoke(&unknown, &all).await), Some(ErrorCode::InvalidRequest));
+    for path in ["big", "chunked-big"] {
+        let response = http.invoke(&get(&format!("http://127.0.0.1:{port}/{path}")), &all).await;
+        assert_eq!(code(&response), Some(ErrorCode::ResourceExhausted), "{path}");
+    }
+    let slow = http.invoke(&get(&format!("http://127.0.0.1:{port}/slow")), &all).await;
+    assert_eq!(code(&slow), Some(ErrorCode::CommunicationFailure));
+    http.shutdown().await.unwrap();
+    let after = http.invoke(&get(&format!("http://127.0.0.1:{port}/hello")), &all).await;
+    assert_eq!(code(&after), Some(ErrorCode::ProviderUnavailable));
+}
