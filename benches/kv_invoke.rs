@@ -1,0 +1,100 @@
+//! Per-invocation overhead of a KV `get` (memory backend), from the cheapest to the full guest path:
+//! a direct `BTreeMap` lookup, the provider alone (MessagePack decode, permission check, encode), and a guest
+//! calling `factum.invoke` + `factum.response_read` in a loop on each engine (ABI, assignment lookup at call
+//! time, async host call). Run with `cargo bench --bench kv_invoke`; `FACTUM_BENCH_CALLS` sets the count.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use factum_env::Env;
+use factum_node_agent::{Agent, AgentConfig};
+use factum_proto::{
+    CapabilityAssignment, CapabilityInvocation, InstanceStatus, KvOperation, Permission, RestartPolicy,
+    StartInstanceRequest,
+};
+use factum_providers::{KvProvider, Provider};
+use factum_wasm::{WasmEngine, WasmiEngine, WasmtimeEngine};
+
+fn calls() -> usize {
+    std::env::var("FACTUM_BENCH_CALLS").ok().and_then(|s| s.parse().ok()).unwrap_or(200_000)
+}
+
+/// Calls kv `get` {"key": "k"} `$n` times (the count is patched in), then returns.
+fn guest(n: usize) -> Vec<u8> {
+    let wat = format!(
+        r#"(module
+  (import "factum" "invoke" (func $invoke (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "factum" "response_read" (func $response_read (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "kv")
+  (data (i32.const 16) "get")
+  (data (i32.const 32) "\81\a3key\a1k")
+  (func (export "_start") (local $left i32)
+    (local.set $left (i32.const {n}))
+    (loop $again
+      (drop (call $invoke (i32.const 0) (i32.const 2) (i32.const 16) (i32.const 3) (i32.const 32) (i32.const 7)))
+      (drop (call $response_read (i32.const 1024) (i32.const 1024)))
+      (local.set $left (i32.sub (local.get $left) (i32.const 1)))
+      (br_if $again (local.get $left)))))"#
+    );
+    wat::parse_str(&wat).expect("wat")
+}
+
+fn per_call(name: &str, started: Instant, n: usize) {
+    let ns = started.elapsed().as_nanos() as f64 / n as f64;
+    println!("{name:<44} {ns:>9.0} ns/call  {:>10.0} calls/s", 1e9 / ns);
+}
+
+async fn through_guest(name: &str, engine: Arc<dyn WasmEngine>, n: usize) {
+    let env = Env::tokio();
+    let kv = Arc::new(KvProvider::new());
+    let (agent, mut reports) = Agent::new(env, AgentConfig::new("node-1", "127.0.0.1:0"), engine, kv);
+    let request = StartInstanceRequest {
+        instance_id: "bench".into(),
+        module_bytes: guest(n),
+        capabilities: vec![CapabilityAssignment::new("bench", "kv", &["kv:read".to_string()]).expect("assignment")],
+        restart_policy: RestartPolicy::default(),
+        epoch: 1,
+        node_lease: None,
+    };
+    let started = Instant::now();
+    agent.start_instance(request).await.expect("start");
+    while let Some(report) = reports.recv().await {
+        if report.status.is_terminal() {
+            assert_eq!(report.status, InstanceStatus::Stopped, "{:?}", report.last_error);
+            break;
+        }
+    }
+    per_call(name, started, n);
+}
+
+async fn run() {
+    let n = calls();
+    let mut map = BTreeMap::new();
+    map.insert("k".to_string(), b"v".to_vec());
+    let started = Instant::now();
+    for _ in 0..n {
+        black_box(map.get(black_box("k")).cloned());
+    }
+    per_call("direct BTreeMap get (clone of the value)", started, n);
+
+    let kv = KvProvider::new();
+    let (operation, params) = KvOperation::Get { key: "k".into() }.encode();
+    let invocation = CapabilityInvocation { instance_id: "i".into(), capability_id: "kv".into(), operation, params };
+    let granted = [Permission::KvRead];
+    let started = Instant::now();
+    for _ in 0..n {
+        black_box(kv.invoke(black_box(&invocation), &granted).await.encode());
+    }
+    per_call("provider invoke + response encode", started, n);
+
+    through_guest("guest → agent → provider, wasmtime", Arc::new(WasmtimeEngine::new().expect("wasmtime")), n).await;
+    through_guest("guest → agent → provider, wasmi", Arc::new(WasmiEngine::new()), n).await;
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(run());
+}
