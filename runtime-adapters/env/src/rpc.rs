@@ -57,3 +57,28 @@ where
     });
     client
 }
+
+/// Serves a tarpc service on a listener until the listener fails: one channel per connection, one task per
+/// request, every task on the env's spawner. A macro, not a function, because tarpc's `Serve` returns its
+/// futures from an `async fn`, whose `Send`-ness a generic function cannot require.
+///
+/// `serve_tarpc!(env, listener, "what", service)` where `service` is a `Clone` tarpc server value (e.g.
+/// `my_impl.serve()`).
+#[macro_export]
+macro_rules! serve_tarpc {
+    ($env:expr, $listener:expr, $what:expr, $service:expr) => {{
+        let env: $crate::Env = $env.clone();
+        let service = $service;
+        $crate::rpc::accept_loop($listener, $what, |stream| {
+            use ::futures::StreamExt as _;
+            use ::tarpc::server::Channel as _;
+            let channel = ::tarpc::server::BaseChannel::with_defaults($crate::rpc::transport(stream));
+            let spawner = env.clone();
+            env.spawn(channel.execute(service.clone()).for_each(move |call| {
+                spawner.spawn(call);
+                ::futures::future::ready(())
+            }));
+        })
+        .await
+    }};
+}

@@ -32,6 +32,11 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 record.metadata = facts.metadata;
                 record.seq = facts.seq;
                 record.lease = facts.lease;
+            } else {
+                // An older status, but when the agent accepted this placement never changes: take its word,
+                // so the answer to a start still replaces the control plane's own guess even when the
+                // instance's later reports overtook it.
+                record.metadata.created_at = facts.metadata.created_at;
             }
             record.epoch = facts.epoch;
         }

@@ -1,12 +1,10 @@
 //! The control plane's tarpc server.
 
-use factum_env::{rpc, Listener};
+use factum_env::Listener;
 use factum_proto::{
     ErrorResponse, InstanceDetails, InstanceMetadata, KvEntry, NodeInfo, NodeReport, StartRequest, StatusReport,
 };
-use futures::StreamExt;
 use tarpc::context::Context;
-use tarpc::server::{BaseChannel, Channel};
 
 use crate::ControlPlane;
 
@@ -72,14 +70,5 @@ impl factum_proto::ControlPlane for ControlPlane {
 /// Serves the control plane's API on `listener` until the listener fails.
 pub async fn serve(control_plane: ControlPlane, listener: Box<dyn Listener>) {
     use factum_proto::ControlPlane as _;
-    let env = control_plane.inner.env.clone();
-    rpc::accept_loop(listener, "control plane", |stream| {
-        let channel = BaseChannel::with_defaults(rpc::transport(stream));
-        let spawner = env.clone();
-        env.spawn(channel.execute(control_plane.clone().serve()).for_each(move |call| {
-            spawner.spawn(call);
-            futures::future::ready(())
-        }));
-    })
-    .await;
+    factum_env::serve_tarpc!(control_plane.inner.env, listener, "control plane", control_plane.clone().serve());
 }

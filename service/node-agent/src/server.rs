@@ -1,13 +1,11 @@
 //! The agent's tarpc server: the [`NodeAgent`] service the control plane calls.
 
-use factum_env::{rpc, Listener};
+use factum_env::Listener;
 use factum_proto::{
     CapabilityAssignment, ErrorResponse, InstanceFacts, InstanceStatus, KvEntry, NodeAgent, StartInstanceRequest,
     StartInstanceResponse, StopInstanceRequest, StopInstanceResponse,
 };
-use futures::StreamExt;
 use tarpc::context::Context;
-use tarpc::server::{BaseChannel, Channel};
 
 use crate::Agent;
 
@@ -71,14 +69,5 @@ impl NodeAgent for Agent {
 
 /// Serves the agent's API on `listener` until the listener fails.
 pub async fn serve(agent: Agent, listener: Box<dyn Listener>) {
-    let env = agent.inner.env.clone();
-    rpc::accept_loop(listener, "agent", |stream| {
-        let channel = BaseChannel::with_defaults(rpc::transport(stream));
-        let spawner = env.clone();
-        env.spawn(channel.execute(agent.clone().serve()).for_each(move |call| {
-            spawner.spawn(call);
-            futures::future::ready(())
-        }));
-    })
-    .await;
+    factum_env::serve_tarpc!(agent.inner.env, listener, "agent", agent.clone().serve());
 }

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use factum_env::{rpc, Env, Listener};
-use futures::StreamExt;
 use tarpc::context::Context;
-use tarpc::server::{BaseChannel, Channel};
 
 use crate::{LeaseId, Membership, NodeRegistration, ProviderRecord, Registry, RegistryError};
 
@@ -80,16 +78,7 @@ impl RegistryApi for Server {
 
 /// Serves `registry` on `listener` until the listener fails, spawning on `env`.
 pub async fn serve(env: Env, registry: Arc<dyn Registry>, listener: Box<dyn Listener>) {
-    let server = Server(registry);
-    rpc::accept_loop(listener, "registry", |stream| {
-        let channel = BaseChannel::with_defaults(rpc::transport(stream));
-        let spawner = env.clone();
-        env.spawn(channel.execute(server.clone().serve()).for_each(move |call| {
-            spawner.spawn(call);
-            futures::future::ready(())
-        }));
-    })
-    .await;
+    factum_env::serve_tarpc!(env, listener, "registry", Server(registry).serve());
 }
 
 /// A [`Registry`] reached over the env's network. Connects lazily, reconnects after a failure, and bounds every
