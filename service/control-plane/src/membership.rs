@@ -98,10 +98,7 @@ impl ControlPlane {
             node.available = true;
             node.last_seen = now;
         }
-        let cp = self.clone();
-        self.inner.env.spawn(async move {
-            cp.sync_node(node_id).await;
-        });
+        self.inner.env.spawn(self.clone().sync_node(node_id));
     }
 
     fn node_lost(&self, node_id: &str, reschedule: bool) {
@@ -270,9 +267,6 @@ fn reschedulable(record: &crate::InstanceRecord, lost: &str, current_lease: Opti
     record.metadata.node_id == lost
         && (current_lease.is_none() || record.lease != current_lease)
         && record.restart_policy.policy_type != PolicyType::Never
-        && matches!(
-            record.metadata.status,
-            InstanceStatus::Unknown | InstanceStatus::Crashed | InstanceStatus::Starting | InstanceStatus::Running
-        )
+        && record.metadata.status != InstanceStatus::Stopped
         && record.restart_policy.should_restart(true, record.metadata.restarts)
 }
