@@ -52,6 +52,12 @@ pub trait GuestHost: Send + Sync + 'static {
     fn fill_random(&self, buf: &mut [u8]);
     /// Guest output on fd 1 or 2.
     fn write_output(&self, fd: u32, bytes: &[u8]);
+    /// The next message for the guest's `factum_on_message` export (a MessagePack envelope), waiting for one;
+    /// `None` once the instance holds no subscriptions, which ends the run cleanly. Asked only after `_start`
+    /// returned; asking again means the previous message was handled.
+    fn next_message(&self) -> BoxFuture<'static, Option<Vec<u8>>> {
+        Box::pin(async { None })
+    }
 }
 
 /// Per-instance state the ABI keeps between calls.

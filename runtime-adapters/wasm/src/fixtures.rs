@@ -18,8 +18,12 @@ pub const REMEMBER: &str = include_str!("../../../guests/fixtures/remember.wat")
 /// Sets `greeting` in KV capability `kv` once a second; exits 1 when refused.
 pub const KV_GREETER: &str = include_str!("../../../guests/fixtures/kv_greeter.wat");
 
+/// Subscribes to `greetings.*` on capability `bus`; stores each message envelope under `last` in capability
+/// `kv`; traps on a payload ending in `!`.
+pub const SUBSCRIBER: &str = include_str!("../../../guests/fixtures/subscriber.wat");
+
 /// Every fixture by file stem.
-pub const ALL: [(&str, &str); 8] = [
+pub const ALL: [(&str, &str); 9] = [
     ("exit_clean", EXIT_CLEAN),
     ("exit_code", EXIT_CODE),
     ("trap", TRAP),
@@ -28,6 +32,7 @@ pub const ALL: [(&str, &str); 8] = [
     ("memory_hog", MEMORY_HOG),
     ("remember", REMEMBER),
     ("kv_greeter", KV_GREETER),
+    ("subscriber", SUBSCRIBER),
 ];
 
 /// Module bytes of a fixture. Fixtures are checked in and parsed by the tests, so a parse failure is a bug

@@ -122,3 +122,14 @@ pub trait Instance: Send {
 
 /// The name of the entry point factum calls.
 pub const ENTRY_POINT: &str = "_start";
+
+/// The optional export through which a subscribed guest receives messages: `(len: i32) -> i32`. When `_start`
+/// returns (not `proc_exit`) and the module exports it, the run goes on serving messages: each one is a
+/// MessagePack [`factum_proto::MessageEnvelope`] of `len` bytes, read with `factum.response_read`. Returning 0
+/// means handled; anything else, or a trap, is a crash.
+pub const MESSAGE_HANDLER: &str = "factum_on_message";
+
+/// Why a message handler's failure ended a run.
+fn handler_failed(code: i32) -> ExitReason {
+    ExitReason::Trapped(format!("{MESSAGE_HANDLER} returned {code}"))
+}

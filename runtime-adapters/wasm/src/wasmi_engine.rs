@@ -12,7 +12,10 @@ use wasmi::{
 };
 
 use crate::abi::{self, GuestState, Outcome, Pending, Ty};
-use crate::{CompiledModule, EngineError, ExitReason, GuestHost, Instance, Limits, WasmEngine, ENTRY_POINT};
+use crate::{
+    handler_failed, CompiledModule, EngineError, ExitReason, GuestHost, Instance, Limits, WasmEngine, ENTRY_POINT,
+    MESSAGE_HANDLER,
+};
 
 /// wasmi behind the [`WasmEngine`] seam.
 pub struct WasmiEngine {
@@ -123,6 +126,14 @@ impl WasmEngine for WasmiEngine {
         if !has_entry {
             return Err(EngineError::InvalidModule(format!("module exports no `{ENTRY_POINT}: () -> ()` function")));
         }
+        let bad_handler = module.exports().any(|export| {
+            export.name() == MESSAGE_HANDLER
+                && !matches!(export.ty(), ExternType::Func(f)
+                    if f.params().iter().map(ty).eq([Ty::I32]) && f.results().iter().map(ty).eq([Ty::I32]))
+        });
+        if bad_handler {
+            return Err(EngineError::InvalidModule(format!("export `{MESSAGE_HANDLER}` must be (i32) -> i32")));
+        }
         let mut linker = Linker::new(&self.engine);
         for import in module.imports() {
             let ExternType::Func(func_ty) = import.ty() else {
@@ -187,7 +198,9 @@ impl WasmEngine for WasmiEngine {
                 .get_func(&store, ENTRY_POINT)
                 .ok_or_else(|| EngineError::InvalidModule(format!("no `{ENTRY_POINT}` export")))?;
             let remaining = limits.fuel.map(|f| f.saturating_sub(first_slice));
-            Ok(Box::new(WasmiInstance { store, instance, start, host, limits, remaining }) as Box<dyn Instance>)
+            let handler = instance.get_func(&store, MESSAGE_HANDLER);
+            let fuel = Fuel { limits, remaining };
+            Ok(Box::new(WasmiInstance { store, instance, start, handler, host, fuel }) as Box<dyn Instance>)
         })
     }
 }
@@ -196,7 +209,13 @@ struct WasmiInstance {
     store: Store<StoreData>,
     instance: wasmi::Instance,
     start: Func,
+    handler: Option<Func>,
     host: Arc<dyn GuestHost>,
+    fuel: Fuel,
+}
+
+/// The fuel budget of one run, handed to the store a slice at a time.
+struct Fuel {
     limits: Limits,
     /// Fuel left in the budget after the slice currently in the store; `None` is unlimited.
     remaining: Option<u64>,
@@ -212,49 +231,80 @@ fn exit_reason(e: Error) -> ExitReason {
     ExitReason::Trapped(e.to_string())
 }
 
+/// Drives one resumable call to its end: refuels (yielding to the executor between slices) and performs
+/// pending host calls. `outputs` receives the function's results.
+async fn drive(
+    store: &mut Store<StoreData>,
+    instance: &wasmi::Instance,
+    host: &Arc<dyn GuestHost>,
+    fuel: &mut Fuel,
+    mut call: Result<ResumableCall, Error>,
+    outputs: &mut [Val],
+) -> Result<(), ExitReason> {
+    loop {
+        match call {
+            Err(e) => return Err(exit_reason(e)),
+            Ok(ResumableCall::Finished) => return Ok(()),
+            Ok(ResumableCall::OutOfFuel(out)) => {
+                let slice = fuel.limits.fuel_yield_interval.max(out.required_fuel());
+                let refill = match fuel.remaining {
+                    None => slice,
+                    Some(0) => return Err(ExitReason::OutOfFuel),
+                    Some(left) => {
+                        let n = left.min(slice);
+                        fuel.remaining = Some(left - n);
+                        n
+                    }
+                };
+                if let Err(e) = store.set_fuel(refill) {
+                    return Err(ExitReason::Trapped(e.to_string()));
+                }
+                tokio::task::yield_now().await;
+                call = out.resume(&mut *store, outputs);
+            }
+            Ok(ResumableCall::HostTrap(trap)) => {
+                let pending = trap
+                    .host_error()
+                    .downcast_ref::<PendingCall>()
+                    .and_then(|p| p.0.lock().ok().and_then(|mut slot| slot.take()));
+                let Some(pending) = pending else {
+                    return Err(exit_reason(trap.into_host_error()));
+                };
+                let has_result = !trap.host_func().ty(&*store).results().is_empty();
+                let done = abi::perform(host, pending).await;
+                let (mem, state) = store_memory(store, instance);
+                let ret = abi::complete(state, mem, done);
+                let inputs = if has_result { vec![Val::I32(ret)] } else { Vec::new() };
+                call = trap.resume(&mut *store, &inputs, outputs);
+            }
+        }
+    }
+}
+
 impl Instance for WasmiInstance {
     fn run(self: Box<Self>) -> BoxFuture<'static, ExitReason> {
-        let WasmiInstance { mut store, instance, start, host, limits, mut remaining } = *self;
+        let WasmiInstance { mut store, instance, start, handler, host, mut fuel } = *self;
         Box::pin(async move {
-            let mut call = start.call_resumable(&mut store, &[], &mut []);
-            loop {
-                match call {
-                    Err(e) => return exit_reason(e),
-                    Ok(ResumableCall::Finished) => return ExitReason::Exited(0),
-                    Ok(ResumableCall::OutOfFuel(out)) => {
-                        let slice = limits.fuel_yield_interval.max(out.required_fuel());
-                        let refill = match remaining {
-                            None => slice,
-                            Some(0) => return ExitReason::OutOfFuel,
-                            Some(left) => {
-                                let n = left.min(slice);
-                                remaining = Some(left - n);
-                                n
-                            }
-                        };
-                        if let Err(e) = store.set_fuel(refill) {
-                            return ExitReason::Trapped(e.to_string());
-                        }
-                        tokio::task::yield_now().await;
-                        call = out.resume(&mut store, &mut []);
-                    }
-                    Ok(ResumableCall::HostTrap(trap)) => {
-                        let pending = trap
-                            .host_error()
-                            .downcast_ref::<PendingCall>()
-                            .and_then(|p| p.0.lock().ok().and_then(|mut slot| slot.take()));
-                        let Some(pending) = pending else {
-                            return exit_reason(trap.into_host_error());
-                        };
-                        let has_result = !trap.host_func().ty(&store).results().is_empty();
-                        let done = abi::perform(&host, pending).await;
-                        let (mem, state) = store_memory(&mut store, &instance);
-                        let ret = abi::complete(state, mem, done);
-                        let inputs = if has_result { vec![Val::I32(ret)] } else { Vec::new() };
-                        call = trap.resume(&mut store, &inputs, &mut []);
-                    }
+            let call = start.call_resumable(&mut store, &[], &mut []);
+            if let Err(exit) = drive(&mut store, &instance, &host, &mut fuel, call, &mut []).await {
+                return exit;
+            }
+            let Some(handler) = handler else { return ExitReason::Exited(0) };
+            while let Some(message) = host.next_message().await {
+                let len = i32::try_from(message.len()).unwrap_or(i32::MAX);
+                store.data_mut().guest.last_response = message;
+                let mut result = [Val::I32(0)];
+                let call = handler.call_resumable(&mut store, &[Val::I32(len)], &mut result);
+                if let Err(exit) = drive(&mut store, &instance, &host, &mut fuel, call, &mut result).await {
+                    return exit;
+                }
+                match result {
+                    [Val::I32(0)] => {}
+                    [Val::I32(code)] => return handler_failed(code),
+                    _ => return handler_failed(-1),
                 }
             }
+            ExitReason::Exited(0)
         })
     }
 }

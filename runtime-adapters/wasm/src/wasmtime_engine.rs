@@ -11,7 +11,10 @@ use wasmtime::{
 };
 
 use crate::abi::{self, GuestState, HostFn, Outcome, Ty};
-use crate::{CompiledModule, EngineError, ExitReason, GuestHost, Instance, Limits, WasmEngine, ENTRY_POINT};
+use crate::{
+    handler_failed, CompiledModule, EngineError, ExitReason, GuestHost, Instance, Limits, WasmEngine, ENTRY_POINT,
+    MESSAGE_HANDLER,
+};
 
 /// wasmtime behind the [`WasmEngine`] seam.
 pub struct WasmtimeEngine {
@@ -139,6 +142,14 @@ impl WasmEngine for WasmtimeEngine {
                 return Err(EngineError::InvalidModule(format!("module exports no `{ENTRY_POINT}: () -> ()` function")))
             }
         }
+        match module.get_export(MESSAGE_HANDLER) {
+            None => {}
+            Some(ExternType::Func(f))
+                if f.params().map(|t| ty(&t)).eq([Ty::I32]) && f.results().map(|t| ty(&t)).eq([Ty::I32]) => {}
+            Some(_) => {
+                return Err(EngineError::InvalidModule(format!("export `{MESSAGE_HANDLER}` must be (i32) -> i32")))
+            }
+        }
         let mut linker = Linker::new(&self.engine);
         for import in module.imports() {
             let ExternType::Func(func_ty) = import.ty() else {
@@ -186,7 +197,8 @@ impl WasmEngine for WasmtimeEngine {
             let start = instance
                 .get_typed_func::<(), ()>(&mut store, ENTRY_POINT)
                 .map_err(|e| EngineError::InvalidModule(format!("{e}")))?;
-            Ok(Box::new(WasmtimeInstance { store, start }) as Box<dyn Instance>)
+            let handler = instance.get_typed_func::<i32, i32>(&mut store, MESSAGE_HANDLER).ok();
+            Ok(Box::new(WasmtimeInstance { store, start, handler }) as Box<dyn Instance>)
         })
     }
 }
@@ -194,26 +206,40 @@ impl WasmEngine for WasmtimeEngine {
 struct WasmtimeInstance {
     store: Store<StoreData>,
     start: TypedFunc<(), ()>,
+    handler: Option<TypedFunc<i32, i32>>,
+}
+
+fn exit_reason(e: &wasmtime::Error) -> ExitReason {
+    if let Some(GuestExit(code)) = e.downcast_ref::<GuestExit>() {
+        ExitReason::Exited(*code)
+    } else if let Some(Trap::OutOfFuel) = e.downcast_ref::<Trap>() {
+        ExitReason::OutOfFuel
+    } else if let Some(trap) = e.downcast_ref::<Trap>() {
+        ExitReason::Trapped(trap.to_string())
+    } else {
+        ExitReason::Trapped(e.to_string())
+    }
 }
 
 impl Instance for WasmtimeInstance {
     fn run(self: Box<Self>) -> BoxFuture<'static, ExitReason> {
-        let WasmtimeInstance { mut store, start } = *self;
+        let WasmtimeInstance { mut store, start, handler } = *self;
         Box::pin(async move {
-            match start.call_async(&mut store, ()).await {
-                Ok(()) => ExitReason::Exited(0),
-                Err(e) => {
-                    if let Some(GuestExit(code)) = e.downcast_ref::<GuestExit>() {
-                        ExitReason::Exited(*code)
-                    } else if let Some(Trap::OutOfFuel) = e.downcast_ref::<Trap>() {
-                        ExitReason::OutOfFuel
-                    } else if let Some(trap) = e.downcast_ref::<Trap>() {
-                        ExitReason::Trapped(trap.to_string())
-                    } else {
-                        ExitReason::Trapped(e.to_string())
-                    }
+            if let Err(e) = start.call_async(&mut store, ()).await {
+                return exit_reason(&e);
+            }
+            let Some(handler) = handler else { return ExitReason::Exited(0) };
+            let host = store.data().guest.host.clone();
+            while let Some(message) = host.next_message().await {
+                let len = i32::try_from(message.len()).unwrap_or(i32::MAX);
+                store.data_mut().guest.last_response = message;
+                match handler.call_async(&mut store, len).await {
+                    Ok(0) => {}
+                    Ok(code) => return handler_failed(code),
+                    Err(e) => return exit_reason(&e),
                 }
             }
+            ExitReason::Exited(0)
         })
     }
 }

@@ -7,7 +7,9 @@ use anyhow::{Context as _, Result};
 use factum_control_plane::{ControlPlane, ControlPlaneConfig};
 use factum_env::Env;
 use factum_node_agent::{Agent, AgentConfig, Providers};
-use factum_providers::{HttpLimits, HttpProvider, KvProvider, RedisStore, DEFAULT_MAX_KEYS_PER_STORE};
+use factum_providers::{
+    HttpLimits, HttpProvider, KvProvider, MessagingProvider, NatsBus, RedisStore, DEFAULT_MAX_KEYS_PER_STORE,
+};
 use factum_wasm::{Limits, WasmEngine, WasmiEngine, WasmtimeEngine};
 
 use factum_registry::{EtcdRegistry, Registry};
@@ -92,7 +94,18 @@ async fn start_agent(
         }
     };
     let http = HttpProvider::new(HttpLimits::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let providers = Providers { kv: Arc::new(kv), http: Some(Arc::new(http)), messaging: None };
+    let messaging = match &opts.msg_nats {
+        None => MessagingProvider::in_memory(),
+        Some(url) => {
+            let bus = NatsBus::connect(url, &opts.msg_prefix, Duration::from_secs(5), env.spawner.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .with_context(|| format!("cannot use NATS at {url} for messaging"))?;
+            say(format!("msg: nats at {url} (subjects {}.>)", opts.msg_prefix));
+            MessagingProvider::new(Arc::new(bus))
+        }
+    };
+    let providers = Providers { kv: Arc::new(kv), http: Some(Arc::new(http)), messaging: Some(Arc::new(messaging)) };
     let (agent, reports) = Agent::new(env.clone(), config, engine, providers);
     if let Some(registry) = registry {
         env.spawn(factum_node_agent::run_registry_link(agent.clone(), registry));

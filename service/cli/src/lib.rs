@@ -80,6 +80,13 @@ pub struct AgentOpts {
     /// Namespace of this cluster's keys in Redis (clusters sharing a Redis must differ).
     #[arg(long, default_value = "factum")]
     pub kv_namespace: String,
+    /// Carry messages through the NATS server at this URL (e.g. `nats://127.0.0.1:4222`), so instances on
+    /// different nodes hear each other. Unset: an in-process bus (this node only).
+    #[arg(long, env = "FACTUM_MSG_NATS")]
+    pub msg_nats: Option<String>,
+    /// Subject prefix of this cluster's topics in NATS (clusters sharing a server must differ).
+    #[arg(long, default_value = "factum")]
+    pub msg_prefix: String,
 }
 
 /// Where node membership and provider metadata live.

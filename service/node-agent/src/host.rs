@@ -4,7 +4,8 @@
 use std::sync::Weak;
 use std::time::Duration;
 
-use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorCode, ErrorResponse};
+use factum_proto::permissions::allows;
+use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorCode, ErrorResponse, MessageEnvelope, Permission};
 use factum_wasm::GuestHost;
 use futures::future::BoxFuture;
 
@@ -110,6 +111,45 @@ impl GuestHost for InstanceHost {
             let bytes = agent.env.rng.next_u64().to_le_bytes();
             chunk.copy_from_slice(bytes.get(..chunk.len()).unwrap_or(&[]));
         }
+    }
+
+    fn next_message(&self) -> BoxFuture<'static, Option<Vec<u8>>> {
+        let agent = self.agent.clone();
+        let instance_id = self.instance_id.clone();
+        Box::pin(async move {
+            loop {
+                let waker = {
+                    let agent = agent.upgrade()?;
+                    let messaging = agent.providers.messaging.clone()?;
+                    let mut instances = agent.lock();
+                    let local = instances.get_mut(&instance_id)?;
+                    while let Some(delivery) = local.mailbox.next() {
+                        // Checked at delivery time, like every capability call: a revoke stops what is queued (P4).
+                        let topic = Permission::MsgSubscribe(delivery.topic.clone());
+                        let granted =
+                            local.capabilities.get(&delivery.capability_id).and_then(|a| a.parsed_permissions().ok());
+                        if granted.is_some_and(|granted| allows(&granted, &topic)) {
+                            let envelope = MessageEnvelope {
+                                capability_id: delivery.capability_id.clone(),
+                                topic: delivery.topic.clone(),
+                                payload: delivery.payload.clone(),
+                            };
+                            return Some(envelope.encode());
+                        }
+                        tracing::warn!(target: "factum::audit", instance_id = %instance_id,
+                            capability_id = %delivery.capability_id, topic = %delivery.topic,
+                            "message not delivered: the capability no longer allows it");
+                        local.mailbox.discard_in_hand();
+                    }
+                    if messaging.subscriptions_of(&instance_id).is_empty() {
+                        return None; // nothing more can arrive: the run ends cleanly
+                    }
+                    local.mailbox.waker()
+                };
+                // No strong reference to the agent is held while waiting: a dropped agent ends the run.
+                waker.notified().await;
+            }
+        })
     }
 
     fn write_output(&self, fd: u32, bytes: &[u8]) {

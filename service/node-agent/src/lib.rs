@@ -7,6 +7,7 @@
 
 mod host;
 mod link;
+mod mailbox;
 mod registry_link;
 mod server;
 
@@ -19,7 +20,7 @@ use factum_proto::{
     CapabilityAssignment, ErrorCode, ErrorResponse, InstanceFacts, InstanceMetadata, InstanceStatus, KvEntry,
     NodeReport, RestartPolicy, StartInstanceRequest, StatusReport, PROTOCOL_VERSION,
 };
-use factum_providers::{KvProvider, Provider};
+use factum_providers::{Delivery, KvProvider, MessagingProvider, Provider};
 use factum_wasm::{CachedModule, ExitReason, Instance, Limits, ModuleCache, WasmEngine};
 use futures::future::AbortHandle;
 use tokio::sync::mpsc;
@@ -37,14 +38,15 @@ pub struct Providers {
     /// Outbound HTTP.
     pub http: Option<Arc<dyn Provider>>,
     /// Publish/subscribe messaging.
-    pub messaging: Option<Arc<dyn Provider>>,
+    pub messaging: Option<Arc<MessagingProvider>>,
 }
 
 impl Providers {
     /// Every provider, KV first.
     pub fn all(&self) -> Vec<Arc<dyn Provider>> {
         let kv: Arc<dyn Provider> = self.kv.clone();
-        std::iter::once(kv).chain(self.http.clone()).chain(self.messaging.clone()).collect()
+        let messaging = self.messaging.clone().map(|m| m as Arc<dyn Provider>);
+        std::iter::once(kv).chain(self.http.clone()).chain(messaging).collect()
     }
 
     /// The provider of `kind`, if hosted here.
@@ -52,7 +54,7 @@ impl Providers {
         match kind {
             factum_proto::ProviderType::Kv => Some(self.kv.clone()),
             factum_proto::ProviderType::Http => self.http.clone(),
-            factum_proto::ProviderType::Messaging => self.messaging.clone(),
+            factum_proto::ProviderType::Messaging => self.messaging.clone().map(|m| m as Arc<dyn Provider>),
         }
     }
 }
@@ -115,6 +117,8 @@ struct LocalInstance {
     /// Bumped whenever a run is replaced or stopped, so a stale supervisor can tell it lost ownership.
     generation: u64,
     abort: Option<AbortHandle>,
+    /// Messages for its subscriptions, kept across restarts.
+    mailbox: mailbox::Mailbox,
 }
 
 impl LocalInstance {
@@ -191,7 +195,16 @@ impl Agent {
             fenced: std::sync::atomic::AtomicBool::new(false),
             lease: std::sync::atomic::AtomicI64::new(0),
         };
-        (Agent { inner: Arc::new(inner) }, StatusReports(rx))
+        let inner = Arc::new(inner);
+        if let Some(messaging) = &inner.providers.messaging {
+            let agent = Arc::downgrade(&inner);
+            messaging.connect(Arc::new(move |delivery| {
+                if let Some(agent) = agent.upgrade() {
+                    agent.deliver(delivery);
+                }
+            }));
+        }
+        (Agent { inner }, StatusReports(rx))
     }
 
     /// This agent's node id.
@@ -287,6 +300,7 @@ impl Agent {
                 seq: 0,
                 generation: 0,
                 abort: None,
+                mailbox: mailbox::Mailbox::default(),
             };
             instances.insert(req.instance_id.clone(), local);
             inner.set_status(&mut instances, &req.instance_id, InstanceStatus::Starting, None);
@@ -315,6 +329,7 @@ impl Agent {
         local.generation += 1;
         // A supervisor still holds the instance while it runs or waits out a restart backoff: cancel it.
         let supervised = local.abort.take().map(|abort| abort.abort()).is_some();
+        inner.end_messaging(local, "stopped");
         if supervised || !local.metadata.status.is_terminal() {
             inner.set_status(&mut instances, instance_id, InstanceStatus::Stopped, None);
         }
@@ -335,6 +350,7 @@ impl Agent {
             if let Some(abort) = local.abort.take() {
                 abort.abort();
             }
+            local.mailbox.run_crashed();
             local.metadata.restarts = local.metadata.restarts.saturating_add(1);
             let generation = local.generation;
             inner.set_status(&mut instances, instance_id, InstanceStatus::Starting, None);
@@ -408,6 +424,11 @@ impl Agent {
                 .with_detail("capability_id", capability_id)
         })?;
         tracing::info!(instance_id, capability = capability_id, "capability revoked");
+        if let Some(messaging) = &self.inner.providers.messaging {
+            if messaging.release(instance_id, Some(capability_id)) > 0 {
+                local.mailbox.poke(); // a run serving messages may have nothing left to wait for
+            }
+        }
         local.seq += 1;
         Ok(local.facts())
     }
@@ -461,6 +482,7 @@ impl Agent {
                 if let Some(abort) = local.abort.take() {
                     abort.abort();
                 }
+                self.inner.end_messaging(&mut local, "fenced: the node lost its registry lease");
             }
         }
         let dropped = fenced.len();
@@ -502,6 +524,26 @@ impl Agent {
 }
 
 impl Inner {
+    /// A message for a subscribed instance: queued while the instance is supervised (running, or crashed and
+    /// waiting to restart); otherwise dropped with a warning.
+    fn deliver(&self, delivery: Delivery) {
+        let mut instances = self.lock();
+        match instances.get_mut(&delivery.instance_id) {
+            Some(local) if local.abort.is_some() => local.mailbox.push(delivery),
+            _ => tracing::warn!(target: "factum::msg", instance_id = %delivery.instance_id, topic = %delivery.topic,
+                "message dropped: the instance no longer runs here"),
+        }
+    }
+
+    /// The instance ended for good: its subscriptions end and whatever its mailbox holds is dropped (logged).
+    fn end_messaging(&self, local: &mut LocalInstance, why: &str) {
+        let instance_id = &local.metadata.instance_id;
+        if let Some(messaging) = &self.providers.messaging {
+            messaging.release(instance_id, None);
+        }
+        local.mailbox.close(instance_id, why);
+    }
+
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, LocalInstance>> {
         self.instances.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -592,12 +634,16 @@ impl Inner {
                     return;
                 }
                 let crashed = exit.is_crash();
+                if crashed {
+                    local.mailbox.run_crashed();
+                }
                 let restart = local.policy.should_restart(crashed, local.metadata.restarts);
                 let status = if crashed { InstanceStatus::Crashed } else { InstanceStatus::Stopped };
                 let error = crashed.then(|| exit.describe());
                 log_exit(&instance_id, &exit, restart);
                 if !restart {
                     local.abort = None;
+                    self.end_messaging(local, if crashed { "crashed, not restarted" } else { "exited" });
                     self.set_status(&mut instances, &instance_id, status, error);
                     return;
                 }
@@ -621,6 +667,7 @@ impl Inner {
                     let mut instances = self.lock();
                     if let Some(local) = instances.get_mut(&instance_id).filter(|l| l.generation == generation) {
                         local.abort = None; // this supervisor ends here; nothing is left to cancel
+                        self.end_messaging(local, "could not be restarted");
                         self.set_status(&mut instances, &instance_id, InstanceStatus::Crashed, Some(e.message));
                     }
                     return;

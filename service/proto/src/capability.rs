@@ -284,6 +284,146 @@ impl HttpRequest {
     }
 }
 
+/// Largest message payload a guest may publish.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// A decoded messaging operation (design §Messaging Provider).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum MsgOperation {
+    /// Publish(topic, payload) to a literal topic; needs `msg:publish:<pattern covering topic>`.
+    Publish {
+        /// Literal topic (no wildcards).
+        topic: String,
+        /// Payload.
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
+    /// Subscribe(topic) to a topic or NATS-style pattern; needs a `msg:subscribe:` pattern that covers it.
+    Subscribe {
+        /// Topic or pattern.
+        topic: String,
+    },
+    /// Unsubscribe(topic): ends a subscription made with the same topic string; needs no permission.
+    Unsubscribe {
+        /// Topic or pattern, as subscribed.
+        topic: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct TopicParams {
+    topic: String,
+}
+
+#[derive(Deserialize)]
+struct PublishParams {
+    topic: String,
+    #[serde(with = "serde_bytes")]
+    payload: Vec<u8>,
+}
+
+impl MsgOperation {
+    /// Decodes `operation` + MessagePack `params` sent by a guest. Garbage is INVALID_REQUEST, never a panic.
+    pub fn decode(operation: &str, params: &[u8]) -> Result<Self, ErrorResponse> {
+        fn de<'a, T: Deserialize<'a>>(operation: &str, params: &'a [u8]) -> Result<T, ErrorResponse> {
+            rmp_serde::from_slice(params)
+                .map_err(|e| ErrorResponse::invalid(format!("bad MessagePack params for msg {operation}: {e}")))
+        }
+        let op = match operation {
+            "publish" => {
+                let p: PublishParams = de(operation, params)?;
+                MsgOperation::Publish { topic: p.topic, payload: p.payload }
+            }
+            "subscribe" => MsgOperation::Subscribe { topic: de::<TopicParams>(operation, params)?.topic },
+            "unsubscribe" => MsgOperation::Unsubscribe { topic: de::<TopicParams>(operation, params)?.topic },
+            other => {
+                return Err(ErrorResponse::invalid(format!(
+                    "unknown msg operation {other:?}: expected publish, subscribe or unsubscribe"
+                )))
+            }
+        };
+        match &op {
+            MsgOperation::Publish { topic, payload } => {
+                crate::permissions::validate_topic_arg(topic, false)?;
+                if payload.len() > MAX_MESSAGE_BYTES {
+                    return Err(ErrorResponse::new(
+                        ErrorCode::ResourceExhausted,
+                        format!("message of {} bytes is above the {MAX_MESSAGE_BYTES}-byte limit", payload.len()),
+                    ));
+                }
+            }
+            MsgOperation::Subscribe { topic } | MsgOperation::Unsubscribe { topic } => {
+                crate::permissions::validate_topic_arg(topic, true)?;
+            }
+        }
+        Ok(op)
+    }
+
+    /// Encodes into (operation, params) as a guest would send them.
+    pub fn encode(&self) -> (String, Vec<u8>) {
+        #[derive(Serialize)]
+        struct Topic<'a> {
+            topic: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Publish<'a> {
+            topic: &'a str,
+            #[serde(with = "serde_bytes")]
+            payload: &'a [u8],
+        }
+        let params = match self {
+            MsgOperation::Publish { topic, payload } => rmp_serde::to_vec_named(&Publish { topic, payload }),
+            MsgOperation::Subscribe { topic } | MsgOperation::Unsubscribe { topic } => {
+                rmp_serde::to_vec_named(&Topic { topic })
+            }
+        };
+        (self.name().to_string(), params.unwrap_or_default())
+    }
+
+    /// Operation name on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MsgOperation::Publish { .. } => "publish",
+            MsgOperation::Subscribe { .. } => "subscribe",
+            MsgOperation::Unsubscribe { .. } => "unsubscribe",
+        }
+    }
+
+    /// The permission this operation needs; unsubscribing needs none (it only gives something up).
+    pub fn required_permission(&self) -> Option<Permission> {
+        match self {
+            MsgOperation::Publish { topic, .. } => Some(Permission::MsgPublish(topic.clone())),
+            MsgOperation::Subscribe { topic } => Some(Permission::MsgSubscribe(topic.clone())),
+            MsgOperation::Unsubscribe { .. } => None,
+        }
+    }
+}
+
+/// A message handed to a subscribed guest's `factum_on_message` export (MessagePack, named fields).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageEnvelope {
+    /// The capability the subscription was made through.
+    pub capability_id: String,
+    /// The topic it was published on (always literal).
+    pub topic: String,
+    /// Payload.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+impl MessageEnvelope {
+    /// MessagePack bytes, as the guest reads them.
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).unwrap_or_default()
+    }
+
+    /// Decodes; garbage is INVALID_REQUEST.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ErrorResponse> {
+        rmp_serde::from_slice(bytes).map_err(|e| ErrorResponse::invalid(format!("bad message envelope: {e}")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,6 +448,28 @@ mod tests {
         fn kv_ops_round_trip(op in arb_kv_op()) {
             let (name, params) = op.encode();
             prop_assert_eq!(KvOperation::decode(&name, &params).unwrap(), op);
+        }
+
+        /// Feature: wasm-orchestrator, Property 16: Control Plane and Node Agent Protocol Communication
+        /// Every messaging operation survives its MessagePack encoding unchanged.
+        #[test]
+        fn msg_ops_round_trip(topic in "[a-z]{1,6}(\\.[a-z]{1,6}){0,3}", payload in prop::collection::vec(any::<u8>(), 0..64), which in 0u8..3) {
+            let op = match which {
+                0 => MsgOperation::Publish { topic, payload },
+                1 => MsgOperation::Subscribe { topic },
+                _ => MsgOperation::Unsubscribe { topic },
+            };
+            let (name, params) = op.encode();
+            prop_assert_eq!(MsgOperation::decode(&name, &params).unwrap(), op);
+        }
+
+        /// Feature: wasm-orchestrator, Property 18: API Request Validation
+        /// Garbage messaging params are INVALID_REQUEST, never a panic.
+        #[test]
+        fn garbage_msg_params_are_invalid_request(op in "publish|subscribe|unsubscribe|frob", params in prop::collection::vec(any::<u8>(), 0..64)) {
+            if let Err(e) = MsgOperation::decode(&op, &params) {
+                prop_assert_eq!(e.error_code, ErrorCode::InvalidRequest);
+            }
         }
 
         /// Feature: wasm-orchestrator, Property 18: API Request Validation

@@ -7,7 +7,10 @@ pub mod permissions;
 pub mod types;
 pub mod wire;
 
-pub use capability::{CapabilityInvocation, CapabilityResponse, GuestError, HttpRequest, HttpResponse, KvOperation};
+pub use capability::{
+    CapabilityInvocation, CapabilityResponse, GuestError, HttpRequest, HttpResponse, KvOperation, MessageEnvelope,
+    MsgOperation,
+};
 pub use error::{ErrorCode, ErrorResponse};
 pub use permissions::Permission;
 pub use types::{

@@ -155,13 +155,40 @@ pub fn parse_permissions(perms: &[String]) -> Result<(ProviderType, Vec<Permissi
     Ok((provider_type, parsed))
 }
 
-/// Whether `granted` allows `needed`. Exact match, except that topic permissions honour `*` and `>`.
+/// Whether `granted` allows `needed`. Exact match, except that topic permissions honour `*` and `>`: a needed
+/// topic (or subscription pattern) is allowed when a granted pattern covers every topic it can match.
 pub fn allows(granted: &[Permission], needed: &Permission) -> bool {
     granted.iter().any(|g| match (g, needed) {
         (Permission::MsgPublish(pattern), Permission::MsgPublish(topic))
-        | (Permission::MsgSubscribe(pattern), Permission::MsgSubscribe(topic)) => topic_matches(pattern, topic),
+        | (Permission::MsgSubscribe(pattern), Permission::MsgSubscribe(topic)) => pattern_covers(pattern, topic),
         _ => g == needed,
     })
+}
+
+/// Checks a topic or subscription pattern a guest sent (same rules as in permission strings); with
+/// `allow_wildcards` false, `*` and `>` are refused, as they are for publishing.
+pub fn validate_topic_arg(topic: &str, allow_wildcards: bool) -> Result<(), ErrorResponse> {
+    validate_topic(topic).map_err(|why| ErrorResponse::invalid(format!("bad topic {topic:?}: {why}")))?;
+    if !allow_wildcards && topic.split('.').any(|t| t == "*" || t == ">") {
+        return Err(ErrorResponse::invalid(format!("cannot publish to wildcard topic {topic:?}")));
+    }
+    Ok(())
+}
+
+/// Whether pattern `granted` matches every topic that pattern `requested` can match (`a.>` covers `a.*.c` and
+/// `a.b`; `a.*` does not cover `a.>`). For a literal `requested` this is [`topic_matches`].
+pub fn pattern_covers(granted: &str, requested: &str) -> bool {
+    let mut granted_tokens = granted.split('.');
+    let mut requested_tokens = requested.split('.');
+    loop {
+        match (granted_tokens.next(), requested_tokens.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(r)) if r != ">" => {}
+            (Some(g), Some(r)) if g == r && g != "*" && g != ">" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
 }
 
 /// Whether `granted` lets a request reach `host`: it needs `http:request` and an `http:domain` that is `host`
@@ -264,6 +291,18 @@ mod tests {
         assert!(topic_matches("a.b", "a.b"));
     }
 
+    #[test]
+    fn pattern_coverage() {
+        assert!(pattern_covers("a.>", "a.*.c"));
+        assert!(pattern_covers("a.>", "a.>"));
+        assert!(pattern_covers("a.*", "a.*"));
+        assert!(pattern_covers("a.*", "a.b"));
+        assert!(!pattern_covers("a.*", "a.>"));
+        assert!(!pattern_covers("a.b", "a.*"));
+        assert!(!pattern_covers("a.>", "a"));
+        assert!(pattern_covers(">", "a"));
+    }
+
     fn arb_permission() -> impl Strategy<Value = Permission> {
         let token = "[a-z0-9_-]{1,8}";
         prop_oneof![
@@ -277,8 +316,39 @@ mod tests {
         ]
     }
 
+    fn arb_pattern() -> impl Strategy<Value = String> {
+        let token = prop_oneof![Just("a".to_string()), Just("b".to_string()), Just("*".to_string())];
+        (prop::collection::vec(token, 1..4), any::<bool>()).prop_map(|(mut tokens, tail)| {
+            if tail {
+                tokens.push(">".into());
+            }
+            tokens.join(".")
+        })
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Feature: wasm-orchestrator, Property 4: Runtime Permission Enforcement
+        /// A subscription pattern is allowed only if the granted pattern matches every topic the requested one
+        /// matches: checked over every topic of up to five tokens from a small alphabet.
+        #[test]
+        fn covered_patterns_never_widen_a_grant(granted in arb_pattern(), requested in arb_pattern()) {
+            let mut topics = vec![Vec::<&str>::new()];
+            let mut all = Vec::new();
+            for _ in 0..5 {
+                topics = topics.iter().flat_map(|t| ["a", "b", "c"].map(|x| { let mut t = t.clone(); t.push(x); t })).collect();
+                all.extend(topics.iter().map(|t| t.join(".")));
+            }
+            let matched_by_requested: Vec<&String> = all.iter().filter(|t| topic_matches(&requested, t)).collect();
+            if pattern_covers(&granted, &requested) {
+                for topic in &matched_by_requested {
+                    prop_assert!(topic_matches(&granted, topic), "{} covers {} but not {}", granted, requested, topic);
+                }
+            } else if !requested.contains('*') && !requested.contains('>') {
+                prop_assert!(!topic_matches(&granted, &requested));
+            }
+        }
 
         /// Feature: wasm-orchestrator, Property 18: API Request Validation
         /// Any string either parses to a permission that prints back to itself (modulo domain case) or is

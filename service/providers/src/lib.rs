@@ -6,6 +6,7 @@
 
 mod http;
 mod kv;
+mod msg;
 
 use async_trait::async_trait;
 use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorResponse, Permission};
@@ -16,6 +17,9 @@ pub use http::{HttpLimits, HttpProvider};
 #[cfg(feature = "redis")]
 pub use kv::RedisStore;
 pub use kv::{KvBackend, KvProvider, MemoryKv, MemoryStore, DEFAULT_MAX_KEYS_PER_STORE};
+#[cfg(feature = "nats")]
+pub use msg::NatsBus;
+pub use msg::{BusSubscription, DeliverFn, Delivery, MemoryBus, MessageBus, MessageSink, MessagingProvider};
 
 /// A capability provider (design §Capability Provider, Base Interface).
 #[async_trait]

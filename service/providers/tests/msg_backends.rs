@@ -1,0 +1,244 @@
+//! The same behaviour tests against every message bus: in process, and a real `nats-server` started on a free
+//! port (apt `nats-server`; `.ci/run` installs it). Without nats-server the NATS half says so and is skipped,
+//! except under `CI=true`, where that is a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use factum_proto::permissions::{pattern_covers, topic_matches};
+use factum_proto::{CapabilityInvocation, ErrorCode, MsgOperation, Permission};
+use factum_providers::{Delivery, MemoryBus, MessageBus, MessagingProvider, NatsBus, Provider};
+use proptest::prelude::*;
+use tokio::sync::mpsc;
+
+/// One nats-server for the whole test binary.
+struct Nats {
+    url: String,
+    _child: Child,
+}
+
+fn nats() -> Option<&'static Nats> {
+    static NATS: OnceLock<Option<Nats>> = OnceLock::new();
+    NATS.get_or_init(|| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if Command::new("nats-server").arg("--version").output().is_err() {
+            assert!(std::env::var("CI").is_err(), "nats-server is not installed, but CI must run the NATS tests");
+            eprintln!("skipping the NATS bus: no `nats-server` on PATH (apt install nats-server)");
+            return None;
+        }
+        // A static is never dropped, so a watchdog ends nats-server when this test process is gone.
+        let script = format!(
+            "nats-server -a 127.0.0.1 -p {port} & n=$!; while kill -0 {} 2>/dev/null; do sleep 0.2; done; kill $n",
+            std::process::id()
+        );
+        let child =
+            Command::new("sh").args(["-c", &script]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Nats { url: format!("nats://127.0.0.1:{port}"), _child: child })
+    })
+    .as_ref()
+}
+
+/// Every bus, each NATS one under a prefix of its own so test cases never hear each other.
+async fn buses() -> Vec<Arc<dyn MessageBus>> {
+    static PREFIX: AtomicU64 = AtomicU64::new(0);
+    let mut buses: Vec<Arc<dyn MessageBus>> = vec![Arc::new(MemoryBus::new())];
+    if let Some(nats) = nats() {
+        let prefix = format!("test{}_{}", std::process::id(), PREFIX.fetch_add(1, Ordering::SeqCst));
+        let spawner = factum_env::Env::tokio().spawner;
+        buses.push(Arc::new(NatsBus::connect(&nats.url, &prefix, Duration::from_secs(5), spawner).await.unwrap()));
+    }
+    buses
+}
+
+/// A provider over `bus` whose deliveries land in the returned channel.
+fn provider(bus: Arc<dyn MessageBus>) -> (MessagingProvider, mpsc::UnboundedReceiver<Delivery>) {
+    let provider = MessagingProvider::new(bus);
+    let (tx, rx) = mpsc::unbounded_channel();
+    provider.connect(Arc::new(move |d| {
+        let _ = tx.send(d);
+    }));
+    (provider, rx)
+}
+
+fn inv(instance: &str, cap: &str, op: &MsgOperation) -> CapabilityInvocation {
+    let (operation, params) = op.encode();
+    CapabilityInvocation { instance_id: instance.into(), capability_id: cap.into(), operation, params }
+}
+
+fn everything() -> Vec<Permission> {
+    vec![Permission::MsgPublish(">".into()), Permission::MsgSubscribe(">".into())]
+}
+
+fn publish(topic: &str, payload: &[u8]) -> MsgOperation {
+    MsgOperation::Publish { topic: topic.into(), payload: payload.to_vec() }
+}
+
+fn subscribe(topic: &str) -> MsgOperation {
+    MsgOperation::Subscribe { topic: topic.into() }
+}
+
+/// Receives until `n` deliveries arrived, sorted; a bus that loses one fails here after a generous deadline.
+async fn receive(rx: &mut mpsc::UnboundedReceiver<Delivery>, n: usize) -> Vec<(String, String, String, Vec<u8>)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(d)) => got.push((d.instance_id, d.capability_id, d.topic, d.payload)),
+            _ => panic!("only {} of {n} deliveries arrived: {got:?}", got.len()),
+        }
+    }
+    got.sort();
+    got
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// A topic every message of a pattern's subscription is matched by: wildcards filled with `z`.
+fn literal(pattern: &str) -> String {
+    pattern.split('.').map(|t| if t == "*" || t == ">" { "z" } else { t }).collect::<Vec<_>>().join(".")
+}
+
+fn arb_pattern() -> impl Strategy<Value = String> {
+    let token = prop_oneof![Just("a"), Just("b"), Just("*")];
+    (prop::collection::vec(token, 1..3), any::<bool>()).prop_map(|(tokens, tail)| {
+        let mut tokens: Vec<String> = tokens.into_iter().map(String::from).collect();
+        if tail {
+            tokens.push(">".into());
+        }
+        tokens.join(".")
+    })
+}
+
+#[test]
+fn wildcards_unsubscribe_and_release_on_every_bus() {
+    runtime().block_on(async {
+        for bus in buses().await {
+            let name = bus.name();
+            let (provider, mut rx) = provider(bus);
+            let all = everything();
+            for (instance, pattern) in [("i1", "orders.*"), ("i2", "orders.>"), ("i3", "orders.eu")] {
+                assert!(provider.invoke(&inv(instance, "bus", &subscribe(pattern)), &all).await.success, "{name}");
+            }
+            // Subscribing twice to one pattern is one subscription.
+            assert!(provider.invoke(&inv("i1", "bus", &subscribe("orders.*")), &all).await.success);
+            for topic in ["orders.eu", "orders.eu.paris", "invoices.eu"] {
+                assert!(provider.invoke(&inv("p", "bus", &publish(topic, b"x")), &all).await.success, "{name}");
+            }
+            let got: Vec<(String, String)> = receive(&mut rx, 4).await.into_iter().map(|d| (d.0, d.2)).collect();
+            let want = [("i1", "orders.eu"), ("i2", "orders.eu"), ("i2", "orders.eu.paris"), ("i3", "orders.eu")];
+            assert_eq!(got, want.map(|(a, b)| (a.to_string(), b.to_string())), "{name}");
+
+            // Unsubscribe ends one subscription; release ends an instance's; what is left still hears.
+            let off =
+                provider.invoke(&inv("i1", "bus", &MsgOperation::Unsubscribe { topic: "orders.*".into() }), &[]).await;
+            assert_eq!(off.result_as::<bool>().unwrap(), true, "{name}");
+            assert_eq!(provider.release("i2", None), 1, "{name}");
+            assert!(provider.invoke(&inv("p", "bus", &publish("orders.eu", b"y")), &all).await.success);
+            let got = receive(&mut rx, 1).await;
+            assert_eq!((got[0].0.as_str(), got[0].3.as_slice()), ("i3", &b"y"[..]), "{name}");
+            assert_eq!(provider.subscriptions_of("i3"), vec![("bus".to_string(), "orders.eu".to_string())]);
+
+            // Shutdown (P20): subscriptions end, new calls are refused.
+            provider.shutdown().await.unwrap();
+            assert!(provider.subscriptions_of("i3").is_empty());
+            let refused = provider.invoke(&inv("p", "bus", &publish("orders.eu", b"z")), &all).await;
+            assert_eq!(refused.error_code(), Some(ErrorCode::ProviderUnavailable), "{name}");
+        }
+    });
+}
+
+#[test]
+fn an_unreachable_nats_is_provider_unavailable_not_a_hang() {
+    runtime().block_on(async {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let spawner = factum_env::Env::tokio().spawner;
+        let url = format!("nats://127.0.0.1:{port}");
+        let err = NatsBus::connect(&url, "x", Duration::from_secs(1), spawner.clone()).await.err().unwrap();
+        assert_eq!(err.error_code, ErrorCode::ProviderUnavailable, "{err}");
+        let bad = NatsBus::connect(&url, "bad prefix", Duration::from_secs(1), spawner).await.err().unwrap();
+        assert_eq!(bad.error_code, ErrorCode::InvalidRequest, "{bad}");
+    });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    /// Feature: wasm-orchestrator, Property 10: Capability Provider Invocation Execution
+    /// On every bus each subscription receives exactly the messages published on topics its pattern matches:
+    /// compared with a model, as a multiset, after a closing message on each subscription's own topic.
+    #[test]
+    fn every_bus_delivers_what_the_model_says(
+        subscriptions in prop::collection::btree_set(("i[12]", "c[12]", arb_pattern()), 1..5),
+        topics in prop::collection::vec("[ab](\\.[abz]){0,2}", 0..8),
+    ) {
+        runtime().block_on(async {
+            for bus in buses().await {
+                let (provider, mut rx) = provider(bus);
+                for (instance, cap, pattern) in &subscriptions {
+                    prop_assert!(provider.invoke(&inv(instance, cap, &subscribe(pattern)), &everything()).await.success);
+                }
+                // Each subscription's own closing topic comes last, so per-subscription FIFO order means every
+                // delivery (expected or not) has arrived once the expected count has.
+                let closing = subscriptions.iter().map(|(_, _, p)| literal(p));
+                let all_topics: Vec<String> = topics.iter().cloned().chain(closing).collect();
+                let mut want = Vec::new();
+                for (n, topic) in all_topics.iter().enumerate() {
+                    let payload = n.to_le_bytes().to_vec();
+                    prop_assert!(provider.invoke(&inv("p", "c1", &publish(topic, &payload)), &everything()).await.success);
+                    for (instance, cap, pattern) in &subscriptions {
+                        if topic_matches(pattern, topic) {
+                            want.push((instance.clone(), cap.clone(), topic.clone(), payload.clone()));
+                        }
+                    }
+                }
+                want.sort();
+                prop_assert_eq!(receive(&mut rx, want.len()).await, want);
+            }
+            Ok(())
+        })?;
+    }
+
+    /// Feature: wasm-orchestrator, Property 4: Runtime Permission Enforcement
+    /// A publish or subscribe succeeds exactly when a granted pattern covers its topic; a refused one is
+    /// PERMISSION_DENIED and subscribes nothing. Unsubscribing needs no permission.
+    #[test]
+    fn messaging_enforces_topic_permissions(
+        publish_grants in prop::collection::vec(arb_pattern(), 0..3),
+        subscribe_grants in prop::collection::vec(arb_pattern(), 0..3),
+        requests in prop::collection::vec((any::<bool>(), arb_pattern()), 1..10),
+    ) {
+        runtime().block_on(async {
+            let (provider, _rx) = provider(Arc::new(MemoryBus::new()));
+            let granted: Vec<Permission> = publish_grants.iter().cloned().map(Permission::MsgPublish)
+                .chain(subscribe_grants.iter().cloned().map(Permission::MsgSubscribe)).collect();
+            for (is_publish, pattern) in &requests {
+                let before = provider.subscriptions_of("i");
+                let (op, grants, topic) = if *is_publish {
+                    let topic = literal(pattern);
+                    (publish(&topic, b"m"), &publish_grants, topic)
+                } else {
+                    (subscribe(pattern), &subscribe_grants, pattern.clone())
+                };
+                let allowed = grants.iter().any(|g| pattern_covers(g, &topic));
+                let resp = provider.invoke(&inv("i", "c", &op), &granted).await;
+                prop_assert_eq!(resp.success, allowed, "{:?} with {:?}", op, granted);
+                if !allowed {
+                    prop_assert_eq!(resp.error_code(), Some(ErrorCode::PermissionDenied));
+                    prop_assert_eq!(provider.subscriptions_of("i"), before);
+                }
+                let off = provider.invoke(&inv("i", "c", &MsgOperation::Unsubscribe { topic: pattern.clone() }), &[]).await;
+                prop_assert!(off.success);
+            }
+            Ok(())
+        })?;
+    }
+}
