@@ -2,88 +2,12 @@
 //! capability, its write visible, then stopped; bad input gets the design's error codes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const FACTUM: &str = env!("CARGO_BIN_EXE_factum");
+mod common;
 
-/// A `factum up` process, killed on drop.
-struct Up {
-    child: Child,
-    control_plane: String,
-    /// Kept open: if it were dropped, `factum up`'s next print would hit a closed pipe.
-    _stdout: std::io::Lines<BufReader<std::process::ChildStdout>>,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn up() -> Up {
-    up_with(&[])
-}
-
-fn up_with(extra: &[&str]) -> Up {
-    let mut child = Command::new(FACTUM)
-        .args(["up", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("factum up");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = loop {
-        let line = lines.next().unwrap().unwrap();
-        if line.starts_with("factum is up") {
-            break line;
-        }
-    };
-    let control_plane = first.rsplit(' ').next().unwrap().to_string();
-    assert!(first.starts_with("factum is up"), "{first}");
-    Up { child, control_plane, _stdout: lines }
-}
-
-fn factum(up: &Up, args: &[&str]) -> Output {
-    Command::new(FACTUM).args(args).args(["--control-plane", &up.control_plane]).output().unwrap()
-}
-
-fn ok(up: &Up, args: &[&str]) -> String {
-    let out = factum(up, args);
-    assert!(out.status.success(), "factum {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails_with(up: &Up, args: &[&str], code: &str) {
-    let out = factum(up, args);
-    assert_eq!(out.status.code(), Some(1), "factum {args:?} should fail");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(code), "factum {args:?}: expected {code}, got {stderr}");
-}
-
-fn status_of(up: &Up, id: &str) -> String {
-    let json: serde_json::Value = serde_json::from_str(&ok(up, &["inspect", id, "-o", "json"])).unwrap();
-    json["metadata"]["status"].as_str().unwrap().to_string()
-}
-
-fn wait_for_status(up: &Up, id: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = status_of(up, id);
-        if status == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{id} stayed {status}, wanted {want}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn fixture(name: &str) -> String {
-    format!("{}/guests/fixtures/{name}.wat", env!("CARGO_MANIFEST_DIR"))
-}
+use common::*;
 
 #[test]
 fn up_start_kv_stop() {

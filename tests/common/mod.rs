@@ -1,0 +1,85 @@
+//! Helpers shared by the end-to-end tests: a `factum up` process on free ports and the `factum` client.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const FACTUM: &str = env!("CARGO_BIN_EXE_factum");
+
+/// A `factum up` process, killed on drop.
+pub struct Up {
+    pub child: Child,
+    pub control_plane: String,
+    /// Kept open: if it were dropped, `factum up`'s next print would hit a closed pipe.
+    _stdout: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn up() -> Up {
+    up_with(&[])
+}
+
+pub fn up_with(extra: &[&str]) -> Up {
+    let mut child = Command::new(FACTUM)
+        .args(["up", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("factum up");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = loop {
+        let line = lines.next().unwrap().unwrap();
+        if line.starts_with("factum is up") {
+            break line;
+        }
+    };
+    let control_plane = first.rsplit(' ').next().unwrap().to_string();
+    assert!(first.starts_with("factum is up"), "{first}");
+    Up { child, control_plane, _stdout: lines }
+}
+
+pub fn factum(up: &Up, args: &[&str]) -> Output {
+    Command::new(FACTUM).args(args).args(["--control-plane", &up.control_plane]).output().unwrap()
+}
+
+pub fn ok(up: &Up, args: &[&str]) -> String {
+    let out = factum(up, args);
+    assert!(out.status.success(), "factum {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn fails_with(up: &Up, args: &[&str], code: &str) {
+    let out = factum(up, args);
+    assert_eq!(out.status.code(), Some(1), "factum {args:?} should fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(code), "factum {args:?}: expected {code}, got {stderr}");
+}
+
+pub fn status_of(up: &Up, id: &str) -> String {
+    let json: serde_json::Value = serde_json::from_str(&ok(up, &["inspect", id, "-o", "json"])).unwrap();
+    json["metadata"]["status"].as_str().unwrap().to_string()
+}
+
+pub fn wait_for_status(up: &Up, id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = status_of(up, id);
+        if status == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{id} stayed {status}, wanted {want}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn fixture(name: &str) -> String {
+    format!("{}/guests/fixtures/{name}.wat", env!("CARGO_MANIFEST_DIR"))
+}

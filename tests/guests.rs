@@ -1,0 +1,159 @@
+//! The example guests of `guests/examples`, written with the guest SDK and built for wasm32-wasip1, run under
+//! `factum up`: the KV counter counts, the HTTP fetcher stores what a local server answered, the publisher's
+//! messages reach the subscriber. Denied and revoked capabilities show up as the design's error codes and as
+//! the guests' own error paths. The build needs the `wasm32-wasip1` target (`rustup target add
+//! wasm32-wasip1`; `.ci/run` adds it).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BODY: &str = "hello from the test server";
+
+/// A one-route HTTP server on a free port, answering every request with [`BODY`]; returns its port.
+fn http_server() -> u16 {
+    static PORT: OnceLock<u16> = OnceLock::new();
+    *PORT.get_or_init(|| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let response =
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}", BODY.len());
+                let _ = stream.write_all(response.as_bytes());
+            }
+        });
+        port
+    })
+}
+
+/// Builds the example guests once (the fetcher aimed at [`http_server`]) into their own target dir; returns
+/// the directory holding the `.wasm` files.
+fn guests() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let target_dir = root.join("target/guests");
+        let status = Command::new(option_env!("CARGO").unwrap_or("cargo"))
+            .args(["build", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
+            .arg(root.join("guests/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env("FETCH_URL", format!("http://127.0.0.1:{}/hello", http_server()))
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "building the guests failed (is the target installed? rustup target add wasm32-wasip1)"
+        );
+        target_dir.join("wasm32-wasip1/release")
+    })
+}
+
+fn guest(name: &str) -> String {
+    guests().join(format!("{name}.wasm")).to_string_lossy().into_owned()
+}
+
+/// The KV entries of capability `cap`, as key → value text.
+fn kv(up: &Up, cap: &str) -> std::collections::BTreeMap<String, String> {
+    let entries: serde_json::Value = serde_json::from_str(&ok(up, &["kv", cap, "-o", "json"])).unwrap();
+    entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["key"].as_str().unwrap().to_string(), e["value"].as_str().unwrap_or_default().to_string()))
+        .collect()
+}
+
+/// Waits until `cap`'s KV entries satisfy `done`; returns them.
+fn wait_kv(
+    up: &Up,
+    cap: &str,
+    done: impl Fn(&std::collections::BTreeMap<String, String>) -> bool,
+) -> std::collections::BTreeMap<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let entries = kv(up, cap);
+        if done(&entries) {
+            return entries;
+        }
+        assert!(Instant::now() < deadline, "KV {cap} never got there: {entries:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn count(entries: &std::collections::BTreeMap<String, String>, key: &str) -> u64 {
+    entries.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn start(up: &Up, name: &str, caps: &[&str]) -> String {
+    let mut args = vec!["start", name];
+    for cap in caps {
+        args.extend(["--cap", cap]);
+    }
+    ok(up, &args).trim().to_string()
+}
+
+#[test]
+fn kv_counter_counts() {
+    let up = up();
+    let id = start(&up, &guest("kv-counter"), &["counter=kv:read,kv:write"]);
+    wait_kv(&up, "counter", |kv| count(kv, "count") >= 2);
+    // Without kv:read its first get is refused: the guest's error path ends it as a crash.
+    let denied = start(&up, &guest("kv-counter"), &["counter=kv:write"]);
+    wait_for_status(&up, &denied, "crashed");
+    assert_eq!(status_of(&up, &id), "running");
+}
+
+#[test]
+fn http_fetcher_stores_the_response() {
+    let up = up();
+    let id = start(&up, &guest("http-fetcher"), &["web=http:request,http:domain:127.0.0.1", "store=kv:write"]);
+    let stored = wait_kv(&up, "store", |kv| kv.contains_key("body"));
+    assert_eq!(stored["status"], "200");
+    assert_eq!(stored["body"], BODY);
+    wait_for_status(&up, &id, "stopped");
+
+    // A domain it was not granted: PERMISSION_DENIED reaches the guest, which records it (in the same store,
+    // the capability id being the same) and crashes.
+    let denied = start(&up, &guest("http-fetcher"), &["web=http:request,http:domain:example.com", "store=kv:write"]);
+    wait_for_status(&up, &denied, "crashed");
+    let stored = wait_kv(&up, "store", |kv| kv.contains_key("error"));
+    assert!(stored["error"].contains("PermissionDenied"), "{stored:?}");
+}
+
+#[test]
+fn published_messages_reach_the_subscriber_until_revoked() {
+    let up = up();
+    let subscriber = start(&up, &guest("subscriber"), &["in=msg:subscribe:greetings.*", "store=kv:read,kv:write"]);
+    wait_for_status(&up, &subscriber, "running");
+    let publisher = start(&up, &guest("publisher"), &["out=msg:publish:greetings.>"]);
+    let got = wait_kv(&up, "store", |kv| count(kv, "received") >= 2);
+    assert!(got["last"].starts_with("hello "), "{got:?}");
+
+    // Revoked mid-run: the subscriber has nothing left to serve and stops; the count no longer moves.
+    ok(&up, &["revoke", &subscriber, "in"]);
+    wait_for_status(&up, &subscriber, "stopped");
+    let frozen = count(&kv(&up, "store"), "received");
+    std::thread::sleep(Duration::from_millis(1500)); // at least one more publish happens meanwhile
+    assert_eq!(count(&kv(&up, "store"), "received"), frozen);
+
+    // The publisher's publish is refused once its capability is revoked: its error path crashes it.
+    ok(&up, &["revoke", &publisher, "out"]);
+    wait_for_status(&up, &publisher, "crashed");
+}
