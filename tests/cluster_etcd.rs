@@ -7,35 +7,12 @@
 //! except under `CI=true`, where a missing etcd is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const FACTUM: &str = env!("CARGO_BIN_EXE_factum");
-
-/// A child process killed (SIGKILL) on drop.
-struct Proc {
-    child: Child,
-    _stdout: Option<std::io::Lines<BufReader<std::process::ChildStdout>>>,
-}
-
-impl Proc {
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use common::{factum_daemon, free_port, Proc, FACTUM};
 
 fn etcd_available() -> bool {
     let found = Command::new("etcd").arg("--version").output().is_ok_and(|o| o.status.success());
@@ -68,26 +45,7 @@ fn start_etcd() -> (Proc, String, tempdir::Dir) {
         assert!(Instant::now() < deadline, "etcd did not come up");
         std::thread::sleep(Duration::from_millis(50));
     }
-    (Proc { child, _stdout: None }, endpoint, dir)
-}
-
-/// Starts `factum <args>` and waits for a stdout line containing `ready`.
-fn factum_daemon(args: &[&str], ready: &str) -> Proc {
-    let mut child = Command::new(FACTUM)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn factum");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line = lines.next().expect("daemon exited").unwrap();
-        if line.contains(ready) {
-            break;
-        }
-    }
-    Proc { child, _stdout: Some(lines) }
+    (Proc::new(child), endpoint, dir)
 }
 
 fn control_plane(addr: &str, etcd: &str, prefix: &str) -> Proc {

@@ -70,7 +70,7 @@ fn guest(name: &str) -> String {
 }
 
 /// The KV entries of capability `cap`, as key → value text.
-fn kv(up: &Up, cap: &str) -> std::collections::BTreeMap<String, String> {
+fn kv(up: &impl ControlPlane, cap: &str) -> std::collections::BTreeMap<String, String> {
     let entries: serde_json::Value = serde_json::from_str(&ok(up, &["kv", cap, "-o", "json"])).unwrap();
     entries
         .as_array()
@@ -82,7 +82,7 @@ fn kv(up: &Up, cap: &str) -> std::collections::BTreeMap<String, String> {
 
 /// Waits until `cap`'s KV entries satisfy `done`; returns them.
 fn wait_kv(
-    up: &Up,
+    up: &impl ControlPlane,
     cap: &str,
     done: impl Fn(&std::collections::BTreeMap<String, String>) -> bool,
 ) -> std::collections::BTreeMap<String, String> {
@@ -101,7 +101,7 @@ fn count(entries: &std::collections::BTreeMap<String, String>, key: &str) -> u64
     entries.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
-fn start(up: &Up, name: &str, caps: &[&str]) -> String {
+fn start(up: &impl ControlPlane, name: &str, caps: &[&str]) -> String {
     let mut args = vec!["start", name];
     for cap in caps {
         args.extend(["--cap", cap]);
@@ -110,14 +110,74 @@ fn start(up: &Up, name: &str, caps: &[&str]) -> String {
 }
 
 #[test]
-fn kv_counter_counts() {
-    let up = up();
+fn kv_counter_counts_and_a_denied_call_is_audited() {
+    let log_path = std::env::temp_dir().join(format!("factum-guests-{}.log", std::process::id()));
+    let up = up_logging(&[], std::fs::File::create(&log_path).unwrap());
     let id = start(&up, &guest("kv-counter"), &["counter=kv:read,kv:write"]);
     wait_kv(&up, "counter", |kv| count(kv, "count") >= 2);
-    // Without kv:read its first get is refused: the guest's error path ends it as a crash.
+    // Without kv:read its first get is refused: the guest's error path ends it as a crash, and the agent's
+    // log has an audit line naming the instance.
     let denied = start(&up, &guest("kv-counter"), &["counter=kv:write"]);
     wait_for_status(&up, &denied, "crashed");
     assert_eq!(status_of(&up, &id), "running");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    let audit = log.lines().find(|l| l.contains("factum::audit") && l.contains(&denied));
+    let audit = audit.unwrap_or_else(|| panic!("no audit line for {denied} in:\n{log}"));
+    assert!(audit.contains("capability call denied") && audit.contains("kv:read"), "{audit}");
+}
+
+/// A nats-server on a free port, killed on drop; `None` (a skip) when it is not installed, outside CI.
+fn nats_server() -> Option<(Proc, String)> {
+    if Command::new("nats-server").arg("--version").output().is_err() {
+        assert!(std::env::var("CI").is_err(), "nats-server is not installed, but CI must run the NATS tests");
+        eprintln!("skipping: no nats-server (apt install nats-server)");
+        return None;
+    }
+    let port = free_port();
+    let child = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some((Proc::new(child), format!("nats://127.0.0.1:{port}")))
+}
+
+#[test]
+fn messages_cross_nodes_through_nats() {
+    let Some((_nats, url)) = nats_server() else { return };
+    let cp = format!("127.0.0.1:{}", free_port());
+    let _control_plane = factum_daemon(&["control-plane", "--listen", &cp], "control plane listening");
+    let agent = |node: &str| {
+        let args = ["agent", "--node-id", node, "--control-plane", &cp, "--agent-listen", "127.0.0.1:0"];
+        factum_daemon(&[&args[..], &["--msg-nats", &url]].concat(), "listening")
+    };
+    let _agents = [agent("n1"), agent("n2")];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let nodes: serde_json::Value = serde_json::from_str(&ok(&cp, &["nodes", "-o", "json"])).unwrap();
+        if nodes.as_array().unwrap().iter().filter(|n| n["available"] == true).count() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "two nodes never became available: {nodes}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let subscriber = start(&cp, &guest("subscriber"), &["in=msg:subscribe:greetings.*", "store=kv:read,kv:write"]);
+    wait_for_status(&cp, &subscriber, "running");
+    let publisher = start(&cp, &guest("publisher"), &["out=msg:publish:greetings.>"]);
+    let node_of = |id: &str| {
+        let inspect: serde_json::Value = serde_json::from_str(&ok(&cp, &["inspect", id, "-o", "json"])).unwrap();
+        inspect["metadata"]["node_id"].as_str().unwrap().to_string()
+    };
+    assert_ne!(node_of(&subscriber), node_of(&publisher), "placement puts them on different nodes");
+    let got = wait_kv(&cp, "store", |kv| count(kv, "received") >= 2);
+    assert!(got["last"].starts_with("hello "), "{got:?}");
 }
 
 #[test]

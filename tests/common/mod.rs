@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,16 +23,39 @@ impl Drop for Up {
     }
 }
 
+/// Whatever answers client commands: a `factum up`, or a control plane of a cluster of processes.
+pub trait ControlPlane {
+    /// Its address.
+    fn addr(&self) -> &str;
+}
+
+impl ControlPlane for Up {
+    fn addr(&self) -> &str {
+        &self.control_plane
+    }
+}
+
+impl ControlPlane for String {
+    fn addr(&self) -> &str {
+        self
+    }
+}
+
 pub fn up() -> Up {
     up_with(&[])
 }
 
 pub fn up_with(extra: &[&str]) -> Up {
+    up_logging(extra, Stdio::null())
+}
+
+/// `factum up` with its log (stderr) going to `log`.
+pub fn up_logging(extra: &[&str], log: impl Into<Stdio>) -> Up {
     let mut child = Command::new(FACTUM)
         .args(["up", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
         .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("factum up");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -46,29 +70,29 @@ pub fn up_with(extra: &[&str]) -> Up {
     Up { child, control_plane, _stdout: lines }
 }
 
-pub fn factum(up: &Up, args: &[&str]) -> Output {
-    Command::new(FACTUM).args(args).args(["--control-plane", &up.control_plane]).output().unwrap()
+pub fn factum(up: &impl ControlPlane, args: &[&str]) -> Output {
+    Command::new(FACTUM).args(args).args(["--control-plane", up.addr()]).output().unwrap()
 }
 
-pub fn ok(up: &Up, args: &[&str]) -> String {
+pub fn ok(up: &impl ControlPlane, args: &[&str]) -> String {
     let out = factum(up, args);
     assert!(out.status.success(), "factum {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
-pub fn fails_with(up: &Up, args: &[&str], code: &str) {
+pub fn fails_with(up: &impl ControlPlane, args: &[&str], code: &str) {
     let out = factum(up, args);
     assert_eq!(out.status.code(), Some(1), "factum {args:?} should fail");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(code), "factum {args:?}: expected {code}, got {stderr}");
 }
 
-pub fn status_of(up: &Up, id: &str) -> String {
+pub fn status_of(up: &impl ControlPlane, id: &str) -> String {
     let json: serde_json::Value = serde_json::from_str(&ok(up, &["inspect", id, "-o", "json"])).unwrap();
     json["metadata"]["status"].as_str().unwrap().to_string()
 }
 
-pub fn wait_for_status(up: &Up, id: &str, want: &str) {
+pub fn wait_for_status(up: &impl ControlPlane, id: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let status = status_of(up, id);
@@ -82,4 +106,52 @@ pub fn wait_for_status(up: &Up, id: &str, want: &str) {
 
 pub fn fixture(name: &str) -> String {
     format!("{}/guests/fixtures/{name}.wat", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A child process killed (SIGKILL) on drop.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    _stdout: Option<std::io::Lines<BufReader<std::process::ChildStdout>>>,
+}
+
+impl Proc {
+    /// Owns `child`.
+    pub fn new(child: Child) -> Self {
+        Proc { child, _stdout: None }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts `factum <args>` and waits for a stdout line containing `ready`.
+pub fn factum_daemon(args: &[&str], ready: &str) -> Proc {
+    let mut child = Command::new(FACTUM)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn factum");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("daemon exited").unwrap();
+        if line.contains(ready) {
+            break;
+        }
+    }
+    Proc { child, _stdout: Some(lines) }
 }
