@@ -4,6 +4,8 @@
 //! time out.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorCode, HttpRequest, HttpResponse, Permission};
@@ -11,7 +13,9 @@ use factum_providers::{HttpLimits, HttpProvider, Provider};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A tiny HTTP/1.1 server on 127.0.0.1: `/hello`, `/big` (with length), `/chunked-big`, `/slow`,
-/// `/redirect?to=<url>`, `/echo-host`. One response per connection.
+/// `/redirect?to=<url>`, `/echo-host`, `/delay` (20 ms, counted in [`DELAYED`]). One response per connection.
+static DELAYED: AtomicUsize = AtomicUsize::new(0);
+
 async fn server() -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -53,6 +57,10 @@ async fn server() -> u16 {
                     }
                     r.extend_from_slice(b"0\r\n\r\n");
                     r
+                } else if path == "/delay" {
+                    DELAYED.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    reply("200 OK", "content-length: 2\r\n\r\n", b"ok")
                 } else if path == "/slow" {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     reply("200 OK", "content-length: 0\r\n\r\n", b"")
@@ -198,4 +206,48 @@ async fn bad_requests_are_invalid_and_big_or_slow_responses_fail_cleanly() {
     http.shutdown().await.unwrap();
     let after = http.invoke(&get(&format!("http://127.0.0.1:{port}/hello")), &all).await;
     assert_eq!(code(&after), Some(ErrorCode::ProviderUnavailable));
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(100))]
+
+    /// Feature: wasm-orchestrator, Property 20: Graceful Provider Shutdown Handling
+    /// Requests already in flight when shutdown begins finish normally, and shutdown returns only after they
+    /// have; every request after that is PROVIDER_UNAVAILABLE. Nothing hangs.
+    #[test]
+    fn in_flight_requests_finish_before_shutdown_returns(in_flight in 1usize..5, after in 1usize..4) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let port = server().await;
+            let http = Arc::new(provider());
+            let all = grant(&["http:request", "http:domain:127.0.0.1"]);
+            let finished = Arc::new(AtomicUsize::new(0));
+            let seen_before = DELAYED.load(Ordering::SeqCst);
+            let mut tasks = Vec::new();
+            for _ in 0..in_flight {
+                let (http, all, finished) = (http.clone(), all.clone(), finished.clone());
+                let url = format!("http://127.0.0.1:{port}/delay");
+                tasks.push(tokio::spawn(async move {
+                    let response = http.invoke(&get(&url), &all).await;
+                    finished.fetch_add(1, Ordering::SeqCst);
+                    response
+                }));
+            }
+            // Other cases run in parallel on the same counter: wait until at least ours have reached the server.
+            while DELAYED.load(Ordering::SeqCst) < seen_before + in_flight {
+                tokio::task::yield_now().await;
+            }
+            tokio::time::timeout(Duration::from_secs(10), http.shutdown()).await.expect("shutdown hung").unwrap();
+            proptest::prop_assert_eq!(finished.load(Ordering::SeqCst), in_flight);
+            for task in tasks {
+                let response = task.await.unwrap();
+                proptest::prop_assert!(response.success, "{:?}", response.error);
+            }
+            for _ in 0..after {
+                let refused = http.invoke(&get(&format!("http://127.0.0.1:{port}/delay")), &all).await;
+                proptest::prop_assert_eq!(code(&refused), Some(ErrorCode::ProviderUnavailable));
+            }
+            Ok(())
+        })?;
+    }
 }

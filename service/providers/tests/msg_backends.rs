@@ -241,4 +241,57 @@ proptest! {
             Ok(())
         })?;
     }
+
+    /// Feature: wasm-orchestrator, Property 20: Graceful Provider Shutdown Handling
+    /// On every bus, calls racing with shutdown either complete or get PROVIDER_UNAVAILABLE; shutdown returns;
+    /// afterwards no subscription is left (not even one whose subscribe was in flight) and every call is
+    /// refused.
+    #[test]
+    fn shutdown_races_end_cleanly_on_every_bus(calls in prop::collection::vec((any::<bool>(), arb_pattern()), 1..12)) {
+        runtime().block_on(async {
+            for bus in buses().await {
+                let (provider, _rx) = provider(bus);
+                let provider = Arc::new(provider);
+                let mut tasks = Vec::new();
+                for (n, (is_publish, pattern)) in calls.iter().enumerate() {
+                    let op = if *is_publish { publish(&literal(pattern), b"m") } else { subscribe(pattern) };
+                    let provider = provider.clone();
+                    let instance = format!("i{n}");
+                    tasks.push(tokio::spawn(async move { provider.invoke(&inv(&instance, "c", &op), &everything()).await }));
+                }
+                tokio::task::yield_now().await;
+                tokio::time::timeout(Duration::from_secs(10), provider.shutdown()).await.expect("shutdown hung").unwrap();
+                for task in tasks {
+                    let response = task.await.unwrap();
+                    prop_assert!(response.success || response.error_code() == Some(ErrorCode::ProviderUnavailable), "{:?}", response.error);
+                }
+                let left: Vec<_> = (0..calls.len()).flat_map(|n| provider.subscriptions_of(&format!("i{}", n))).collect();
+                prop_assert!(left.is_empty(), "{:?}", left);
+                let refused = provider.invoke(&inv("late", "c", &subscribe("a")), &everything()).await;
+                prop_assert_eq!(refused.error_code(), Some(ErrorCode::ProviderUnavailable));
+            }
+            Ok(())
+        })?;
+    }
+
+    /// Feature: wasm-orchestrator, Property 21: Provider and Instance Metadata Separation
+    /// The messaging provider's metadata (type, name, version, operations) is its own: no invocation from any
+    /// instance changes it or puts anything about instances, topics or subscriptions into it.
+    #[test]
+    fn messaging_metadata_is_independent_of_instances(calls in prop::collection::vec(("inst-[a-z]{1,6}", any::<bool>(), arb_pattern()), 0..12)) {
+        runtime().block_on(async {
+            let (provider, _rx) = provider(Arc::new(MemoryBus::new()));
+            let before = provider.metadata();
+            prop_assert_eq!(before.provider_type, factum_proto::ProviderType::Messaging);
+            for (instance, is_publish, pattern) in &calls {
+                let op = if *is_publish { publish(&literal(pattern), b"m") } else { subscribe(pattern) };
+                provider.invoke(&inv(instance, "c", &op), &everything()).await;
+            }
+            let after = provider.metadata();
+            prop_assert_eq!(&after, &before);
+            let text = format!("{after:?}");
+            prop_assert!(calls.iter().all(|(instance, _, _)| !text.contains(instance.as_str())));
+            Ok(())
+        })?;
+    }
 }
