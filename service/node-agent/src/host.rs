@@ -54,17 +54,15 @@ impl GuestHost for InstanceHost {
                 return CapabilityResponse::err(&outage).encode();
             }
             // Look the assignment up now, not at start: a revoke takes effect on the very next call (P4).
-            let assignment = agent.lock().get(&instance_id).and_then(|i| i.capabilities.get(&capability_id).cloned());
-            let Some(assignment) = assignment else {
+            let grant = agent.lock().get(&instance_id).and_then(|i| {
+                i.capabilities.get(&capability_id).map(|g| (g.assignment.provider_type, g.permissions.clone()))
+            });
+            let Some((provider_type, granted)) = grant else {
                 return denied(
                     &instance_id,
                     &capability_id,
                     format!("no capability {capability_id:?} is assigned to this instance"),
                 );
-            };
-            let granted = match assignment.parsed_permissions() {
-                Ok(granted) => granted,
-                Err(e) => return CapabilityResponse::err(&e).encode(),
             };
             let invocation = CapabilityInvocation {
                 instance_id: instance_id.clone(),
@@ -72,11 +70,11 @@ impl GuestHost for InstanceHost {
                 operation,
                 params,
             };
-            let response = match agent.providers.get(assignment.provider_type) {
+            let response = match agent.providers.get(provider_type) {
                 Some(provider) => provider.invoke(&invocation, &granted).await,
                 None => CapabilityResponse::err(&ErrorResponse::new(
                     ErrorCode::ProviderUnavailable,
-                    format!("no {} provider runs on node {}", assignment.provider_type, agent.config.node_id),
+                    format!("no {provider_type} provider runs on node {}", agent.config.node_id),
                 )),
             };
             if response.error_code() == Some(ErrorCode::PermissionDenied) {
@@ -126,9 +124,8 @@ impl GuestHost for InstanceHost {
                     while let Some(delivery) = local.mailbox.next() {
                         // Checked at delivery time, like every capability call: a revoke stops what is queued (P4).
                         let topic = Permission::MsgSubscribe(delivery.topic.clone());
-                        let granted =
-                            local.capabilities.get(&delivery.capability_id).and_then(|a| a.parsed_permissions().ok());
-                        if granted.is_some_and(|granted| allows(&granted, &topic)) {
+                        let grant = local.capabilities.get(&delivery.capability_id);
+                        if grant.is_some_and(|grant| allows(&grant.permissions, &topic)) {
                             let envelope = MessageEnvelope {
                                 capability_id: delivery.capability_id.clone(),
                                 topic: delivery.topic.clone(),

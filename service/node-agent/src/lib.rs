@@ -102,10 +102,25 @@ impl AgentConfig {
     }
 }
 
+/// One capability as an instance holds it: the assignment as granted, and its permissions parsed once, so a
+/// capability call only clones an `Arc` under the agent's lock.
+struct Grant {
+    assignment: CapabilityAssignment,
+    permissions: Arc<[factum_proto::Permission]>,
+}
+
+impl Grant {
+    /// Validates `assignment` (it may come off the wire) and parses its permissions.
+    fn new(assignment: CapabilityAssignment) -> Result<Self, ErrorResponse> {
+        let permissions = assignment.parsed_permissions()?.into();
+        Ok(Grant { assignment, permissions })
+    }
+}
+
 /// One instance as the agent holds it.
 struct LocalInstance {
     metadata: InstanceMetadata,
-    capabilities: BTreeMap<String, CapabilityAssignment>,
+    capabilities: BTreeMap<String, Grant>,
     policy: RestartPolicy,
     module: CachedModule,
     /// Placement epoch given by the control plane; orders facts across nodes.
@@ -125,7 +140,7 @@ impl LocalInstance {
     fn facts(&self) -> InstanceFacts {
         InstanceFacts {
             metadata: self.metadata.clone(),
-            capabilities: self.capabilities.values().cloned().collect(),
+            capabilities: self.capabilities.values().map(|grant| grant.assignment.clone()).collect(),
             restart_policy: self.policy,
             seq: self.seq,
             epoch: self.epoch,
@@ -224,8 +239,7 @@ impl Agent {
             if assignment.instance_id != req.instance_id {
                 return Err(ErrorResponse::invalid("capability assigned to another instance"));
             }
-            assignment.parsed_permissions()?;
-            capabilities.insert(assignment.capability_id.clone(), assignment);
+            capabilities.insert(assignment.capability_id.clone(), Grant::new(assignment)?);
         }
         let hash = factum_proto::module_hash(&req.module_bytes);
         {
@@ -403,14 +417,15 @@ impl Agent {
     /// Adds or replaces one assignment; the instance's next capability call sees it. A capability change is a
     /// fact like a status change: it takes the next sequence number, so the control plane can order it.
     pub fn assign_capability(&self, assignment: CapabilityAssignment) -> Result<InstanceFacts, ErrorResponse> {
-        assignment.parsed_permissions()?;
+        let grant = Grant::new(assignment)?;
+        let assignment = &grant.assignment;
         let mut instances = self.inner.lock();
         let local = instances
             .get_mut(&assignment.instance_id)
             .ok_or_else(|| ErrorResponse::instance_not_found(&assignment.instance_id))?;
         tracing::info!(instance_id = %assignment.instance_id, capability = %assignment.capability_id,
             permissions = ?assignment.permissions, "capability granted");
-        local.capabilities.insert(assignment.capability_id.clone(), assignment);
+        local.capabilities.insert(assignment.capability_id.clone(), grant);
         local.seq += 1;
         Ok(local.facts())
     }
