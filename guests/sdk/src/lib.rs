@@ -22,6 +22,9 @@ pub mod msg;
 
 use serde::{Deserialize, Serialize};
 
+// The wire shapes below mirror `factum-proto` (which pulls tarpc and cannot build for wasm32-wasip1);
+// `tests/guests.rs` runs guests built with this SDK against the real agent, which keeps them in step.
+
 /// The design's error codes, as the host sends them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ErrorCode {

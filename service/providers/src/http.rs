@@ -15,7 +15,7 @@ use factum_proto::{
     ProviderType,
 };
 
-use crate::{unavailable, Lifecycle, Provider, ProviderMetadata};
+use crate::{Lifecycle, Provider, ProviderMetadata};
 
 /// Limits of the HTTP provider.
 #[derive(Debug, Clone, Copy)]
@@ -176,15 +176,11 @@ impl Provider for HttpProvider {
         }
     }
 
-    async fn initialize(&self) -> Result<(), ErrorResponse> {
-        self.lifecycle.start();
-        Ok(())
+    fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
     }
 
-    async fn invoke(&self, invocation: &CapabilityInvocation, granted: &[Permission]) -> CapabilityResponse {
-        let Some(_in_flight) = self.lifecycle.enter() else {
-            return unavailable(&self.metadata());
-        };
+    async fn handle(&self, invocation: &CapabilityInvocation, granted: &[Permission]) -> CapabilityResponse {
         let request = match HttpRequest::decode(&invocation.operation, &invocation.params) {
             Ok(request) => request,
             Err(e) => return CapabilityResponse::err(&e),
@@ -193,10 +189,5 @@ impl Provider for HttpProvider {
             Ok(response) => CapabilityResponse::ok(&response),
             Err(e) => CapabilityResponse::err(&e),
         }
-    }
-
-    async fn shutdown(&self) -> Result<(), ErrorResponse> {
-        self.lifecycle.shutdown().await;
-        Ok(())
     }
 }

@@ -21,18 +21,36 @@ pub use kv::{KvBackend, KvProvider, MemoryKv, MemoryStore, DEFAULT_MAX_KEYS_PER_
 pub use msg::NatsBus;
 pub use msg::{BusSubscription, DeliverFn, Delivery, MemoryBus, MessageBus, MessageSink, MessagingProvider};
 
-/// A capability provider (design §Capability Provider, Base Interface).
+/// A capability provider (design §Capability Provider, Base Interface). A provider implements
+/// [`Provider::handle`]; the provided [`Provider::invoke`] runs it behind the provider's [`Lifecycle`] gate, so
+/// no provider can forget graceful shutdown (P20).
 #[async_trait]
 pub trait Provider: Send + Sync + 'static {
     /// Type, name, version, operations.
     fn metadata(&self) -> ProviderMetadata;
+    /// The provider's start/stop gate.
+    fn lifecycle(&self) -> &Lifecycle;
+    /// Runs one admitted invocation whose caller holds `granted` for `invocation.capability_id`. Never panics
+    /// on any input: bad params are INVALID_REQUEST, missing permission PERMISSION_DENIED.
+    async fn handle(&self, invocation: &CapabilityInvocation, granted: &[Permission]) -> CapabilityResponse;
+
     /// Prepares the provider; invocations before it are PROVIDER_UNAVAILABLE.
-    async fn initialize(&self) -> Result<(), ErrorResponse>;
-    /// Runs one invocation whose caller holds `granted` for `invocation.capability_id`. Never panics on any
-    /// input: bad params are INVALID_REQUEST, missing permission PERMISSION_DENIED.
-    async fn invoke(&self, invocation: &CapabilityInvocation, granted: &[Permission]) -> CapabilityResponse;
-    /// Stops the provider; later invocations are PROVIDER_UNAVAILABLE (P20).
-    async fn shutdown(&self) -> Result<(), ErrorResponse>;
+    async fn initialize(&self) -> Result<(), ErrorResponse> {
+        self.lifecycle().start();
+        Ok(())
+    }
+    /// Runs one invocation, or refuses it with PROVIDER_UNAVAILABLE once shutdown has begun.
+    async fn invoke(&self, invocation: &CapabilityInvocation, granted: &[Permission]) -> CapabilityResponse {
+        let Some(_in_flight) = self.lifecycle().enter() else {
+            return unavailable(&self.metadata());
+        };
+        self.handle(invocation, granted).await
+    }
+    /// Stops the provider: new invocations are refused, those in flight finish first (P20).
+    async fn shutdown(&self) -> Result<(), ErrorResponse> {
+        self.lifecycle().shutdown().await;
+        Ok(())
+    }
 }
 
 /// The refusal a provider gives when it is not running.

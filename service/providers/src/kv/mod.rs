@@ -17,7 +17,7 @@ pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use redis::RedisStore;
 
-use crate::{unavailable, Lifecycle, Provider, ProviderMetadata};
+use crate::{Lifecycle, Provider, ProviderMetadata};
 
 /// Default most keys per store.
 pub const DEFAULT_MAX_KEYS_PER_STORE: usize = 100_000;
@@ -101,15 +101,11 @@ impl Provider for KvProvider {
         }
     }
 
-    async fn initialize(&self) -> Result<(), ErrorResponse> {
-        self.lifecycle.start();
-        Ok(())
+    fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
     }
 
-    async fn invoke(&self, invocation: &CapabilityInvocation, granted: &[Permission]) -> CapabilityResponse {
-        let Some(_in_flight) = self.lifecycle.enter() else {
-            return unavailable(&self.metadata());
-        };
+    async fn handle(&self, invocation: &CapabilityInvocation, granted: &[Permission]) -> CapabilityResponse {
         let op = match KvOperation::decode(&invocation.operation, &invocation.params) {
             Ok(op) => op,
             Err(e) => return CapabilityResponse::err(&e),
@@ -127,11 +123,6 @@ impl Provider for KvProvider {
             );
         }
         self.execute(&invocation.capability_id, op).await.unwrap_or_else(|e| CapabilityResponse::err(&e))
-    }
-
-    async fn shutdown(&self) -> Result<(), ErrorResponse> {
-        self.lifecycle.shutdown().await;
-        Ok(())
     }
 }
 

@@ -22,7 +22,7 @@ pub use memory::MemoryBus;
 #[cfg(feature = "nats")]
 pub use nats::NatsBus;
 
-use crate::{unavailable, Lifecycle, Provider, ProviderMetadata};
+use crate::{Lifecycle, Provider, ProviderMetadata};
 
 /// Called with the topic and payload of every message a bus subscription receives.
 pub type MessageSink = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
@@ -171,15 +171,11 @@ impl Provider for MessagingProvider {
         }
     }
 
-    async fn initialize(&self) -> Result<(), ErrorResponse> {
-        self.lifecycle.start();
-        Ok(())
+    fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
     }
 
-    async fn invoke(&self, invocation: &CapabilityInvocation, granted: &[Permission]) -> CapabilityResponse {
-        let Some(_in_flight) = self.lifecycle.enter() else {
-            return unavailable(&self.metadata());
-        };
+    async fn handle(&self, invocation: &CapabilityInvocation, granted: &[Permission]) -> CapabilityResponse {
         let op = match MsgOperation::decode(&invocation.operation, &invocation.params) {
             Ok(op) => op,
             Err(e) => return CapabilityResponse::err(&e),
