@@ -8,6 +8,7 @@
 pub mod buggify;
 pub mod invariants;
 pub mod scenario;
+pub mod sometimes;
 mod trace;
 
 use std::collections::BTreeMap;
@@ -66,6 +67,8 @@ pub struct ClusterConfig {
     pub registry: bool,
     /// TTL of agents' registry leases.
     pub lease_ttl: Duration,
+    /// Largest wall-clock skew between a host and true simulated time; each host draws its own from the seed.
+    pub clock_skew: Duration,
 }
 
 impl ClusterConfig {
@@ -88,7 +91,22 @@ impl ClusterConfig {
             latency: (Duration::ZERO, Duration::from_millis(100)),
             registry: false,
             lease_ttl: Duration::from_secs(2),
+            clock_skew: Duration::ZERO,
         }
+    }
+
+    /// The wall-clock origin of host number `host` (0 is the control plane, `i` agent `i`): the simulation's
+    /// epoch, off by a seeded amount within ±`clock_skew`.
+    pub fn wall_origin(&self, host: u64) -> SystemTime {
+        use rand_core::{RngCore, SeedableRng};
+        let span = u64::try_from(self.clock_skew.as_millis()).unwrap_or(u64::MAX / 4);
+        if span == 0 {
+            return sim_epoch();
+        }
+        let draw =
+            rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ 0x5c3e ^ (host << 16)).next_u64() % (2 * span + 1);
+        let origin = sim_epoch() + self.clock_skew;
+        origin - Duration::from_millis(draw)
     }
 }
 
@@ -186,6 +204,7 @@ pub fn build_observed_cluster(
     let cp_incarnations = incarnations.clone();
     let cp_faults = faults.clone();
     let with_registry = config.registry;
+    let cp_wall = config.wall_origin(0);
     if with_registry {
         let registry_observed = observed.clone();
         let registry_trace = trace.clone();
@@ -204,7 +223,7 @@ pub fn build_observed_cluster(
     sim.host(CONTROL_PLANE, move || {
         let incarnation = cp_incarnations.fetch_add(1, Ordering::SeqCst);
         let env = with_faults(
-            Env::turmoil(seed ^ 0xc0 ^ (incarnation << 32), sim_epoch()).with_trace(CONTROL_PLANE, cp_trace.clone()),
+            Env::turmoil(seed ^ 0xc0 ^ (incarnation << 32), cp_wall).with_trace(CONTROL_PLANE, cp_trace.clone()),
             &cp_faults,
         );
         let cp_config = cp_config.clone();
@@ -229,10 +248,11 @@ pub fn build_observed_cluster(
         let agent_incarnations = incarnations.clone();
         let agent_faults = faults.clone();
         let lease_ttl = config.lease_ttl;
+        let wall = config.wall_origin(i as u64);
         sim.host(name.clone(), move || {
             let incarnation = agent_incarnations.fetch_add(1, Ordering::SeqCst);
             let env = with_faults(
-                Env::turmoil(seed ^ ((i as u64) << 8) ^ (incarnation << 32), sim_epoch())
+                Env::turmoil(seed ^ ((i as u64) << 8) ^ (incarnation << 32), wall)
                     .with_trace(name.clone(), agent_trace.clone()),
                 &agent_faults,
             );

@@ -57,6 +57,10 @@ enum Command {
         /// Number of seeds.
         #[arg(long, default_value_t = 100)]
         seeds: u64,
+        /// Stop starting new seeds after this much real time (a time-boxed sweep; `--seeds` is then an upper
+        /// bound). Every run started is finished.
+        #[arg(long = "for")]
+        time_box: Option<humantime::Duration>,
         /// First seed.
         #[arg(long, default_value_t = 1)]
         start: u64,
@@ -74,14 +78,19 @@ enum Command {
 
 /// One run of a sweep.
 struct Job {
-    label: String,
+    /// The command that runs this job alone.
+    replay: String,
     scenario: Scenario,
     seed: u64,
 }
 
 /// Runs `jobs` on `workers` threads (each simulation is single-threaded and deterministic on its own); returns
 /// the results in job order.
-fn run_parallel(jobs: &[Job], workers: usize) -> Vec<Result<factum_sim::Outcome, scenario::Failure>> {
+fn run_parallel(
+    jobs: &[Job],
+    workers: usize,
+    deadline: Option<Instant>,
+) -> Vec<Result<factum_sim::Outcome, scenario::Failure>> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: std::sync::Mutex<Vec<Option<Result<factum_sim::Outcome, scenario::Failure>>>> =
         std::sync::Mutex::new((0..jobs.len()).map(|_| None).collect());
@@ -89,10 +98,13 @@ fn run_parallel(jobs: &[Job], workers: usize) -> Vec<Result<factum_sim::Outcome,
         for _ in 0..workers.max(1) {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return;
+                }
                 let Some(job) = jobs.get(i) else { return };
                 let result = scenario::run(&job.scenario, job.seed);
                 if let Err(e) = &result {
-                    eprintln!("FAILED: {e}\n  replay: {} --seed {}", job.label, job.seed);
+                    eprintln!("FAILED: {e}\n  replay: {}", job.replay);
                 }
                 if let Some(slot) = results.lock().unwrap_or_else(|p| p.into_inner()).get_mut(i) {
                     *slot = Some(result);
@@ -103,8 +115,10 @@ fn run_parallel(jobs: &[Job], workers: usize) -> Vec<Result<factum_sim::Outcome,
     results.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().flatten().collect()
 }
 
-/// Prints throughput and fault coverage of a finished sweep; returns the number of failures.
+/// Prints throughput, fault-point coverage and the sometimes-goals reached by a finished sweep (`results` are
+/// the first runs of `jobs`); returns the number of failures.
 fn summarize(jobs: &[Job], results: &[Result<factum_sim::Outcome, scenario::Failure>], secs: f64) -> usize {
+    let jobs = jobs.get(..results.len()).unwrap_or(jobs);
     let simulated: f64 = jobs.iter().map(|j| j.scenario.duration.as_secs_f64()).sum();
     let failures = results.iter().filter(|r| r.is_err()).count();
     println!(
@@ -123,6 +137,17 @@ fn summarize(jobs: &[Job], results: &[Result<factum_sim::Outcome, scenario::Fail
     }
     for (point, (reached_in, fired)) in &coverage {
         println!("  fault point {point:<28} reached in {reached_in:>5} runs, fired {fired:>6} times");
+    }
+    let mut goals: std::collections::BTreeMap<&str, usize> = Default::default();
+    for outcome in results.iter().flatten() {
+        for goal in factum_sim::sometimes::reached(&outcome.timeline) {
+            *goals.entry(goal).or_default() += 1;
+        }
+    }
+    for goal in factum_sim::sometimes::GOALS {
+        let runs = goals.get(goal.name).copied().unwrap_or(0);
+        let mark = if runs == 0 { "  (never reached)" } else { "" };
+        println!("  sometimes {:<32} reached in {runs:>5} runs{mark}", goal.name);
     }
     failures
 }
@@ -182,14 +207,14 @@ fn main() -> ExitCode {
                 .iter()
                 .flat_map(|(path, scenario)| {
                     (start..start + seeds).map(move |seed| Job {
-                        label: format!("factum-sim replay {path}"),
+                        replay: format!("factum-sim replay {path} --seed {seed}"),
                         scenario: scenario.clone(),
                         seed,
                     })
                 })
                 .collect();
             let began = Instant::now();
-            let results = run_parallel(&work, jobs);
+            let results = run_parallel(&work, jobs, None);
             let failures = summarize(&work, &results, began.elapsed().as_secs_f64());
             if failures == 0 {
                 ExitCode::SUCCESS
@@ -197,16 +222,31 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Swarm { seeds, start, agents, duration, jobs } => {
-            let work: Vec<Job> = (start..start + seeds)
-                .map(|seed| Job {
-                    label: format!("factum-sim swarm --seeds 1 --agents {agents} --duration {duration} --start"),
-                    scenario: Scenario::swarm(seed, agents, *duration),
-                    seed,
-                })
-                .collect();
+        Command::Swarm { seeds, time_box, start, agents, duration, jobs } => {
+            if let Some(limit) = time_box {
+                println!("swarm from seed {start} for {limit} (at most {seeds} seeds)");
+            }
             let began = Instant::now();
-            let results = run_parallel(&work, jobs);
+            let deadline = time_box.map(|limit| began + *limit);
+            // Drawn in chunks, so a large `--seeds` under `--for` never builds more scenarios than it runs.
+            let (mut work, mut results) = (Vec::new(), Vec::new());
+            let mut next = start;
+            while next < start.saturating_add(seeds) && deadline.is_none_or(|d| Instant::now() < d) {
+                let end = next.saturating_add(64).min(start.saturating_add(seeds));
+                let chunk: Vec<Job> = (next..end)
+                    .map(|seed| Job {
+                        replay: format!(
+                            "factum-sim swarm --seeds 1 --agents {agents} --duration {duration} --start {seed}"
+                        ),
+                        scenario: Scenario::swarm(seed, agents, *duration),
+                        seed,
+                    })
+                    .collect();
+                let ran = run_parallel(&chunk, jobs, deadline);
+                work.extend(chunk.into_iter().take(ran.len()));
+                results.extend(ran);
+                next = end;
+            }
             let failures = summarize(&work, &results, began.elapsed().as_secs_f64());
             for (job, result) in work.iter().zip(&results) {
                 if result.is_err() {

@@ -8,7 +8,8 @@
 //!
 //! [[step]]
 //! at = "1s"
-//! do = "start"        # start | stop_all | grant | revoke | crash | restart | recover | partition | heal
+//! do = "start"        # start | stop_all | grant | revoke | crash | restart | recover
+//!                     # | partition | hold | release | lossy | reliable | heal
 //! instances = 6
 //! guest = "sleeper"   # a fixture name
 //!
@@ -82,6 +83,15 @@ pub struct Scenario {
     /// Run a simulated etcd (host `etcd`): leases, membership, rescheduling (default false).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub registry: bool,
+    /// Largest wall-clock skew of a host: each host's wall clock is off by a seeded amount in ±this (default 0).
+    /// Timestamps then disagree between hosts; nothing may depend on them for ordering.
+    #[serde(
+        default,
+        deserialize_with = "de_opt_duration",
+        serialize_with = "ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub clock_skew: Option<Duration>,
 }
 
 fn yes() -> bool {
@@ -149,6 +159,9 @@ pub struct Step {
     /// `partition`: the other side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub b: Option<String>,
+    /// `lossy`: probability in (0, 1] that a link fails (drops what it carries) at each network step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
 }
 
 /// What a step does.
@@ -171,7 +184,15 @@ pub enum Action {
     Recover,
     /// Drop traffic between `a` and `b`.
     Partition,
-    /// Repair every partition.
+    /// Hold traffic between `a` and `b`: nothing is lost, everything arrives late, at the next `release`.
+    Hold,
+    /// Deliver everything held.
+    Release,
+    /// Make every link fail at random with probability `rate` per network step (message loss).
+    Lossy,
+    /// Stop random link failures.
+    Reliable,
+    /// Make the network whole: repair every partition, release every hold, stop random loss.
     Heal,
 }
 
@@ -179,6 +200,20 @@ impl Action {
     fn is_fault(self) -> bool {
         !matches!(self, Action::Start | Action::StopAll | Action::Grant | Action::Revoke)
     }
+
+    /// Every fault a scenario can inject, for coverage reports.
+    pub const FAULTS: [Action; 10] = [
+        Action::Crash,
+        Action::Restart,
+        Action::Recover,
+        Action::Partition,
+        Action::Hold,
+        Action::Release,
+        Action::Lossy,
+        Action::Reliable,
+        Action::Heal,
+        Action::Revoke,
+    ];
 }
 
 /// An `[[always]]` block.
@@ -242,14 +277,23 @@ impl Scenario {
                     }
                 }
                 Action::Crash | Action::Restart | Action::Recover => host(&step.node, "node", step)?,
-                Action::Partition => {
+                Action::Partition | Action::Hold => {
                     host(&step.a, "a", step)?;
                     host(&step.b, "b", step)?;
+                }
+                Action::Lossy if !step.rate.is_some_and(|r| r > 0.0 && r <= 1.0) => {
+                    return Err(format!("step at {:?} (lossy) needs `rate` in (0, 1]", step.at));
                 }
                 Action::Grant | Action::Revoke if step.capability.is_none() => {
                     return Err(format!("step at {:?} ({:?}) needs `capability`", step.at, step.action));
                 }
-                Action::StopAll | Action::Heal | Action::Grant | Action::Revoke => {}
+                Action::StopAll
+                | Action::Heal
+                | Action::Grant
+                | Action::Revoke
+                | Action::Release
+                | Action::Lossy
+                | Action::Reliable => {}
             }
             if step.at > self.duration {
                 return Err(format!("step at {:?} is after the end ({:?})", step.at, self.duration));
@@ -298,18 +342,25 @@ impl Scenario {
             node: None,
             a: None,
             b: None,
+            rate: None,
         };
         let mut steps = Vec::new();
         let events = 4 + pick(8);
         for _ in 0..events {
             // Chaos ends before the settle steps, which the shrinker keeps.
             let at = Duration::from_millis(500 + pick(chaos_end.as_millis().saturating_sub(1000) as u64));
-            let step = match pick(7) {
+            let step = match pick(10) {
                 0..=2 => {
                     let mut s = blank(at, Action::Start);
                     s.instances = Some(1 + pick(5) as usize);
-                    let guests = [("sleeper", false), ("kv_greeter", true), ("trap", false), ("exit_clean", false)];
-                    let (guest, cap) = nth(&guests, pick(4));
+                    let guests = [
+                        ("sleeper", false),
+                        ("kv_greeter", true),
+                        ("trap", false),
+                        ("exit_clean", false),
+                        ("random_trap", false),
+                    ];
+                    let (guest, cap) = nth(&guests, pick(guests.len() as u64));
                     s.guest = Some(guest.to_string());
                     s.policy = Some(nth(&["never", "always", "on_failure"], pick(3)).to_string());
                     s.max_retries = Some(pick(4) as u32);
@@ -329,11 +380,18 @@ impl Scenario {
                     s.node = Some(nth(&hosts, pick(hosts.len() as u64)));
                     s
                 }
-                5 => {
-                    let mut s = blank(at, Action::Partition);
+                5 | 6 => {
+                    // Drop or hold: a link that loses everything, or one that delivers it all late.
+                    let mut s = blank(at, if pick(2) == 0 { Action::Partition } else { Action::Hold });
                     let from_registry = registry && pick(2) == 0;
                     s.a = Some(if from_registry { crate::REGISTRY } else { crate::CONTROL_PLANE }.to_string());
                     s.b = Some(crate::agent_name(1 + pick(agents as u64) as usize));
+                    s
+                }
+                7 => blank(at, Action::Release),
+                8 => {
+                    let mut s = blank(at, Action::Lossy);
+                    s.rate = Some(nth(&[0.005, 0.02, 0.1], pick(3)));
                     s
                 }
                 _ => {
@@ -368,6 +426,8 @@ impl Scenario {
             buggify: true,
             max_latency: None,
             registry,
+            // A third of the runs have hosts whose wall clocks disagree by up to 30 s.
+            clock_skew: (pick(3) == 0).then(|| Duration::from_secs(30)),
         }
     }
 
@@ -509,6 +569,7 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     if let Some(max) = scenario.max_latency {
         config.latency.1 = max;
     }
+    config.clock_skew = scenario.clock_skew.unwrap_or_default();
     let buggify = config.faults.clone();
     let trace = Arc::new(TraceLog::default());
     let observed = Arc::new(Observed::default());
@@ -525,7 +586,7 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     };
     let settle_from = scenario.last_step_at();
     let mut satisfied = vec![false; scenario.eventually.len()];
-    let mut partitions: Vec<(String, String)> = Vec::new();
+    let mut network = Network::default();
     let mut crashed: BTreeSet<String> = BTreeSet::new();
     let mut next_sample = Duration::ZERO;
     loop {
@@ -533,7 +594,7 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
         let now = sim.elapsed();
         while faults.last().is_some_and(|f| f.at <= now) {
             let Some(step) = faults.pop() else { break };
-            inject(&mut sim, &observed, &step, &mut partitions, &mut crashed);
+            inject(&mut sim, &observed, &step, &mut network, &mut crashed);
             trace.record_driver(now, &format!("{:?} {}", step.action, describe(&step)));
         }
         if now >= next_sample {
@@ -573,14 +634,22 @@ fn sorted(mut steps: Vec<Step>) -> Vec<Step> {
 }
 
 fn describe(step: &Step) -> String {
-    [&step.node, &step.a, &step.b].iter().filter_map(|h| h.as_deref()).collect::<Vec<_>>().join(" ")
+    let hosts = [&step.node, &step.a, &step.b].into_iter().filter_map(|h| h.as_deref());
+    hosts.map(str::to_string).chain(step.rate.map(|r| format!("rate={r}"))).collect::<Vec<_>>().join(" ")
+}
+
+/// The network faults in force, so `heal` and `release` can undo them.
+#[derive(Default)]
+struct Network {
+    partitions: Vec<(String, String)>,
+    holds: Vec<(String, String)>,
 }
 
 fn inject(
     sim: &mut turmoil::Sim<'_>,
     observed: &Observed,
     step: &Step,
-    partitions: &mut Vec<(String, String)>,
+    network: &mut Network,
     crashed: &mut BTreeSet<String>,
 ) {
     match step.action {
@@ -609,13 +678,30 @@ fn inject(
         Action::Partition => {
             if let (Some(a), Some(b)) = (&step.a, &step.b) {
                 sim.partition(a.as_str(), b.as_str());
-                partitions.push((a.clone(), b.clone()));
+                network.partitions.push((a.clone(), b.clone()));
             }
         }
+        Action::Hold => {
+            if let (Some(a), Some(b)) = (&step.a, &step.b) {
+                sim.hold(a.as_str(), b.as_str());
+                network.holds.push((a.clone(), b.clone()));
+            }
+        }
+        Action::Release => {
+            for (a, b) in network.holds.drain(..) {
+                sim.release(a.as_str(), b.as_str());
+            }
+        }
+        Action::Lossy => sim.set_fail_rate(step.rate.unwrap_or_default()),
+        Action::Reliable => sim.set_fail_rate(0.0),
         Action::Heal => {
-            for (a, b) in partitions.drain(..) {
+            for (a, b) in network.partitions.drain(..) {
                 sim.repair(a.as_str(), b.as_str());
             }
+            for (a, b) in network.holds.drain(..) {
+                sim.release(a.as_str(), b.as_str());
+            }
+            sim.set_fail_rate(0.0);
         }
         Action::Start | Action::StopAll | Action::Grant | Action::Revoke => {}
     }

@@ -22,8 +22,11 @@ pub const KV_GREETER: &str = include_str!("../../../guests/fixtures/kv_greeter.w
 /// `kv`; traps on a payload ending in `!`.
 pub const SUBSCRIBER: &str = include_str!("../../../guests/fixtures/subscriber.wat");
 
+/// Sleeps a random 0–4 s (seeded in simulation), then traps.
+pub const RANDOM_TRAP: &str = include_str!("../../../guests/fixtures/random_trap.wat");
+
 /// Every fixture by file stem.
-pub const ALL: [(&str, &str); 9] = [
+pub const ALL: [(&str, &str); 10] = [
     ("exit_clean", EXIT_CLEAN),
     ("exit_code", EXIT_CODE),
     ("trap", TRAP),
@@ -33,6 +36,7 @@ pub const ALL: [(&str, &str); 9] = [
     ("remember", REMEMBER),
     ("kv_greeter", KV_GREETER),
     ("subscriber", SUBSCRIBER),
+    ("random_trap", RANDOM_TRAP),
 ];
 
 /// Module bytes of a fixture. Fixtures are checked in and parsed by the tests, so a parse failure is a bug

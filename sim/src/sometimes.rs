@@ -1,0 +1,43 @@
+//! Sometimes-assertions (Antithesis' term): events a sweep must reach at least once, or its faults are not
+//! exercising what they claim to. Each goal is recognised in a run's timeline; a sweep reports in how many runs
+//! each goal was reached, and `sim/tests` asserts that a swarm reaches all of them.
+
+use std::collections::BTreeSet;
+
+/// A goal: its name and how to recognise it in one timeline line.
+pub struct Goal {
+    /// Short name, as reported.
+    pub name: &'static str,
+    /// Whether `line` shows the goal reached.
+    pub reached_by: fn(&str) -> bool,
+}
+
+fn driver(line: &str, action: &str) -> bool {
+    line.contains(" driver ") && line.split_whitespace().nth(2) == Some(action)
+}
+
+/// Every goal, in report order.
+pub const GOALS: &[Goal] = &[
+    Goal { name: "fault: crash", reached_by: |l| driver(l, "Crash") },
+    Goal { name: "fault: restart", reached_by: |l| driver(l, "Restart") },
+    Goal { name: "fault: partition", reached_by: |l| driver(l, "Partition") },
+    Goal { name: "fault: hold", reached_by: |l| driver(l, "Hold") },
+    Goal { name: "fault: release", reached_by: |l| driver(l, "Release") },
+    Goal { name: "fault: message loss", reached_by: |l| driver(l, "Lossy") },
+    Goal { name: "fault: heal", reached_by: |l| driver(l, "Heal") },
+    Goal { name: "instance crashed", reached_by: |l| l.contains(" status ") && l.contains(" crashed seq=") },
+    Goal {
+        name: "instance restarted by policy",
+        reached_by: |l| l.contains(" running seq=") && !l.ends_with(" restarts=0"),
+    },
+    Goal { name: "node declared unavailable", reached_by: |l| l.contains(" node ") && l.ends_with(" unavailable") },
+    Goal { name: "registry lease expired", reached_by: |l| l.contains("registry lease ") && l.ends_with(" expired") },
+    Goal { name: "agent fenced itself", reached_by: |l| l.contains(" fence ") },
+    Goal { name: "instance rescheduled", reached_by: |l| l.contains(" reschedule ") },
+    Goal { name: "node joined via the registry", reached_by: |l| l.contains(" joined lease=") },
+];
+
+/// The goals one run's timeline reached.
+pub fn reached(timeline: &[String]) -> BTreeSet<&'static str> {
+    GOALS.iter().filter(|g| timeline.iter().any(|line| (g.reached_by)(line))).map(|g| g.name).collect()
+}
