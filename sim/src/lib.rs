@@ -7,6 +7,7 @@
 
 pub mod buggify;
 pub mod invariants;
+pub mod monitor;
 pub mod scenario;
 pub mod sometimes;
 mod trace;
@@ -69,6 +70,8 @@ pub struct ClusterConfig {
     pub lease_ttl: Duration,
     /// Largest wall-clock skew between a host and true simulated time; each host draws its own from the seed.
     pub clock_skew: Duration,
+    /// A bug injected into every agent, to prove the simulator catches it.
+    pub agent_bug: Option<factum_node_agent::AgentBug>,
 }
 
 impl ClusterConfig {
@@ -92,6 +95,7 @@ impl ClusterConfig {
             registry: false,
             lease_ttl: Duration::from_secs(2),
             clock_skew: Duration::ZERO,
+            agent_bug: None,
         }
     }
 
@@ -249,6 +253,7 @@ pub fn build_observed_cluster(
         let agent_faults = faults.clone();
         let lease_ttl = config.lease_ttl;
         let wall = config.wall_origin(i as u64);
+        let agent_bug = config.agent_bug;
         sim.host(name.clone(), move || {
             let incarnation = agent_incarnations.fetch_add(1, Ordering::SeqCst);
             let env = with_faults(
@@ -262,6 +267,7 @@ pub fn build_observed_cluster(
             agent_config.heartbeat_interval = heartbeat;
             agent_config.rpc_timeout = Duration::from_secs(2);
             agent_config.lease_ttl = lease_ttl;
+            agent_config.injected_bug = agent_bug;
             // Fuel makes guest execution and its yield points a function of the module alone.
             agent_config.limits = Limits { fuel_yield_interval: 10_000, ..Limits::default() };
             async move {

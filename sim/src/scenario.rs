@@ -359,6 +359,7 @@ impl Scenario {
                         ("trap", false),
                         ("exit_clean", false),
                         ("random_trap", false),
+                        ("remember", false),
                     ];
                     let (guest, cap) = nth(&guests, pick(guests.len() as u64));
                     s.guest = Some(guest.to_string());
@@ -587,6 +588,7 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     let settle_from = scenario.last_step_at();
     let mut satisfied = vec![false; scenario.eventually.len()];
     let mut network = Network::default();
+    let mut monitor = crate::monitor::Monitor::default();
     let mut crashed: BTreeSet<String> = BTreeSet::new();
     let mut next_sample = Duration::ZERO;
     loop {
@@ -600,6 +602,7 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
         if now >= next_sample {
             next_sample = now + SAMPLE_EVERY;
             let view = observed.view();
+            monitor.observe(&view).map_err(|e| fail(now, e))?;
             for always in &scenario.always {
                 invariants::check(&always.check, &view)
                     .map_err(|e| fail(now, format!("always {}: {e}", always.check)))?;

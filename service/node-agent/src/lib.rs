@@ -84,6 +84,16 @@ pub struct AgentConfig {
     pub rpc_timeout: Duration,
     /// TTL of this node's registry lease; it is renewed every third of it.
     pub lease_ttl: Duration,
+    /// A deliberate bug, for proving that the simulator catches it (`sim/tests/injected_bugs.rs`). Always
+    /// `None` in real deployments; the CLI has no way to set it.
+    pub injected_bug: Option<AgentBug>,
+}
+
+/// Bugs the simulator must catch; see [`AgentConfig::injected_bug`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentBug {
+    /// Crashed instances under `always`/`on_failure` restart forever, past `max_retries` (breaks P8).
+    IgnoreMaxRetries,
 }
 
 impl AgentConfig {
@@ -98,6 +108,7 @@ impl AgentConfig {
             heartbeat_interval: Duration::from_secs(1),
             rpc_timeout: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(5),
+            injected_bug: None,
         }
     }
 }
@@ -652,7 +663,11 @@ impl Inner {
                 if crashed {
                     local.mailbox.run_crashed();
                 }
-                let restart = local.policy.should_restart(crashed, local.metadata.restarts);
+                let restart = if self.config.injected_bug == Some(AgentBug::IgnoreMaxRetries) {
+                    local.policy.should_restart(crashed, 0)
+                } else {
+                    local.policy.should_restart(crashed, local.metadata.restarts)
+                };
                 let status = if crashed { InstanceStatus::Crashed } else { InstanceStatus::Stopped };
                 let error = crashed.then(|| exit.describe());
                 log_exit(&instance_id, &exit, restart);

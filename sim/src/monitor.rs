@@ -1,0 +1,148 @@
+//! Invariants that hold in every run, whatever the scenario says: the simulator checks them at every sample.
+//! Unlike the [`invariants`](crate::invariants) a scenario names, some of them compare a sample with the one
+//! before it, so the [`Monitor`] keeps what it last saw of every instance.
+
+use std::collections::BTreeMap;
+
+use factum_proto::{InstanceFacts, PolicyType};
+
+use crate::invariants::{single_placement, View};
+
+/// Exit code of the statelessness probe (`guests/fixtures/remember.wat`) when memory survived a restart.
+const MEMORY_SURVIVED: &str = "exited with code 7";
+/// What the `kv_greeter` fixture writes: application data, which must never reach the control plane.
+const APPLICATION_DATA: &str = "hello from factum";
+
+/// The always-on checks, by name and property: each takes the previous facts of every instance and the view.
+type Check = fn(&BTreeMap<Key, InstanceFacts>, &View) -> Result<(), String>;
+
+/// (node, instance id, placement epoch): one placement of one instance.
+type Key = (String, String, u64);
+
+/// Every always-on check, named as failures report them.
+pub const ALWAYS_ON: [(&str, Check); 7] = [
+    ("single_placement", |_, view| single_placement(view)),
+    ("P1 no_memory_survives_a_restart", |_, view| no_memory_survives_a_restart(view)),
+    ("P2 crashes_preserve_system_state", crashes_preserve_system_state),
+    ("P6 instances_live_on_known_nodes", |_, view| instances_live_on_known_nodes(view)),
+    ("P7 no_application_data_in_the_control_plane", |_, view| no_application_data_in_the_control_plane(view)),
+    ("P8 restart_policies_are_respected", |_, view| restart_policies_are_respected(view)),
+    ("P19 capabilities_are_scoped_to_their_instance", |_, view| capabilities_are_scoped_to_their_instance(view)),
+];
+
+/// Runs [`ALWAYS_ON`] over successive views.
+#[derive(Default)]
+pub struct Monitor {
+    previous: BTreeMap<Key, InstanceFacts>,
+}
+
+impl Monitor {
+    /// Checks `view` against every always-on invariant and remembers it for the next sample.
+    pub fn observe(&mut self, view: &View) -> Result<(), String> {
+        for (name, check) in ALWAYS_ON {
+            check(&self.previous, view).map_err(|e| format!("always-on {name}: {e}"))?;
+        }
+        self.previous = view
+            .agents
+            .iter()
+            .flat_map(|(node, facts)| {
+                facts.iter().map(move |f| ((node.clone(), f.metadata.instance_id.clone(), f.epoch), f.clone()))
+            })
+            .collect();
+        Ok(())
+    }
+}
+
+/// Property 1: every run starts with fresh memory. The statelessness probe exits 7 only if it finds the marker
+/// a previous run left in its memory.
+pub fn no_memory_survives_a_restart(view: &View) -> Result<(), String> {
+    let survived = view
+        .agents
+        .iter()
+        .flat_map(|(node, facts)| facts.iter().map(move |f| (node, f)))
+        .find(|(_, f)| f.metadata.last_error.as_deref() == Some(MEMORY_SURVIVED));
+    match survived {
+        Some((node, f)) => Err(format!("{} on {node}: memory of an earlier run survived", f.metadata.instance_id)),
+        None => Ok(()),
+    }
+}
+
+/// Property 2: a crash changes status, error and restart count, never the system-level state of the instance:
+/// within one placement its id, module, creation time and policy stay as they were, its restart count and
+/// fact sequence never go back, and a crashed instance stays known to its agent.
+pub fn crashes_preserve_system_state(previous: &BTreeMap<Key, InstanceFacts>, view: &View) -> Result<(), String> {
+    for (node, facts) in &view.agents {
+        for now in facts {
+            let key = (node.clone(), now.metadata.instance_id.clone(), now.epoch);
+            let Some(before) = previous.get(&key) else { continue };
+            let id = &now.metadata.instance_id;
+            let kept = before.metadata.module_hash == now.metadata.module_hash
+                && before.metadata.created_at == now.metadata.created_at
+                && before.restart_policy == now.restart_policy;
+            if !kept {
+                return Err(format!("{id} on {node} changed identity: {:?} then {:?}", before.metadata, now.metadata));
+            }
+            if now.metadata.restarts < before.metadata.restarts || now.seq < before.seq {
+                return Err(format!(
+                    "{id} on {node} went back: restarts {} → {}, seq {} → {}",
+                    before.metadata.restarts, now.metadata.restarts, before.seq, now.seq
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Property 6: every instance the control plane lists was placed on a node it knows.
+pub fn instances_live_on_known_nodes(view: &View) -> Result<(), String> {
+    let Some(cp) = &view.control_plane else { return Ok(()) };
+    match cp.instances.iter().find(|m| !cp.nodes.iter().any(|n| n.node_id == m.node_id)) {
+        Some(m) => Err(format!("{} is listed on {}, a node the control plane does not know", m.instance_id, m.node_id)),
+        None => Ok(()),
+    }
+}
+
+/// Property 7: what guests store through their capabilities never shows up in the control plane's state.
+pub fn no_application_data_in_the_control_plane(view: &View) -> Result<(), String> {
+    let Some(cp) = &view.control_plane else { return Ok(()) };
+    if format!("{cp:?}").contains(APPLICATION_DATA) {
+        return Err(format!("the control plane's state holds application data {APPLICATION_DATA:?}"));
+    }
+    Ok(())
+}
+
+/// Property 8: an instance with policy `never` is never restarted, and none is restarted more than its
+/// `max_retries`.
+pub fn restart_policies_are_respected(view: &View) -> Result<(), String> {
+    for (node, facts) in &view.agents {
+        for f in facts {
+            let policy = f.restart_policy;
+            let limit = match policy.policy_type {
+                PolicyType::Never => Some(0),
+                PolicyType::Always | PolicyType::OnFailure => policy.max_retries,
+            };
+            if limit.is_some_and(|limit| f.metadata.restarts > limit) {
+                return Err(format!(
+                    "{} on {node} restarted {} times under {policy:?}",
+                    f.metadata.instance_id, f.metadata.restarts
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Property 19: every capability an agent enforces for an instance was assigned to that instance.
+pub fn capabilities_are_scoped_to_their_instance(view: &View) -> Result<(), String> {
+    for (node, facts) in &view.agents {
+        for f in facts {
+            if let Some(a) = f.capabilities.iter().find(|a| a.instance_id != f.metadata.instance_id) {
+                return Err(format!(
+                    "{} on {node} holds capability {} assigned to {}",
+                    f.metadata.instance_id, a.capability_id, a.instance_id
+                ));
+            }
+        }
+    }
+    Ok(())
+}
