@@ -302,6 +302,9 @@ fn with_faults(env: Env, faults: &Option<Arc<buggify::Buggify>>) -> Env {
 pub struct SimClient {
     env: Env,
     cp: ControlPlaneClient,
+    /// Set when a call timed out or its transport failed: like a real client, the caller then dials anew
+    /// rather than keep using a connection that may be stuck (a lost segment leaves a stream that never ends).
+    broken: std::sync::atomic::AtomicBool,
 }
 
 impl SimClient {
@@ -314,7 +317,7 @@ impl SimClient {
             if let Some(Ok(stream)) = connect.await {
                 let new = ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream));
                 let cp = rpc::start_client(&env, new);
-                return Ok(Self { env, cp });
+                return Ok(Self { env, cp, broken: std::sync::atomic::AtomicBool::new(false) });
             }
             env.clock.sleep(Duration::from_millis(100)).await;
         }
@@ -327,11 +330,18 @@ impl SimClient {
     where
         E: std::error::Error + 'static,
     {
-        match self.env.timeout(Duration::from_secs(5), fut).await {
-            Some(Ok(v)) => Ok(v),
-            Some(Err(e)) => Err(Box::new(e)),
+        let result = match self.env.timeout(Duration::from_secs(5), fut).await {
+            Some(Ok(v)) => return Ok(v),
+            Some(Err(e)) => Err(Box::new(e) as SimError),
             None => Err("control plane call timed out".into()),
-        }
+        };
+        self.broken.store(true, Ordering::SeqCst);
+        result
+    }
+
+    /// Whether a call on this connection timed out or failed in transport; dial a new client then.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
     }
 
     /// Sleeps on simulated time.

@@ -478,7 +478,7 @@ async fn drive_api(steps: Vec<Step>, seed: u64, duration: Duration) -> Result<()
         let elapsed = clock.now().saturating_sub(start);
         clock.sleep(step.at.saturating_sub(elapsed)).await;
         // A crashed or restarted control plane broke the old connection: dial again, as a real client would.
-        if client.nodes().await.is_err() {
+        if client.is_broken() || client.nodes().await.is_err() {
             client = SimClient::connect(seed).await?;
         }
         match step.action {
@@ -497,6 +497,9 @@ async fn drive_api(steps: Vec<Step>, seed: u64, duration: Duration) -> Result<()
                     .map(|c| CapabilityGrant { capability_id: c.clone(), permissions: step.permissions.clone() })
                     .collect();
                 for k in 0..step.instances.unwrap_or(1) {
+                    if client.is_broken() {
+                        client = SimClient::connect(seed).await?;
+                    }
                     let id = format!("s{index}-{k}");
                     // Faults make some starts fail; what matters is that the facts stay true.
                     match client.start_with(&id, wat, policy, caps.clone()).await {
@@ -507,12 +510,18 @@ async fn drive_api(steps: Vec<Step>, seed: u64, duration: Duration) -> Result<()
             }
             Action::StopAll => {
                 for id in &started {
+                    if client.is_broken() {
+                        client = SimClient::connect(seed).await?;
+                    }
                     let _ = client.stop(id).await;
                 }
             }
             Action::Grant | Action::Revoke => {
                 let cap = step.capability.clone().unwrap_or_default();
                 for id in &started {
+                    if client.is_broken() {
+                        client = SimClient::connect(seed).await?;
+                    }
                     let result = if step.action == Action::Grant {
                         let call = client.cp.assign_capability(
                             rpc::rpc_context(),
