@@ -76,9 +76,11 @@ fn replays_bit_for_bit_while_other_threads_create_tasks() {
 /// Swarm seeds that once failed, kept as regressions. 20314: random message loss left the scenario client's
 /// connection stuck (a lost segment, so a response that never completes); every later call timed out after
 /// 5 s and the script overran the run. The client now dials anew after a timeout, as the product's clients do.
+const SWARM_REGRESSIONS: &[u64] = &[20314];
+
 #[test]
 fn swarm_regressions_stay_fixed() {
-    for seed in [20314] {
+    for &seed in SWARM_REGRESSIONS {
         let swarm = scenario::Scenario::swarm(seed, 3, std::time::Duration::from_secs(40));
         if let Err(e) = scenario::run(&swarm, seed) {
             panic!("{e}\n  replay: cargo run -p factum-sim -- swarm --seeds 1 --start {seed}");
