@@ -2,7 +2,7 @@
 //! Unlike the [`invariants`](crate::invariants) a scenario names, some of them compare a sample with the one
 //! before it, so the [`Monitor`] keeps what it last saw of every instance.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use factum_proto::{InstanceFacts, PolicyType};
 
@@ -30,18 +30,27 @@ pub const ALWAYS_ON: [(&str, Check); 7] = [
     ("P19 capabilities_are_scoped_to_their_instance", |_, view| capabilities_are_scoped_to_their_instance(view)),
 ];
 
-/// Runs [`ALWAYS_ON`] over successive views.
+/// (node, instance id, capability id): one grant as an agent enforces it.
+type GrantKey = (String, String, String);
+
+/// Runs [`ALWAYS_ON`] over successive views, and [`calls_were_granted`] over the trace between them.
 #[derive(Default)]
 pub struct Monitor {
     previous: BTreeMap<Key, InstanceFacts>,
+    previous_grants: BTreeSet<GrantKey>,
 }
 
 impl Monitor {
-    /// Checks `view` against every always-on invariant and remembers it for the next sample.
-    pub fn observe(&mut self, view: &View) -> Result<(), String> {
+    /// Checks `view`, and the trace lines recorded since the last sample, against every always-on invariant;
+    /// remembers the view for the next sample.
+    pub fn observe(&mut self, view: &View, fresh_trace: &[String]) -> Result<(), String> {
         for (name, check) in ALWAYS_ON {
             check(&self.previous, view).map_err(|e| format!("always-on {name}: {e}"))?;
         }
+        let grants = grants(view);
+        calls_were_granted(&self.previous_grants, &grants, fresh_trace)
+            .map_err(|e| format!("always-on P4 calls_were_granted: {e}"))?;
+        self.previous_grants = grants;
         self.previous = view
             .agents
             .iter()
@@ -51,6 +60,38 @@ impl Monitor {
             .collect();
         Ok(())
     }
+}
+
+fn grants(view: &View) -> BTreeSet<GrantKey> {
+    view.agents
+        .iter()
+        .flat_map(|(node, facts)| {
+            facts.iter().flat_map(move |f| {
+                f.capabilities
+                    .iter()
+                    .map(move |a| (node.clone(), f.metadata.instance_id.clone(), a.capability_id.clone()))
+            })
+        })
+        .collect()
+}
+
+/// Property 4: every capability call that succeeded between two samples was made on a capability its agent
+/// enforced for the instance at one of them (agents trace each call as `call <instance> <capability> ok`).
+/// A run that kept using a revoked grant succeeds where no sample shows the grant, and is caught.
+pub fn calls_were_granted(
+    before: &BTreeSet<GrantKey>,
+    now: &BTreeSet<GrantKey>,
+    trace: &[String],
+) -> Result<(), String> {
+    for line in trace {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [_, node, "call", instance, capability, "ok"] = words.as_slice() else { continue };
+        let key = (node.to_string(), instance.to_string(), capability.to_string());
+        if !before.contains(&key) && !now.contains(&key) {
+            return Err(format!("{instance} on {node} called {capability} successfully without holding it: {line}"));
+        }
+    }
+    Ok(())
 }
 
 /// Property 1: every run starts with fresh memory. The statelessness probe exits 7 only if it finds the marker

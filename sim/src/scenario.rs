@@ -598,6 +598,7 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     let mut satisfied = vec![false; scenario.eventually.len()];
     let mut network = Network::default();
     let mut monitor = crate::monitor::Monitor::default();
+    let mut traced = 0;
     let mut crashed: BTreeSet<String> = BTreeSet::new();
     let mut next_sample = Duration::ZERO;
     loop {
@@ -611,7 +612,9 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
         if now >= next_sample {
             next_sample = now + SAMPLE_EVERY;
             let view = observed.view();
-            monitor.observe(&view).map_err(|e| fail(now, e))?;
+            let fresh = trace.lines_from(traced);
+            traced += fresh.len();
+            monitor.observe(&view, &fresh).map_err(|e| fail(now, e))?;
             for always in &scenario.always {
                 invariants::check(&always.check, &view)
                     .map_err(|e| fail(now, format!("always {}: {e}", always.check)))?;

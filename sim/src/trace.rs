@@ -39,6 +39,11 @@ impl TraceLog {
         self.lock().lines.clone()
     }
 
+    /// The lines recorded after the first `start`.
+    pub fn lines_from(&self, start: usize) -> Vec<String> {
+        self.lock().lines.get(start..).map(<[String]>::to_vec).unwrap_or_default()
+    }
+
     /// Records an action of the simulation driver (a fault it injected) at simulated time `at` (the driver runs
     /// outside every host, where turmoil has no clock to read).
     pub fn record_driver(&self, at: std::time::Duration, event: &str) {

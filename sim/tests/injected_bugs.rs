@@ -48,6 +48,19 @@ fn an_agent_that_restarts_past_max_retries_is_caught_by_the_always_on_monitor() 
 }
 
 #[test]
+fn an_agent_that_caches_grants_per_run_is_caught_by_the_always_on_monitor() {
+    let scenario =
+        Scenario::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/revoke_during_kv_use.toml")).unwrap();
+    let caught = (1..=100).find_map(|seed| {
+        let mut config = ClusterConfig::new(seed, scenario.agents);
+        config.agent_bug = Some(factum_node_agent::AgentBug::StaleGrants);
+        scenario::run_with(&scenario, config).err().map(|e| (seed, e.message))
+    });
+    let (seed, failure) = caught.expect("bug not caught");
+    assert!(failure.contains("P4 calls_were_granted"), "seed {seed}: {failure}");
+}
+
+#[test]
 fn swarm_finds_the_rebuild_bug_and_shrinks_it() {
     let bugged = |seed: u64| {
         let mut config = ClusterConfig::new(seed, 3);

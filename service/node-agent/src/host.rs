@@ -14,14 +14,19 @@ use crate::Inner;
 /// Longest guest output line kept in the log.
 const MAX_LOGGED_OUTPUT: usize = 4096;
 
+/// What one grant allows: its provider, and its permissions parsed.
+type GrantView = (factum_proto::ProviderType, std::sync::Arc<[Permission]>);
+
 pub(crate) struct InstanceHost {
     agent: Weak<Inner>,
     instance_id: String,
+    /// Grants as first seen by this run; used only under the injected bug [`crate::AgentBug::StaleGrants`].
+    stale: std::sync::Mutex<std::collections::BTreeMap<String, GrantView>>,
 }
 
 impl InstanceHost {
     pub(crate) fn new(agent: Weak<Inner>, instance_id: String) -> Self {
-        Self { agent, instance_id }
+        Self { agent, instance_id, stale: Default::default() }
     }
 }
 
@@ -36,10 +41,30 @@ fn denied(instance_id: &str, capability_id: &str, why: String) -> Vec<u8> {
     .encode()
 }
 
+impl InstanceHost {
+    /// Under [`crate::AgentBug::StaleGrants`] only: the grant as this run first saw it, never looked up again.
+    fn stale_grant(&self, capability_id: &str) -> Option<GrantView> {
+        let agent = self.agent.upgrade()?;
+        if agent.config.injected_bug != Some(crate::AgentBug::StaleGrants) {
+            return None;
+        }
+        let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(grant) = stale.get(capability_id) {
+            return Some(grant.clone());
+        }
+        let instances = agent.lock();
+        let grant = instances.get(&self.instance_id)?.capabilities.get(capability_id)?;
+        let view = (grant.assignment.provider_type, grant.permissions.clone());
+        stale.insert(capability_id.to_string(), view.clone());
+        Some(view)
+    }
+}
+
 impl GuestHost for InstanceHost {
     fn invoke(&self, capability_id: String, operation: String, params: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
         let agent = self.agent.clone();
         let instance_id = self.instance_id.clone();
+        let stale = self.stale_grant(&capability_id);
         Box::pin(async move {
             let Some(agent) = agent.upgrade() else {
                 return CapabilityResponse::err(&ErrorResponse::new(
@@ -54,8 +79,10 @@ impl GuestHost for InstanceHost {
                 return CapabilityResponse::err(&outage).encode();
             }
             // Look the assignment up now, not at start: a revoke takes effect on the very next call (P4).
-            let grant = agent.lock().get(&instance_id).and_then(|i| {
-                i.capabilities.get(&capability_id).map(|g| (g.assignment.provider_type, g.permissions.clone()))
+            let grant = stale.or_else(|| {
+                agent.lock().get(&instance_id).and_then(|i| {
+                    i.capabilities.get(&capability_id).map(|g| (g.assignment.provider_type, g.permissions.clone()))
+                })
             });
             let Some((provider_type, granted)) = grant else {
                 return denied(
@@ -77,6 +104,11 @@ impl GuestHost for InstanceHost {
                     format!("no {provider_type} provider runs on node {}", agent.config.node_id),
                 )),
             };
+            // The simulator checks every successful call against the grants it sees (P4).
+            agent.env.trace(|| {
+                let outcome = response.error_code().map_or("ok".to_string(), |code| code.to_string());
+                format!("call {instance_id} {capability_id} {outcome}")
+            });
             if response.error_code() == Some(ErrorCode::PermissionDenied) {
                 let why = response.error.as_ref().map(|e| e.message.clone()).unwrap_or_default();
                 return denied(&instance_id, &capability_id, why);

@@ -94,6 +94,8 @@ pub struct AgentConfig {
 pub enum AgentBug {
     /// Crashed instances under `always`/`on_failure` restart forever, past `max_retries` (breaks P8).
     IgnoreMaxRetries,
+    /// A run looks each capability up once and keeps using it: a revoke never reaches it (breaks P4).
+    StaleGrants,
 }
 
 impl AgentConfig {
