@@ -33,11 +33,14 @@ pub const ALWAYS_ON: [(&str, Check); 7] = [
 /// (node, instance id, capability id): one grant as an agent enforces it.
 type GrantKey = (String, String, String);
 
-/// Runs [`ALWAYS_ON`] over successive views, and [`calls_were_granted`] over the trace between them.
+/// Runs [`ALWAYS_ON`] over successive views, and [`calls_were_granted`] and [`statuses_come_from_agents`]
+/// over the trace between them.
 #[derive(Default)]
 pub struct Monitor {
     previous: BTreeMap<Key, InstanceFacts>,
     previous_grants: BTreeSet<GrantKey>,
+    /// (node, instance, status) of every status an agent traced so far.
+    reported: BTreeSet<(String, String, String)>,
 }
 
 impl Monitor {
@@ -51,6 +54,13 @@ impl Monitor {
         calls_were_granted(&self.previous_grants, &grants, fresh_trace)
             .map_err(|e| format!("always-on P4 calls_were_granted: {e}"))?;
         self.previous_grants = grants;
+        self.reported.extend(fresh_trace.iter().filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let [_, node, "status", instance, status, ..] = words.as_slice() else { return None };
+            Some((node.to_string(), instance.to_string(), status.to_string()))
+        }));
+        statuses_come_from_agents(&self.reported, view)
+            .map_err(|e| format!("always-on P9 statuses_come_from_agents: {e}"))?;
         self.previous = view
             .agents
             .iter()
@@ -89,6 +99,27 @@ pub fn calls_were_granted(
         let key = (node.to_string(), instance.to_string(), capability.to_string());
         if !before.contains(&key) && !now.contains(&key) {
             return Err(format!("{instance} on {node} called {capability} successfully without holding it: {line}"));
+        }
+    }
+    Ok(())
+}
+
+/// Property 9 (with 14): when the control plane says an instance is `running` on a node, that node's agent
+/// reported it running: the control plane relays facts, it never fills in what it intends. (`starting` also
+/// marks a start the control plane has sent and not yet heard back about; `unknown`, and `crashed` for an
+/// instance its node lost, are the control plane's own facts about a node.)
+pub fn statuses_come_from_agents(reported: &BTreeSet<(String, String, String)>, view: &View) -> Result<(), String> {
+    let Some(cp) = &view.control_plane else { return Ok(()) };
+    for m in &cp.instances {
+        if m.status != factum_proto::InstanceStatus::Running {
+            continue;
+        }
+        let key = (m.node_id.clone(), m.instance_id.clone(), m.status.to_string());
+        if !reported.contains(&key) {
+            return Err(format!(
+                "control plane says {} is {} on {}, which never reported that",
+                m.instance_id, m.status, m.node_id
+            ));
         }
     }
     Ok(())

@@ -61,6 +61,12 @@ fn an_agent_that_caches_grants_per_run_is_caught_by_the_always_on_monitor() {
 }
 
 #[test]
+fn a_control_plane_that_reports_intentions_is_caught_by_the_always_on_monitor() {
+    let (seed, failure) = first_failure("agent_crash.toml", InjectedBug::OptimisticRunning).expect("bug not caught");
+    assert!(failure.contains("P9 statuses_come_from_agents"), "seed {seed}: {failure}");
+}
+
+#[test]
 fn swarm_finds_the_rebuild_bug_and_shrinks_it() {
     let bugged = |seed: u64| {
         let mut config = ClusterConfig::new(seed, 3);

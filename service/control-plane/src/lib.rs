@@ -50,6 +50,9 @@ pub enum InjectedBug {
     NoRebuildFromSnapshots,
     /// The failure detector never fires: a dead node's instances stay `running` (breaks P12, P14).
     NoFailureDetection,
+    /// A placed instance is listed `running` before its node says anything: an intention shown as a fact
+    /// (breaks P9, P14).
+    OptimisticRunning,
 }
 
 impl Default for ControlPlaneConfig {
@@ -178,7 +181,11 @@ impl ControlPlane {
                     node_id: node_id.clone(),
                     module_hash: module_hash.clone(),
                     created_at: self.inner.env.wall_ms(),
-                    status: InstanceStatus::Starting,
+                    status: if self.inner.config.injected_bug == Some(InjectedBug::OptimisticRunning) {
+                        InstanceStatus::Running
+                    } else {
+                        InstanceStatus::Starting
+                    },
                     restarts: 0,
                     last_error: None,
                 },
