@@ -10,6 +10,8 @@ use crate::invariants::{single_placement, View};
 
 /// Exit code of the statelessness probe (`guests/fixtures/remember.wat`) when memory survived a restart.
 const MEMORY_SURVIVED: &str = "exited with code 7";
+/// Exit code of the side-effect probe (`guests/fixtures/os_probe.wat`) when it reached the OS directly.
+const REACHED_THE_OS: &str = "exited with code 9";
 /// What the `kv_greeter` fixture writes: application data, which must never reach the control plane.
 const APPLICATION_DATA: &str = "hello from factum";
 
@@ -20,9 +22,10 @@ type Check = fn(&BTreeMap<Key, InstanceFacts>, &View) -> Result<(), String>;
 type Key = (String, String, u64);
 
 /// Every always-on check, named as failures report them.
-pub const ALWAYS_ON: [(&str, Check); 7] = [
+pub const ALWAYS_ON: [(&str, Check); 8] = [
     ("single_placement", |_, view| single_placement(view)),
     ("P1 no_memory_survives_a_restart", |_, view| no_memory_survives_a_restart(view)),
+    ("P3 no_side_effect_bypasses_capabilities", |_, view| no_side_effect_bypasses_capabilities(view)),
     ("P2 crashes_preserve_system_state", crashes_preserve_system_state),
     ("P6 instances_live_on_known_nodes", |_, view| instances_live_on_known_nodes(view)),
     ("P7 no_application_data_in_the_control_plane", |_, view| no_application_data_in_the_control_plane(view)),
@@ -125,16 +128,28 @@ pub fn statuses_come_from_agents(reported: &BTreeSet<(String, String, String)>, 
     Ok(())
 }
 
+/// The first instance some agent holds whose last crash is `reason`.
+fn crashed_with<'a>(view: &'a View, reason: &str) -> Option<(&'a String, &'a InstanceFacts)> {
+    view.agents
+        .iter()
+        .flat_map(|(node, facts)| facts.iter().map(move |f| (node, f)))
+        .find(|(_, f)| f.metadata.last_error.as_deref() == Some(reason))
+}
+
 /// Property 1: every run starts with fresh memory. The statelessness probe exits 7 only if it finds the marker
 /// a previous run left in its memory.
 pub fn no_memory_survives_a_restart(view: &View) -> Result<(), String> {
-    let survived = view
-        .agents
-        .iter()
-        .flat_map(|(node, facts)| facts.iter().map(move |f| (node, f)))
-        .find(|(_, f)| f.metadata.last_error.as_deref() == Some(MEMORY_SURVIVED));
-    match survived {
+    match crashed_with(view, MEMORY_SURVIVED) {
         Some((node, f)) => Err(format!("{} on {node}: memory of an earlier run survived", f.metadata.instance_id)),
+        None => Ok(()),
+    }
+}
+
+/// Property 3: a guest reaches nothing outside its capabilities. The side-effect probe exits 9 only if a
+/// write to a non-standard fd, a preopened directory or bytes on stdin got through.
+pub fn no_side_effect_bypasses_capabilities(view: &View) -> Result<(), String> {
+    match crashed_with(view, REACHED_THE_OS) {
+        Some((node, f)) => Err(format!("{} on {node} reached the OS around its capabilities", f.metadata.instance_id)),
         None => Ok(()),
     }
 }

@@ -360,6 +360,7 @@ impl Scenario {
                         ("exit_clean", false),
                         ("random_trap", false),
                         ("remember", false),
+                        ("os_probe", false),
                     ];
                     let (guest, cap) = nth(&guests, pick(guests.len() as u64));
                     s.guest = Some(guest.to_string());

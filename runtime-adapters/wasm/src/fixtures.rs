@@ -25,8 +25,11 @@ pub const SUBSCRIBER: &str = include_str!("../../../guests/fixtures/subscriber.w
 /// Sleeps a random 0–4 s (seeded in simulation), then traps.
 pub const RANDOM_TRAP: &str = include_str!("../../../guests/fixtures/random_trap.wat");
 
+/// Tries fd 3 writes, a preopened directory and stdin; exits 9 if any reaches the OS, else 0 after 1 s.
+pub const OS_PROBE: &str = include_str!("../../../guests/fixtures/os_probe.wat");
+
 /// Every fixture by file stem.
-pub const ALL: [(&str, &str); 10] = [
+pub const ALL: [(&str, &str); 11] = [
     ("exit_clean", EXIT_CLEAN),
     ("exit_code", EXIT_CODE),
     ("trap", TRAP),
@@ -37,6 +40,7 @@ pub const ALL: [(&str, &str); 10] = [
     ("kv_greeter", KV_GREETER),
     ("subscriber", SUBSCRIBER),
     ("random_trap", RANDOM_TRAP),
+    ("os_probe", OS_PROBE),
 ];
 
 /// Module bytes of a fixture. Fixtures are checked in and parsed by the tests, so a parse failure is a bug
