@@ -70,7 +70,8 @@ fn agent(node: &str, cp: &str, etcd: &str, prefix: &str) -> Proc {
             "--etcd-prefix",
             prefix,
             "--lease-ttl",
-            "2s",
+            // Long enough that a loaded CI machine (etcd fsyncs, two cores) does not expire live leases.
+            "4s",
         ],
         "listening",
     )

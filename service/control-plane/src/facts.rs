@@ -78,8 +78,9 @@ pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
 }
 
 /// Merges a node's full snapshot. Instances the control plane placed on that node which the snapshot lacks
-/// (and whose start is not in flight) were lost with the node's previous life: never-confirmed ones are
-/// forgotten, confirmed ones become `crashed` with the reason.
+/// (and whose start is not in flight) were lost with the node's previous life: a first placement no agent ever
+/// confirmed is forgotten (its start never happened, so the id is free again); anything else becomes `crashed`
+/// with the reason. A rescheduled instance whose new start failed is not forgotten: it existed before.
 pub(crate) fn merge_snapshot(state: &mut State, node_id: &str, snapshot: Vec<InstanceFacts>, learn: bool) {
     let present: BTreeSet<String> = snapshot.iter().map(|f| f.metadata.instance_id.clone()).collect();
     for facts in snapshot {
@@ -94,7 +95,7 @@ pub(crate) fn merge_snapshot(state: &mut State, node_id: &str, snapshot: Vec<Ins
         .map(|(id, _)| id.clone())
         .collect();
     for id in missing {
-        let forget = state.instances.get(&id).is_some_and(|r| r.seq == 0);
+        let forget = state.instances.get(&id).is_some_and(|r| r.seq == 0 && r.epoch == 1);
         if forget {
             state.instances.remove(&id);
             state.capabilities.remove(&id);
