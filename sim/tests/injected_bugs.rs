@@ -5,17 +5,29 @@
 use std::path::Path;
 
 use factum_control_plane::InjectedBug;
+use factum_node_agent::AgentBug;
 use factum_sim::scenario::{self, Scenario};
 use factum_sim::ClusterConfig;
 
-/// The first seed in 1..=100 at which `scenario` fails with `bug` injected, with the failure.
-fn first_failure(file: &str, bug: InjectedBug) -> Option<(u64, String)> {
+/// The first seed in 1..=100 at which scenario `file` fails with a bug that `inject` puts into the cluster's
+/// configuration, with the failure.
+fn first_failure_with(file: &str, inject: impl Fn(&mut ClusterConfig)) -> Option<(u64, String)> {
     let scenario = Scenario::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(file)).unwrap();
     (1..=100).find_map(|seed| {
         let mut config = ClusterConfig::new(seed, scenario.agents);
-        config.control_plane.injected_bug = Some(bug);
+        inject(&mut config);
         scenario::run_with(&scenario, config).err().map(|e| (seed, e.message))
     })
+}
+
+/// [`first_failure_with`] a control-plane bug.
+fn first_failure(file: &str, bug: InjectedBug) -> Option<(u64, String)> {
+    first_failure_with(file, |config| config.control_plane.injected_bug = Some(bug))
+}
+
+/// [`first_failure_with`] an agent bug.
+fn first_agent_failure(file: &str, bug: AgentBug) -> Option<(u64, String)> {
+    first_failure_with(file, |config| config.agent_bug = Some(bug))
 }
 
 #[test]
@@ -36,27 +48,15 @@ fn a_missing_failure_detector_is_caught() {
 
 #[test]
 fn an_agent_that_restarts_past_max_retries_is_caught_by_the_always_on_monitor() {
-    let scenario =
-        Scenario::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/backoff_storm.toml")).unwrap();
-    let caught = (1..=100).find_map(|seed| {
-        let mut config = ClusterConfig::new(seed, scenario.agents);
-        config.agent_bug = Some(factum_node_agent::AgentBug::IgnoreMaxRetries);
-        scenario::run_with(&scenario, config).err().map(|e| (seed, e.message))
-    });
-    let (seed, failure) = caught.expect("bug not caught");
+    let (seed, failure) =
+        first_agent_failure("backoff_storm.toml", AgentBug::IgnoreMaxRetries).expect("bug not caught");
     assert!(failure.contains("P8 restart_policies_are_respected"), "seed {seed}: {failure}");
 }
 
 #[test]
 fn an_agent_that_caches_grants_per_run_is_caught_by_the_always_on_monitor() {
-    let scenario =
-        Scenario::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/revoke_during_kv_use.toml")).unwrap();
-    let caught = (1..=100).find_map(|seed| {
-        let mut config = ClusterConfig::new(seed, scenario.agents);
-        config.agent_bug = Some(factum_node_agent::AgentBug::StaleGrants);
-        scenario::run_with(&scenario, config).err().map(|e| (seed, e.message))
-    });
-    let (seed, failure) = caught.expect("bug not caught");
+    let (seed, failure) =
+        first_agent_failure("revoke_during_kv_use.toml", AgentBug::StaleGrants).expect("bug not caught");
     assert!(failure.contains("P4 calls_were_granted"), "seed {seed}: {failure}");
 }
 
