@@ -7,6 +7,7 @@
 
 pub mod buggify;
 pub mod invariants;
+pub mod ledger;
 pub mod monitor;
 pub mod scenario;
 pub mod sometimes;

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use factum_proto::{InstanceFacts, PolicyType};
 
 use crate::invariants::{single_placement, View};
+use crate::ledger::GrantLedger;
 
 /// Exit code of the statelessness probe (`guests/fixtures/remember.wat`) when memory survived a restart.
 const MEMORY_SURVIVED: &str = "exited with code 7";
@@ -33,15 +34,12 @@ pub const ALWAYS_ON: [(&str, Check); 8] = [
     ("P19 capabilities_are_scoped_to_their_instance", |_, view| capabilities_are_scoped_to_their_instance(view)),
 ];
 
-/// (node, instance id, capability id): one grant as an agent enforces it.
-type GrantKey = (String, String, String);
-
-/// Runs [`ALWAYS_ON`] over successive views, and [`calls_were_granted`] and [`statuses_come_from_agents`]
-/// over the trace between them.
+/// Runs [`ALWAYS_ON`] over successive views, the grant ledger (P4) and [`statuses_come_from_agents`] over
+/// the trace between them.
 #[derive(Default)]
 pub struct Monitor {
     previous: BTreeMap<Key, InstanceFacts>,
-    previous_grants: BTreeSet<GrantKey>,
+    grants: GrantLedger,
     /// (node, instance, status) of every status an agent traced so far.
     reported: BTreeSet<(String, String, String)>,
 }
@@ -53,10 +51,9 @@ impl Monitor {
         for (name, check) in ALWAYS_ON {
             check(&self.previous, view).map_err(|e| format!("always-on {name}: {e}"))?;
         }
-        let grants = grants(view);
-        calls_were_granted(&self.previous_grants, &grants, fresh_trace)
-            .map_err(|e| format!("always-on P4 calls_were_granted: {e}"))?;
-        self.previous_grants = grants;
+        for line in fresh_trace {
+            self.grants.apply(line).map_err(|e| format!("always-on P4 calls_were_granted: {e}"))?;
+        }
         self.reported.extend(fresh_trace.iter().filter_map(|line| {
             let words: Vec<&str> = line.split_whitespace().collect();
             let [_, node, "status", instance, status, ..] = words.as_slice() else { return None };
@@ -73,38 +70,6 @@ impl Monitor {
             .collect();
         Ok(())
     }
-}
-
-fn grants(view: &View) -> BTreeSet<GrantKey> {
-    view.agents
-        .iter()
-        .flat_map(|(node, facts)| {
-            facts.iter().flat_map(move |f| {
-                f.capabilities
-                    .iter()
-                    .map(move |a| (node.clone(), f.metadata.instance_id.clone(), a.capability_id.clone()))
-            })
-        })
-        .collect()
-}
-
-/// Property 4: every capability call that succeeded between two samples was made on a capability its agent
-/// enforced for the instance at one of them (agents trace each call as `call <instance> <capability> ok`).
-/// A run that kept using a revoked grant succeeds where no sample shows the grant, and is caught.
-pub fn calls_were_granted(
-    before: &BTreeSet<GrantKey>,
-    now: &BTreeSet<GrantKey>,
-    trace: &[String],
-) -> Result<(), String> {
-    for line in trace {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let [_, node, "call", instance, capability, "ok"] = words.as_slice() else { continue };
-        let key = (node.to_string(), instance.to_string(), capability.to_string());
-        if !before.contains(&key) && !now.contains(&key) {
-            return Err(format!("{instance} on {node} called {capability} successfully without holding it: {line}"));
-        }
-    }
-    Ok(())
 }
 
 /// Property 9 (with 14): when the control plane says an instance is `running` on a node, that node's agent

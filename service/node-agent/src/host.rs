@@ -9,7 +9,19 @@ use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorCode, ErrorRes
 use factum_wasm::GuestHost;
 use futures::future::BoxFuture;
 
+use crate::trace_events::{AUTH, CALL, DELIVER};
 use crate::Inner;
+
+/// What a call's permission depends on beyond its operation, for the `auth` trace event: the topic of a
+/// messaging call, `-` otherwise (KV needs only the operation; HTTP hosts are checked per hop by the provider).
+fn call_target(operation: &str, params: &[u8]) -> String {
+    match factum_proto::MsgOperation::decode(operation, params) {
+        Ok(factum_proto::MsgOperation::Publish { topic, .. } | factum_proto::MsgOperation::Subscribe { topic }) => {
+            topic
+        }
+        _ => "-".to_string(),
+    }
+}
 
 /// Longest guest output line kept in the log.
 const MAX_LOGGED_OUTPUT: usize = 4096;
@@ -78,12 +90,24 @@ impl GuestHost for InstanceHost {
                     ErrorResponse::new(ErrorCode::ProviderUnavailable, "provider unavailable (injected fault)");
                 return CapabilityResponse::err(&outage).encode();
             }
+            let call = agent.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // Look the assignment up now, not at start: a revoke takes effect on the very next call (P4).
-            let grant = stale.or_else(|| {
-                agent.lock().get(&instance_id).and_then(|i| {
-                    i.capabilities.get(&capability_id).map(|g| (g.assignment.provider_type, g.permissions.clone()))
-                })
-            });
+            let grant = {
+                let instances = agent.lock();
+                let grant = stale.or_else(|| {
+                    instances.get(&instance_id).and_then(|i| {
+                        i.capabilities.get(&capability_id).map(|g| (g.assignment.provider_type, g.permissions.clone()))
+                    })
+                });
+                // Traced under the lock, so the simulator orders it exactly against grants and revokes.
+                if grant.is_some() {
+                    agent.env.trace(|| {
+                        let target = call_target(&operation, &params);
+                        format!("{AUTH} {call} {instance_id} {capability_id} {operation} {target}")
+                    });
+                }
+                grant
+            };
             let Some((provider_type, granted)) = grant else {
                 return denied(
                     &instance_id,
@@ -104,10 +128,10 @@ impl GuestHost for InstanceHost {
                     format!("no {provider_type} provider runs on node {}", agent.config.node_id),
                 )),
             };
-            // The simulator checks every successful call against the grants it sees (P4).
+            // The simulator checks every successful call against the grant in force at its `auth` (P4).
             agent.env.trace(|| {
                 let outcome = response.error_code().map_or("ok".to_string(), |code| code.to_string());
-                format!("call {instance_id} {capability_id} {outcome}")
+                format!("{CALL} {call} {instance_id} {capability_id} {outcome}")
             });
             if response.error_code() == Some(ErrorCode::PermissionDenied) {
                 let why = response.error.as_ref().map(|e| e.message.clone()).unwrap_or_default();
@@ -158,6 +182,9 @@ impl GuestHost for InstanceHost {
                         let topic = Permission::MsgSubscribe(delivery.topic.clone());
                         let grant = local.capabilities.get(&delivery.capability_id);
                         if grant.is_some_and(|grant| allows(&grant.permissions, &topic)) {
+                            agent.env.trace(|| {
+                                format!("{DELIVER} {instance_id} {} {}", delivery.capability_id, delivery.topic)
+                            });
                             let envelope = MessageEnvelope {
                                 capability_id: delivery.capability_id.clone(),
                                 topic: delivery.topic.clone(),

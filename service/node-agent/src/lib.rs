@@ -10,6 +10,7 @@ mod link;
 mod mailbox;
 mod registry_link;
 mod server;
+pub mod trace_events;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -128,6 +129,12 @@ impl Grant {
         let permissions = assignment.parsed_permissions()?.into();
         Ok(Grant { assignment, permissions })
     }
+
+    /// `capability=perm,perm` for the trace (see [`trace_events`]).
+    fn describe(&self) -> String {
+        let perms: Vec<String> = self.permissions.iter().map(ToString::to_string).collect();
+        format!("{}={}", self.assignment.capability_id, perms.join(","))
+    }
 }
 
 /// One instance as the agent holds it.
@@ -174,6 +181,8 @@ pub(crate) struct Inner {
     fenced: std::sync::atomic::AtomicBool,
     /// The registry lease this node holds (0: none yet, or no registry).
     lease: std::sync::atomic::AtomicI64,
+    /// Numbers capability calls in the trace, pairing each authorization with its outcome.
+    calls: std::sync::atomic::AtomicU64,
 }
 
 /// A node agent. Cheap to clone; clones share state.
@@ -222,8 +231,10 @@ impl Agent {
             reports: tx,
             fenced: std::sync::atomic::AtomicBool::new(false),
             lease: std::sync::atomic::AtomicI64::new(0),
+            calls: std::sync::atomic::AtomicU64::new(0),
         };
         let inner = Arc::new(inner);
+        inner.env.trace(|| trace_events::BOOT.to_string());
         if let Some(messaging) = &inner.providers.messaging {
             let agent = Arc::downgrade(&inner);
             messaging.connect(Arc::new(move |delivery| {
@@ -261,7 +272,7 @@ impl Agent {
                 instances.get(&req.instance_id).is_some_and(|i| i.epoch < req.epoch && i.metadata.status.is_terminal());
             if superseded {
                 // An ended run of an older placement; the control plane placed the instance here anew.
-                instances.remove(&req.instance_id);
+                inner.forget(&mut instances, &req.instance_id);
             }
             if let Some(existing) = instances.get_mut(&req.instance_id) {
                 return if existing.metadata.module_hash == hash {
@@ -329,6 +340,10 @@ impl Agent {
                 abort: None,
                 mailbox: mailbox::Mailbox::default(),
             };
+            inner.env.trace(|| {
+                let grants: Vec<String> = local.capabilities.values().map(Grant::describe).collect();
+                format!("{} {} {}", trace_events::GRANTS, req.instance_id, grants.join(" ")).trim_end().to_string()
+            });
             instances.insert(req.instance_id.clone(), local);
             inner.set_status(&mut instances, &req.instance_id, InstanceStatus::Starting, None);
         }
@@ -341,7 +356,7 @@ impl Agent {
                 // Nothing ran: forget the instance so the id can be used again, but report the fact first.
                 let mut instances = inner.lock();
                 inner.set_status(&mut instances, &req.instance_id, InstanceStatus::Crashed, Some(e.message.clone()));
-                instances.remove(&req.instance_id);
+                inner.forget(&mut instances, &req.instance_id);
                 Err(e)
             }
         }
@@ -438,6 +453,7 @@ impl Agent {
             .ok_or_else(|| ErrorResponse::instance_not_found(&assignment.instance_id))?;
         tracing::info!(instance_id = %assignment.instance_id, capability = %assignment.capability_id,
             permissions = ?assignment.permissions, "capability granted");
+        self.inner.env.trace(|| format!("{} {} {}", trace_events::GRANT, assignment.instance_id, grant.describe()));
         local.capabilities.insert(assignment.capability_id.clone(), grant);
         local.seq += 1;
         Ok(local.facts())
@@ -452,6 +468,7 @@ impl Agent {
                 .with_detail("capability_id", capability_id)
         })?;
         tracing::info!(instance_id, capability = capability_id, "capability revoked");
+        self.inner.env.trace(|| format!("{} {instance_id} {capability_id}", trace_events::REVOKE));
         if let Some(messaging) = &self.inner.providers.messaging {
             if messaging.release(instance_id, Some(capability_id)) > 0 {
                 local.mailbox.poke(); // a run serving messages may have nothing left to wait for
@@ -506,7 +523,7 @@ impl Agent {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &fenced {
-            if let Some(mut local) = instances.remove(id) {
+            if let Some(mut local) = self.inner.forget(&mut instances, id) {
                 if let Some(abort) = local.abort.take() {
                     abort.abort();
                 }
@@ -570,6 +587,13 @@ impl Inner {
             messaging.release(instance_id, None);
         }
         local.mailbox.close(instance_id, why);
+    }
+
+    /// Removes an instance and everything it held, traced so the simulator's grant ledger forgets it too.
+    fn forget(&self, instances: &mut BTreeMap<String, LocalInstance>, instance_id: &str) -> Option<LocalInstance> {
+        let local = instances.remove(instance_id)?;
+        self.env.trace(|| format!("{} {instance_id}", trace_events::FORGET));
+        Some(local)
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, LocalInstance>> {

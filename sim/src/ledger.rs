@@ -1,0 +1,190 @@
+//! The monitor's own ledger of grants, kept from the agents' trace events (`factum_node_agent::trace_events`),
+//! and the Property 4 oracle over it: every capability call that succeeded, and every message delivered, was
+//! allowed by the grant in force at the instant the agent let it through.
+//!
+//! The oracle is written apart from the product's permission code on purpose (its own topic matcher, its own
+//! operation → permission table): a change to the product's rules must disagree with it, not follow it.
+
+use std::collections::BTreeMap;
+
+use factum_node_agent::trace_events::{AUTH, BOOT, CALL, DELIVER, FORGET, GRANT, GRANTS, REVOKE};
+
+/// (node, instance) → capability → permission strings, as the agent applied them.
+type Held = BTreeMap<(String, String), BTreeMap<String, Vec<String>>>;
+
+/// Grants in force on every node, and the verdict on every call let through and not yet finished.
+#[derive(Debug, Default)]
+pub struct GrantLedger {
+    held: Held,
+    /// (node, call number) → why the call was not allowed when it was let through, if it was not.
+    pending: BTreeMap<(String, String), Option<String>>,
+}
+
+impl GrantLedger {
+    /// Applies one trace line; an error names a call that succeeded, or a message delivered, without the
+    /// grant that allows it. Lines that are not agent capability events are ignored.
+    pub fn apply(&mut self, line: &str) -> Result<(), String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some((node, event)) = words.get(1).zip(words.get(2)) else { return Ok(()) };
+        let node = node.to_string();
+        let args = words.get(3..).unwrap_or_default();
+        match (*event, args) {
+            (BOOT, []) => self.held.retain(|(n, _), _| *n != node),
+            (GRANTS, [instance, grants @ ..]) => {
+                let set = grants.iter().filter_map(|g| parse_grant(g)).collect();
+                self.held.insert((node, instance.to_string()), set);
+            }
+            (GRANT, [instance, grant]) => {
+                if let Some((cap, perms)) = parse_grant(grant) {
+                    self.held.entry((node, instance.to_string())).or_default().insert(cap, perms);
+                }
+            }
+            (REVOKE, [instance, cap]) => {
+                if let Some(caps) = self.held.get_mut(&(node, instance.to_string())) {
+                    caps.remove(*cap);
+                }
+            }
+            (FORGET, [instance]) => {
+                self.held.remove(&(node, instance.to_string()));
+            }
+            (AUTH, [call, instance, cap, operation, target]) => {
+                let verdict = self.allowed(&node, instance, cap, operation, target).err();
+                self.pending.insert((node, call.to_string()), verdict);
+            }
+            (CALL, [call, instance, cap, outcome]) => {
+                let verdict = self.pending.remove(&(node.clone(), call.to_string()));
+                if *outcome == "ok" {
+                    match verdict {
+                        Some(None) => {}
+                        Some(Some(why)) => {
+                            return Err(format!("{instance} on {node} called {cap} successfully but {why}: {line}"))
+                        }
+                        None => {
+                            return Err(format!("{instance} on {node} called {cap} successfully unchecked: {line}"))
+                        }
+                    }
+                }
+            }
+            (DELIVER, [instance, cap, topic]) => {
+                self.allowed(&node, instance, cap, "deliver", topic)
+                    .map_err(|why| format!("{instance} on {node} was handed a message on {topic} but {why}"))?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Whether the ledger lets `instance` on `node` do `operation` on `target` through `cap` now.
+    fn allowed(&self, node: &str, instance: &str, cap: &str, operation: &str, target: &str) -> Result<(), String> {
+        let perms = self
+            .held
+            .get(&(node.to_string(), instance.to_string()))
+            .and_then(|caps| caps.get(cap))
+            .ok_or_else(|| format!("it held no {cap} then"))?;
+        let has = |p: &str| perms.iter().any(|g| g == p);
+        let pattern_of = |kind: &str| {
+            let prefix = format!("msg:{kind}:");
+            perms.iter().filter_map(move |g| g.strip_prefix(&prefix).map(str::to_string)).collect::<Vec<_>>()
+        };
+        let ok = match operation {
+            "get" | "list" => has("kv:read"),
+            "set" => has("kv:write"),
+            "delete" => has("kv:delete"),
+            "request" => has("http:request"),
+            "publish" => pattern_of("publish").iter().any(|p| covers(p, target)),
+            "subscribe" => pattern_of("subscribe").iter().any(|p| covers(p, target)),
+            "deliver" => pattern_of("subscribe").iter().any(|p| covers(p, target)),
+            "unsubscribe" => true,
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("its {cap} grant [{}] does not allow {operation} {target}", perms.join(",")))
+        }
+    }
+}
+
+/// `cap=perm,perm` (no permissions: `cap=`).
+fn parse_grant(word: &str) -> Option<(String, Vec<String>)> {
+    let (cap, perms) = word.split_once('=')?;
+    Some((cap.to_string(), perms.split(',').filter(|p| !p.is_empty()).map(str::to_string).collect()))
+}
+
+/// Whether NATS-style `pattern` matches everything `requested` (a topic or a pattern) can: `*` is one token
+/// of anything but `>`, a final `>` one or more tokens.
+fn covers(pattern: &str, requested: &str) -> bool {
+    let p: Vec<&str> = pattern.split('.').collect();
+    let r: Vec<&str> = requested.split('.').collect();
+    for (i, token) in p.iter().enumerate() {
+        let Some(other) = r.get(i) else { return false };
+        match *token {
+            ">" => return i + 1 == p.len(),
+            "*" if *other != ">" => {}
+            literal if literal == *other && literal != "*" => {}
+            _ => return false,
+        }
+    }
+    p.len() == r.len()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn run(lines: &[&str]) -> Result<(), String> {
+        let mut ledger = GrantLedger::default();
+        lines.iter().try_for_each(|l| ledger.apply(&format!("  1.000s {l}")))
+    }
+
+    #[test]
+    fn a_call_under_its_grant_passes_even_if_revoked_before_it_finishes() {
+        run(&["n grants i kv=kv:read,kv:write", "n auth 0 i kv set -", "n revoke i kv", "n call 0 i kv ok"]).unwrap();
+    }
+
+    #[test]
+    fn a_call_let_through_after_a_revoke_is_caught() {
+        let e = run(&["n grants i kv=kv:write", "n revoke i kv", "n auth 0 i kv set -", "n call 0 i kv ok"]);
+        assert!(e.unwrap_err().contains("held no kv"));
+    }
+
+    #[test]
+    fn the_operation_needs_its_own_permission() {
+        let e = run(&["n grants i kv=kv:read", "n auth 3 i kv set -", "n call 3 i kv ok"]).unwrap_err();
+        assert!(e.contains("does not allow set"), "{e}");
+        run(&["n grants i kv=kv:read", "n auth 3 i kv set -", "n call 3 i kv PERMISSION_DENIED"]).unwrap();
+    }
+
+    #[test]
+    fn a_reboot_or_a_forget_drops_everything_held() {
+        let after_boot = run(&["n grants i kv=kv:read", "n boot", "n auth 0 i kv get -", "n call 0 i kv ok"]);
+        assert!(after_boot.is_err());
+        let after_forget = run(&["n grants i kv=kv:read", "n forget i", "n auth 0 i kv get -", "n call 0 i kv ok"]);
+        assert!(after_forget.is_err());
+        // Another node's reboot changes nothing here.
+        run(&["n grants i kv=kv:read", "m boot", "n auth 0 i kv get -", "n call 0 i kv ok"]).unwrap();
+    }
+
+    #[test]
+    fn a_success_with_no_authorization_is_caught() {
+        assert!(run(&["n grants i kv=kv:read", "n call 9 i kv ok"]).is_err());
+    }
+
+    #[test]
+    fn topics_follow_nats_rules() {
+        assert!(covers("orders.>", "orders.eu.1"));
+        assert!(covers("orders.>", "orders.*.eu"));
+        assert!(!covers("orders.>", "orders"));
+        assert!(covers("orders.*", "orders.eu"));
+        assert!(!covers("orders.*", "orders.>"));
+        assert!(!covers("orders.*", "orders.eu.1"));
+        assert!(covers("a.b", "a.b"));
+        assert!(!covers("a.b", "a.*"));
+        let e = run(&["n grants i m=msg:publish:a.*", "n auth 0 i m publish b.c", "n call 0 i m ok"]);
+        assert!(e.is_err());
+        let e = run(&["n grants i m=msg:subscribe:a.*", "n deliver i m a.b.c"]);
+        assert!(e.is_err());
+        run(&["n grants i m=msg:subscribe:a.>", "n deliver i m a.b.c"]).unwrap();
+    }
+}
