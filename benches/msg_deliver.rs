@@ -54,6 +54,7 @@ async fn through_guest(name: &str, engine: Arc<dyn WasmEngine>, n: usize) {
         restart_policy: RestartPolicy::default(),
         epoch: 1,
         node_lease: None,
+        restarts: 0,
     };
     agent.start_instance(request).await.expect("start");
     while messaging.subscriptions_of("bench").is_empty() {

@@ -54,6 +54,7 @@ async fn agent_local(name: &str, engine: Arc<dyn WasmEngine>) {
             restart_policy: RestartPolicy::default(),
             epoch: 1,
             node_lease: None,
+            restarts: 0,
         };
         let t = Instant::now();
         agent.start_instance(req).await.expect("start");

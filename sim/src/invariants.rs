@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use factum_proto::{CapabilityAssignment, InstanceFacts, InstanceMetadata, InstanceStatus, NodeInfo, PolicyType};
+use factum_proto::{
+    CapabilityAssignment, InstanceFacts, InstanceMetadata, InstanceStatus, NodeInfo, PolicyType, RestartPolicy,
+};
 
 /// What the control plane says.
 #[derive(Debug, Clone)]
@@ -15,7 +17,7 @@ pub struct ControlPlaneView {
     /// Nodes.
     pub nodes: Vec<NodeInfo>,
     /// Restart policy of every listed instance.
-    pub policies: BTreeMap<String, PolicyType>,
+    pub policies: BTreeMap<String, RestartPolicy>,
 }
 
 /// The cluster at one moment: the control plane's view (if it is up) and the truth of every running agent.
@@ -23,43 +25,49 @@ pub struct ControlPlaneView {
 pub struct View {
     /// `None` while the control plane is down.
     pub control_plane: Option<ControlPlaneView>,
+    /// Which start of the control plane this is (1 for the first); it changes on every restart.
+    pub control_plane_incarnation: u64,
     /// Facts of every running agent, by node.
     pub agents: BTreeMap<String, Vec<InstanceFacts>>,
     /// Every key of the simulated registry, when the cluster runs one and it is up.
     pub registry_keys: Option<Vec<String>>,
 }
 
+/// A named check: the view, and the argument after `name:` (empty without one).
+type NamedCheck = fn(&View, &str) -> Result<(), String>;
+
+/// Every check a scenario can name: (name, argument it takes, check). The one list [`check`] dispatches on
+/// and error messages print, so they cannot drift apart.
+pub const CHECKS: [(&str, &str, NamedCheck); 11] = [
+    ("single_placement", "", |v, _| single_placement(v)),
+    ("facts_match_agents", "", |v, _| facts_match_agents(v)),
+    ("registry_matches_agents", "", |v, _| registry_matches_agents(v)),
+    ("all_running", "", |v, _| all_running(v)),
+    ("no_unknown", "", |v, _| no_unknown(v)),
+    ("node_unknown", "<node>", node_unknown),
+    ("none_running", "", |v, _| none_running(v)),
+    ("restarts", "<n>", restarts),
+    ("registry_only_membership", "", |v, _| registry_only_membership(v)),
+    ("always_running", "", |v, _| always_running(v)),
+    ("dead_nodes_unknown", "", |v, _| dead_nodes_unknown(v)),
+];
+
 /// Runs the check named `spec` (`name` or `name:argument`) on `view`.
 pub fn check(spec: &str, view: &View) -> Result<(), String> {
     let (name, arg) = spec.split_once(':').unwrap_or((spec, ""));
-    match name {
-        "single_placement" => single_placement(view),
-        "facts_match_agents" => facts_match_agents(view),
-        "registry_matches_agents" => registry_matches_agents(view),
-        "all_running" => all_running(view),
-        "no_unknown" => no_unknown(view),
-        "node_unknown" => node_unknown(view, arg),
-        "none_running" => none_running(view),
-        "restarts" => restarts(view, arg),
-        "registry_only_membership" => registry_only_membership(view),
-        "always_running" => always_running(view),
-        "dead_nodes_unknown" => dead_nodes_unknown(view),
-        _ => Err(format!("unknown check {spec:?}")),
+    match CHECKS.iter().find(|(n, ..)| *n == name) {
+        Some((_, _, check)) => check(view, arg),
+        None => Err(format!("unknown check {spec:?}")),
     }
 }
 
-/// Every check name [`check`] understands.
-pub const CHECKS: [&str; 9] = [
-    "dead_nodes_unknown",
-    "always_running",
-    "registry_only_membership",
-    "single_placement",
-    "facts_match_agents",
-    "registry_matches_agents",
-    "all_running",
-    "no_unknown",
-    "node_unknown:<node>",
-];
+/// Every check name, as a scenario writes it (`node_unknown:<node>`).
+pub fn check_names() -> Vec<String> {
+    CHECKS
+        .iter()
+        .map(|(name, arg, _)| if arg.is_empty() { name.to_string() } else { format!("{name}:{arg}") })
+        .collect()
+}
 
 /// Property 11: the registry holds node entries and provider metadata only: no key names an instance, and
 /// nothing lives outside `nodes/` and `providers/`.
@@ -157,11 +165,18 @@ pub fn all_running(view: &View) -> Result<(), String> {
     }
 }
 
-/// Property 12, liveness: every instance with restart policy `always` is running on a live node, including
-/// those whose node died (they must have been rescheduled).
+/// Property 12, liveness: every instance with restart policy `always` whose retries are not spent, and that
+/// nobody stopped, is running on a live node, including those whose node died (they must have been
+/// rescheduled, and a reschedule that did not take must have been retried).
 pub fn always_running(view: &View) -> Result<(), String> {
     let cp = cp(view)?;
-    let always = cp.instances.iter().filter(|m| cp.policies.get(&m.instance_id) == Some(&PolicyType::Always));
+    let always = cp.instances.iter().filter(|m| {
+        cp.policies.get(&m.instance_id).is_some_and(|p| {
+            p.policy_type == PolicyType::Always
+                && p.should_restart(true, m.restarts)
+                && m.status != InstanceStatus::Stopped
+        })
+    });
     for m in always {
         let live = view.agents.get(&m.node_id).is_some_and(|facts| {
             facts

@@ -6,6 +6,7 @@
 //! the same commit gives the same hash.
 
 pub mod buggify;
+pub mod convergence;
 pub mod invariants;
 pub mod ledger;
 pub mod monitor;
@@ -126,12 +127,17 @@ pub fn agent_name(i: usize) -> String {
 #[derive(Default)]
 pub struct Observed {
     control_plane: Mutex<Option<ControlPlane>>,
+    /// Bumped each time a control plane starts, so checks can tell a restart even between two samples.
+    control_plane_incarnation: AtomicU64,
     agents: Mutex<BTreeMap<String, Agent>>,
     registry: Mutex<Option<Arc<MemoryRegistry>>>,
 }
 
 impl Observed {
     fn set_control_plane(&self, cp: Option<ControlPlane>) {
+        if cp.is_some() {
+            self.control_plane_incarnation.fetch_add(1, Ordering::SeqCst);
+        }
         *self.control_plane.lock().unwrap_or_else(|p| p.into_inner()) = cp;
     }
 
@@ -159,6 +165,7 @@ impl Observed {
         let cp = self.control_plane.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         invariants::View {
+            control_plane_incarnation: self.control_plane_incarnation.load(Ordering::SeqCst),
             control_plane: cp.map(|cp| invariants::ControlPlaneView {
                 capabilities: cp
                     .list_instances()
@@ -169,7 +176,7 @@ impl Observed {
                     .list_instances()
                     .iter()
                     .filter_map(|m| cp.query_instance(&m.instance_id).ok())
-                    .map(|d| (d.metadata.instance_id, d.restart_policy.policy_type))
+                    .map(|d| (d.metadata.instance_id, d.restart_policy))
                     .collect(),
                 instances: cp.list_instances(),
                 nodes: cp.list_nodes(),
@@ -228,7 +235,8 @@ pub fn build_observed_cluster(
     sim.host(CONTROL_PLANE, move || {
         let incarnation = cp_incarnations.fetch_add(1, Ordering::SeqCst);
         let env = with_faults(
-            Env::turmoil(seed ^ 0xc0 ^ (incarnation << 32), cp_wall).with_trace(CONTROL_PLANE, cp_trace.clone()),
+            Env::turmoil(seed ^ 0xc0 ^ (incarnation << 32), restarted(cp_wall))
+                .with_trace(CONTROL_PLANE, cp_trace.clone()),
             &cp_faults,
         );
         let cp_config = cp_config.clone();
@@ -258,7 +266,7 @@ pub fn build_observed_cluster(
         sim.host(name.clone(), move || {
             let incarnation = agent_incarnations.fetch_add(1, Ordering::SeqCst);
             let env = with_faults(
-                Env::turmoil(seed ^ ((i as u64) << 8) ^ (incarnation << 32), wall)
+                Env::turmoil(seed ^ ((i as u64) << 8) ^ (incarnation << 32), restarted(wall))
                     .with_trace(name.clone(), agent_trace.clone()),
                 &agent_faults,
             );
@@ -286,6 +294,12 @@ pub fn build_observed_cluster(
         });
     }
     sim
+}
+
+/// The wall-clock origin of a host (re)started now: a restarted process reads the machine's clock, which went
+/// on while it was down (a host's env clock counts from the host's start).
+fn restarted(origin: SystemTime) -> SystemTime {
+    origin + turmoil::sim_elapsed().unwrap_or_default()
 }
 
 fn remote_registry(env: &Env) -> Arc<dyn factum_registry::Registry> {

@@ -42,6 +42,8 @@ pub struct Monitor {
     grants: GrantLedger,
     /// (node, instance, status) of every status an agent traced so far.
     reported: BTreeSet<(String, String, String)>,
+    /// Instances this incarnation of the control plane has listed as running, and which incarnation.
+    confirmed: (u64, BTreeSet<String>),
 }
 
 impl Monitor {
@@ -61,6 +63,8 @@ impl Monitor {
         }));
         statuses_come_from_agents(&self.reported, view)
             .map_err(|e| format!("always-on P9 statuses_come_from_agents: {e}"))?;
+        confirmed_instances_stay_listed(&mut self.confirmed, view)
+            .map_err(|e| format!("always-on P13 confirmed_instances_stay_listed: {e}"))?;
         self.previous = view
             .agents
             .iter()
@@ -90,6 +94,23 @@ pub fn statuses_come_from_agents(reported: &BTreeSet<(String, String, String)>, 
             ));
         }
     }
+    Ok(())
+}
+
+/// Property 13: nothing an agent confirmed is ever lost. Once the control plane lists an instance as `running`
+/// (which, by P9, its agent reported), it lists it at every later sample until the control plane itself
+/// restarts; a restarted one starts over from what the agents then tell it. Stopped or crashed, it stays listed.
+pub fn confirmed_instances_stay_listed(confirmed: &mut (u64, BTreeSet<String>), view: &View) -> Result<(), String> {
+    let Some(cp) = &view.control_plane else { return Ok(()) };
+    if confirmed.0 != view.control_plane_incarnation {
+        *confirmed = (view.control_plane_incarnation, BTreeSet::new());
+    }
+    let listed: BTreeSet<&str> = cp.instances.iter().map(|m| m.instance_id.as_str()).collect();
+    if let Some(lost) = confirmed.1.iter().find(|id| !listed.contains(id.as_str())) {
+        return Err(format!("{lost} was listed running, and the control plane no longer lists it"));
+    }
+    let running = cp.instances.iter().filter(|m| m.status == factum_proto::InstanceStatus::Running);
+    confirmed.1.extend(running.map(|m| m.instance_id.clone()));
     Ok(())
 }
 
@@ -164,10 +185,17 @@ pub fn no_application_data_in_the_control_plane(view: &View) -> Result<(), Strin
 }
 
 /// Property 8: an instance with policy `never` is never restarted, and none is restarted more than its
-/// `max_retries`.
+/// `max_retries`, counted over the whole cluster: each placement after the first (epoch > 1) was a restart
+/// after a node loss, so the count is at least `epoch - 1`.
 pub fn restart_policies_are_respected(view: &View) -> Result<(), String> {
     for (node, facts) in &view.agents {
         for f in facts {
+            if u64::from(f.metadata.restarts) + 1 < f.epoch {
+                return Err(format!(
+                    "{} on {node} is in placement {} but counts {} restarts: a reschedule escaped max_retries",
+                    f.metadata.instance_id, f.epoch, f.metadata.restarts
+                ));
+            }
             let policy = f.restart_policy;
             let limit = match policy.policy_type {
                 PolicyType::Never => Some(0),

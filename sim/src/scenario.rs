@@ -26,8 +26,9 @@
 //! by = "15s"
 //! ```
 //!
-//! `always` checks run every 50 ms of simulated time; an `eventually` check must hold at some sample after the
-//! last step and no later than `by`.
+//! `always` checks run every 50 ms of simulated time. Once the last step is done, an `eventually` check must hold
+//! for a whole second without a break no later than `by`, and from then on never stay broken for more than two
+//! seconds (see [`crate::convergence`]).
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -39,12 +40,16 @@ use factum_proto::{CapabilityGrant, PolicyType, RestartPolicy};
 use factum_wasm::fixtures;
 use serde::{Deserialize, Serialize};
 
+use crate::convergence::Convergence;
 use crate::{build_observed_cluster, invariants, ClusterConfig, Observed, Outcome, SimClient, SimError, TraceLog};
 
 fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     humantime::parse_duration(&text).map_err(|e| serde::de::Error::custom(format!("bad duration {text:?}: {e}")))
 }
+
+/// Attempts a `must_succeed` start gets, a second apart.
+const START_ATTEMPTS: u32 = 3;
 
 /// How often checks sample the cluster, in simulated time.
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
@@ -162,6 +167,10 @@ pub struct Step {
     /// `lossy`: probability in (0, 1] that a link fails (drops what it carries) at each network step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<f64>,
+    /// `start`: the run fails if a start does not succeed within a few attempts (a healthy cluster must take
+    /// new work); by default a failed start is one of the faults' effects and is ignored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub must_succeed: bool,
 }
 
 /// What a step does.
@@ -299,11 +308,16 @@ impl Scenario {
                 return Err(format!("step at {:?} is after the end ({:?})", step.at, self.duration));
             }
         }
-        let empty = invariants::View { control_plane: None, agents: Default::default(), registry_keys: None };
+        let empty = invariants::View {
+            control_plane: None,
+            control_plane_incarnation: 0,
+            agents: Default::default(),
+            registry_keys: None,
+        };
         for check in self.always.iter().map(|a| &a.check).chain(self.eventually.iter().map(|e| &e.check)) {
             if let Err(e) = invariants::check(check, &empty) {
                 if e.starts_with("unknown check") {
-                    return Err(format!("{e}; known: {:?}", invariants::CHECKS));
+                    return Err(format!("{e}; known: {}", invariants::check_names().join(", ")));
                 }
             }
         }
@@ -343,6 +357,7 @@ impl Scenario {
             a: None,
             b: None,
             rate: None,
+            must_succeed: false,
         };
         let mut steps = Vec::new();
         let events = 4 + pick(8);
@@ -411,6 +426,12 @@ impl Scenario {
             s.node = Some(host.clone());
             steps.push(s);
         }
+        // Liveness: once healed, the cluster takes new work.
+        let mut probe = blank(duration.saturating_sub(Duration::from_secs(8)).max(chaos_end), Action::Start);
+        probe.instances = Some(1);
+        probe.policy = Some("always".into());
+        probe.must_succeed = true;
+        steps.push(probe);
         let by = duration.saturating_sub(Duration::from_secs(1));
         Scenario {
             name: format!("swarm {seed}"),
@@ -424,6 +445,7 @@ impl Scenario {
             eventually: vec![
                 Eventually { check: "facts_match_agents".into(), by },
                 Eventually { check: "registry_matches_agents".into(), by },
+                Eventually { check: "always_running".into(), by },
             ],
             buggify: true,
             max_latency: None,
@@ -442,11 +464,12 @@ impl Scenario {
     /// [`Scenario::shrink`] under a cluster configuration of the caller's (e.g. with an injected bug).
     pub fn shrink_with(&self, config: &dyn Fn() -> ClusterConfig) -> Scenario {
         let mut current = self.clone();
-        let settle_from = current.last_step_at().saturating_sub(Duration::from_millis(100));
+        // The settle steps (heal, recover, the liveness probe) stay: without them a run fails for want of them.
+        let settles = |s: &Step| matches!(s.action, Action::Heal | Action::Recover) || s.must_succeed;
         loop {
             let mut shrunk = false;
             for i in 0..current.steps.len() {
-                if current.steps.get(i).is_none_or(|s| s.at >= settle_from) {
+                if current.steps.get(i).is_none_or(settles) {
                     continue;
                 }
                 let mut candidate = current.clone();
@@ -469,7 +492,12 @@ impl Scenario {
 }
 
 /// Runs the API steps of a scenario as a turmoil client.
-async fn drive_api(steps: Vec<Step>, seed: u64, duration: Duration) -> Result<(), SimError> {
+async fn drive_api(
+    steps: Vec<Step>,
+    seed: u64,
+    duration: Duration,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), SimError> {
     let mut client = SimClient::connect(seed).await?;
     // One time base for the whole script, kept across reconnections (a new client has a new clock).
     let clock = client.env.clock.clone();
@@ -502,10 +530,26 @@ async fn drive_api(steps: Vec<Step>, seed: u64, duration: Duration) -> Result<()
                         client = SimClient::connect(seed).await?;
                     }
                     let id = format!("s{index}-{k}");
-                    // Faults make some starts fail; what matters is that the facts stay true.
-                    match client.start_with(&id, wat, policy, caps.clone()).await {
-                        Ok(_) => started.push(id),
-                        Err(e) => tracing::debug!(%id, error = %e, "start failed"),
+                    // Faults make some starts fail; what matters is that the facts stay true. A start that must
+                    // succeed gets a few attempts (a start is idempotent by id), as a careful client would make.
+                    let attempts = if step.must_succeed { START_ATTEMPTS } else { 1 };
+                    for attempt in 1..=attempts {
+                        match client.start_with(&id, wat, policy, caps.clone()).await {
+                            Ok(_) => {
+                                started.push(id.clone());
+                                break;
+                            }
+                            Err(e) if attempt == attempts && step.must_succeed => {
+                                return Err(
+                                    format!("start of {id} failed {attempts} times in a healthy cluster: {e}").into()
+                                );
+                            }
+                            Err(e) => tracing::debug!(%id, error = %e, "start failed"),
+                        }
+                        client.sleep(Duration::from_secs(1)).await;
+                        if client.is_broken() {
+                            client = SimClient::connect(seed).await?;
+                        }
                     }
                 }
             }
@@ -542,6 +586,7 @@ async fn drive_api(steps: Vec<Step>, seed: u64, duration: Duration) -> Result<()
             _ => {}
         }
     }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
     let elapsed = clock.now().saturating_sub(start);
     clock.sleep(duration.saturating_sub(elapsed)).await;
     Ok(())
@@ -589,14 +634,15 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     let mut faults: Vec<Step> = sorted(scenario.steps.iter().filter(|s| s.action.is_fault()).cloned().collect());
     faults.reverse(); // pop() takes the earliest
     let duration = scenario.duration;
-    sim.client("client", drive_api(api_steps, seed, duration));
+    let api_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    sim.client("client", drive_api(api_steps, seed, duration, api_done.clone()));
 
     let fail = |at: Duration, what: String| Failure {
         message: format!("{} (seed {seed}) at {:.3}s: {what}", scenario.name, at.as_secs_f64()),
         timeline: trace.lines(),
     };
     let settle_from = scenario.last_step_at();
-    let mut satisfied = vec![false; scenario.eventually.len()];
+    let mut convergence = vec![Convergence::default(); scenario.eventually.len()];
     let mut network = Network::default();
     let mut monitor = crate::monitor::Monitor::default();
     let mut traced = 0;
@@ -620,18 +666,22 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
                 invariants::check(&always.check, &view)
                     .map_err(|e| fail(now, format!("always {}: {e}", always.check)))?;
             }
-            for (eventually, satisfied) in scenario.eventually.iter().zip(satisfied.iter_mut()) {
-                if !*satisfied && now >= settle_from && invariants::check(&eventually.check, &view).is_ok() {
-                    *satisfied = true;
+            // From the last step on (the API steps done too, not only their start times), every eventually
+            // check must settle and stay settled (see `convergence`).
+            if now >= settle_from && api_done.load(std::sync::atomic::Ordering::SeqCst) {
+                for (eventually, state) in scenario.eventually.iter().zip(convergence.iter_mut()) {
+                    state
+                        .sample(now, invariants::check(&eventually.check, &view))
+                        .map_err(|e| fail(now, format!("eventually {}: {e}", eventually.check)))?;
                 }
             }
         }
-        for (eventually, satisfied) in scenario.eventually.iter().zip(&satisfied) {
-            if !*satisfied && now > eventually.by {
+        for (eventually, state) in scenario.eventually.iter().zip(&convergence) {
+            if !state.settled() && now > eventually.by {
                 let why = invariants::check(&eventually.check, &observed.view()).err().unwrap_or_default();
                 return Err(fail(
                     now,
-                    format!("eventually {} by {:?} never held: {why}", eventually.check, eventually.by),
+                    format!("eventually {} by {:?} never settled: {why}", eventually.check, eventually.by),
                 ));
             }
         }

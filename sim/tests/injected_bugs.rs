@@ -10,14 +10,21 @@ use factum_sim::scenario::{self, Scenario};
 use factum_sim::ClusterConfig;
 
 /// The first seed in 1..=100 at which scenario `file` fails with a bug that `inject` puts into the cluster's
-/// configuration, with the failure.
+/// configuration, with the failure. The same seed must pass without the bug: the check fired on the bug, not
+/// on the seed.
 fn first_failure_with(file: &str, inject: impl Fn(&mut ClusterConfig)) -> Option<(u64, String)> {
     let scenario = Scenario::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(file)).unwrap();
-    (1..=100).find_map(|seed| {
+    let found = (1..=100).find_map(|seed| {
         let mut config = ClusterConfig::new(seed, scenario.agents);
         inject(&mut config);
         scenario::run_with(&scenario, config).err().map(|e| (seed, e.message))
-    })
+    });
+    if let Some((seed, _)) = &found {
+        if let Err(e) = scenario::run(&scenario, *seed) {
+            panic!("{file} seed {seed} fails without the bug too: {e}");
+        }
+    }
+    found
 }
 
 /// [`first_failure_with`] a control-plane bug.
@@ -91,4 +98,18 @@ fn swarm_finds_the_rebuild_bug_and_shrinks_it() {
     // The shrunk scenario prints as a scenario file that parses back to the same steps.
     let reparsed = Scenario::parse(&shrunk.to_toml()).unwrap();
     assert_eq!(reparsed.steps.len(), shrunk.steps.len());
+}
+
+#[test]
+fn an_agent_that_restarts_the_count_on_every_reschedule_is_caught_by_the_always_on_monitor() {
+    let (seed, failure) =
+        first_agent_failure("lease_expiry.toml", AgentBug::ForgetRestartCount).expect("bug not caught");
+    assert!(failure.contains("P8 restart_policies_are_respected"), "seed {seed}: {failure}");
+}
+
+#[test]
+fn a_control_plane_that_forgets_failed_reschedules_is_caught_by_the_always_on_monitor() {
+    let (seed, failure) =
+        first_failure("reschedule_in_doubt.toml", InjectedBug::ForgetFailedReschedules).expect("bug not caught");
+    assert!(failure.contains("P13 confirmed_instances_stay_listed"), "seed {seed}: {failure}");
 }

@@ -112,9 +112,9 @@ proptest! {
         facts in prop::collection::vec(arb_facts(), 0..4),
     ) {
         let capabilities = facts.iter().flat_map(|f| f.capabilities.clone()).collect();
-        let start = StartInstanceRequest { instance_id: "i-1".into(), module_bytes, capabilities, restart_policy: policy, epoch, node_lease: Some(3) };
+        let start = StartInstanceRequest { instance_id: "i-1".into(), module_bytes, capabilities, restart_policy: policy, epoch, node_lease: Some(3), restarts: 2 };
         prop_assert_eq!(round_trip(start.clone()), start);
-        let report = NodeReport { protocol_version: PROTOCOL_VERSION, node_id: "n".into(), agent_addr: "h:1".into(), max_instances: 9, instances: facts };
+        let report = NodeReport { protocol_version: PROTOCOL_VERSION, node_id: "n".into(), agent_addr: "h:1".into(), max_instances: 9, instances: facts, taken_at: 7 };
         prop_assert_eq!(round_trip(report.clone()), report);
     }
 }

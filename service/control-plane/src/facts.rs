@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 
 use factum_proto::{InstanceFacts, InstanceStatus, StatusReport};
 
+use crate::reschedule::{restartable, Retry};
 use crate::{InstanceRecord, State};
 
 /// Applies one instance's facts from `node_id`. Unknown instances are added with their assignments: this is
@@ -29,6 +30,10 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 record.caps_seq = facts.seq;
             }
             if newer(record.seq) {
+                // An agent holds this placement: it is placed, and no longer in doubt.
+                if record.retry.take().is_some_and(|(_, why)| why == Retry::Resend) {
+                    state.pending_starts.remove(&id);
+                }
                 record.metadata = facts.metadata;
                 record.seq = facts.seq;
                 record.lease = facts.lease;
@@ -52,6 +57,8 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 caps_seq: facts.seq,
                 epoch: facts.epoch,
                 lease: facts.lease,
+                retry: None,
+                placement_failures: 0,
             };
             state.instances.insert(id, record);
         }
@@ -81,7 +88,17 @@ pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
 /// (and whose start is not in flight) were lost with the node's previous life: a first placement no agent ever
 /// confirmed is forgotten (its start never happened, so the id is free again); anything else becomes `crashed`
 /// with the reason. A rescheduled instance whose new start failed is not forgotten: it existed before.
-pub(crate) fn merge_snapshot(state: &mut State, node_id: &str, snapshot: Vec<InstanceFacts>, learn: bool) {
+///
+/// A lost instance whose policy calls for another run is marked to be started there again, but only when the
+/// snapshot was taken (`taken_at`, on the agent's clock) after the agent accepted it: a snapshot taken just
+/// before the start landed, and delivered after its answer, says nothing about it.
+pub(crate) fn merge_snapshot(
+    state: &mut State,
+    node_id: &str,
+    snapshot: Vec<InstanceFacts>,
+    learn: bool,
+    taken_at: Option<u64>,
+) {
     let present: BTreeSet<String> = snapshot.iter().map(|f| f.metadata.instance_id.clone()).collect();
     for facts in snapshot {
         apply_facts(state, node_id, facts, true, learn);
@@ -104,6 +121,11 @@ pub(crate) fn merge_snapshot(state: &mut State, node_id: &str, snapshot: Vec<Ins
                 tracing::warn!(instance_id = %id, node = node_id, "instance lost: its node no longer runs it");
                 record.metadata.status = InstanceStatus::Crashed;
                 record.metadata.last_error = Some(format!("lost: node {node_id} no longer runs it"));
+            }
+            // Nothing runs it now; its policy may call for another run.
+            let after_accept = taken_at.is_some_and(|t| t > record.metadata.created_at);
+            if after_accept && record.retry.is_none() && restartable(record) {
+                record.retry = Some((std::time::Duration::ZERO, Retry::Restart));
             }
         }
     }

@@ -8,6 +8,7 @@
 
 mod facts;
 mod membership;
+mod reschedule;
 mod server;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -53,6 +54,9 @@ pub enum InjectedBug {
     /// A placed instance is listed `running` before its node says anything: an intention shown as a fact
     /// (breaks P9, P14).
     OptimisticRunning,
+    /// A reschedule whose start fails is handled like a first start that fails: the record is dropped, so an
+    /// instance that ran for days vanishes from the list (breaks P13; the kind of bug c11b795 fixed).
+    ForgetFailedReschedules,
 }
 
 impl Default for ControlPlaneConfig {
@@ -81,6 +85,10 @@ struct InstanceRecord {
     epoch: u64,
     /// Registry lease of the node under which this placement was made (none without a registry).
     lease: Option<i64>,
+    /// Set when a (re)scheduled placement did not take: when to try again (env clock), and how.
+    retry: Option<(Duration, reschedule::Retry)>,
+    /// Placement attempts that failed in a row, for the backoff.
+    placement_failures: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -116,6 +124,8 @@ struct Inner {
     env: Env,
     config: ControlPlaneConfig,
     state: Mutex<State>,
+    /// Set while a pass of [`ControlPlane::retry_reschedules`] runs.
+    retrying: std::sync::atomic::AtomicBool,
 }
 
 /// The control plane. Cheap to clone; clones share state.
@@ -130,7 +140,8 @@ const WASM_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
 impl ControlPlane {
     /// An empty control plane. Start [`ControlPlane::run_failure_detector`] beside it.
     pub fn new(env: Env, config: ControlPlaneConfig) -> Self {
-        ControlPlane { inner: Arc::new(Inner { env, config, state: Mutex::new(State::default()) }) }
+        let inner = Inner { env, config, state: Mutex::new(State::default()), retrying: Default::default() };
+        ControlPlane { inner: Arc::new(inner) }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -194,12 +205,15 @@ impl ControlPlane {
                 caps_seq: 0,
                 epoch: 1,
                 lease: node_lease,
+                retry: None,
+                placement_failures: 0,
             };
             state.instances.insert(instance_id.clone(), record);
             state.capabilities.insert(instance_id.clone(), capabilities.clone());
             state.pending_starts.insert(instance_id.clone());
             let client = state.nodes.get(&node_id).and_then(|n| n.client.clone());
-            if state.registry_mode {
+            // Kept to run it again should its node lose it (rescheduling, or a restarted agent).
+            if req.restart_policy.policy_type != factum_proto::PolicyType::Never {
                 state.modules.entry(module_hash.clone()).or_insert_with(|| Arc::new(req.module_bytes.clone()));
             }
             (node_id, client, node_lease)
@@ -211,6 +225,7 @@ impl ControlPlane {
             restart_policy: req.restart_policy,
             epoch: 1,
             node_lease,
+            restarts: 0,
         };
         let result = self.call_start(&node_id, client, request).await;
         let mut state = self.lock();
@@ -428,7 +443,7 @@ impl ControlPlane {
         node.max_instances = report.max_instances;
         let count = report.instances.len();
         let learn = self.inner.config.injected_bug != Some(InjectedBug::NoRebuildFromSnapshots);
-        facts::merge_snapshot(&mut state, &report.node_id, report.instances, learn);
+        facts::merge_snapshot(&mut state, &report.node_id, report.instances, learn, Some(report.taken_at));
         self.inner.env.trace(|| format!("snapshot {} instances={count}", report.node_id));
         Ok(())
     }
@@ -452,6 +467,9 @@ impl ControlPlane {
         loop {
             self.inner.env.clock.sleep(self.inner.config.check_interval).await;
             self.detect_failures();
+            if self.inner.config.reschedule {
+                self.inner.env.spawn(self.clone().retry_reschedules());
+            }
         }
     }
 

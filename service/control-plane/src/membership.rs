@@ -7,12 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use factum_env::rpc;
-use factum_proto::{
-    ErrorCode, ErrorResponse, InstanceStatus, NodeAgentClient, PolicyType, StartInstanceRequest, PROTOCOL_VERSION,
-};
+use factum_proto::{NodeAgentClient, PolicyType, PROTOCOL_VERSION};
 use factum_registry::{NodeRegistration, Registry};
 
-use crate::{facts, place, ControlPlane, NodeRecord};
+use crate::{facts, ControlPlane, NodeRecord};
 
 impl ControlPlane {
     /// Follows the registry's node list until the runtime ends. From the first call on, only nodes the registry
@@ -48,6 +46,10 @@ impl ControlPlane {
                 }
             }
             known = listed;
+            // On every membership change, and at least every `watch_wait` (the watch's timeout) otherwise.
+            if self.inner.config.reschedule {
+                self.inner.env.spawn(self.clone().retry_reschedules());
+            }
         }
     }
 
@@ -113,6 +115,7 @@ impl ControlPlane {
                 node.client = None;
             }
             facts::mark_node_unknown(&mut state, node_id);
+            crate::reschedule::release_in_doubt(&mut state, node_id);
         }
         if reschedule && self.inner.config.reschedule {
             self.inner.env.spawn(self.clone().reschedule_from(node_id.to_string(), None));
@@ -135,7 +138,7 @@ impl ControlPlane {
         let missing: Vec<String> = {
             let mut state = self.lock();
             let learn = self.inner.config.injected_bug != Some(crate::InjectedBug::NoRebuildFromSnapshots);
-            facts::merge_snapshot(&mut state, &node_id, snapshot, learn);
+            facts::merge_snapshot(&mut state, &node_id, snapshot, learn, None);
             let mut missing: Vec<String> = state
                 .instances
                 .values()
@@ -163,110 +166,4 @@ impl ControlPlane {
             }
         }
     }
-
-    /// Starts every reschedulable instance of a lost node on another node, one at a time, each under the next
-    /// placement epoch, except those placed under `current_lease` (the node's new lease, if it re-registered).
-    /// An instance that cannot be placed keeps its status with the reason in `last_error`.
-    async fn reschedule_from(self, lost: String, current_lease: Option<i64>) {
-        let candidates: Vec<String> = {
-            let state = self.lock();
-            state
-                .instances
-                .values()
-                .filter(|r| reschedulable(r, &lost, current_lease))
-                .map(|r| r.metadata.instance_id.clone())
-                .collect()
-        };
-        for instance_id in candidates {
-            let prepared = {
-                let mut state = self.lock();
-                self.prepare_reschedule(&mut state, &instance_id, &lost, current_lease)
-            };
-            let (node_id, client, request) = match prepared {
-                Ok(Some(prepared)) => prepared,
-                Ok(None) => continue,
-                Err(reason) => {
-                    tracing::warn!(%instance_id, node = %lost, %reason, "cannot reschedule");
-                    if let Some(record) = self.lock().instances.get_mut(&instance_id) {
-                        record.metadata.last_error = Some(format!("cannot reschedule from {lost}: {reason}"));
-                    }
-                    continue;
-                }
-            };
-            let epoch = request.epoch;
-            tracing::info!(%instance_id, from = %lost, to = %node_id, epoch, "rescheduling");
-            self.inner.env.trace(|| format!("reschedule {instance_id} {lost}->{node_id} epoch={epoch}"));
-            let result = self.call_start(&node_id, client, request).await;
-            let mut state = self.lock();
-            state.pending_starts.remove(&instance_id);
-            match result {
-                Ok(facts) => facts::apply_facts(&mut state, &node_id, facts, true, true),
-                Err(e) => {
-                    if let Some(record) = state.instances.get_mut(&instance_id).filter(|r| r.epoch == epoch) {
-                        record.metadata.status = if e.error_code == ErrorCode::CommunicationFailure {
-                            InstanceStatus::Unknown
-                        } else {
-                            InstanceStatus::Crashed
-                        };
-                        record.metadata.last_error = Some(format!("rescheduling to {node_id} failed: {}", e.message));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Moves the record to a new node and epoch; `Ok(None)` if it no longer needs rescheduling.
-    #[allow(clippy::type_complexity)]
-    fn prepare_reschedule(
-        &self,
-        state: &mut crate::State,
-        instance_id: &str,
-        lost: &str,
-        current_lease: Option<i64>,
-    ) -> Result<Option<(String, Option<NodeAgentClient>, StartInstanceRequest)>, String> {
-        let Some(record) = state.instances.get(instance_id) else { return Ok(None) };
-        if !reschedulable(record, lost, current_lease) {
-            return Ok(None); // stopped, moved or out of retries meanwhile
-        }
-        let bytes = state
-            .modules
-            .get(&record.metadata.module_hash)
-            .cloned()
-            .ok_or("the control plane no longer has its module bytes")?;
-        let node_id = place(state).map_err(|e: ErrorResponse| e.message)?;
-        let capabilities =
-            state.capabilities.get(instance_id).map(|c| c.values().cloned().collect()).unwrap_or_default();
-        let client = state.nodes.get(&node_id).and_then(|n| n.client.clone());
-        let node_lease = state.nodes.get(&node_id).and_then(|n| n.lease);
-        let Some(record) = state.instances.get_mut(instance_id) else { return Ok(None) };
-        record.epoch += 1;
-        record.lease = node_lease;
-        record.seq = 0;
-        record.caps_seq = 0;
-        record.metadata.node_id = node_id.clone();
-        record.metadata.status = InstanceStatus::Starting;
-        record.metadata.restarts = record.metadata.restarts.saturating_add(1);
-        let request = StartInstanceRequest {
-            instance_id: instance_id.to_string(),
-            module_bytes: bytes.to_vec(),
-            capabilities,
-            restart_policy: record.restart_policy,
-            epoch: record.epoch,
-            node_lease,
-        };
-        state.pending_starts.insert(instance_id.to_string());
-        Ok(Some((node_id, client, request)))
-    }
-}
-
-/// Whether an instance of the lost node should run elsewhere: its policy restarts it after a failure (losing
-/// the node is one), it has retries left, and nobody stopped it. A `crashed` instance qualifies too: the node
-/// may have fenced it (its snapshot then lacked it) just before its lease expired, or it was waiting out a
-/// restart backoff there.
-fn reschedulable(record: &crate::InstanceRecord, lost: &str, current_lease: Option<i64>) -> bool {
-    record.metadata.node_id == lost
-        && (current_lease.is_none() || record.lease != current_lease)
-        && record.restart_policy.policy_type != PolicyType::Never
-        && record.metadata.status != InstanceStatus::Stopped
-        && record.restart_policy.should_restart(true, record.metadata.restarts)
 }

@@ -297,6 +297,7 @@ fn an_agent_speaking_another_protocol_version_is_refused() {
         agent_addr: "127.0.0.1:1".into(),
         max_instances: 1,
         instances: vec![],
+        taken_at: 0,
     };
     assert_eq!(cp.report_node(report).unwrap_err().error_code, ErrorCode::InvalidRequest);
     assert!(cp.list_nodes().is_empty());

@@ -243,6 +243,7 @@ mod tests {
             restart_policy: RestartPolicy::default(),
             epoch: 1,
             node_lease: None,
+            restarts: 0,
         };
         agent.start_instance(request).await.unwrap();
         let host = InstanceHost::new(Arc::downgrade(&agent.inner), "i".into());
@@ -323,6 +324,7 @@ mod tests {
                         restart_policy: RestartPolicy::default(),
                         epoch: 1,
                         node_lease: None,
+                        restarts: 0,
                     };
                     agent.start_instance(request).await.unwrap();
                 }
@@ -351,6 +353,7 @@ mod tests {
                         restart_policy: RestartPolicy::default(),
                         epoch: 1,
                         node_lease: None,
+                        restarts: 0,
                     };
                     agent.start_instance(request).await.unwrap();
                 }

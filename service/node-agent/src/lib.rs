@@ -97,6 +97,9 @@ pub enum AgentBug {
     IgnoreMaxRetries,
     /// A run looks each capability up once and keeps using it: a revoke never reaches it (breaks P4).
     StaleGrants,
+    /// A rescheduled instance starts counting restarts from 0 on its new node, so `max_retries` is not
+    /// enforced across node losses (breaks P8 cluster-wide).
+    ForgetRestartCount,
 }
 
 impl AgentConfig {
@@ -268,8 +271,10 @@ impl Agent {
         let hash = factum_proto::module_hash(&req.module_bytes);
         {
             let mut instances = inner.lock();
-            let superseded =
-                instances.get(&req.instance_id).is_some_and(|i| i.epoch < req.epoch && i.metadata.status.is_terminal());
+            // An ended run of an older placement; one still supervised (waiting out a restart backoff) is alive.
+            let superseded = instances
+                .get(&req.instance_id)
+                .is_some_and(|i| i.epoch < req.epoch && i.metadata.status.is_terminal() && i.abort.is_none());
             if superseded {
                 // An ended run of an older placement; the control plane placed the instance here anew.
                 inner.forget(&mut instances, &req.instance_id);
@@ -278,6 +283,7 @@ impl Agent {
                 return if existing.metadata.module_hash == hash {
                     if existing.epoch < req.epoch {
                         existing.epoch = req.epoch;
+                        existing.metadata.restarts = existing.metadata.restarts.max(req.restarts);
                         existing.seq += 1;
                     }
                     Ok(existing.facts())
@@ -306,7 +312,7 @@ impl Agent {
             module_hash: hash,
             created_at: inner.env.wall_ms(),
             status: InstanceStatus::Starting,
-            restarts: 0,
+            restarts: if inner.config.injected_bug == Some(AgentBug::ForgetRestartCount) { 0 } else { req.restarts },
             last_error: None,
         };
         {
@@ -328,6 +334,8 @@ impl Agent {
                     inner.config.node_id
                 )));
             }
+            // Stamped under the lock, so a snapshot taken before this insert has an earlier `taken_at`.
+            let metadata = InstanceMetadata { created_at: inner.env.wall_ms(), ..metadata };
             let local = LocalInstance {
                 metadata,
                 capabilities,
@@ -433,12 +441,18 @@ impl Agent {
 
     /// The registration / heartbeat message for the control plane.
     pub fn node_report(&self) -> NodeReport {
+        let (instances, taken_at) = {
+            // Under the lock that inserts instances, which also stamps their `created_at`.
+            let instances = self.inner.lock();
+            (instances.values().map(LocalInstance::facts).collect(), self.inner.env.wall_ms())
+        };
         NodeReport {
             protocol_version: PROTOCOL_VERSION,
             node_id: self.inner.config.node_id.clone(),
             agent_addr: self.inner.config.advertise_addr.clone(),
             max_instances: self.inner.config.max_instances,
-            instances: self.snapshot(),
+            instances,
+            taken_at,
         }
     }
 
@@ -524,9 +538,6 @@ impl Agent {
             .collect();
         for id in &fenced {
             if let Some(mut local) = self.inner.forget(&mut instances, id) {
-                if let Some(abort) = local.abort.take() {
-                    abort.abort();
-                }
                 self.inner.end_messaging(&mut local, "fenced: the node lost its registry lease");
             }
         }
@@ -591,7 +602,10 @@ impl Inner {
 
     /// Removes an instance and everything it held, traced so the simulator's grant ledger forgets it too.
     fn forget(&self, instances: &mut BTreeMap<String, LocalInstance>, instance_id: &str) -> Option<LocalInstance> {
-        let local = instances.remove(instance_id)?;
+        let mut local = instances.remove(instance_id)?;
+        if let Some(abort) = local.abort.take() {
+            abort.abort(); // its supervisor must not go on with whatever takes this id next
+        }
         self.env.trace(|| format!("{} {instance_id}", trace_events::FORGET));
         Some(local)
     }
@@ -703,16 +717,19 @@ impl Inner {
                     self.set_status(&mut instances, &instance_id, status, error);
                     return;
                 }
-                local.metadata.restarts = local.metadata.restarts.saturating_add(1);
-                let delay = local.policy.backoff(local.metadata.restarts);
+                // The count says how many restarts began: while this one waits out its backoff, the fact is the
+                // crash, and an observer cannot mistake the wait for the end of the instance's retries.
+                let delay = local.policy.backoff(local.metadata.restarts.saturating_add(1));
                 self.set_status(&mut instances, &instance_id, status, error);
                 delay
             };
             self.env.clock.sleep(delay).await;
             {
                 let mut instances = self.lock();
-                match instances.get(&instance_id) {
-                    Some(local) if local.generation == generation => {}
+                match instances.get_mut(&instance_id) {
+                    Some(local) if local.generation == generation => {
+                        local.metadata.restarts = local.metadata.restarts.saturating_add(1);
+                    }
                     _ => return,
                 }
                 self.set_status(&mut instances, &instance_id, InstanceStatus::Starting, None);

@@ -51,6 +51,7 @@ fn subscriber(id: &str, subscribe: &str, policy: RestartPolicy) -> StartInstance
         restart_policy: policy,
         epoch: 1,
         node_lease: None,
+        restarts: 0,
     }
 }
 

@@ -35,6 +35,7 @@ fn start(id: &str, policy: PolicyType, node_lease: Option<i64>) -> StartInstance
         restart_policy: RestartPolicy { policy_type: policy, max_retries: None, backoff_seconds: None },
         epoch: 1,
         node_lease,
+        restarts: 0,
     }
 }
 

@@ -10,7 +10,7 @@ use crate::types::{CapabilityAssignment, InstanceMetadata, InstanceStatus, Resta
 
 /// Version of the control plane ↔ agent protocol. An agent whose version differs is refused at registration
 /// with INVALID_REQUEST, so mixed versions fail loudly instead of misreading each other.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest accepted module, in bytes.
 pub const MAX_MODULE_BYTES: usize = 32 * 1024 * 1024;
@@ -62,6 +62,9 @@ pub struct StartInstanceRequest {
     /// registry). The agent refuses the start under any other lease: once the control plane has seen that lease
     /// end, nothing placed under it can start, which is what makes rescheduling safe (a fencing token).
     pub node_lease: Option<i64>,
+    /// Restarts so far, over every placement: 0 for a first start. A rescheduled instance carries its count to
+    /// the new node, so `max_retries` bounds restarts across the cluster, not per node.
+    pub restarts: u32,
 }
 
 /// Agent → control plane (design §StartInstanceResponse); `error` carries a code, not only text.
@@ -147,6 +150,9 @@ pub struct NodeReport {
     pub max_instances: u32,
     /// Every instance the agent holds.
     pub instances: Vec<InstanceFacts>,
+    /// The agent's wall clock (ms) when it took this snapshot, on the clock of each fact's `created_at`: an
+    /// instance accepted later cannot be in it, so its absence proves nothing.
+    pub taken_at: u64,
 }
 
 /// A node as the control plane sees it.

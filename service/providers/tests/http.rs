@@ -13,15 +13,29 @@ use factum_providers::{HttpLimits, HttpProvider, Provider};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A tiny HTTP/1.1 server on 127.0.0.1: `/hello`, `/big` (with length), `/chunked-big`, `/slow`,
-/// `/redirect?to=<url>`, `/echo-host`, `/delay` (20 ms, counted in [`DELAYED`]). One response per connection.
-static DELAYED: AtomicUsize = AtomicUsize::new(0);
-
+/// `/redirect?to=<url>`, `/echo-host`, `/delay` (20 ms). One response per connection.
 async fn server() -> u16 {
+    counted_server().await.0
+}
+
+/// How many `/delay` requests one test server has received, and how many it has answered. The counters are the
+/// server's own: counters shared by cases running in parallel let a wait end on another case's request.
+#[derive(Default)]
+struct Delays {
+    received: AtomicUsize,
+    answered: AtomicUsize,
+}
+
+/// [`server`], with its [`Delays`].
+async fn counted_server() -> (u16, Arc<Delays>) {
+    let delayed = Arc::new(Delays::default());
+    let counter = delayed.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         loop {
             let (mut socket, _) = listener.accept().await.unwrap();
+            let delayed = counter.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 1024];
@@ -58,9 +72,11 @@ async fn server() -> u16 {
                     r.extend_from_slice(b"0\r\n\r\n");
                     r
                 } else if path == "/delay" {
-                    DELAYED.fetch_add(1, Ordering::SeqCst);
+                    delayed.received.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    reply("200 OK", "content-length: 2\r\n\r\n", b"ok")
+                    let _ = socket.write_all(&reply("200 OK", "content-length: 2\r\n\r\n", b"ok")).await;
+                    delayed.answered.fetch_add(1, Ordering::SeqCst);
+                    return;
                 } else if path == "/slow" {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     reply("200 OK", "content-length: 0\r\n\r\n", b"")
@@ -75,7 +91,7 @@ async fn server() -> u16 {
             });
         }
     });
-    port
+    (port, delayed)
 }
 
 fn grant(perms: &[&str]) -> Vec<Permission> {
@@ -218,27 +234,23 @@ proptest::proptest! {
     fn in_flight_requests_finish_before_shutdown_returns(in_flight in 1usize..5, after in 1usize..4) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async {
-            let port = server().await;
+            let (port, delayed) = counted_server().await;
             let http = Arc::new(provider());
             let all = grant(&["http:request", "http:domain:127.0.0.1"]);
-            let finished = Arc::new(AtomicUsize::new(0));
-            let seen_before = DELAYED.load(Ordering::SeqCst);
             let mut tasks = Vec::new();
             for _ in 0..in_flight {
-                let (http, all, finished) = (http.clone(), all.clone(), finished.clone());
+                let (http, all) = (http.clone(), all.clone());
                 let url = format!("http://127.0.0.1:{port}/delay");
-                tasks.push(tokio::spawn(async move {
-                    let response = http.invoke(&get(&url), &all).await;
-                    finished.fetch_add(1, Ordering::SeqCst);
-                    response
-                }));
+                tasks.push(tokio::spawn(async move { http.invoke(&get(&url), &all).await }));
             }
-            // Other cases run in parallel on the same counter: wait until at least ours have reached the server.
-            while DELAYED.load(Ordering::SeqCst) < seen_before + in_flight {
+            // Shutdown must begin while every one of them is in flight: wait until they have reached the server.
+            while delayed.received.load(Ordering::SeqCst) < in_flight {
                 tokio::task::yield_now().await;
             }
             tokio::time::timeout(Duration::from_secs(10), http.shutdown()).await.expect("shutdown hung").unwrap();
-            proptest::prop_assert_eq!(finished.load(Ordering::SeqCst), in_flight);
+            // The server answers each 20 ms after receiving it: a shutdown that did not wait returns before that.
+            // (Counted at the server, not in the tasks: a task may run its next line after shutdown returned.)
+            proptest::prop_assert_eq!(delayed.answered.load(Ordering::SeqCst), in_flight);
             for task in tasks {
                 let response = task.await.unwrap();
                 proptest::prop_assert!(response.success, "{:?}", response.error);

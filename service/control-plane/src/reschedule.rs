@@ -1,0 +1,304 @@
+//! Rescheduling: the reschedulable instances of a node that left (or re-registered under a new lease) start on
+//! another node under the next placement epoch, and a placement that did not take is tried again, with a
+//! backoff, until the instance runs, its retries are spent, or it is stopped (P12).
+//!
+//! Every placement counts as a restart, and the count travels with the instance, so `max_retries` bounds
+//! restarts across the cluster (P8).
+
+use std::time::Duration;
+
+use factum_proto::{
+    ErrorCode, ErrorResponse, InstanceFacts, InstanceStatus, NodeAgentClient, PolicyType, StartInstanceRequest,
+};
+
+use crate::{facts, place, ControlPlane, InstanceRecord, State};
+
+/// Why an instance waits for another placement attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// No node took it, or the node chosen refused the start: nothing runs it, so place it again, anywhere.
+    Place,
+    /// The node chosen did not answer: it may run it. Until that node answers or leaves, only that node may
+    /// have it, so the same start (same epoch, idempotent) is sent there again; the instance stays a pending
+    /// start meanwhile, so a snapshot that raced the start cannot declare it lost.
+    Resend,
+    /// Its node answered that it does not hold it (the agent restarted, or fenced it): nothing runs it, and
+    /// that node is where it was placed, so start it there again, under a new epoch, as one more restart.
+    Restart,
+}
+
+/// Longest wait between two attempts to place one instance.
+const MAX_PLACEMENT_BACKOFF: Duration = Duration::from_secs(10);
+
+impl ControlPlane {
+    /// Starts every reschedulable instance of node `lost` on another node, one at a time, each under the next
+    /// placement epoch, except those placed under `current_lease` (the node's new lease, if it re-registered).
+    /// An instance that cannot be placed keeps its status with the reason in `last_error`, and is retried.
+    pub(crate) async fn reschedule_from(self, lost: String, current_lease: Option<i64>) {
+        let candidates: Vec<String> = {
+            let state = self.lock();
+            state
+                .instances
+                .values()
+                .filter(|r| reschedulable(r, &lost, current_lease))
+                .map(|r| r.metadata.instance_id.clone())
+                .collect()
+        };
+        for instance_id in candidates {
+            let prepared = {
+                let mut state = self.lock();
+                self.prepare_reschedule(&mut state, &instance_id, &lost, current_lease)
+            };
+            let (node_id, client, request) = match prepared {
+                Ok(Some(prepared)) => prepared,
+                Ok(None) => continue,
+                Err(reason) => {
+                    tracing::warn!(%instance_id, node = %lost, %reason, "cannot reschedule");
+                    let now = self.inner.env.clock.now();
+                    if let Some(record) = self.lock().instances.get_mut(&instance_id) {
+                        record.metadata.last_error = Some(format!("cannot reschedule from {lost}: {reason}"));
+                        retry_later(record, now, Retry::Place);
+                    }
+                    continue;
+                }
+            };
+            let epoch = request.epoch;
+            tracing::info!(%instance_id, from = %lost, to = %node_id, epoch, "rescheduling");
+            self.inner.env.trace(|| format!("reschedule {instance_id} {lost}->{node_id} epoch={epoch}"));
+            let result = self.call_start(&node_id, client, request).await;
+            self.settle(&instance_id, &node_id, epoch, result);
+        }
+    }
+
+    /// Retries every placement whose backoff has passed: places again what nothing runs, asks again the node
+    /// that did not answer, and starts again what a node lost. Run by the failure detector's timer and on every
+    /// membership change.
+    pub(crate) async fn retry_reschedules(self) {
+        if self.inner.retrying.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return; // one pass at a time
+        }
+        let now = self.inner.env.clock.now();
+        let due: Vec<(Retry, String, String, Option<i64>)> = {
+            let state = self.lock();
+            state
+                .instances
+                .values()
+                .filter_map(|r| r.retry.filter(|(at, _)| *at <= now).map(|(_, why)| (r, why)))
+                .map(|(r, why)| {
+                    let node = r.metadata.node_id.clone();
+                    let lease = state.nodes.get(&node).filter(|n| n.registered).and_then(|n| n.lease);
+                    (why, r.metadata.instance_id.clone(), node, lease)
+                })
+                .collect()
+        };
+        let origins: std::collections::BTreeSet<(String, Option<i64>)> = due
+            .iter()
+            .filter(|(why, ..)| *why == Retry::Place)
+            .map(|(_, _, node, lease)| (node.clone(), *lease))
+            .collect();
+        for (node, lease) in origins {
+            self.clone().reschedule_from(node, lease).await;
+        }
+        for (why, instance_id, ..) in &due {
+            match why {
+                Retry::Resend => self.resend(instance_id).await,
+                Retry::Restart => self.restart_in_place(instance_id).await,
+                Retry::Place => {}
+            }
+        }
+        self.inner.retrying.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Sends the start of an in-doubt placement to its node again.
+    async fn resend(&self, instance_id: &str) {
+        let prepared = {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let Some(record) = state.instances.get_mut(instance_id) else { return };
+            if record.retry.is_none_or(|(_, why)| why != Retry::Resend) {
+                return;
+            }
+            let node_id = record.metadata.node_id.clone();
+            let node = state.nodes.get(&node_id).filter(|n| n.registered && n.lease == record.lease);
+            if node.is_none() {
+                // The node's lease ended since: the placement is dead, place the instance anew.
+                record.retry = Some((Duration::ZERO, Retry::Place));
+                state.pending_starts.remove(instance_id);
+                return;
+            }
+            let client = node.and_then(|n| n.client.clone());
+            state.instances.get(instance_id).and_then(|r| start_request(state, r)).map(|r| (node_id, client, r))
+        };
+        let Some((node_id, client, request)) = prepared else { return };
+        let epoch = request.epoch;
+        self.inner.env.trace(|| format!("resend {instance_id} {node_id} epoch={epoch}"));
+        let result = self.call_start(&node_id, client, request).await;
+        self.settle(instance_id, &node_id, epoch, result);
+    }
+
+    /// Records the outcome of a (re)scheduled start of placement `epoch` on `node_id`.
+    fn settle(&self, instance_id: &str, node_id: &str, epoch: u64, result: Result<InstanceFacts, ErrorResponse>) {
+        let now = self.inner.env.clock.now();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(record) = state.instances.get_mut(instance_id).filter(|r| r.epoch == epoch) else {
+            return; // moved on meanwhile: what is pending now is another placement's
+        };
+        state.pending_starts.remove(instance_id);
+        match result {
+            Ok(facts) => {
+                record.placement_failures = 0;
+                record.retry = None;
+                facts::apply_facts(state, node_id, facts, true, true);
+            }
+            Err(_) if self.inner.config.injected_bug == Some(crate::InjectedBug::ForgetFailedReschedules) => {
+                state.instances.remove(instance_id);
+            }
+            Err(e) => {
+                record.metadata.last_error = Some(format!("rescheduling to {node_id} failed: {}", e.message));
+                let alive = state.nodes.get(node_id).is_some_and(|n| n.registered && n.lease == record.lease);
+                if e.error_code == ErrorCode::CommunicationFailure && alive {
+                    record.metadata.status = InstanceStatus::Unknown;
+                    retry_later(record, now, Retry::Resend);
+                    state.pending_starts.insert(instance_id.to_string());
+                } else if e.error_code == ErrorCode::CommunicationFailure {
+                    // The node's lease ended meanwhile: whatever it started under it, it fenced.
+                    record.metadata.status = InstanceStatus::Unknown;
+                    retry_later(record, now, Retry::Place);
+                } else {
+                    record.metadata.status = InstanceStatus::Crashed;
+                    retry_later(record, now, Retry::Place);
+                }
+            }
+        }
+    }
+
+    /// Moves the record to a new node and epoch; `Ok(None)` if it no longer needs rescheduling.
+    #[allow(clippy::type_complexity)]
+    fn prepare_reschedule(
+        &self,
+        state: &mut State,
+        instance_id: &str,
+        lost: &str,
+        current_lease: Option<i64>,
+    ) -> Result<Option<(String, Option<NodeAgentClient>, StartInstanceRequest)>, String> {
+        let Some(record) = state.instances.get(instance_id) else { return Ok(None) };
+        // A start still in flight to the lost node does not hold it back: that node can no longer run it.
+        if !reschedulable(record, lost, current_lease) {
+            return Ok(None); // stopped, moved or out of retries meanwhile
+        }
+        if !state.modules.contains_key(&record.metadata.module_hash) {
+            return Err("the control plane no longer has its module bytes".into());
+        }
+        let node_id = place(state).map_err(|e: ErrorResponse| e.message)?;
+        Ok(begin_placement(state, instance_id, &node_id).map(|(client, request)| (node_id, client, request)))
+    }
+
+    /// Starts an instance its node lost on that node again (see [`Retry::Restart`]).
+    async fn restart_in_place(&self, instance_id: &str) {
+        let prepared = {
+            let mut state = self.lock();
+            let Some(record) = state.instances.get(instance_id) else { return };
+            let node_id = record.metadata.node_id.clone();
+            let wanted = record.retry.is_some_and(|(_, why)| why == Retry::Restart)
+                && !state.pending_starts.contains(instance_id)
+                && restartable(record);
+            let node_up = state.nodes.get(&node_id).is_some_and(|n| n.available && n.registered);
+            if !wanted || !node_up {
+                return; // stopped, out of retries or placed meanwhile; or wait for the node
+            }
+            let placed = begin_placement(&mut state, instance_id, &node_id);
+            if placed.is_none() {
+                if let Some(record) = state.instances.get_mut(instance_id) {
+                    record.retry = None;
+                    record.metadata.last_error =
+                        Some("lost, and the control plane has no module bytes to run it".into());
+                }
+            }
+            placed.map(|(client, request)| (node_id, client, request))
+        };
+        let Some((node_id, client, request)) = prepared else { return };
+        let epoch = request.epoch;
+        self.inner.env.trace(|| format!("restart {instance_id} on {node_id} epoch={epoch}"));
+        let result = self.call_start(&node_id, client, request).await;
+        self.settle(instance_id, &node_id, epoch, result);
+    }
+}
+
+/// Moves the record to a new placement on `node_id` (next epoch, one more restart) and marks its start
+/// pending; the start to send, or `None` without module bytes.
+fn begin_placement(
+    state: &mut State,
+    instance_id: &str,
+    node_id: &str,
+) -> Option<(Option<NodeAgentClient>, StartInstanceRequest)> {
+    if !state.instances.get(instance_id).is_some_and(|r| state.modules.contains_key(&r.metadata.module_hash)) {
+        return None;
+    }
+    let client = state.nodes.get(node_id).and_then(|n| n.client.clone());
+    let node_lease = state.nodes.get(node_id).and_then(|n| n.lease);
+    let record = state.instances.get_mut(instance_id)?;
+    record.epoch += 1;
+    record.lease = node_lease;
+    record.seq = 0;
+    record.caps_seq = 0;
+    record.retry = None;
+    record.metadata.node_id = node_id.to_string();
+    record.metadata.status = InstanceStatus::Starting;
+    record.metadata.restarts = record.metadata.restarts.saturating_add(1);
+    let request = state.instances.get(instance_id).and_then(|r| start_request(state, r))?;
+    state.pending_starts.insert(instance_id.to_string());
+    Some((client, request))
+}
+
+/// The start of `record`'s current placement, as its node must receive it (`None` without module bytes).
+fn start_request(state: &State, record: &InstanceRecord) -> Option<StartInstanceRequest> {
+    let id = &record.metadata.instance_id;
+    Some(StartInstanceRequest {
+        instance_id: id.clone(),
+        module_bytes: state.modules.get(&record.metadata.module_hash)?.to_vec(),
+        capabilities: state.capabilities.get(id).map(|c| c.values().cloned().collect()).unwrap_or_default(),
+        restart_policy: record.restart_policy,
+        epoch: record.epoch,
+        node_lease: record.lease,
+        restarts: record.metadata.restarts,
+    })
+}
+
+/// The node left: nothing it may run is in doubt any more (it fenced, or will before its lease ends), so its
+/// in-doubt placements are released for rescheduling.
+pub(crate) fn release_in_doubt(state: &mut State, node_id: &str) {
+    for record in state.instances.values_mut().filter(|r| r.metadata.node_id == node_id) {
+        if record.retry.is_some_and(|(_, why)| why == Retry::Resend) {
+            record.retry = None;
+            state.pending_starts.remove(&record.metadata.instance_id);
+        }
+    }
+}
+
+/// Whether an instance of the lost node should run elsewhere: its policy restarts it after a failure (losing
+/// the node is one), it has retries left, and nobody stopped it. A `crashed` instance qualifies too: the node
+/// may have fenced it (its snapshot then lacked it) just before its lease expired, or it was waiting out a
+/// restart backoff there. So does one whose last placement did not take.
+fn reschedulable(record: &InstanceRecord, lost: &str, current_lease: Option<i64>) -> bool {
+    record.metadata.node_id == lost
+        && (current_lease.is_none()
+            || record.lease != current_lease
+            || record.retry.is_some_and(|(_, why)| why == Retry::Place))
+        && restartable(record)
+}
+
+/// Whether losing the instance's run calls for another: its policy restarts after a failure, it has retries
+/// left, and nobody stopped it.
+pub(crate) fn restartable(record: &InstanceRecord) -> bool {
+    record.restart_policy.policy_type != PolicyType::Never
+        && record.metadata.status != InstanceStatus::Stopped
+        && record.restart_policy.should_restart(true, record.metadata.restarts)
+}
+
+/// A placement attempt did not take: try again after a backoff that doubles per failure in a row.
+fn retry_later(record: &mut InstanceRecord, now: Duration, why: Retry) {
+    record.placement_failures = record.placement_failures.saturating_add(1);
+    let backoff = Duration::from_millis(250).saturating_mul(1 << record.placement_failures.min(6));
+    record.retry = Some((now + backoff.min(MAX_PLACEMENT_BACKOFF), why));
+}
