@@ -39,9 +39,24 @@ pub struct ControlPlaneConfig {
     pub reschedule: bool,
     /// Longest wait of one registry watch call; the membership is re-read at least this often.
     pub watch_wait: Duration,
-    /// A deliberate bug, for proving that the simulator catches it (`sim/tests/injected_bugs.rs`). Always
-    /// `None` in real deployments; the CLI has no way to set it.
+    /// A deliberate bug, for proving that the simulator catches it (`sim/tests/injected_bugs.rs`). Compiled
+    /// only with the `injected-bugs` feature, which the simulator turns on and the `factum` binary does not.
+    #[cfg(feature = "injected-bugs")]
     pub injected_bug: Option<InjectedBug>,
+}
+
+impl ControlPlaneConfig {
+    /// Whether `bug` is injected.
+    #[cfg(feature = "injected-bugs")]
+    fn has_bug(&self, bug: InjectedBug) -> bool {
+        self.injected_bug == Some(bug)
+    }
+
+    /// Never: built without the `injected-bugs` feature.
+    #[cfg(not(feature = "injected-bugs"))]
+    fn has_bug(&self, _bug: InjectedBug) -> bool {
+        false
+    }
 }
 
 /// Bugs the simulator must catch; see [`ControlPlaneConfig::injected_bug`].
@@ -67,6 +82,7 @@ impl Default for ControlPlaneConfig {
             rpc_timeout: Duration::from_secs(10),
             reschedule: true,
             watch_wait: Duration::from_secs(5),
+            #[cfg(feature = "injected-bugs")]
             injected_bug: None,
         }
     }
@@ -192,7 +208,7 @@ impl ControlPlane {
                     node_id: node_id.clone(),
                     module_hash: module_hash.clone(),
                     created_at: self.inner.env.wall_ms(),
-                    status: if self.inner.config.injected_bug == Some(InjectedBug::OptimisticRunning) {
+                    status: if self.inner.config.has_bug(InjectedBug::OptimisticRunning) {
                         InstanceStatus::Running
                     } else {
                         InstanceStatus::Starting
@@ -442,7 +458,7 @@ impl ControlPlane {
         node.last_seen = now;
         node.max_instances = report.max_instances;
         let count = report.instances.len();
-        let learn = self.inner.config.injected_bug != Some(InjectedBug::NoRebuildFromSnapshots);
+        let learn = !self.inner.config.has_bug(InjectedBug::NoRebuildFromSnapshots);
         facts::merge_snapshot(&mut state, &report.node_id, report.instances, learn, Some(report.taken_at));
         self.inner.env.trace(|| format!("snapshot {} instances={count}", report.node_id));
         Ok(())
@@ -475,7 +491,7 @@ impl ControlPlane {
 
     /// One pass of the failure detector.
     pub fn detect_failures(&self) {
-        if self.inner.config.injected_bug == Some(InjectedBug::NoFailureDetection) {
+        if self.inner.config.has_bug(InjectedBug::NoFailureDetection) {
             return;
         }
         let now = self.inner.env.clock.now();

@@ -137,7 +137,7 @@ impl ControlPlane {
         let count = snapshot.len();
         let missing: Vec<String> = {
             let mut state = self.lock();
-            let learn = self.inner.config.injected_bug != Some(crate::InjectedBug::NoRebuildFromSnapshots);
+            let learn = !self.inner.config.has_bug(crate::InjectedBug::NoRebuildFromSnapshots);
             facts::merge_snapshot(&mut state, &node_id, snapshot, learn, None);
             let mut missing: Vec<String> = state
                 .instances

@@ -151,7 +151,7 @@ impl ControlPlane {
                 record.retry = None;
                 facts::apply_facts(state, node_id, facts, true, true);
             }
-            Err(_) if self.inner.config.injected_bug == Some(crate::InjectedBug::ForgetFailedReschedules) => {
+            Err(_) if self.inner.config.has_bug(crate::InjectedBug::ForgetFailedReschedules) => {
                 state.instances.remove(instance_id);
             }
             Err(e) => {

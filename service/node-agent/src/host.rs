@@ -57,7 +57,7 @@ impl InstanceHost {
     /// Under [`crate::AgentBug::StaleGrants`] only: the grant as this run first saw it, never looked up again.
     fn stale_grant(&self, capability_id: &str) -> Option<GrantView> {
         let agent = self.agent.upgrade()?;
-        if agent.config.injected_bug != Some(crate::AgentBug::StaleGrants) {
+        if !agent.config.has_bug(crate::AgentBug::StaleGrants) {
             return None;
         }
         let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());

@@ -85,9 +85,24 @@ pub struct AgentConfig {
     pub rpc_timeout: Duration,
     /// TTL of this node's registry lease; it is renewed every third of it.
     pub lease_ttl: Duration,
-    /// A deliberate bug, for proving that the simulator catches it (`sim/tests/injected_bugs.rs`). Always
-    /// `None` in real deployments; the CLI has no way to set it.
+    /// A deliberate bug, for proving that the simulator catches it (`sim/tests/injected_bugs.rs`). Compiled
+    /// only with the `injected-bugs` feature, which the simulator turns on and the `factum` binary does not.
+    #[cfg(feature = "injected-bugs")]
     pub injected_bug: Option<AgentBug>,
+}
+
+impl AgentConfig {
+    /// Whether `bug` is injected.
+    #[cfg(feature = "injected-bugs")]
+    fn has_bug(&self, bug: AgentBug) -> bool {
+        self.injected_bug == Some(bug)
+    }
+
+    /// Never: built without the `injected-bugs` feature.
+    #[cfg(not(feature = "injected-bugs"))]
+    fn has_bug(&self, _bug: AgentBug) -> bool {
+        false
+    }
 }
 
 /// Bugs the simulator must catch; see [`AgentConfig::injected_bug`].
@@ -114,6 +129,7 @@ impl AgentConfig {
             heartbeat_interval: Duration::from_secs(1),
             rpc_timeout: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(5),
+            #[cfg(feature = "injected-bugs")]
             injected_bug: None,
         }
     }
@@ -312,7 +328,7 @@ impl Agent {
             module_hash: hash,
             created_at: inner.env.wall_ms(),
             status: InstanceStatus::Starting,
-            restarts: if inner.config.injected_bug == Some(AgentBug::ForgetRestartCount) { 0 } else { req.restarts },
+            restarts: if inner.config.has_bug(AgentBug::ForgetRestartCount) { 0 } else { req.restarts },
             last_error: None,
         };
         {
@@ -703,7 +719,7 @@ impl Inner {
                 if crashed {
                     local.mailbox.run_crashed();
                 }
-                let restart = if self.config.injected_bug == Some(AgentBug::IgnoreMaxRetries) {
+                let restart = if self.config.has_bug(AgentBug::IgnoreMaxRetries) {
                     local.policy.should_restart(crashed, 0)
                 } else {
                     local.policy.should_restart(crashed, local.metadata.restarts)
