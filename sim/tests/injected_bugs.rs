@@ -113,3 +113,50 @@ fn a_control_plane_that_forgets_failed_reschedules_is_caught_by_the_always_on_mo
         first_failure("reschedule_in_doubt.toml", InjectedBug::ForgetFailedReschedules).expect("bug not caught");
     assert!(failure.contains("P13 confirmed_instances_stay_listed"), "seed {seed}: {failure}");
 }
+
+#[test]
+fn an_agent_that_does_not_fence_is_caught_by_single_placement() {
+    let (seed, failure) = first_agent_failure("lease_expiry.toml", AgentBug::NoFencing).expect("bug not caught");
+    assert!(failure.contains("single_placement"), "seed {seed}: {failure}");
+}
+
+#[test]
+fn an_agent_that_files_a_grant_on_every_instance_is_caught_by_the_always_on_monitor() {
+    let (seed, failure) =
+        first_agent_failure("revoke_during_kv_use.toml", AgentBug::SharedGrants).expect("bug not caught");
+    assert!(failure.contains("P19 capabilities_are_scoped_to_their_instance"), "seed {seed}: {failure}");
+}
+
+#[test]
+fn an_agent_that_writes_instances_into_the_registry_is_caught_by_registry_only_membership() {
+    let (seed, failure) =
+        first_agent_failure("lease_expiry.toml", AgentBug::InstancesInRegistry).expect("bug not caught");
+    assert!(failure.contains("registry_only_membership"), "seed {seed}: {failure}");
+}
+
+#[test]
+fn an_agent_that_puts_call_parameters_in_its_facts_is_caught_by_the_always_on_monitor() {
+    let (seed, failure) =
+        first_agent_failure("revoke_during_kv_use.toml", AgentBug::CallsInFacts).expect("bug not caught");
+    assert!(failure.contains("P7 no_application_data_in_the_control_plane"), "seed {seed}: {failure}");
+}
+
+#[test]
+fn a_control_plane_that_forgets_lost_nodes_is_caught_by_the_always_on_monitor() {
+    let (seed, failure) = first_failure("lease_expiry.toml", InjectedBug::ForgetLostNodes).expect("bug not caught");
+    assert!(failure.contains("P6 instances_live_on_known_nodes"), "seed {seed}: {failure}");
+}
+
+#[test]
+fn a_control_plane_that_ignores_capability_facts_is_caught_by_registry_matches_agents() {
+    let (seed, failure) =
+        first_failure("revoke_during_kv_use.toml", InjectedBug::FrozenCapabilities).expect("bug not caught");
+    assert!(failure.contains("registry_matches_agents"), "seed {seed}: {failure}");
+}
+
+#[test]
+fn a_control_plane_that_never_retries_a_placement_is_caught_by_always_running() {
+    let (seed, failure) =
+        first_failure("reschedule_in_doubt.toml", InjectedBug::NoPlacementRetries).expect("bug not caught");
+    assert!(failure.contains("always_running"), "seed {seed}: {failure}");
+}

@@ -24,7 +24,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
             let newer = |held: u64| moved || facts.seq > held || (restating && facts.seq == held);
             // Assignments have their own watermark: a status report may overtake the answer to a grant, and
             // the grant must still land. The agent enforces them, so its word wins.
-            if newer(record.caps_seq) {
+            if newer(record.caps_seq) && !state.frozen_capabilities {
                 let capabilities = facts.capabilities.into_iter().map(|c| (c.capability_id.clone(), c)).collect();
                 state.capabilities.insert(id.clone(), capabilities);
                 record.caps_seq = facts.seq;

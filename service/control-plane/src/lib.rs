@@ -72,6 +72,12 @@ pub enum InjectedBug {
     /// A reschedule whose start fails is handled like a first start that fails: the record is dropped, so an
     /// instance that ran for days vanishes from the list (breaks P13; the kind of bug c11b795 fixed).
     ForgetFailedReschedules,
+    /// A node whose lease ends is forgotten while its instances stay listed (breaks P6).
+    ForgetLostNodes,
+    /// Capability facts from agents are never applied: the registry keeps what the start said (breaks P5).
+    FrozenCapabilities,
+    /// Placements that did not take are never tried again (breaks P12 liveness: `always_running`).
+    NoPlacementRetries,
 }
 
 impl Default for ControlPlaneConfig {
@@ -134,6 +140,8 @@ struct State {
     modules: BTreeMap<String, Arc<Vec<u8>>>,
     /// Whether a registry decides membership (set when [`ControlPlane::run_membership`] starts).
     registry_mode: bool,
+    /// Injected bug [`InjectedBug::FrozenCapabilities`]; always false otherwise.
+    frozen_capabilities: bool,
 }
 
 struct Inner {
@@ -156,7 +164,8 @@ const WASM_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
 impl ControlPlane {
     /// An empty control plane. Start [`ControlPlane::run_failure_detector`] beside it.
     pub fn new(env: Env, config: ControlPlaneConfig) -> Self {
-        let inner = Inner { env, config, state: Mutex::new(State::default()), retrying: Default::default() };
+        let state = State { frozen_capabilities: config.has_bug(InjectedBug::FrozenCapabilities), ..State::default() };
+        let inner = Inner { env, config, state: Mutex::new(state), retrying: Default::default() };
         ControlPlane { inner: Arc::new(inner) }
     }
 

@@ -116,6 +116,9 @@ impl ControlPlane {
             }
             facts::mark_node_unknown(&mut state, node_id);
             crate::reschedule::release_in_doubt(&mut state, node_id);
+            if self.inner.config.has_bug(crate::InjectedBug::ForgetLostNodes) {
+                state.nodes.remove(node_id);
+            }
         }
         if reschedule && self.inner.config.reschedule {
             self.inner.env.spawn(self.clone().reschedule_from(node_id.to_string(), None));

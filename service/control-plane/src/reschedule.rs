@@ -74,7 +74,9 @@ impl ControlPlane {
     /// that did not answer, and starts again what a node lost. Run by the failure detector's timer and on every
     /// membership change.
     pub(crate) async fn retry_reschedules(self) {
-        if self.inner.retrying.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if self.inner.config.has_bug(crate::InjectedBug::NoPlacementRetries)
+            || self.inner.retrying.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
             return; // one pass at a time
         }
         let now = self.inner.env.clock.now();

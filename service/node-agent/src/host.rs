@@ -133,6 +133,11 @@ impl GuestHost for InstanceHost {
                 let outcome = response.error_code().map_or("ok".to_string(), |code| code.to_string());
                 format!("{CALL} {call} {instance_id} {capability_id} {outcome}")
             });
+            if agent.config.has_bug(crate::AgentBug::CallsInFacts) && response.success {
+                if let Some(local) = agent.lock().get_mut(&instance_id) {
+                    local.metadata.last_error = Some(String::from_utf8_lossy(&invocation.params).into_owned());
+                }
+            }
             if response.error_code() == Some(ErrorCode::PermissionDenied) {
                 let why = response.error.as_ref().map(|e| e.message.clone()).unwrap_or_default();
                 return denied(&instance_id, &capability_id, why);

@@ -115,6 +115,17 @@ pub enum AgentBug {
     /// A rescheduled instance starts counting restarts from 0 on its new node, so `max_retries` is not
     /// enforced across node losses (breaks P8 cluster-wide).
     ForgetRestartCount,
+    /// Losing the registry lease stops nothing: the node keeps running what the control plane reschedules
+    /// elsewhere (breaks single placement).
+    NoFencing,
+    /// A grant is filed on every local instance, not only the one it was assigned to (breaks P19).
+    SharedGrants,
+    /// On registering, the agent also records each instance it runs in the registry, as if it were a provider
+    /// (breaks P11: etcd holds membership and provider metadata only).
+    InstancesInRegistry,
+    /// A successful capability call's parameters go into the instance's facts, so application data reaches
+    /// the control plane (breaks P7).
+    CallsInFacts,
 }
 
 impl AgentConfig {
@@ -476,15 +487,23 @@ impl Agent {
     /// fact like a status change: it takes the next sequence number, so the control plane can order it.
     pub fn assign_capability(&self, assignment: CapabilityAssignment) -> Result<InstanceFacts, ErrorResponse> {
         let grant = Grant::new(assignment)?;
-        let assignment = &grant.assignment;
+        let (instance_id, capability_id) =
+            (grant.assignment.instance_id.clone(), grant.assignment.capability_id.clone());
         let mut instances = self.inner.lock();
-        let local = instances
-            .get_mut(&assignment.instance_id)
-            .ok_or_else(|| ErrorResponse::instance_not_found(&assignment.instance_id))?;
-        tracing::info!(instance_id = %assignment.instance_id, capability = %assignment.capability_id,
-            permissions = ?assignment.permissions, "capability granted");
-        self.inner.env.trace(|| format!("{} {} {}", trace_events::GRANT, assignment.instance_id, grant.describe()));
-        local.capabilities.insert(assignment.capability_id.clone(), grant);
+        if !instances.contains_key(&instance_id) {
+            return Err(ErrorResponse::instance_not_found(&instance_id));
+        }
+        tracing::info!(%instance_id, capability = %capability_id, permissions = ?grant.assignment.permissions,
+            "capability granted");
+        self.inner.env.trace(|| format!("{} {instance_id} {}", trace_events::GRANT, grant.describe()));
+        if self.inner.config.has_bug(AgentBug::SharedGrants) {
+            for other in instances.values_mut() {
+                let copy = Grant { assignment: grant.assignment.clone(), permissions: grant.permissions.clone() };
+                other.capabilities.entry(capability_id.clone()).or_insert(copy);
+            }
+        }
+        let local = instances.get_mut(&instance_id).ok_or_else(|| ErrorResponse::instance_not_found(&instance_id))?;
+        local.capabilities.insert(capability_id, grant);
         local.seq += 1;
         Ok(local.facts())
     }
@@ -550,6 +569,7 @@ impl Agent {
         let fenced: Vec<String> = instances
             .iter()
             .filter(|(_, i)| i.policy.policy_type != factum_proto::PolicyType::Never)
+            .filter(|_| !self.inner.config.has_bug(AgentBug::NoFencing))
             .map(|(id, _)| id.clone())
             .collect();
         for id in &fenced {

@@ -87,5 +87,12 @@ async fn register(
         };
         registry.put_provider(&record, Some(lease)).await?;
     }
+    if agent.inner.config.has_bug(crate::AgentBug::InstancesInRegistry) {
+        for (facts, metadata) in agent.snapshot().into_iter().zip(agent.providers().into_iter().cycle()) {
+            let provider_id = facts.metadata.instance_id;
+            let record = ProviderRecord { provider_id, node_id: node.node_id.clone(), metadata };
+            registry.put_provider(&record, Some(lease)).await?;
+        }
+    }
     Ok(lease)
 }
