@@ -50,6 +50,9 @@ enum Command {
         /// Parallel workers.
         #[arg(long, default_value_t = 2)]
         jobs: usize,
+        /// Summary format: text, or json (one object on stdout, for tooling; failures still go to stderr).
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Swarm testing: a random scenario per seed (faults, starts, revokes), checked for safety and
     /// convergence; a failure is shrunk to fewer steps and printed as a scenario file to replay.
@@ -73,7 +76,49 @@ enum Command {
         /// Parallel workers.
         #[arg(long, default_value_t = 2)]
         jobs: usize,
+        /// Summary format: text, or json (one object on stdout, for tooling; failures still go to stderr).
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
+}
+
+/// How `sweep` and `swarm` print their summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// Lines for people.
+    Text,
+    /// One JSON object.
+    Json,
+}
+
+/// What a sweep or swarm found, as `-o json` prints it.
+#[derive(Debug, Default, serde::Serialize)]
+struct Summary {
+    runs: usize,
+    failed: usize,
+    seconds: f64,
+    seeds_per_second: f64,
+    simulated_per_real: f64,
+    /// Each failure with the command that replays it (and, for a swarm, the failing scenario shrunk).
+    failures: Vec<FailureSummary>,
+    /// Fault point → runs it was reached in, times it fired.
+    fault_points: std::collections::BTreeMap<String, PointSummary>,
+    /// Sometimes-goal → runs that reached it.
+    sometimes: std::collections::BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct PointSummary {
+    reached_in: u64,
+    fired: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct FailureSummary {
+    message: String,
+    replay: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shrunk: Option<String>,
 }
 
 /// One run of a sweep.
@@ -115,41 +160,77 @@ fn run_parallel(
     results.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().flatten().collect()
 }
 
-/// Prints throughput, fault-point coverage and the sometimes-goals reached by a finished sweep (`results` are
-/// the first runs of `jobs`); returns the number of failures.
-fn summarize(jobs: &[Job], results: &[Result<factum_sim::Outcome, scenario::Failure>], secs: f64) -> usize {
+/// Throughput, failures, fault-point coverage and the sometimes-goals reached by a finished sweep (`results`
+/// are the first runs of `jobs`).
+fn summarize(jobs: &[Job], results: &[Result<factum_sim::Outcome, scenario::Failure>], secs: f64) -> Summary {
     let jobs = jobs.get(..results.len()).unwrap_or(jobs);
     let simulated: f64 = jobs.iter().map(|j| j.scenario.duration.as_secs_f64()).sum();
-    let failures = results.iter().filter(|r| r.is_err()).count();
-    println!(
-        "{} runs, {failures} failed, {secs:.1} s, {:.1} seeds/s, simulated/real time {:.0}x",
-        jobs.len(),
-        jobs.len() as f64 / secs,
-        simulated / secs
-    );
-    let mut coverage: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
-    for outcome in results.iter().flatten() {
-        for (point, c) in &outcome.coverage {
-            let entry = coverage.entry(point.clone()).or_default();
-            entry.0 += 1;
-            entry.1 += c.fired;
-        }
-    }
-    for (point, (reached_in, fired)) in &coverage {
-        println!("  fault point {point:<28} reached in {reached_in:>5} runs, fired {fired:>6} times");
-    }
-    let mut goals: std::collections::BTreeMap<&str, usize> = Default::default();
-    for outcome in results.iter().flatten() {
-        for goal in factum_sim::sometimes::reached(&outcome.timeline) {
-            *goals.entry(goal).or_default() += 1;
+    let mut summary = Summary {
+        runs: jobs.len(),
+        failed: results.iter().filter(|r| r.is_err()).count(),
+        seconds: secs,
+        seeds_per_second: jobs.len() as f64 / secs,
+        simulated_per_real: simulated / secs,
+        ..Summary::default()
+    };
+    for (job, result) in jobs.iter().zip(results) {
+        match result {
+            Ok(outcome) => {
+                for (point, c) in &outcome.coverage {
+                    let entry = summary.fault_points.entry(point.clone()).or_default();
+                    entry.reached_in += 1;
+                    entry.fired += c.fired;
+                }
+                for goal in factum_sim::sometimes::reached(&outcome.timeline) {
+                    *summary.sometimes.entry(goal.to_string()).or_default() += 1;
+                }
+            }
+            Err(e) => summary.failures.push(FailureSummary {
+                message: e.message.clone(),
+                replay: job.replay.clone(),
+                shrunk: None,
+            }),
         }
     }
     for goal in factum_sim::sometimes::GOALS {
-        let runs = goals.get(goal.name).copied().unwrap_or(0);
-        let mark = if runs == 0 { "  (never reached)" } else { "" };
-        println!("  sometimes {:<32} reached in {runs:>5} runs{mark}", goal.name);
+        summary.sometimes.entry(goal.name.to_string()).or_default();
     }
-    failures
+    summary
+}
+
+/// Prints `summary` as `output` asks; the exit code says whether anything failed.
+fn report(summary: &Summary, output: Output) -> ExitCode {
+    match output {
+        Output::Json => match serde_json::to_string_pretty(summary) {
+            Ok(json) => println!("{json}"),
+            Err(e) => eprintln!("error: cannot print the summary: {e}"),
+        },
+        Output::Text => {
+            println!(
+                "{} runs, {} failed, {:.1} s, {:.1} seeds/s, simulated/real time {:.0}x",
+                summary.runs, summary.failed, summary.seconds, summary.seeds_per_second, summary.simulated_per_real
+            );
+            for (point, PointSummary { reached_in, fired }) in &summary.fault_points {
+                println!("  fault point {point:<28} reached in {reached_in:>5} runs, fired {fired:>6} times");
+            }
+            for (goal, runs) in &summary.sometimes {
+                let mark = if *runs == 0 { "  (never reached)" } else { "" };
+                println!("  sometimes {goal:<32} reached in {runs:>5} runs{mark}");
+            }
+            for failure in summary.failures.iter().filter_map(|f| f.shrunk.as_ref().map(|s| (f, s))) {
+                println!(
+                    "# {}\n# shrunk; save as a .toml and run with `factum-sim replay FILE --seed <seed>`",
+                    failure.0.message
+                );
+                println!("{}", failure.1);
+            }
+        }
+    }
+    if summary.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn run_one(path: &std::path::Path, seed: u64, trace: bool) -> ExitCode {
@@ -195,7 +276,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run { scenario, seed, trace } => run_one(&scenario, seed, trace),
         Command::Replay { scenario, seed } => run_one(&scenario, seed, true),
-        Command::Sweep { dir, seeds, start, jobs } => {
+        Command::Sweep { dir, seeds, start, jobs, output } => {
             let scenarios = match scenario::load_dir(&dir) {
                 Ok(s) => s,
                 Err(e) => {
@@ -215,15 +296,10 @@ fn main() -> ExitCode {
                 .collect();
             let began = Instant::now();
             let results = run_parallel(&work, jobs, None);
-            let failures = summarize(&work, &results, began.elapsed().as_secs_f64());
-            if failures == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+            report(&summarize(&work, &results, began.elapsed().as_secs_f64()), output)
         }
-        Command::Swarm { seeds, time_box, start, agents, duration, jobs } => {
-            if let Some(limit) = time_box {
+        Command::Swarm { seeds, time_box, start, agents, duration, jobs, output } => {
+            if let Some(limit) = time_box.filter(|_| output == Output::Text) {
                 println!("swarm from seed {start} for {limit} (at most {seeds} seeds)");
             }
             let began = Instant::now();
@@ -247,25 +323,19 @@ fn main() -> ExitCode {
                 results.extend(ran);
                 next = end;
             }
-            let failures = summarize(&work, &results, began.elapsed().as_secs_f64());
-            for (job, result) in work.iter().zip(&results) {
-                if result.is_err() {
-                    let shrunk = job.scenario.shrink(job.seed);
-                    println!(
-                        "# seed {} shrunk from {} to {} steps; save as a .toml and run with `factum-sim replay FILE --seed {}`",
-                        job.seed,
-                        job.scenario.steps.len(),
-                        shrunk.steps.len(),
-                        job.seed
-                    );
-                    println!("{}", shrunk.to_toml());
-                }
+            let mut summary = summarize(&work, &results, began.elapsed().as_secs_f64());
+            let failed = work.iter().zip(&results).filter(|(_, r)| r.is_err()).map(|(job, _)| job);
+            for (failure, job) in summary.failures.iter_mut().zip(failed) {
+                let shrunk = job.scenario.shrink(job.seed);
+                failure.shrunk = Some(format!(
+                    "# seed {} shrunk from {} to {} steps\n{}",
+                    job.seed,
+                    job.scenario.steps.len(),
+                    shrunk.steps.len(),
+                    shrunk.to_toml()
+                ));
             }
-            if failures == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+            report(&summary, output)
         }
     }
 }

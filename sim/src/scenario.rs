@@ -43,11 +43,6 @@ use serde::{Deserialize, Serialize};
 use crate::convergence::Convergence;
 use crate::{build_observed_cluster, invariants, ClusterConfig, Observed, Outcome, SimClient, SimError, TraceLog};
 
-fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    humantime::parse_duration(&text).map_err(|e| serde::de::Error::custom(format!("bad duration {text:?}: {e}")))
-}
-
 /// Attempts a `must_succeed` start gets, a second apart.
 const START_ATTEMPTS: u32 = 3;
 
@@ -63,7 +58,7 @@ pub struct Scenario {
     /// Number of agents (`agent-1` …).
     pub agents: usize,
     /// Simulated time the run lasts.
-    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    #[serde(with = "humantime_serde")]
     pub duration: Duration,
     /// Timed steps, in any order.
     #[serde(default, rename = "step")]
@@ -78,24 +73,14 @@ pub struct Scenario {
     #[serde(default = "yes")]
     pub buggify: bool,
     /// Longest network latency of a message (default 100ms); each message takes a random time up to it.
-    #[serde(
-        default,
-        deserialize_with = "de_opt_duration",
-        serialize_with = "ser_opt_duration",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub max_latency: Option<Duration>,
     /// Run a simulated etcd (host `etcd`): leases, membership, rescheduling (default false).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub registry: bool,
     /// Largest wall-clock skew of a host: each host's wall clock is off by a seeded amount in ±this (default 0).
     /// Timestamps then disagree between hosts; nothing may depend on them for ordering.
-    #[serde(
-        default,
-        deserialize_with = "de_opt_duration",
-        serialize_with = "ser_opt_duration",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub clock_skew: Option<Duration>,
 }
 
@@ -109,27 +94,12 @@ fn nth<T: Clone + Default>(items: &[T], r: u64) -> T {
     items.get((r % len) as usize).cloned().unwrap_or_default()
 }
 
-fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&humantime::format_duration(*d).to_string())
-}
-
-fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => ser_duration(d, s),
-        None => s.serialize_none(),
-    }
-}
-
-fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    de_duration(d).map(Some)
-}
-
 /// One timed step.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
     /// When, in simulated time from the start.
-    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    #[serde(with = "humantime_serde")]
     pub at: Duration,
     /// What.
     #[serde(rename = "do")]
@@ -171,6 +141,39 @@ pub struct Step {
     /// new work); by default a failed start is one of the faults' effects and is ignored.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub must_succeed: bool,
+}
+
+impl Step {
+    /// The first field set on this step that its action does not take (it would be ignored: a typo or a
+    /// misunderstanding, so it is refused).
+    fn stray_field(&self) -> Option<&'static str> {
+        let takes: &[&str] = match self.action {
+            Action::Start => {
+                &["instances", "guest", "policy", "max_retries", "backoff", "capability", "permissions", "must_succeed"]
+            }
+            Action::Grant => &["capability", "permissions"],
+            Action::Revoke => &["capability"],
+            Action::Crash | Action::Restart | Action::Recover => &["node"],
+            Action::Partition | Action::Hold => &["a", "b"],
+            Action::Lossy => &["rate"],
+            Action::StopAll | Action::Release | Action::Reliable | Action::Heal => &[],
+        };
+        let set = [
+            ("instances", self.instances.is_some()),
+            ("guest", self.guest.is_some()),
+            ("policy", self.policy.is_some()),
+            ("max_retries", self.max_retries.is_some()),
+            ("backoff", self.backoff.is_some()),
+            ("capability", self.capability.is_some()),
+            ("permissions", !self.permissions.is_empty()),
+            ("node", self.node.is_some()),
+            ("a", self.a.is_some()),
+            ("b", self.b.is_some()),
+            ("rate", self.rate.is_some()),
+            ("must_succeed", self.must_succeed),
+        ];
+        set.into_iter().find(|(field, set)| *set && !takes.contains(field)).map(|(field, _)| field)
+    }
 }
 
 /// What a step does.
@@ -240,7 +243,7 @@ pub struct Eventually {
     /// Check name.
     pub check: String,
     /// Deadline in simulated time.
-    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    #[serde(with = "humantime_serde")]
     pub by: Duration,
 }
 
@@ -275,6 +278,9 @@ impl Scenario {
             )),
         };
         for step in &self.steps {
+            if let Some(field) = step.stray_field() {
+                return Err(format!("step at {:?} ({:?}) does not take `{field}`", step.at, step.action));
+            }
             match step.action {
                 Action::Start => {
                     let guest = step.guest.as_deref().unwrap_or("sleeper");

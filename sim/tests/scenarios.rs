@@ -52,6 +52,11 @@ fn bad_scenarios_are_refused_with_a_reason() {
     let late = "name='x'\nagents=1\nduration='5s'\n[[step]]\nat='9s'\ndo='heal'\n";
     assert!(scenario::Scenario::parse(late).unwrap_err().contains("after the end"));
     assert!(scenario::Scenario::parse("name='x'\nagents=0\nduration='5s'\n").is_err());
+    // A field the action does not take is refused, not ignored.
+    let stray = "name='x'\nagents=1\nduration='5s'\n[[step]]\nat='1s'\ndo='crash'\nnode='agent-1'\ninstances=3\n";
+    assert!(scenario::Scenario::parse(stray).unwrap_err().contains("does not take `instances`"));
+    let bad_duration = "name='x'\nagents=1\nduration='5 sekunds'\n";
+    assert!(scenario::Scenario::parse(bad_duration).unwrap_err().contains("expected a duration"));
 }
 
 /// Found while building the registry: a host crash drops its tasks, and tasks made with a bare `tokio::spawn`
