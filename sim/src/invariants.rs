@@ -18,6 +18,8 @@ pub struct ControlPlaneView {
     pub nodes: Vec<NodeInfo>,
     /// Restart policy of every listed instance.
     pub policies: BTreeMap<String, RestartPolicy>,
+    /// Sequence number of the agent fact each listed instance's status comes from.
+    pub fact_seqs: BTreeMap<String, u64>,
 }
 
 /// The cluster at one moment: the control plane's view (if it is up) and the truth of every running agent.

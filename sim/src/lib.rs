@@ -178,6 +178,11 @@ impl Observed {
                     .filter_map(|m| cp.query_instance(&m.instance_id).ok())
                     .map(|d| (d.metadata.instance_id, d.restart_policy))
                     .collect(),
+                fact_seqs: cp
+                    .list_instances()
+                    .iter()
+                    .filter_map(|m| cp.fact_seq(&m.instance_id).map(|seq| (m.instance_id.clone(), seq)))
+                    .collect(),
                 instances: cp.list_instances(),
                 nodes: cp.list_nodes(),
             }),

@@ -40,8 +40,8 @@ pub const ALWAYS_ON: [(&str, Check); 8] = [
 pub struct Monitor {
     previous: BTreeMap<Key, InstanceFacts>,
     grants: GrantLedger,
-    /// (node, instance, status) of every status an agent traced so far.
-    reported: BTreeSet<(String, String, String)>,
+    /// (node, instance) → every (sequence number, status) its agent traced for the instance's current life there.
+    reported: BTreeMap<(String, String), Vec<(u64, String)>>,
     /// Instances this incarnation of the control plane has listed as running, and which incarnation.
     confirmed: (u64, BTreeSet<String>),
 }
@@ -56,11 +56,21 @@ impl Monitor {
         for line in fresh_trace {
             self.grants.apply(line).map_err(|e| format!("always-on P4 calls_were_granted: {e}"))?;
         }
-        self.reported.extend(fresh_trace.iter().filter_map(|line| {
+        for line in fresh_trace {
             let words: Vec<&str> = line.split_whitespace().collect();
-            let [_, node, "status", instance, status, ..] = words.as_slice() else { return None };
-            Some((node.to_string(), instance.to_string(), status.to_string()))
-        }));
+            match words.as_slice() {
+                // A new life of the instance on that node: its sequence numbers start over.
+                [_, node, "grants", instance, ..] => {
+                    self.reported.insert((node.to_string(), instance.to_string()), Vec::new());
+                }
+                [_, node, "status", instance, status, seq, ..] => {
+                    let Some(seq) = seq.strip_prefix("seq=").and_then(|n| n.parse().ok()) else { continue };
+                    let key = (node.to_string(), instance.to_string());
+                    self.reported.entry(key).or_default().push((seq, status.to_string()));
+                }
+                _ => {}
+            }
+        }
         statuses_come_from_agents(&self.reported, view)
             .map_err(|e| format!("always-on P9 statuses_come_from_agents: {e}"))?;
         confirmed_instances_stay_listed(&mut self.confirmed, view)
@@ -76,21 +86,27 @@ impl Monitor {
     }
 }
 
-/// Property 9 (with 14): when the control plane says an instance is `running` on a node, that node's agent
-/// reported it running: the control plane relays facts, it never fills in what it intends. (`starting` also
-/// marks a start the control plane has sent and not yet heard back about; `unknown`, and `crashed` for an
-/// instance its node lost, are the control plane's own facts about a node.)
-pub fn statuses_come_from_agents(reported: &BTreeSet<(String, String, String)>, view: &View) -> Result<(), String> {
+/// Property 9 (with 14): when the control plane says an instance is `running` on a node, that is the status
+/// the node's agent reported in the very fact the control plane holds (the last status it traced at or before
+/// that fact's sequence number): the control plane relays facts, it never fills in what it intends, and it never
+/// keeps a status the fact it took in had replaced. (`starting` also marks a start the control plane has sent
+/// and not yet heard back about; `unknown`, and `crashed` for an instance its node lost, are the control
+/// plane's own facts about a node.)
+pub fn statuses_come_from_agents(
+    reported: &BTreeMap<(String, String), Vec<(u64, String)>>,
+    view: &View,
+) -> Result<(), String> {
     let Some(cp) = &view.control_plane else { return Ok(()) };
-    for m in &cp.instances {
-        if m.status != factum_proto::InstanceStatus::Running {
-            continue;
-        }
-        let key = (m.node_id.clone(), m.instance_id.clone(), m.status.to_string());
-        if !reported.contains(&key) {
+    for m in cp.instances.iter().filter(|m| m.status == factum_proto::InstanceStatus::Running) {
+        let seq = cp.fact_seqs.get(&m.instance_id).copied().unwrap_or(0);
+        let history = reported.get(&(m.node_id.clone(), m.instance_id.clone()));
+        let said = history.and_then(|h| h.iter().rev().find(|(s, _)| *s <= seq)).map(|(_, status)| status.as_str());
+        if said != Some("running") {
             return Err(format!(
-                "control plane says {} is {} on {}, which never reported that",
-                m.instance_id, m.status, m.node_id
+                "control plane says {} is running on {} from its fact seq={seq}, where the agent said {}",
+                m.instance_id,
+                m.node_id,
+                said.unwrap_or("nothing")
             ));
         }
     }

@@ -160,3 +160,10 @@ fn a_control_plane_that_never_retries_a_placement_is_caught_by_always_running() 
         first_failure("reschedule_in_doubt.toml", InjectedBug::NoPlacementRetries).expect("bug not caught");
     assert!(failure.contains("always_running"), "seed {seed}: {failure}");
 }
+
+#[test]
+fn a_control_plane_that_keeps_a_replaced_running_status_is_caught_by_the_always_on_monitor() {
+    let (seed, failure) =
+        first_failure("revoke_during_kv_use.toml", InjectedBug::StickyRunning).expect("bug not caught");
+    assert!(failure.contains("P9 statuses_come_from_agents"), "seed {seed}: {failure}");
+}

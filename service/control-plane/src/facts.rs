@@ -24,7 +24,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
             let newer = |held: u64| moved || facts.seq > held || (restating && facts.seq == held);
             // Assignments have their own watermark: a status report may overtake the answer to a grant, and
             // the grant must still land. The agent enforces them, so its word wins.
-            if newer(record.caps_seq) && !state.frozen_capabilities {
+            if newer(record.caps_seq) && state.injected != Some(crate::InjectedBug::FrozenCapabilities) {
                 let capabilities = facts.capabilities.into_iter().map(|c| (c.capability_id.clone(), c)).collect();
                 state.capabilities.insert(id.clone(), capabilities);
                 record.caps_seq = facts.seq;
@@ -68,6 +68,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
 /// Applies one status report. Reports about instances the control plane does not know are dropped: the
 /// agent's next snapshot carries them with their assignments.
 pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
+    let sticky = state.injected == Some(crate::InjectedBug::StickyRunning);
     let Some(record) = state.instances.get_mut(&report.instance_id) else { return };
     let same_placement = report.epoch == record.epoch && record.metadata.node_id == report.node_id;
     if report.epoch < record.epoch || (report.epoch == record.epoch && !same_placement) {
@@ -78,7 +79,9 @@ pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
     }
     record.epoch = report.epoch;
     record.metadata.node_id = report.node_id;
-    record.metadata.status = report.status;
+    if !(sticky && record.metadata.status == InstanceStatus::Running) {
+        record.metadata.status = report.status;
+    }
     record.metadata.restarts = report.restarts;
     record.metadata.last_error = report.last_error;
     record.seq = report.seq;

@@ -47,15 +47,20 @@ pub struct ControlPlaneConfig {
 
 impl ControlPlaneConfig {
     /// Whether `bug` is injected.
-    #[cfg(feature = "injected-bugs")]
     fn has_bug(&self, bug: InjectedBug) -> bool {
-        self.injected_bug == Some(bug)
+        self.injected() == Some(bug)
     }
 
-    /// Never: built without the `injected-bugs` feature.
+    /// The injected bug.
+    #[cfg(feature = "injected-bugs")]
+    fn injected(&self) -> Option<InjectedBug> {
+        self.injected_bug
+    }
+
+    /// None: built without the `injected-bugs` feature.
     #[cfg(not(feature = "injected-bugs"))]
-    fn has_bug(&self, _bug: InjectedBug) -> bool {
-        false
+    fn injected(&self) -> Option<InjectedBug> {
+        None
     }
 }
 
@@ -78,6 +83,9 @@ pub enum InjectedBug {
     FrozenCapabilities,
     /// Placements that did not take are never tried again (breaks P12 liveness: `always_running`).
     NoPlacementRetries,
+    /// A report that an instance stopped running is taken in (its sequence number) but its status is not:
+    /// the list keeps saying `running` (breaks P9: the status is not the one the agent reported).
+    StickyRunning,
 }
 
 impl Default for ControlPlaneConfig {
@@ -140,8 +148,8 @@ struct State {
     modules: BTreeMap<String, Arc<Vec<u8>>>,
     /// Whether a registry decides membership (set when [`ControlPlane::run_membership`] starts).
     registry_mode: bool,
-    /// Injected bug [`InjectedBug::FrozenCapabilities`]; always false otherwise.
-    frozen_capabilities: bool,
+    /// The injected bug, for the fact-merging code that has no config (always `None` in real deployments).
+    injected: Option<InjectedBug>,
 }
 
 struct Inner {
@@ -164,7 +172,7 @@ const WASM_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
 impl ControlPlane {
     /// An empty control plane. Start [`ControlPlane::run_failure_detector`] beside it.
     pub fn new(env: Env, config: ControlPlaneConfig) -> Self {
-        let state = State { frozen_capabilities: config.has_bug(InjectedBug::FrozenCapabilities), ..State::default() };
+        let state = State { injected: config.injected(), ..State::default() };
         let inner = Inner { env, config, state: Mutex::new(state), retrying: Default::default() };
         ControlPlane { inner: Arc::new(inner) }
     }
@@ -338,6 +346,12 @@ impl ControlPlane {
                 .unwrap_or_default(),
             restart_policy: record.restart_policy,
         })
+    }
+
+    /// The sequence number of the agent fact the instance's status comes from (0: none applied yet), for
+    /// observers such as the simulator's monitor, which checks the status against what the agent said then.
+    pub fn fact_seq(&self, instance_id: &str) -> Option<u64> {
+        self.lock().instances.get(instance_id).map(|r| r.seq)
     }
 
     /// ListInstances, ordered by id.
