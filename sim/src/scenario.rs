@@ -406,9 +406,13 @@ impl Scenario {
                 5 | 6 => {
                     // Drop or hold: a link that loses everything, or one that delivers it all late.
                     let mut s = blank(at, if pick(2) == 0 { Action::Partition } else { Action::Hold });
-                    let from_registry = registry && pick(2) == 0;
-                    s.a = Some(if from_registry { crate::REGISTRY } else { crate::CONTROL_PLANE }.to_string());
-                    s.b = Some(crate::agent_name(1 + pick(agents as u64) as usize));
+                    // Between an agent and the control plane or etcd, or between the control plane and etcd.
+                    let (a, b) = match registry.then(|| pick(3)) {
+                        Some(0) => (crate::REGISTRY.to_string(), crate::agent_name(1 + pick(agents as u64) as usize)),
+                        Some(1) => (crate::REGISTRY.to_string(), crate::CONTROL_PLANE.to_string()),
+                        _ => (crate::CONTROL_PLANE.to_string(), crate::agent_name(1 + pick(agents as u64) as usize)),
+                    };
+                    (s.a, s.b) = (Some(a), Some(b));
                     s
                 }
                 7 => blank(at, Action::Release),

@@ -14,7 +14,7 @@ const REFERENCE: &[(&str, u64, &str)] = &[
     ("lease_expiry.toml", 3, "7027cd2689ae1c3927730119e8a8a7e4975df5866a5f01825d55d07b91ca26ff"),
     ("revoke_during_kv_use.toml", 5, "7a18d50a6142bd5091bb112209e1909ae314d4e45c9d622956e3b976d51b3553"),
     ("reschedule_in_doubt.toml", 2, "ae11082524ca78dd75bbf19abfd5c2d274c213cacf148a798a3021b6de41d5f1"),
-    ("control_plane_restart.toml", 11, "48b2138320412cc06c68026c7c144a58839f606869babcc4ce633cb35a2675f1"),
+    ("control_plane_restart.toml", 11, "4134c0d5002a32ddb106b548a1a5f0dd001949b58ae684d7d3013555cb7b05e5"),
 ];
 
 #[test]

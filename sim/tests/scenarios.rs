@@ -91,7 +91,11 @@ fn replays_bit_for_bit_while_other_threads_create_tasks() {
 /// run again; the control plane now starts again on the node what its fresh snapshot lacks. 10698383: the same,
 /// hidden by the simulator: a restarted host's wall clock started over from the run's origin, so the new
 /// agent's snapshots looked older than the instances they lacked.
-const SWARM_REGRESSIONS: &[u64] = &[20314, 777175, 7100006, 10698383];
+/// 50001006: an `always` instance lost with its agent after the control plane restarted (no registry): the
+/// restarted control plane had learned the instance from a heartbeat but never fetched its module bytes, so it
+/// could not run it again; it now fetches them from the agent that reports it. (Seeds name scenarios of the
+/// swarm generator as of the commit that added them.)
+const SWARM_REGRESSIONS: &[u64] = &[20314, 777175, 7100006, 10698383, 50001006];
 
 /// (scenario, seed) pairs that once failed. `agent_restart_during_starts` 43 … 86: an instance started, made a
 /// KV call under a grant it held, and its agent restarted within one 50 ms sample, so no sample ever showed

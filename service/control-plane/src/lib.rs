@@ -146,6 +146,8 @@ struct State {
     pending_starts: BTreeSet<String>,
     /// Module bytes by hash, kept for rescheduling; refilled from agents after a restart.
     modules: BTreeMap<String, Arc<Vec<u8>>>,
+    /// Module hashes being fetched from agents now.
+    fetching: BTreeSet<String>,
     /// Whether a registry decides membership (set when [`ControlPlane::run_membership`] starts).
     registry_mode: bool,
     /// The injected bug, for the fact-merging code that has no config (always `None` in real deployments).
@@ -483,6 +485,11 @@ impl ControlPlane {
         let count = report.instances.len();
         let learn = !self.inner.config.has_bug(InjectedBug::NoRebuildFromSnapshots);
         facts::merge_snapshot(&mut state, &report.node_id, report.instances, learn, Some(report.taken_at));
+        // Instances learned here (after a restart of this control plane) can only be run again with their bytes.
+        let missing = membership::missing_modules(&mut state, &report.node_id);
+        if !missing.is_empty() {
+            self.inner.env.spawn(self.clone().fetch_modules(report.node_id.clone(), missing));
+        }
         self.inner.env.trace(|| format!("snapshot {} instances={count}", report.node_id));
         Ok(())
     }

@@ -138,35 +138,49 @@ impl ControlPlane {
             }
         };
         let count = snapshot.len();
-        let missing: Vec<String> = {
+        let missing = {
             let mut state = self.lock();
             let learn = !self.inner.config.has_bug(crate::InjectedBug::NoRebuildFromSnapshots);
             facts::merge_snapshot(&mut state, &node_id, snapshot, learn, None);
-            let mut missing: Vec<String> = state
-                .instances
-                .values()
-                .filter(|r| r.metadata.node_id == node_id && r.restart_policy.policy_type != PolicyType::Never)
-                .map(|r| r.metadata.module_hash.clone())
-                .filter(|hash| !state.modules.contains_key(hash))
-                .collect();
-            missing.dedup();
-            missing
+            missing_modules(&mut state, &node_id)
         };
         self.inner.env.trace(|| format!("synced {node_id} instances={count} fetch_modules={}", missing.len()));
-        for hash in missing {
+        self.fetch_modules(node_id, missing).await;
+    }
+
+    /// Fetches module bytes from the node that runs them (taken from [`missing_modules`]).
+    pub(crate) async fn fetch_modules(self, node_id: String, hashes: Vec<String>) {
+        for hash in hashes {
             let client = self.lock().nodes.get(&node_id).and_then(|n| n.client.clone());
             let wanted = hash.clone();
             let call = |c: NodeAgentClient| {
                 let wanted = wanted.clone();
                 async move { c.module_bytes(rpc::rpc_context(), wanted).await }
             };
-            match self.call_agent_retrying(&node_id, client, "module fetch", call).await.and_then(|r| r) {
+            let result = self.call_agent_retrying(&node_id, client, "module fetch", call).await.and_then(|r| r);
+            let mut state = self.lock();
+            state.fetching.remove(&hash);
+            match result {
                 Ok(bytes) if factum_proto::module_hash(&bytes) == hash => {
-                    self.lock().modules.insert(hash, Arc::new(bytes));
+                    state.modules.insert(hash, Arc::new(bytes));
                 }
                 Ok(_) => tracing::error!(node = %node_id, %hash, "node sent module bytes that do not match their hash"),
                 Err(e) => tracing::warn!(node = %node_id, %hash, error = %e, "cannot fetch module bytes"),
             }
         }
     }
+}
+
+/// The modules of `node_id`'s `always`/`on_failure` instances the control plane lacks and is not already
+/// fetching (it needs them to run those instances again), now marked as being fetched.
+pub(crate) fn missing_modules(state: &mut crate::State, node_id: &str) -> Vec<String> {
+    let missing: std::collections::BTreeSet<String> = state
+        .instances
+        .values()
+        .filter(|r| r.metadata.node_id == node_id && r.restart_policy.policy_type != PolicyType::Never)
+        .map(|r| r.metadata.module_hash.clone())
+        .filter(|hash| !state.modules.contains_key(hash) && !state.fetching.contains(hash))
+        .collect();
+    state.fetching.extend(missing.iter().cloned());
+    missing.into_iter().collect()
 }
