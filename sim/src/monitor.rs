@@ -8,6 +8,7 @@ use factum_proto::{InstanceFacts, PolicyType};
 
 use crate::invariants::{single_placement, View};
 use crate::ledger::GrantLedger;
+use factum_node_agent::trace_events::GRANTS;
 
 /// Exit code of the statelessness probe (`guests/fixtures/remember.wat`) when memory survived a restart.
 const MEMORY_SURVIVED: &str = "exited with code 7";
@@ -60,7 +61,7 @@ impl Monitor {
             let words: Vec<&str> = line.split_whitespace().collect();
             match words.as_slice() {
                 // A new life of the instance on that node: its sequence numbers start over.
-                [_, node, "grants", instance, ..] => {
+                [_, node, event, instance, ..] if *event == GRANTS => {
                     self.reported.insert((node.to_string(), instance.to_string()), Vec::new());
                 }
                 [_, node, "status", instance, status, seq, ..] => {
