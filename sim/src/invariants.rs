@@ -1,7 +1,7 @@
 //! Invariant checkers: one named function per property, each returning what was violated. Scenario files
 //! name them in `[[always]]` and `[[eventually]]` blocks (see [`check`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use factum_proto::{
     CapabilityAssignment, InstanceFacts, InstanceMetadata, InstanceStatus, NodeInfo, PolicyType, RestartPolicy,
@@ -33,6 +33,8 @@ pub struct View {
     pub agents: BTreeMap<String, Vec<InstanceFacts>>,
     /// Every key of the simulated registry, when the cluster runs one and it is up.
     pub registry_keys: Option<Vec<String>>,
+    /// Hosts frozen by a `pause` fault now.
+    pub paused: BTreeSet<String>,
 }
 
 /// A named check: the view, and the argument after `name:` (empty without one).
@@ -93,10 +95,12 @@ fn cp(view: &View) -> Result<&ControlPlaneView, String> {
     view.control_plane.as_ref().ok_or_else(|| "the control plane is down".to_string())
 }
 
-/// Safety: no instance id is starting or running on two nodes at once.
+/// Safety: no instance id is starting or running on two nodes at once. A frozen (paused) agent runs nothing
+/// while it is frozen; that it acts on nothing its lost lease covered once it thaws is P12's
+/// `nodes_act_only_under_their_lease`.
 pub fn single_placement(view: &View) -> Result<(), String> {
     let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
-    for (node, facts) in &view.agents {
+    for (node, facts) in view.agents.iter().filter(|(node, _)| !view.paused.contains(*node)) {
         for f in facts.iter().filter(|f| !f.metadata.status.is_terminal()) {
             if let Some(other) = seen.insert(&f.metadata.instance_id, node) {
                 return Err(format!("{} is active on {other} and {node}", f.metadata.instance_id));

@@ -7,6 +7,7 @@
 
 pub mod buggify;
 pub mod convergence;
+pub mod fencing;
 pub mod invariants;
 pub mod ledger;
 pub mod monitor;
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use factum_control_plane::{ControlPlane, ControlPlaneConfig};
-use factum_env::{rpc, Env};
+use factum_env::{rpc, Env, Pause};
 use factum_node_agent::{Agent, AgentConfig};
 use factum_proto::{
     CapabilityGrant, ControlPlaneClient, InstanceMetadata, InstanceStatus, NodeInfo, RestartPolicy, StartRequest,
@@ -131,6 +132,8 @@ pub struct Observed {
     control_plane_incarnation: AtomicU64,
     agents: Mutex<BTreeMap<String, Agent>>,
     registry: Mutex<Option<Arc<MemoryRegistry>>>,
+    /// Each host's pause switch, kept across its restarts.
+    pauses: Mutex<BTreeMap<String, Arc<Pause>>>,
 }
 
 impl Observed {
@@ -158,6 +161,13 @@ impl Observed {
         } else {
             self.set_agent(name, None);
         }
+    }
+
+    /// The pause switch of host `name`, made on first use.
+    pub fn pause(&self, name: &str, seed: u64) -> Arc<Pause> {
+        let mut pauses = self.pauses.lock().unwrap_or_else(|p| p.into_inner());
+        let salt = pauses.len() as u64;
+        pauses.entry(name.to_string()).or_insert_with(|| Pause::new(seed ^ 0x9a05e ^ (salt << 24))).clone()
     }
 
     /// A consistent picture of the cluster now.
@@ -188,6 +198,14 @@ impl Observed {
             }),
             agents: agents.iter().map(|(name, agent)| (name.clone(), agent.snapshot())).collect(),
             registry_keys: self.registry.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|r| r.keys_now()),
+            paused: self
+                .pauses
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|(_, pause)| pause.is_paused())
+                .map(|(name, _)| name.clone())
+                .collect(),
         }
     }
 }
@@ -222,31 +240,36 @@ pub fn build_observed_cluster(
     let cp_faults = faults.clone();
     let with_registry = config.registry;
     let cp_wall = config.wall_origin(0);
+    let cp_pause = observed.pause(CONTROL_PLANE, seed);
     if with_registry {
         let registry_observed = observed.clone();
         let registry_trace = trace.clone();
+        let pause = observed.pause(REGISTRY, seed);
         sim.host(REGISTRY, move || {
-            let env = Env::turmoil(seed ^ 0xe7cd, sim_epoch()).with_trace(REGISTRY, registry_trace.clone());
+            let env = Env::turmoil(seed ^ 0xe7cd, sim_epoch())
+                .with_trace(REGISTRY, registry_trace.clone())
+                .with_pause(pause.clone());
             let observed = registry_observed.clone();
-            async move {
+            pause.gate(async move {
                 let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
                 let registry = Arc::new(MemoryRegistry::new(env.clone(), REGISTRY_PREFIX));
                 *observed.registry.lock().unwrap_or_else(|p| p.into_inner()) = Some(registry.clone());
                 factum_registry::serve(env, registry, listener).await;
                 Ok(())
-            }
+            })
         });
     }
     sim.host(CONTROL_PLANE, move || {
         let incarnation = cp_incarnations.fetch_add(1, Ordering::SeqCst);
         let env = with_faults(
             Env::turmoil(seed ^ 0xc0 ^ (incarnation << 32), restarted(cp_wall))
-                .with_trace(CONTROL_PLANE, cp_trace.clone()),
+                .with_trace(CONTROL_PLANE, cp_trace.clone())
+                .with_pause(cp_pause.clone()),
             &cp_faults,
         );
         let cp_config = cp_config.clone();
         let observed = cp_observed.clone();
-        async move {
+        cp_pause.gate(async move {
             let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
             let cp = ControlPlane::new(env.clone(), cp_config);
             observed.set_control_plane(Some(cp.clone()));
@@ -256,7 +279,7 @@ pub fn build_observed_cluster(
             }
             factum_control_plane::serve(cp, listener).await;
             Ok(())
-        }
+        })
     });
     for i in 1..=config.agents {
         let name = agent_name(i);
@@ -268,11 +291,13 @@ pub fn build_observed_cluster(
         let lease_ttl = config.lease_ttl;
         let wall = config.wall_origin(i as u64);
         let agent_bug = config.agent_bug;
+        let pause = observed.pause(&name, seed);
         sim.host(name.clone(), move || {
             let incarnation = agent_incarnations.fetch_add(1, Ordering::SeqCst);
             let env = with_faults(
                 Env::turmoil(seed ^ ((i as u64) << 8) ^ (incarnation << 32), restarted(wall))
-                    .with_trace(name.clone(), agent_trace.clone()),
+                    .with_trace(name.clone(), agent_trace.clone())
+                    .with_pause(pause.clone()),
                 &agent_faults,
             );
             let observed = agent_observed.clone();
@@ -284,7 +309,7 @@ pub fn build_observed_cluster(
             agent_config.injected_bug = agent_bug;
             // Fuel makes guest execution and its yield points a function of the module alone.
             agent_config.limits = Limits { fuel_yield_interval: 10_000, ..Limits::default() };
-            async move {
+            pause.gate(async move {
                 let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
                 let (agent, reports) =
                     Agent::new(env.clone(), agent_config, Arc::new(WasmiEngine::new()), Arc::new(MemoryKv::new()));
@@ -295,7 +320,7 @@ pub fn build_observed_cluster(
                 env.spawn(factum_node_agent::serve(agent.clone(), listener));
                 factum_node_agent::run_control_plane_link(agent, format!("{CONTROL_PLANE}:{PORT}"), reports).await;
                 Ok(())
-            }
+            })
         });
     }
     sim

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use factum_proto::{InstanceFacts, PolicyType};
 
+use crate::fencing::LeaseWatch;
 use crate::invariants::{single_placement, View};
 use crate::ledger::GrantLedger;
 use factum_node_agent::trace_events::GRANTS;
@@ -41,6 +42,7 @@ pub const ALWAYS_ON: [(&str, Check); 8] = [
 pub struct Monitor {
     previous: BTreeMap<Key, InstanceFacts>,
     grants: GrantLedger,
+    leases: LeaseWatch,
     /// (node, instance) → every (sequence number, status) its agent traced for the instance's current life there.
     reported: BTreeMap<(String, String), Vec<(u64, String)>>,
     /// Instances this incarnation of the control plane has listed as running, and which incarnation.
@@ -56,6 +58,7 @@ impl Monitor {
         }
         for line in fresh_trace {
             self.grants.apply(line).map_err(|e| format!("always-on P4 calls_were_granted: {e}"))?;
+            self.leases.apply(line).map_err(|e| format!("always-on P12 nodes_act_only_under_their_lease: {e}"))?;
         }
         for line in fresh_trace {
             let words: Vec<&str> = line.split_whitespace().collect();

@@ -8,8 +8,8 @@
 //!
 //! [[step]]
 //! at = "1s"
-//! do = "start"        # start | stop_all | grant | revoke | crash | restart | recover
-//!                     # | partition | hold | release | lossy | reliable | heal
+//! do = "start"        # start | stop_all | grant | revoke | crash | restart | recover | pause
+//!                     # | resume | partition | hold | release | lossy | reliable | heal
 //! instances = 6
 //! guest = "sleeper"   # a fixture name
 //!
@@ -153,7 +153,7 @@ impl Step {
             }
             Action::Grant => &["capability", "permissions"],
             Action::Revoke => &["capability"],
-            Action::Crash | Action::Restart | Action::Recover => &["node"],
+            Action::Crash | Action::Restart | Action::Recover | Action::Pause | Action::Resume => &["node"],
             Action::Partition | Action::Hold => &["a", "b"],
             Action::Lossy => &["rate"],
             Action::StopAll | Action::Release | Action::Reliable | Action::Heal => &[],
@@ -192,8 +192,13 @@ pub enum Action {
     Crash,
     /// Restart host `node` (after a crash, or kill-and-restart).
     Restart,
-    /// Restart host `node` only if it is crashed.
+    /// Bring host `node` back: restart it if it is crashed, resume it if it is paused.
     Recover,
+    /// Freeze host `node`'s process (SIGSTOP): none of its tasks or timers run until `resume`, while time and
+    /// the rest of the cluster go on.
+    Pause,
+    /// Thaw host `node`: every frozen task wakes at once, its timers long past due.
+    Resume,
     /// Drop traffic between `a` and `b`.
     Partition,
     /// Hold traffic between `a` and `b`: nothing is lost, everything arrives late, at the next `release`.
@@ -214,10 +219,12 @@ impl Action {
     }
 
     /// Every fault a scenario can inject, for coverage reports.
-    pub const FAULTS: [Action; 10] = [
+    pub const FAULTS: [Action; 12] = [
         Action::Crash,
         Action::Restart,
         Action::Recover,
+        Action::Pause,
+        Action::Resume,
         Action::Partition,
         Action::Hold,
         Action::Release,
@@ -291,7 +298,9 @@ impl Scenario {
                         p.parse::<PolicyType>().map_err(|e| e.message)?;
                     }
                 }
-                Action::Crash | Action::Restart | Action::Recover => host(&step.node, "node", step)?,
+                Action::Crash | Action::Restart | Action::Recover | Action::Pause | Action::Resume => {
+                    host(&step.node, "node", step)?
+                }
                 Action::Partition | Action::Hold => {
                     host(&step.a, "a", step)?;
                     host(&step.b, "b", step)?;
@@ -319,6 +328,7 @@ impl Scenario {
             control_plane_incarnation: 0,
             agents: Default::default(),
             registry_keys: None,
+            paused: Default::default(),
         };
         for check in self.always.iter().map(|a| &a.check).chain(self.eventually.iter().map(|e| &e.check)) {
             if let Err(e) = invariants::check(check, &empty) {
@@ -370,7 +380,7 @@ impl Scenario {
         for _ in 0..events {
             // Chaos ends before the settle steps, which the shrinker keeps.
             let at = Duration::from_millis(500 + pick(chaos_end.as_millis().saturating_sub(1000) as u64));
-            let step = match pick(10) {
+            let step = match pick(11) {
                 0..=2 => {
                     let mut s = blank(at, Action::Start);
                     s.instances = Some(1 + pick(5) as usize);
@@ -421,17 +431,33 @@ impl Scenario {
                     s.rate = Some(nth(&[0.005, 0.02, 0.1], pick(3)));
                     s
                 }
-                _ => {
+                9 => {
                     let mut s = blank(at, Action::Revoke);
                     s.capability = Some("kv".into());
+                    s
+                }
+                _ => {
+                    // A process frozen for up to 6 s: past the lease TTL, the failure detector, RPC deadlines.
+                    let host = if registry && pick(4) == 0 {
+                        crate::REGISTRY.to_string()
+                    } else {
+                        nth(&hosts, pick(hosts.len() as u64))
+                    };
+                    let mut resume =
+                        blank((at + Duration::from_millis(200 + pick(6000))).min(chaos_end), Action::Resume);
+                    resume.node = Some(host.clone());
+                    steps.push(resume);
+                    let mut s = blank(at, Action::Pause);
+                    s.node = Some(host);
                     s
                 }
             };
             steps.push(step);
         }
-        // Settle: heal every partition and bring back every host that is down.
+        // Settle: heal every partition and bring back every host that is down or frozen.
         steps.push(blank(chaos_end, Action::Heal));
-        for host in &hosts {
+        let registry_host = registry.then(|| crate::REGISTRY.to_string());
+        for host in hosts.iter().chain(&registry_host) {
             let mut s = blank(chaos_end + Duration::from_millis(100), Action::Recover);
             s.node = Some(host.clone());
             steps.push(s);
@@ -728,9 +754,12 @@ fn inject(
     network: &mut Network,
     crashed: &mut BTreeSet<String>,
 ) {
+    // A crashed or restarted process is not a frozen one: its next incarnation starts thawed.
+    let thaw = |node: &str| observed.pause(node, 0).resume();
     match step.action {
         Action::Crash => {
             if let Some(node) = &step.node {
+                thaw(node);
                 sim.crash(node.as_str());
                 observed.crashed(node);
                 crashed.insert(node.clone());
@@ -738,6 +767,7 @@ fn inject(
         }
         Action::Restart => {
             if let Some(node) = &step.node {
+                thaw(node);
                 if !crashed.remove(node) {
                     observed.crashed(node);
                 }
@@ -746,9 +776,20 @@ fn inject(
         }
         Action::Recover => {
             if let Some(node) = &step.node {
+                thaw(node);
                 if crashed.remove(node) {
                     sim.bounce(node.as_str());
                 }
+            }
+        }
+        Action::Pause => {
+            if let Some(node) = &step.node {
+                observed.pause(node, 0).pause();
+            }
+        }
+        Action::Resume => {
+            if let Some(node) = &step.node {
+                thaw(node);
             }
         }
         Action::Partition => {

@@ -25,10 +25,11 @@ pub const GOALS: &[Goal] = &[
     Goal { name: "fault: release", reached_by: |l| driver(l, "Release") },
     Goal { name: "fault: message loss", reached_by: |l| driver(l, "Lossy") },
     Goal { name: "fault: heal", reached_by: |l| driver(l, "Heal") },
+    Goal { name: "fault: pause", reached_by: |l| driver(l, "Pause") },
     Goal { name: "instance crashed", reached_by: |l| l.contains(" status ") && l.contains(" crashed seq=") },
     Goal {
         name: "instance restarted by policy",
-        reached_by: |l| l.contains(" running seq=") && !l.ends_with(" restarts=0"),
+        reached_by: |l| l.contains(" running seq=") && !l.contains(" restarts=0 "),
     },
     Goal { name: "node declared unavailable", reached_by: |l| l.contains(" node ") && l.ends_with(" unavailable") },
     Goal { name: "registry lease expired", reached_by: |l| l.contains("registry lease ") && l.ends_with(" expired") },

@@ -167,3 +167,9 @@ fn a_control_plane_that_keeps_a_replaced_running_status_is_caught_by_the_always_
         first_failure("revoke_during_kv_use.toml", InjectedBug::StickyRunning).expect("bug not caught");
     assert!(failure.contains("P9 statuses_come_from_agents"), "seed {seed}: {failure}");
 }
+
+#[test]
+fn an_agent_that_fences_only_on_its_timer_is_caught_by_the_always_on_monitor() {
+    let (seed, failure) = first_agent_failure("agent_pause.toml", AgentBug::FenceOnTimerOnly).expect("bug not caught");
+    assert!(failure.contains("P12 nodes_act_only_under_their_lease"), "seed {seed}: {failure}");
+}

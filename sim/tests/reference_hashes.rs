@@ -10,11 +10,12 @@ use std::process::Command;
 
 /// (scenario file, seed, trace hash).
 const REFERENCE: &[(&str, u64, &str)] = &[
-    ("agent_crash.toml", 7, "cfad26582cd39d379a6a8c2c174a7c7bc1cdeaee5ca28f34428c82e51b30e7ba"),
-    ("lease_expiry.toml", 3, "7027cd2689ae1c3927730119e8a8a7e4975df5866a5f01825d55d07b91ca26ff"),
-    ("revoke_during_kv_use.toml", 5, "7a18d50a6142bd5091bb112209e1909ae314d4e45c9d622956e3b976d51b3553"),
-    ("reschedule_in_doubt.toml", 2, "ae11082524ca78dd75bbf19abfd5c2d274c213cacf148a798a3021b6de41d5f1"),
-    ("control_plane_restart.toml", 11, "4134c0d5002a32ddb106b548a1a5f0dd001949b58ae684d7d3013555cb7b05e5"),
+    ("agent_crash.toml", 7, "4c3423f5767d6bd45dac511c75a8ef8fe9694edb7855ed24aaedd3eb522ddc1e"),
+    ("lease_expiry.toml", 3, "7980510d00fd1d75b55e5af7fea8ec14fac02fb71930b8d28b6cd24ba5582477"),
+    ("revoke_during_kv_use.toml", 5, "0af32965127719ae2efdcaaca06b68ca71baba7689b9d0abfe6dbb5d0beb1229"),
+    ("reschedule_in_doubt.toml", 2, "8d6ab73b2f54125e06b3fa5e602252bd24b79c590adfc93755492c447505b010"),
+    ("agent_pause.toml", 4, "2b2e01f93414e8eab640caaf6f3603799a3756249f895a414c0e974cd7ff7f00"),
+    ("control_plane_restart.toml", 11, "b375d3750900ffa11c1e52b54ca7811f6624d088b7deb731d3035e8efc8a4254"),
 ];
 
 #[test]

@@ -3,7 +3,10 @@
 //! [`Env::turmoil`] (feature `turmoil`), where time is virtual, the network is turmoil's and randomness is
 //! seeded, so a run is a function of its seed.
 
+mod pause;
 pub mod rpc;
+
+pub use pause::{Gated, Pause};
 
 use std::future::Future;
 use std::io;

@@ -126,6 +126,9 @@ pub enum AgentBug {
     /// A successful capability call's parameters go into the instance's facts, so application data reaches
     /// the control plane (breaks P7).
     CallsInFacts,
+    /// Only the registry link's timer fences the node, so a process that wakes from a pause past its lease
+    /// deadline may serve calls and starts before that timer runs (breaks P12's fencing).
+    FenceOnTimerOnly,
 }
 
 impl AgentConfig {
@@ -209,6 +212,9 @@ pub(crate) struct Inner {
     /// Set while the node has lost its registry lease and not yet re-registered: starts are refused, since the
     /// control plane may be rescheduling elsewhere what would run here.
     fenced: std::sync::atomic::AtomicBool,
+    /// While registered: the env-clock instant by which the lease must have been renewed. Whoever takes the
+    /// instance lock after it fences the node first (see [`Inner::lock`]).
+    lease_deadline: Mutex<Option<Duration>>,
     /// The registry lease this node holds (0: none yet, or no registry).
     lease: std::sync::atomic::AtomicI64,
     /// Numbers capability calls in the trace, pairing each authorization with its outcome.
@@ -260,6 +266,7 @@ impl Agent {
             instances: Mutex::new(BTreeMap::new()),
             reports: tx,
             fenced: std::sync::atomic::AtomicBool::new(false),
+            lease_deadline: Mutex::new(None),
             lease: std::sync::atomic::AtomicI64::new(0),
             calls: std::sync::atomic::AtomicU64::new(0),
         };
@@ -451,19 +458,22 @@ impl Agent {
         self.metadata(instance_id).map(|m| m.status).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))
     }
 
+    // Reads take the lock without the lease check: they report, they do not act, and an observer outside the
+    // agent's runtime (the simulator's) must not change what the agent does by looking.
+
     /// Metadata of one instance.
     pub fn metadata(&self, instance_id: &str) -> Option<InstanceMetadata> {
-        self.inner.lock().get(instance_id).map(|i| i.metadata.clone())
+        self.inner.lock_unfenced().get(instance_id).map(|i| i.metadata.clone())
     }
 
     /// Facts of one instance.
     pub fn facts(&self, instance_id: &str) -> Option<InstanceFacts> {
-        self.inner.lock().get(instance_id).map(LocalInstance::facts)
+        self.inner.lock_unfenced().get(instance_id).map(LocalInstance::facts)
     }
 
     /// Facts of every local instance, by id.
     pub fn snapshot(&self) -> Vec<InstanceFacts> {
-        self.inner.lock().values().map(LocalInstance::facts).collect()
+        self.inner.lock_unfenced().values().map(LocalInstance::facts).collect()
     }
 
     /// The registration / heartbeat message for the control plane.
@@ -564,23 +574,8 @@ impl Agent {
     /// are forgotten (not reported as stopped: the newer placement's facts must not be contradicted). Instances
     /// with policy `never` are never rescheduled, so they keep running. Returns how many were dropped.
     pub fn fence(&self) -> usize {
-        let mut instances = self.inner.lock();
-        self.inner.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
-        let fenced: Vec<String> = instances
-            .iter()
-            .filter(|(_, i)| i.policy.policy_type != factum_proto::PolicyType::Never)
-            .filter(|_| !self.inner.config.has_bug(AgentBug::NoFencing))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in &fenced {
-            if let Some(mut local) = self.inner.forget(&mut instances, id) {
-                self.inner.end_messaging(&mut local, "fenced: the node lost its registry lease");
-            }
-        }
-        let dropped = fenced.len();
-        tracing::warn!(node = %self.inner.config.node_id, dropped, "registry lease lost: fenced reschedulable instances");
-        self.inner.env.trace(|| format!("fence {} dropped={dropped}", self.inner.config.node_id));
-        dropped
+        let mut instances = self.inner.lock_unfenced();
+        self.inner.fence_locked(&mut instances)
     }
 
     /// Metadata of the capability providers this node hosts.
@@ -588,11 +583,24 @@ impl Agent {
         self.inner.providers.all().iter().map(|p| p.metadata()).collect()
     }
 
-    /// Called once the node holds `lease`: starts placed under it are accepted.
-    pub fn registered(&self, lease: i64) {
-        let _guard = self.inner.lock(); // ordered with starts, which check both under the instance lock
+    /// Called once the node holds `lease`, which it must renew by `deadline` (env clock): starts placed under
+    /// it are accepted until then.
+    pub fn registered(&self, lease: i64, deadline: Duration) {
+        let _guard = self.inner.lock_unfenced(); // ordered with starts, which check all three under the lock
         self.inner.lease.store(lease, std::sync::atomic::Ordering::SeqCst);
         self.inner.fenced.store(false, std::sync::atomic::Ordering::SeqCst);
+        *self.inner.lease_deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+    }
+
+    /// The lease was renewed: it now runs until `deadline`. False when the node fenced itself meanwhile (a
+    /// deadline passed before the renewal's answer came): it must register anew.
+    pub fn renewed(&self, deadline: Duration) -> bool {
+        let _guard = self.inner.lock();
+        if self.inner.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        *self.inner.lease_deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+        true
     }
 
     /// This node's registry entry (the lease is filled in when it registers).
@@ -646,8 +654,51 @@ impl Inner {
         Some(local)
     }
 
+    /// The instance lock, after fencing the node if its lease deadline has passed. Every start, restart,
+    /// capability call and status change takes it, so none of them can act on an instance the lost lease
+    /// covered, however late the registry link's own timer fires (a paused process wakes with every timer
+    /// overdue, in no particular order).
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, LocalInstance>> {
+        let mut instances = self.lock_unfenced();
+        if self.lease_lapsed() {
+            self.fence_locked(&mut instances);
+        }
+        instances
+    }
+
+    fn lock_unfenced(&self) -> MutexGuard<'_, BTreeMap<String, LocalInstance>> {
         self.instances.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lease_lapsed(&self) -> bool {
+        if self.config.has_bug(AgentBug::FenceOnTimerOnly) {
+            return false;
+        }
+        let deadline = *self.lease_deadline.lock().unwrap_or_else(|p| p.into_inner());
+        deadline.is_some_and(|d| self.env.clock.now() >= d)
+    }
+
+    /// Fences the node under the instance lock (see [`Agent::fence`]); returns how many instances it dropped.
+    fn fence_locked(&self, instances: &mut BTreeMap<String, LocalInstance>) -> usize {
+        let was_fenced = self.fenced.swap(true, std::sync::atomic::Ordering::SeqCst);
+        *self.lease_deadline.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let fenced: Vec<String> = instances
+            .iter()
+            .filter(|(_, i)| i.policy.policy_type != factum_proto::PolicyType::Never)
+            .filter(|_| !self.config.has_bug(AgentBug::NoFencing))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &fenced {
+            if let Some(mut local) = self.forget(instances, id) {
+                self.end_messaging(&mut local, "fenced: the node lost its registry lease");
+            }
+        }
+        let dropped = fenced.len();
+        if !was_fenced || dropped > 0 {
+            tracing::warn!(node = %self.config.node_id, dropped, "registry lease lost: fenced reschedulable instances");
+            self.env.trace(|| format!("fence {} dropped={dropped}", self.config.node_id));
+        }
+        dropped
     }
 
     fn lease(&self) -> Option<i64> {
@@ -679,8 +730,10 @@ impl Inner {
             epoch: local.epoch,
         };
         tracing::debug!(instance_id, %status, seq = local.seq, "status");
-        self.env
-            .trace(|| format!("status {instance_id} {status} seq={} restarts={}", local.seq, local.metadata.restarts));
+        self.env.trace(|| {
+            let (seq, restarts, policy) = (local.seq, local.metadata.restarts, local.policy.policy_type);
+            format!("status {instance_id} {status} seq={seq} restarts={restarts} policy={policy}")
+        });
         if self.env.buggify("agent.drop_status_report") {
             return; // the next snapshot must repair the control plane's view
         }

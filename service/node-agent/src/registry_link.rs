@@ -4,7 +4,8 @@
 //!
 //! Why the fence comes first: the lease was renewed at the registry no earlier than the renewal was sent, so
 //! it cannot expire before `last successful send + TTL`. The agent fences at `last successful send + 4/5 TTL`
-//! by its own clock, while the control plane only reschedules after it has seen the expiry.
+//! by its own clock, while the control plane only reschedules after it has seen the expiry. The agent does not
+//! rely on this task's timer firing on time: the deadline is checked whenever the instance lock is taken.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +41,7 @@ async fn registry_link(agent: Agent, registry: Arc<dyn Registry>) {
                 continue;
             }
         };
-        agent.registered(lease);
+        agent.registered(lease, sent + fence_after);
         tracing::info!(node = %node.node_id, lease, ?ttl, "registered");
         env.trace(|| format!("registered {} lease={lease}", node.node_id));
         let mut fence_at = sent + fence_after;
@@ -56,7 +57,12 @@ async fn registry_link(agent: Agent, registry: Arc<dyn Registry>) {
                 break;
             }
             match env.timeout(fence_at - sent, registry.keep_alive(lease)).await {
-                Some(Ok(())) => fence_at = sent + fence_after,
+                Some(Ok(())) => {
+                    fence_at = sent + fence_after;
+                    if !agent.renewed(fence_at) {
+                        break; // fenced meanwhile: what ran under this lease is gone, so take a new one
+                    }
+                }
                 Some(Err(RegistryError::LeaseExpired(_))) => {
                     tracing::warn!(node = %node.node_id, lease, "registry lease expired");
                     agent.fence();

@@ -145,6 +145,29 @@ fn an_agent_cut_off_from_the_registry_fences_before_its_lease_expires() {
     });
 }
 
+#[test]
+fn a_lapsed_lease_fences_the_next_action_even_if_the_registry_link_never_runs() {
+    paused().block_on(async {
+        // No registry link: it stands for one whose timer fires late (a process woken from a pause).
+        let env = Env::tokio();
+        let config = AgentConfig::new("n1", "n1:7701");
+        let (agent, _reports) =
+            Agent::new(env.clone(), config, Arc::new(WasmiEngine::new()), Arc::new(MemoryKv::new()));
+        agent.registered(7, env.clock.now() + Duration::from_secs(1));
+        agent.start_instance(start("moves", PolicyType::Always, Some(7))).await.unwrap();
+        agent.start_instance(start("stays", PolicyType::Never, Some(7))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        agent.start_instance(start("early", PolicyType::Always, Some(7))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(agent.facts("moves").is_some(), "looking is not acting: reads do not fence");
+        let refused = agent.start_instance(start("late", PolicyType::Always, Some(7))).await.unwrap_err();
+        assert_eq!(refused.error_code, ErrorCode::CommunicationFailure, "{refused}");
+        assert!(agent.facts("moves").is_none() && agent.facts("early").is_none(), "the late start fenced the node");
+        assert!(agent.facts("stays").is_some(), "a `never` instance is never rescheduled, so it keeps running");
+        assert!(!agent.renewed(Duration::from_secs(10)), "a renewal after the fence must not revive the lease");
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(100))]
 

@@ -187,6 +187,16 @@ impl FromStr for PolicyType {
     }
 }
 
+impl std::fmt::Display for PolicyType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PolicyType::Never => "never",
+            PolicyType::Always => "always",
+            PolicyType::OnFailure => "on_failure",
+        })
+    }
+}
+
 /// Longest accepted base backoff.
 pub const MAX_BACKOFF_SECONDS: u32 = 3600;
 /// Largest accepted `max_retries`.
