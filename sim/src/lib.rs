@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use factum_control_plane::{ControlPlane, ControlPlaneConfig};
-use factum_env::{rpc, Env, Pause};
+use factum_env::{rpc, Env, MachineClock, Pause};
 use factum_node_agent::{Agent, AgentConfig};
 use factum_proto::{
     CapabilityGrant, ControlPlaneClient, InstanceMetadata, InstanceStatus, NodeInfo, RestartPolicy, StartRequest,
@@ -73,6 +73,9 @@ pub struct ClusterConfig {
     pub lease_ttl: Duration,
     /// Largest wall-clock skew between a host and true simulated time; each host draws its own from the seed.
     pub clock_skew: Duration,
+    /// Largest relative error of a host's clock rate: each host's clock runs at a seeded rate within
+    /// 1 ± this of true time (0: exact). Lease fencing assumes rates within 20% of each other.
+    pub clock_drift: f64,
     /// A bug injected into every agent, to prove the simulator catches it.
     pub agent_bug: Option<factum_node_agent::AgentBug>,
 }
@@ -98,6 +101,7 @@ impl ClusterConfig {
             registry: false,
             lease_ttl: Duration::from_secs(2),
             clock_skew: Duration::ZERO,
+            clock_drift: 0.0,
             agent_bug: None,
         }
     }
@@ -114,6 +118,18 @@ impl ClusterConfig {
             rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ 0x5c3e ^ (host << 16)).next_u64() % (2 * span + 1);
         let origin = sim_epoch() + self.clock_skew;
         origin - Duration::from_millis(draw)
+    }
+
+    /// The rate of host number `host`'s clock (numbered as in [`wall_origin`](Self::wall_origin)): within
+    /// 1 ± `clock_drift`, drawn from the seed.
+    pub fn clock_rate(&self, host: u64) -> f64 {
+        use rand_core::{RngCore, SeedableRng};
+        if self.clock_drift <= 0.0 {
+            return 1.0;
+        }
+        let draw = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ 0xd41f7 ^ (host << 16)).next_u64();
+        let unit = (draw % 2_001) as f64 / 1_000.0 - 1.0; // in [-1, 1]
+        1.0 + unit * self.clock_drift
     }
 }
 
@@ -134,6 +150,8 @@ pub struct Observed {
     registry: Mutex<Option<Arc<MemoryRegistry>>>,
     /// Each host's pause switch, kept across its restarts.
     pauses: Mutex<BTreeMap<String, Arc<Pause>>>,
+    /// Each host's machine clock, kept across its restarts.
+    clocks: Mutex<BTreeMap<String, Arc<MachineClock>>>,
 }
 
 impl Observed {
@@ -168,6 +186,17 @@ impl Observed {
         let mut pauses = self.pauses.lock().unwrap_or_else(|p| p.into_inner());
         let salt = pauses.len() as u64;
         pauses.entry(name.to_string()).or_insert_with(|| Pause::new(seed ^ 0x9a05e ^ (salt << 24))).clone()
+    }
+
+    /// The machine clock of host `name`, if the cluster has that host.
+    pub fn clock(&self, name: &str) -> Option<Arc<MachineClock>> {
+        self.clocks.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    fn machine(&self, name: &str, config: &ClusterConfig, host: u64) -> Arc<MachineClock> {
+        let machine = MachineClock::new(config.wall_origin(host), config.clock_rate(host));
+        self.clocks.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), machine.clone());
+        machine
     }
 
     /// A consistent picture of the cluster now.
@@ -239,14 +268,16 @@ pub fn build_observed_cluster(
     let cp_incarnations = incarnations.clone();
     let cp_faults = faults.clone();
     let with_registry = config.registry;
-    let cp_wall = config.wall_origin(0);
+    let cp_machine = observed.machine(CONTROL_PLANE, config, 0);
     let cp_pause = observed.pause(CONTROL_PLANE, seed);
     if with_registry {
         let registry_observed = observed.clone();
         let registry_trace = trace.clone();
         let pause = observed.pause(REGISTRY, seed);
+        let machine = observed.machine(REGISTRY, config, 0xe7cd);
         sim.host(REGISTRY, move || {
             let env = Env::turmoil(seed ^ 0xe7cd, sim_epoch())
+                .with_machine_clock(&machine)
                 .with_trace(REGISTRY, registry_trace.clone())
                 .with_pause(pause.clone());
             let observed = registry_observed.clone();
@@ -262,7 +293,8 @@ pub fn build_observed_cluster(
     sim.host(CONTROL_PLANE, move || {
         let incarnation = cp_incarnations.fetch_add(1, Ordering::SeqCst);
         let env = with_faults(
-            Env::turmoil(seed ^ 0xc0 ^ (incarnation << 32), restarted(cp_wall))
+            Env::turmoil(seed ^ 0xc0 ^ (incarnation << 32), sim_epoch())
+                .with_machine_clock(&cp_machine)
                 .with_trace(CONTROL_PLANE, cp_trace.clone())
                 .with_pause(cp_pause.clone()),
             &cp_faults,
@@ -289,13 +321,14 @@ pub fn build_observed_cluster(
         let agent_incarnations = incarnations.clone();
         let agent_faults = faults.clone();
         let lease_ttl = config.lease_ttl;
-        let wall = config.wall_origin(i as u64);
+        let machine = observed.machine(&name, config, i as u64);
         let agent_bug = config.agent_bug;
         let pause = observed.pause(&name, seed);
         sim.host(name.clone(), move || {
             let incarnation = agent_incarnations.fetch_add(1, Ordering::SeqCst);
             let env = with_faults(
-                Env::turmoil(seed ^ ((i as u64) << 8) ^ (incarnation << 32), restarted(wall))
+                Env::turmoil(seed ^ ((i as u64) << 8) ^ (incarnation << 32), sim_epoch())
+                    .with_machine_clock(&machine)
                     .with_trace(name.clone(), agent_trace.clone())
                     .with_pause(pause.clone()),
                 &agent_faults,
@@ -324,12 +357,6 @@ pub fn build_observed_cluster(
         });
     }
     sim
-}
-
-/// The wall-clock origin of a host (re)started now: a restarted process reads the machine's clock, which went
-/// on while it was down (a host's env clock counts from the host's start).
-fn restarted(origin: SystemTime) -> SystemTime {
-    origin + turmoil::sim_elapsed().unwrap_or_default()
 }
 
 fn remote_registry(env: &Env) -> Arc<dyn factum_registry::Registry> {

@@ -82,10 +82,23 @@ pub struct Scenario {
     /// Timestamps then disagree between hosts; nothing may depend on them for ordering.
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub clock_skew: Option<Duration>,
+    /// Largest relative error of a host's clock rate (default 0): each host's clock runs at a seeded rate
+    /// within 1 ± this. At most 0.1: lease fencing assumes rates within 20% of each other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_drift: Option<f64>,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// A signed duration (`"90s"`, `"-2m"`) in seconds.
+fn signed_seconds(text: &str) -> Result<f64, String> {
+    let (sign, magnitude) = match text.strip_prefix('-') {
+        Some(rest) => (-1.0, rest),
+        None => (1.0, text.strip_prefix('+').unwrap_or(text)),
+    };
+    humantime::parse_duration(magnitude).map(|d| sign * d.as_secs_f64()).map_err(|e| e.to_string())
 }
 
 /// Item `r` (mod the length) of a non-empty list.
@@ -135,8 +148,12 @@ pub struct Step {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub b: Option<String>,
     /// `lossy`: probability in (0, 1] that a link fails (drops what it carries) at each network step.
+    /// `drift`: the host clock's new rate against true time, in [0.5, 2].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<f64>,
+    /// `jump`: how far the host's wall clock is set, forward or (with a leading `-`) back, e.g. `"-30s"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
     /// `start`: the run fails if a start does not succeed within a few attempts (a healthy cluster must take
     /// new work); by default a failed start is one of the faults' effects and is ignored.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -154,6 +171,8 @@ impl Step {
             Action::Grant => &["capability", "permissions"],
             Action::Revoke => &["capability"],
             Action::Crash | Action::Restart | Action::Recover | Action::Pause | Action::Resume => &["node"],
+            Action::Drift => &["node", "rate"],
+            Action::Jump => &["node", "by"],
             Action::Partition | Action::Hold => &["a", "b"],
             Action::Lossy => &["rate"],
             Action::StopAll | Action::Release | Action::Reliable | Action::Heal => &[],
@@ -170,6 +189,7 @@ impl Step {
             ("a", self.a.is_some()),
             ("b", self.b.is_some()),
             ("rate", self.rate.is_some()),
+            ("by", self.by.is_some()),
             ("must_succeed", self.must_succeed),
         ];
         set.into_iter().find(|(field, set)| *set && !takes.contains(field)).map(|(field, _)| field)
@@ -199,6 +219,10 @@ pub enum Action {
     Pause,
     /// Thaw host `node`: every frozen task wakes at once, its timers long past due.
     Resume,
+    /// Host `node`'s clock runs at `rate` from now on (drift; its time stays continuous).
+    Drift,
+    /// Host `node`'s wall clock is set forward or back `by` (monotonic time is untouched).
+    Jump,
     /// Drop traffic between `a` and `b`.
     Partition,
     /// Hold traffic between `a` and `b`: nothing is lost, everything arrives late, at the next `release`.
@@ -219,12 +243,14 @@ impl Action {
     }
 
     /// Every fault a scenario can inject, for coverage reports.
-    pub const FAULTS: [Action; 12] = [
+    pub const FAULTS: [Action; 14] = [
         Action::Crash,
         Action::Restart,
         Action::Recover,
         Action::Pause,
         Action::Resume,
+        Action::Drift,
+        Action::Jump,
         Action::Partition,
         Action::Hold,
         Action::Release,
@@ -272,6 +298,9 @@ impl Scenario {
         if self.agents == 0 {
             return Err("a scenario needs at least one agent".into());
         }
+        if !self.clock_drift.is_none_or(|d| (0.0..=0.1).contains(&d)) {
+            return Err("clock_drift must be in [0, 0.1]: fencing assumes clock rates within 20% of each other".into());
+        }
         let registry = self.registry.then(|| crate::REGISTRY.to_string());
         let hosts: BTreeSet<String> = std::iter::once(crate::CONTROL_PLANE.to_string())
             .chain(registry)
@@ -304,6 +333,18 @@ impl Scenario {
                 Action::Partition | Action::Hold => {
                     host(&step.a, "a", step)?;
                     host(&step.b, "b", step)?;
+                }
+                Action::Drift => {
+                    host(&step.node, "node", step)?;
+                    if !step.rate.is_some_and(|r| (0.5..=2.0).contains(&r)) {
+                        return Err(format!("step at {:?} (drift) needs `rate` in [0.5, 2]", step.at));
+                    }
+                }
+                Action::Jump => {
+                    host(&step.node, "node", step)?;
+                    signed_seconds(step.by.as_deref().unwrap_or_default()).map_err(|e| {
+                        format!("step at {:?} (jump) needs `by`, a duration like \"-30s\": {e}", step.at)
+                    })?;
                 }
                 Action::Lossy if !step.rate.is_some_and(|r| r > 0.0 && r <= 1.0) => {
                     return Err(format!("step at {:?} (lossy) needs `rate` in (0, 1]", step.at));
@@ -373,14 +414,17 @@ impl Scenario {
             a: None,
             b: None,
             rate: None,
+            by: None,
             must_succeed: false,
         };
+        let clock_hosts: Vec<String> =
+            hosts.iter().cloned().chain(registry.then(|| crate::REGISTRY.to_string())).collect();
         let mut steps = Vec::new();
         let events = 4 + pick(8);
         for _ in 0..events {
             // Chaos ends before the settle steps, which the shrinker keeps.
             let at = Duration::from_millis(500 + pick(chaos_end.as_millis().saturating_sub(1000) as u64));
-            let step = match pick(11) {
+            let step = match pick(12) {
                 0..=2 => {
                     let mut s = blank(at, Action::Start);
                     s.instances = Some(1 + pick(5) as usize);
@@ -436,6 +480,21 @@ impl Scenario {
                     s.capability = Some("kv".into());
                     s
                 }
+                10 => {
+                    // A machine clock set forward or back up to 30 s, or running up to 10% fast or slow.
+                    let host = nth(&clock_hosts, pick(clock_hosts.len() as u64));
+                    if pick(2) == 0 {
+                        let mut s = blank(at, Action::Jump);
+                        s.by = Some(format!("{}{}s", nth(&["", "-"], pick(2)), 1 + pick(30)));
+                        s.node = Some(host);
+                        s
+                    } else {
+                        let mut s = blank(at, Action::Drift);
+                        s.rate = Some(0.9 + pick(201) as f64 / 1_000.0);
+                        s.node = Some(host);
+                        s
+                    }
+                }
                 _ => {
                     // A process frozen for up to 6 s: past the lease TTL, the failure detector, RPC deadlines.
                     let host = if registry && pick(4) == 0 {
@@ -488,6 +547,8 @@ impl Scenario {
             registry,
             // A third of the runs have hosts whose wall clocks disagree by up to 30 s.
             clock_skew: (pick(3) == 0).then(|| Duration::from_secs(30)),
+            // A third of the runs have clocks running up to 10% fast or slow.
+            clock_drift: (pick(3) == 0).then_some(0.1),
         }
     }
 
@@ -662,6 +723,7 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
         config.latency.1 = max;
     }
     config.clock_skew = scenario.clock_skew.unwrap_or_default();
+    config.clock_drift = scenario.clock_drift.unwrap_or_default();
     let buggify = config.faults.clone();
     let trace = Arc::new(TraceLog::default());
     let observed = Arc::new(Observed::default());
@@ -737,7 +799,9 @@ fn sorted(mut steps: Vec<Step>) -> Vec<Step> {
 
 fn describe(step: &Step) -> String {
     let hosts = [&step.node, &step.a, &step.b].into_iter().filter_map(|h| h.as_deref());
-    hosts.map(str::to_string).chain(step.rate.map(|r| format!("rate={r}"))).collect::<Vec<_>>().join(" ")
+    let rate = step.rate.map(|r| format!("rate={r}"));
+    let by = step.by.as_ref().map(|b| format!("by={b}"));
+    hosts.map(str::to_string).chain(rate).chain(by).collect::<Vec<_>>().join(" ")
 }
 
 /// The network faults in force, so `heal` and `release` can undo them.
@@ -807,6 +871,16 @@ fn inject(
         Action::Release => {
             for (a, b) in network.holds.drain(..) {
                 sim.release(a.as_str(), b.as_str());
+            }
+        }
+        Action::Drift => {
+            if let Some(clock) = step.node.as_deref().and_then(|node| observed.clock(node)) {
+                clock.set_rate(sim.elapsed(), step.rate.unwrap_or(1.0));
+            }
+        }
+        Action::Jump => {
+            if let Some(clock) = step.node.as_deref().and_then(|node| observed.clock(node)) {
+                clock.step_wall(signed_seconds(step.by.as_deref().unwrap_or_default()).unwrap_or_default());
             }
         }
         Action::Lossy => sim.set_fail_rate(step.rate.unwrap_or_default()),

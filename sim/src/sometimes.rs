@@ -26,6 +26,8 @@ pub const GOALS: &[Goal] = &[
     Goal { name: "fault: message loss", reached_by: |l| driver(l, "Lossy") },
     Goal { name: "fault: heal", reached_by: |l| driver(l, "Heal") },
     Goal { name: "fault: pause", reached_by: |l| driver(l, "Pause") },
+    Goal { name: "fault: clock drift", reached_by: |l| driver(l, "Drift") },
+    Goal { name: "fault: wall clock jump", reached_by: |l| driver(l, "Jump") },
     Goal { name: "instance crashed", reached_by: |l| l.contains(" status ") && l.contains(" crashed seq=") },
     Goal {
         name: "instance restarted by policy",

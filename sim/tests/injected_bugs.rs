@@ -173,3 +173,11 @@ fn an_agent_that_fences_only_on_its_timer_is_caught_by_the_always_on_monitor() {
     let (seed, failure) = first_agent_failure("agent_pause.toml", AgentBug::FenceOnTimerOnly).expect("bug not caught");
     assert!(failure.contains("P12 nodes_act_only_under_their_lease"), "seed {seed}: {failure}");
 }
+
+#[test]
+fn an_agent_that_fences_at_the_full_ttl_is_caught_under_clock_drift() {
+    let (seed, failure) = first_agent_failure("clock_drift.toml", AgentBug::FenceAtTtl).expect("bug not caught");
+    // Either the node acted after its lease expired, or a sample saw it still running what moved elsewhere.
+    let fencing = ["P12 nodes_act_only_under_their_lease", "single_placement"];
+    assert!(fencing.iter().any(|check| failure.contains(check)), "seed {seed}: {failure}");
+}

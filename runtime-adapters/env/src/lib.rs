@@ -286,7 +286,7 @@ impl Rng for SeededRng {
 #[cfg(feature = "turmoil")]
 mod sim;
 #[cfg(feature = "turmoil")]
-pub use sim::TurmoilNet;
+pub use sim::{MachineClock, TurmoilNet};
 
 #[cfg(test)]
 mod tests {

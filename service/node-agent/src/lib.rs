@@ -129,6 +129,9 @@ pub enum AgentBug {
     /// Only the registry link's timer fences the node, so a process that wakes from a pause past its lease
     /// deadline may serve calls and starts before that timer runs (breaks P12's fencing).
     FenceOnTimerOnly,
+    /// The node fences a whole TTL after its last renewal was sent instead of 4/5 of it: right only if its clock
+    /// runs exactly as fast as the registry's (breaks P12's fencing under clock drift).
+    FenceAtTtl,
 }
 
 impl AgentConfig {

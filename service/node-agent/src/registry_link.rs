@@ -29,7 +29,7 @@ async fn registry_link(agent: Agent, registry: Arc<dyn Registry>) {
     let env = agent.inner.env.clone();
     let ttl = agent.inner.config.lease_ttl;
     let renew_every = ttl / 3;
-    let fence_after = ttl * 4 / 5;
+    let fence_after = if agent.inner.config.has_bug(crate::AgentBug::FenceAtTtl) { ttl } else { ttl * 4 / 5 };
     let node = agent.registration();
     loop {
         let sent = env.clock.now();

@@ -74,8 +74,10 @@ async fn counted_server() -> (u16, Arc<Delays>) {
                 } else if path == "/delay" {
                     delayed.received.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    let _ = socket.write_all(&reply("200 OK", "content-length: 2\r\n\r\n", b"ok")).await;
+                    // Counted before the answer is written: once written, the client may see it (and its test
+                    // go on to read this counter) before this task runs its next line.
                     delayed.answered.fetch_add(1, Ordering::SeqCst);
+                    let _ = socket.write_all(&reply("200 OK", "content-length: 2\r\n\r\n", b"ok")).await;
                     return;
                 } else if path == "/slow" {
                     tokio::time::sleep(Duration::from_secs(5)).await;
