@@ -275,7 +275,10 @@ pub fn build_observed_cluster(
         let registry_trace = trace.clone();
         let pause = observed.pause(REGISTRY, seed);
         let machine = observed.machine(REGISTRY, config, 0xe7cd);
+        // etcd's data directory: what a crashed etcd had acknowledged is there when it restarts.
+        let disk: Arc<Mutex<Option<Arc<MemoryRegistry>>>> = Arc::default();
         sim.host(REGISTRY, move || {
+            let disk = disk.clone();
             let env = Env::turmoil(seed ^ 0xe7cd, sim_epoch())
                 .with_machine_clock(&machine)
                 .with_trace(REGISTRY, registry_trace.clone())
@@ -283,7 +286,15 @@ pub fn build_observed_cluster(
             let observed = registry_observed.clone();
             pause.gate(async move {
                 let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
-                let registry = Arc::new(MemoryRegistry::new(env.clone(), REGISTRY_PREFIX));
+                let registry = {
+                    let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
+                    let registry = Arc::new(match disk.as_ref() {
+                        Some(before) => before.restarted(env.clone()),
+                        None => MemoryRegistry::new(env.clone(), REGISTRY_PREFIX),
+                    });
+                    *disk = Some(registry.clone());
+                    registry
+                };
                 *observed.registry.lock().unwrap_or_else(|p| p.into_inner()) = Some(registry.clone());
                 factum_registry::serve(env, registry, listener).await;
                 Ok(())

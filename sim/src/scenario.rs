@@ -417,7 +417,8 @@ impl Scenario {
             by: None,
             must_succeed: false,
         };
-        let clock_hosts: Vec<String> =
+        // Every host, etcd too (it keeps its data across a crash).
+        let machines: Vec<String> =
             hosts.iter().cloned().chain(registry.then(|| crate::REGISTRY.to_string())).collect();
         let mut steps = Vec::new();
         let events = 4 + pick(8);
@@ -449,12 +450,12 @@ impl Scenario {
                 }
                 3 => {
                     let mut s = blank(at, Action::Crash);
-                    s.node = Some(nth(&hosts, pick(hosts.len() as u64)));
+                    s.node = Some(nth(&machines, pick(machines.len() as u64)));
                     s
                 }
                 4 => {
                     let mut s = blank(at, Action::Restart);
-                    s.node = Some(nth(&hosts, pick(hosts.len() as u64)));
+                    s.node = Some(nth(&machines, pick(machines.len() as u64)));
                     s
                 }
                 5 | 6 => {
@@ -482,7 +483,7 @@ impl Scenario {
                 }
                 10 => {
                     // A machine clock set forward or back up to 30 s, or running up to 10% fast or slow.
-                    let host = nth(&clock_hosts, pick(clock_hosts.len() as u64));
+                    let host = nth(&machines, pick(machines.len() as u64));
                     if pick(2) == 0 {
                         let mut s = blank(at, Action::Jump);
                         s.by = Some(format!("{}{}s", nth(&["", "-"], pick(2)), 1 + pick(30)));
@@ -497,11 +498,7 @@ impl Scenario {
                 }
                 _ => {
                     // A process frozen for up to 6 s: past the lease TTL, the failure detector, RPC deadlines.
-                    let host = if registry && pick(4) == 0 {
-                        crate::REGISTRY.to_string()
-                    } else {
-                        nth(&hosts, pick(hosts.len() as u64))
-                    };
+                    let host = nth(&machines, pick(machines.len() as u64));
                     let mut resume =
                         blank((at + Duration::from_millis(200 + pick(6000))).min(chaos_end), Action::Resume);
                     resume.node = Some(host.clone());
@@ -515,8 +512,7 @@ impl Scenario {
         }
         // Settle: heal every partition and bring back every host that is down or frozen.
         steps.push(blank(chaos_end, Action::Heal));
-        let registry_host = registry.then(|| crate::REGISTRY.to_string());
-        for host in hosts.iter().chain(&registry_host) {
+        for host in &machines {
             let mut s = blank(chaos_end + Duration::from_millis(100), Action::Recover);
             s.node = Some(host.clone());
             steps.push(s);

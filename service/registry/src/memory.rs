@@ -18,6 +18,7 @@ struct Lease {
     expires_at: Duration,
 }
 
+#[derive(Clone)]
 struct Entry {
     value: Vec<u8>,
     lease: Option<LeaseId>,
@@ -47,6 +48,23 @@ impl MemoryRegistry {
             keys: Keys::new(prefix),
             state: Mutex::new(State::default()),
             revision: watch::channel(0).0,
+        }
+    }
+
+    /// The same data served by a new process, as etcd restarted from its data directory: entries, the revision
+    /// and lease ids are kept, and every lease's TTL starts over from now on `env`'s clock (etcd does the same
+    /// when a new leader takes over, so its own downtime never expires a lease).
+    pub fn restarted(&self, env: Env) -> Self {
+        let old = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = env.clock.now();
+        let leases = old.leases.iter().map(|(id, l)| (*id, Lease { ttl: l.ttl, expires_at: now + l.ttl })).collect();
+        let state = State { revision: old.revision, next_lease: old.next_lease, leases, entries: old.entries.clone() };
+        env.trace(|| format!("registry recovered revision={} leases={}", state.revision, state.leases.len()));
+        MemoryRegistry {
+            env,
+            keys: self.keys.clone(),
+            revision: watch::channel(state.revision).0,
+            state: Mutex::new(state),
         }
     }
 

@@ -32,6 +32,28 @@ fn paused() -> tokio::runtime::Runtime {
 }
 
 #[test]
+fn a_restarted_registry_keeps_its_data_and_starts_every_lease_ttl_over() {
+    paused().block_on(async {
+        let registry = MemoryRegistry::new(Env::tokio(), "/factum");
+        let lease = registry.grant_lease(Duration::from_secs(2)).await.unwrap();
+        registry.register_node(&node("n1", lease), lease).await.unwrap();
+        let before = registry.membership().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1900)).await;
+        let restarted = registry.restarted(Env::tokio());
+        drop(registry);
+        let after = restarted.membership().await.unwrap();
+        assert_eq!((after.revision, after.nodes.len()), (before.revision, 1), "data and revision survive");
+        tokio::time::sleep(Duration::from_millis(1900)).await;
+        assert_eq!(restarted.membership().await.unwrap().nodes.len(), 1, "the TTL started over at the restart");
+        restarted.keep_alive(lease).await.unwrap();
+        let next = restarted.grant_lease(Duration::from_secs(2)).await.unwrap();
+        assert!(next > lease, "lease ids are never reused");
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert!(restarted.membership().await.unwrap().nodes.is_empty(), "and it still expires when not renewed");
+    });
+}
+
+#[test]
 fn a_lease_not_renewed_expires_with_its_keys() {
     paused().block_on(async {
         let registry = MemoryRegistry::new(Env::tokio(), "/factum");
