@@ -20,6 +20,8 @@ pub struct ControlPlaneView {
     pub policies: BTreeMap<String, RestartPolicy>,
     /// Sequence number of the agent fact each listed instance's status comes from.
     pub fact_seqs: BTreeMap<String, u64>,
+    /// Everything the control plane holds: its maps rendered with `Debug`, and its module map (hash, bytes).
+    pub held: (String, factum_control_plane::HeldModules),
 }
 
 /// The cluster at one moment: the control plane's view (if it is up) and the truth of every running agent.
@@ -32,7 +34,7 @@ pub struct View {
     /// Facts of every running agent, by node.
     pub agents: BTreeMap<String, Vec<InstanceFacts>>,
     /// Every key of the simulated registry, when the cluster runs one and it is up.
-    pub registry_keys: Option<Vec<String>>,
+    pub registry_entries: Option<Vec<(String, Vec<u8>)>>,
     /// Hosts frozen by a `pause` fault now.
     pub paused: BTreeSet<String>,
 }
@@ -73,19 +75,24 @@ pub fn check_names() -> Vec<String> {
         .collect()
 }
 
-/// Property 11: the registry holds node entries and provider metadata only: no key names an instance, and
-/// nothing lives outside `nodes/` and `providers/`.
+/// Property 11: the registry holds node entries and provider metadata only: nothing lives outside `nodes/` and
+/// `providers/`, and no key or value names an instance.
 pub fn registry_only_membership(view: &View) -> Result<(), String> {
-    let Some(keys) = &view.registry_keys else { return Ok(()) };
+    let Some(entries) = &view.registry_entries else { return Ok(()) };
     let nodes = format!("{}/nodes/", crate::REGISTRY_PREFIX);
     let providers = format!("{}/providers/", crate::REGISTRY_PREFIX);
-    if let Some(bad) = keys.iter().find(|k| !k.starts_with(&nodes) && !k.starts_with(&providers)) {
+    if let Some((bad, _)) = entries.iter().find(|(k, _)| !k.starts_with(&nodes) && !k.starts_with(&providers)) {
         return Err(format!("registry holds {bad:?}, which is neither a node nor a provider"));
     }
-    let instance_ids = view.agents.values().flatten().map(|f| f.metadata.instance_id.as_str());
+    let instance_ids: BTreeSet<&str> =
+        view.agents.values().flatten().map(|f| f.metadata.instance_id.as_str()).collect();
     for id in instance_ids {
-        if let Some(key) = keys.iter().find(|k| k.ends_with(&format!("/{id}"))) {
+        if let Some((key, _)) = entries.iter().find(|(k, _)| k.ends_with(&format!("/{id}"))) {
             return Err(format!("registry key {key:?} names instance {id}"));
+        }
+        let named = |value: &[u8]| value.windows(id.len()).any(|w| w == id.as_bytes());
+        if let Some((key, _)) = entries.iter().find(|(_, value)| named(value)) {
+            return Err(format!("registry value under {key:?} names instance {id}"));
         }
     }
     Ok(())
@@ -279,5 +286,52 @@ pub fn restarts(view: &View, n: &str) -> Result<(), String> {
     match cp(view)?.instances.iter().find(|m| m.restarts != want) {
         Some(m) => Err(format!("{} restarted {} times, expected {want}", m.instance_id, m.restarts)),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use factum_proto::{InstanceFacts, RestartPolicy};
+
+    fn running(id: &str) -> InstanceFacts {
+        InstanceFacts {
+            metadata: InstanceMetadata {
+                instance_id: id.into(),
+                node_id: "agent-1".into(),
+                module_hash: "h".into(),
+                created_at: 0,
+                status: InstanceStatus::Running,
+                restarts: 0,
+                last_error: None,
+            },
+            capabilities: Vec::new(),
+            restart_policy: RestartPolicy::default(),
+            seq: 1,
+            epoch: 1,
+            lease: None,
+        }
+    }
+
+    fn with_registry(entries: &[(&str, &str)]) -> View {
+        View {
+            control_plane: None,
+            control_plane_incarnation: 1,
+            agents: [("agent-1".to_string(), vec![running("s0-1")])].into_iter().collect(),
+            registry_entries: Some(entries.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()),
+            paused: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn p11_looks_at_keys_and_values() {
+        let node = ("/factum/nodes/agent-1", r#"{"node_id":"agent-1","agent_addr":"agent-1:7700"}"#);
+        registry_only_membership(&with_registry(&[node])).unwrap();
+        let stray = ("/factum/instances/x", "{}");
+        assert!(registry_only_membership(&with_registry(&[node, stray])).is_err());
+        let keyed = ("/factum/providers/s0-1", "{}");
+        assert!(registry_only_membership(&with_registry(&[node, keyed])).is_err());
+        let valued = ("/factum/providers/kv@agent-1", r#"{"serves":"s0-1"}"#);
+        assert!(registry_only_membership(&with_registry(&[node, valued])).is_err());
     }
 }

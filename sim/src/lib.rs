@@ -28,7 +28,7 @@ use factum_proto::{
 };
 use factum_providers::MemoryKv;
 use factum_registry::{MemoryRegistry, RemoteRegistry};
-use factum_wasm::{fixtures, Limits, WasmiEngine};
+use factum_wasm::{fixtures, Limits, WasmiEngine, WasmtimeEngine};
 
 pub use trace::TraceLog;
 
@@ -78,6 +78,13 @@ pub struct ClusterConfig {
     pub clock_drift: f64,
     /// A bug injected into every agent, to prove the simulator catches it.
     pub agent_bug: Option<factum_node_agent::AgentBug>,
+    /// A bug injected into every agent's wasmi engine, to prove the simulator catches it.
+    pub engine_bug: Option<factum_wasm::EngineBug>,
+    /// Even-numbered agents run wasmtime (fuel-metered, like wasmi) instead of wasmi.
+    pub wasmtime: bool,
+    /// Check the always-on monitor at every sample (default). Off only to show that a scenario's own check
+    /// catches a bug by itself, without the monitor catching it first.
+    pub monitor: bool,
 }
 
 impl ClusterConfig {
@@ -103,6 +110,9 @@ impl ClusterConfig {
             clock_skew: Duration::ZERO,
             clock_drift: 0.0,
             agent_bug: None,
+            engine_bug: None,
+            wasmtime: false,
+            monitor: true,
         }
     }
 
@@ -217,6 +227,7 @@ impl Observed {
                     .filter_map(|m| cp.query_instance(&m.instance_id).ok())
                     .map(|d| (d.metadata.instance_id, d.restart_policy))
                     .collect(),
+                held: cp.held_state(),
                 fact_seqs: cp
                     .list_instances()
                     .iter()
@@ -226,7 +237,7 @@ impl Observed {
                 nodes: cp.list_nodes(),
             }),
             agents: agents.iter().map(|(name, agent)| (name.clone(), agent.snapshot())).collect(),
-            registry_keys: self.registry.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|r| r.keys_now()),
+            registry_entries: self.registry.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|r| r.entries_now()),
             paused: self
                 .pauses
                 .lock()
@@ -334,6 +345,8 @@ pub fn build_observed_cluster(
         let lease_ttl = config.lease_ttl;
         let machine = observed.machine(&name, config, i as u64);
         let agent_bug = config.agent_bug;
+        let engine_bug = config.engine_bug;
+        let wasmtime = config.wasmtime && i % 2 == 0;
         let pause = observed.pause(&name, seed);
         sim.host(name.clone(), move || {
             let incarnation = agent_incarnations.fetch_add(1, Ordering::SeqCst);
@@ -355,8 +368,12 @@ pub fn build_observed_cluster(
             agent_config.limits = Limits { fuel_yield_interval: 10_000, ..Limits::default() };
             pause.gate(async move {
                 let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
-                let (agent, reports) =
-                    Agent::new(env.clone(), agent_config, Arc::new(WasmiEngine::new()), Arc::new(MemoryKv::new()));
+                let engine: Arc<dyn factum_wasm::WasmEngine> = match (wasmtime, engine_bug) {
+                    (true, _) => Arc::new(WasmtimeEngine::new()?),
+                    (false, Some(bug)) => Arc::new(WasmiEngine::with_injected_bug(bug)),
+                    (false, None) => Arc::new(WasmiEngine::new()),
+                };
+                let (agent, reports) = Agent::new(env.clone(), agent_config, engine, Arc::new(MemoryKv::new()));
                 observed.set_agent(&name, Some(agent.clone()));
                 if with_registry {
                     env.spawn(factum_node_agent::run_registry_link(agent.clone(), remote_registry(&env)));

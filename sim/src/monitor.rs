@@ -195,11 +195,20 @@ pub fn instances_live_on_known_nodes(view: &View) -> Result<(), String> {
     }
 }
 
-/// Property 7: what guests store through their capabilities never shows up in the control plane's state.
+/// Property 7: what guests store through their capabilities never shows up in the control plane's state: not
+/// in any of its maps, as text or as bytes, and nothing but modules, each under its own hash, in its module map
+/// (module bytes are user code and may carry any string, so that map is checked by hash instead).
 pub fn no_application_data_in_the_control_plane(view: &View) -> Result<(), String> {
     let Some(cp) = &view.control_plane else { return Ok(()) };
-    if format!("{cp:?}").contains(APPLICATION_DATA) {
+    let (maps, modules) = &cp.held;
+    // `Debug` renders a byte string as a list of numbers.
+    let as_bytes = format!("{:?}", APPLICATION_DATA.as_bytes());
+    let as_bytes = as_bytes.trim_start_matches('[').trim_end_matches(']');
+    if maps.contains(APPLICATION_DATA) || maps.contains(as_bytes) {
         return Err(format!("the control plane's state holds application data {APPLICATION_DATA:?}"));
+    }
+    if let Some((hash, _)) = modules.iter().find(|(hash, bytes)| factum_proto::module_hash(bytes) != *hash) {
+        return Err(format!("the control plane's module map holds bytes that are not module {hash}"));
     }
     Ok(())
 }
@@ -245,4 +254,43 @@ pub fn capabilities_are_scoped_to_their_instance(view: &View) -> Result<(), Stri
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::invariants::ControlPlaneView;
+    use std::sync::Arc;
+
+    fn holding(maps: String, modules: Vec<(String, Arc<Vec<u8>>)>) -> View {
+        let cp = ControlPlaneView {
+            instances: Vec::new(),
+            capabilities: BTreeMap::new(),
+            nodes: Vec::new(),
+            policies: BTreeMap::new(),
+            fact_seqs: BTreeMap::new(),
+            held: (maps, modules),
+        };
+        View {
+            control_plane: Some(cp),
+            control_plane_incarnation: 1,
+            agents: BTreeMap::new(),
+            registry_entries: None,
+            paused: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn p7_sees_application_data_as_text_as_bytes_and_under_a_false_module_hash() {
+        let module = Arc::new(format!("\0asm{APPLICATION_DATA}").into_bytes());
+        let hash = factum_proto::module_hash(&module);
+        let clean = holding("{}".into(), vec![(hash.clone(), module.clone())]);
+        no_application_data_in_the_control_plane(&clean).unwrap();
+        let text = holding(format!("last_error: {APPLICATION_DATA:?}"), Vec::new());
+        assert!(no_application_data_in_the_control_plane(&text).is_err());
+        let bytes = holding(format!("value: {:?}", APPLICATION_DATA.as_bytes().to_vec()), Vec::new());
+        assert!(no_application_data_in_the_control_plane(&bytes).is_err());
+        let hidden = holding("{}".into(), vec![(hash, Arc::new(APPLICATION_DATA.as_bytes().to_vec()))]);
+        assert!(no_application_data_in_the_control_plane(&hidden).is_err());
+    }
 }

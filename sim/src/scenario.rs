@@ -86,6 +86,9 @@ pub struct Scenario {
     /// within 1 ± this. At most 0.1: lease fencing assumes rates within 20% of each other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_drift: Option<f64>,
+    /// Even-numbered agents run wasmtime instead of wasmi (default false), so probes run on both engines.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wasmtime: bool,
 }
 
 fn yes() -> bool {
@@ -368,7 +371,7 @@ impl Scenario {
             control_plane: None,
             control_plane_incarnation: 0,
             agents: Default::default(),
-            registry_keys: None,
+            registry_entries: None,
             paused: Default::default(),
         };
         for check in self.always.iter().map(|a| &a.check).chain(self.eventually.iter().map(|e| &e.check)) {
@@ -545,6 +548,8 @@ impl Scenario {
             clock_skew: (pick(3) == 0).then(|| Duration::from_secs(30)),
             // A third of the runs have clocks running up to 10% fast or slow.
             clock_drift: (pick(3) == 0).then_some(0.1),
+            // A quarter run wasmtime on even-numbered agents.
+            wasmtime: pick(4) == 0,
         }
     }
 
@@ -720,6 +725,8 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     }
     config.clock_skew = scenario.clock_skew.unwrap_or_default();
     config.clock_drift = scenario.clock_drift.unwrap_or_default();
+    config.wasmtime = scenario.wasmtime;
+    let monitor_on = config.monitor;
     let buggify = config.faults.clone();
     let trace = Arc::new(TraceLog::default());
     let observed = Arc::new(Observed::default());
@@ -755,7 +762,9 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
             let view = observed.view();
             let fresh = trace.lines_from(traced);
             traced += fresh.len();
-            monitor.observe(&view, &fresh).map_err(|e| fail(now, e))?;
+            if monitor_on {
+                monitor.observe(&view, &fresh).map_err(|e| fail(now, e))?;
+            }
             for always in &scenario.always {
                 invariants::check(&always.check, &view)
                     .map_err(|e| fail(now, format!("always {}: {e}", always.check)))?;

@@ -8,19 +8,41 @@ use factum_control_plane::InjectedBug;
 use factum_node_agent::AgentBug;
 use factum_sim::scenario::{self, Scenario};
 use factum_sim::ClusterConfig;
+use factum_wasm::EngineBug;
+
+fn load(file: &str) -> Scenario {
+    Scenario::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(file)).unwrap()
+}
 
 /// The first seed in 1..=100 at which scenario `file` fails with a bug that `inject` puts into the cluster's
 /// configuration, with the failure. The same seed must pass without the bug: the check fired on the bug, not
 /// on the seed.
 fn first_failure_with(file: &str, inject: impl Fn(&mut ClusterConfig)) -> Option<(u64, String)> {
-    let scenario = Scenario::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(file)).unwrap();
+    first_failure_of(&load(file), inject)
+}
+
+/// [`first_failure_with`] on `file` with `check` as its only check and the always-on monitor off: the check
+/// catches the bug by itself, not only after the monitor has.
+fn first_failure_of_check(file: &str, check: &str, inject: impl Fn(&mut ClusterConfig)) -> Option<(u64, String)> {
+    let mut scenario = load(file);
+    scenario.always.retain(|a| a.check.starts_with(check));
+    scenario.eventually.retain(|e| e.check.starts_with(check));
+    assert_eq!(scenario.always.len() + scenario.eventually.len(), 1, "{file} names {check} once");
+    first_failure_of(&scenario, |config| {
+        config.monitor = false;
+        inject(config);
+    })
+}
+
+fn first_failure_of(scenario: &Scenario, inject: impl Fn(&mut ClusterConfig)) -> Option<(u64, String)> {
+    let file = &scenario.name;
     let found = (1..=100).find_map(|seed| {
         let mut config = ClusterConfig::new(seed, scenario.agents);
         inject(&mut config);
-        scenario::run_with(&scenario, config).err().map(|e| (seed, e.message))
+        scenario::run_with(scenario, config).err().map(|e| (seed, e.message))
     });
     if let Some((seed, _)) = &found {
-        if let Err(e) = scenario::run(&scenario, *seed) {
+        if let Err(e) = scenario::run(scenario, *seed) {
             panic!("{file} seed {seed} fails without the bug too: {e}");
         }
     }
@@ -180,4 +202,48 @@ fn an_agent_that_fences_at_the_full_ttl_is_caught_under_clock_drift() {
     // Either the node acted after its lease expired, or a sample saw it still running what moved elsewhere.
     let fencing = ["P12 nodes_act_only_under_their_lease", "single_placement"];
     assert!(fencing.iter().any(|check| failure.contains(check)), "seed {seed}: {failure}");
+}
+
+#[test]
+fn an_engine_that_recycles_memory_is_caught_by_the_always_on_monitor() {
+    let (seed, failure) =
+        first_failure_with("probes.toml", |config| config.engine_bug = Some(EngineBug::RecycledMemory))
+            .expect("bug not caught");
+    assert!(failure.contains("P1 no_memory_survives_a_restart"), "seed {seed}: {failure}");
+}
+
+#[test]
+fn an_engine_that_opens_fd_3_is_caught_by_the_always_on_monitor() {
+    let (seed, failure) = first_failure_with("probes.toml", |config| config.engine_bug = Some(EngineBug::OpenFds))
+        .expect("bug not caught");
+    assert!(failure.contains("P3 no_side_effect_bypasses_capabilities"), "seed {seed}: {failure}");
+}
+
+#[test]
+fn an_agent_that_restamps_a_restarted_instance_is_caught_by_the_always_on_monitor() {
+    let (seed, failure) = first_agent_failure("probes.toml", AgentBug::RestartRestamps).expect("bug not caught");
+    assert!(failure.contains("P2 crashes_preserve_system_state"), "seed {seed}: {failure}");
+}
+
+/// Puts a bug into a cluster's configuration.
+type Inject = Box<dyn Fn(&mut ClusterConfig)>;
+
+/// Scenario checks that the always-on monitor would beat to a bug, each shown to catch one by itself.
+#[test]
+fn every_scenario_check_catches_a_bug_by_itself() {
+    let agent = |bug| move |config: &mut ClusterConfig| config.agent_bug = Some(bug);
+    let cp = |bug| move |config: &mut ClusterConfig| config.control_plane.injected_bug = Some(bug);
+    let cases: [(&str, &str, Inject); 6] = [
+        ("revoke_during_kv_use.toml", "none_running", Box::new(agent(AgentBug::StaleGrants))),
+        ("backoff_storm.toml", "restarts", Box::new(agent(AgentBug::IgnoreMaxRetries))),
+        ("agent_crash.toml", "dead_nodes_unknown", Box::new(cp(InjectedBug::NoFailureDetection))),
+        ("partition_heal.toml", "no_unknown", Box::new(cp(InjectedBug::StickyUnknown))),
+        ("partition_heal.toml", "all_running", Box::new(cp(InjectedBug::StickyUnknown))),
+        ("agent_crash.toml", "node_unknown", Box::new(cp(InjectedBug::NoFailureDetection))),
+    ];
+    for (file, check, inject) in cases {
+        let (seed, failure) =
+            first_failure_of_check(file, check, inject).unwrap_or_else(|| panic!("{check} did not catch its bug"));
+        assert!(failure.contains(check), "{check}, seed {seed}: {failure}");
+    }
 }

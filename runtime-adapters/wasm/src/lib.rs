@@ -18,7 +18,7 @@ use futures::future::BoxFuture;
 
 pub use abi::GuestHost;
 pub use cache::{CachedModule, ModuleCache};
-pub use wasmi_engine::WasmiEngine;
+pub use wasmi_engine::{EngineBug, WasmiEngine};
 pub use wasmtime_engine::WasmtimeEngine;
 
 /// Resource limits of one instance (wasmtime `StoreLimits`-style: explicit, per instance, documented).

@@ -20,6 +20,22 @@ use crate::{
 /// wasmi behind the [`WasmEngine`] seam.
 pub struct WasmiEngine {
     engine: Engine,
+    #[cfg(feature = "injected-bugs")]
+    bug: Option<EngineBug>,
+    /// With [`EngineBug::RecycledMemory`]: the linear memory each module's last run ended with, by module hash.
+    #[cfg(feature = "injected-bugs")]
+    recycled: Arc<Mutex<std::collections::BTreeMap<String, Vec<u8>>>>,
+}
+
+/// Bugs the simulator must catch, injected into a [`WasmiEngine`] (feature `injected-bugs`, simulation only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineBug {
+    /// A new instance of a module starts with the linear memory its previous run ended with, as a pooling
+    /// allocator that does not zero a recycled slot would (breaks P1: statelessness across restarts).
+    RecycledMemory,
+    /// `fd_write` on fd 3 reaches the host's stderr, as a WASI host that preopened a file there would (breaks
+    /// P3: no side effect but through a capability).
+    OpenFds,
 }
 
 struct StoreData {
@@ -59,7 +75,61 @@ impl WasmiEngine {
     pub fn new() -> Self {
         let mut config = Config::default();
         config.consume_fuel(true);
-        Self { engine: Engine::new(&config) }
+        Self {
+            engine: Engine::new(&config),
+            #[cfg(feature = "injected-bugs")]
+            bug: None,
+            #[cfg(feature = "injected-bugs")]
+            recycled: Arc::default(),
+        }
+    }
+
+    /// An interpreter with `bug` in it.
+    #[cfg(feature = "injected-bugs")]
+    pub fn with_injected_bug(bug: EngineBug) -> Self {
+        Self { bug: Some(bug), ..Self::new() }
+    }
+
+    #[cfg(feature = "injected-bugs")]
+    fn has_bug(&self, bug: EngineBug) -> bool {
+        self.bug == Some(bug)
+    }
+
+    #[cfg(not(feature = "injected-bugs"))]
+    fn has_bug(&self, _bug: EngineBug) -> bool {
+        false
+    }
+
+    /// Where a run leaves its memory for the next instance of its module, with [`EngineBug::RecycledMemory`].
+    #[cfg(feature = "injected-bugs")]
+    fn recycler(&self, hash: &str) -> Option<Recycler> {
+        self.has_bug(EngineBug::RecycledMemory).then(|| Recycler { pool: self.recycled.clone(), hash: hash.into() })
+    }
+
+    #[cfg(not(feature = "injected-bugs"))]
+    fn recycler(&self, _hash: &str) -> Option<Recycler> {
+        None
+    }
+}
+
+/// A module's slot in the recycled-memory pool ([`EngineBug::RecycledMemory`]).
+struct Recycler {
+    pool: Arc<Mutex<std::collections::BTreeMap<String, Vec<u8>>>>,
+    hash: String,
+}
+
+impl Recycler {
+    fn take_into(&self, memory: Option<&mut [u8]>) {
+        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(memory), Some(old)) = (memory, pool.get(&self.hash)) {
+            memory.iter_mut().zip(old).for_each(|(now, before)| *now = *before);
+        }
+    }
+
+    fn keep(&self, memory: Option<&mut [u8]>) {
+        if let Some(memory) = memory {
+            self.pool.lock().unwrap_or_else(|p| p.into_inner()).insert(self.hash.clone(), memory.to_vec());
+        }
     }
 }
 
@@ -135,6 +205,7 @@ impl WasmEngine for WasmiEngine {
             return Err(EngineError::InvalidModule(format!("export `{MESSAGE_HANDLER}` must be (i32) -> i32")));
         }
         let mut linker = Linker::new(&self.engine);
+        let open_fds = self.has_bug(EngineBug::OpenFds);
         for import in module.imports() {
             let ExternType::Func(func_ty) = import.ty() else {
                 return Err(EngineError::InvalidModule(format!(
@@ -149,7 +220,10 @@ impl WasmEngine for WasmiEngine {
                 .map_err(EngineError::InvalidModule)?;
             linker
                 .func_new(import.module(), import.name(), func_ty.clone(), move |mut caller, params, results| {
-                    let args = to_args(params);
+                    let mut args = to_args(params);
+                    if let Some(fd) = args.first_mut().filter(|fd| open_fds && f == abi::HostFn::FdWrite && **fd == 3) {
+                        *fd = 2;
+                    }
                     let (mem, state) = memory_and_state(&mut caller);
                     match abi::dispatch(state, mem, f, &args) {
                         Outcome::Ready(v) => {
@@ -200,7 +274,11 @@ impl WasmEngine for WasmiEngine {
             let remaining = limits.fuel.map(|f| f.saturating_sub(first_slice));
             let handler = instance.get_func(&store, MESSAGE_HANDLER);
             let fuel = Fuel { limits, remaining };
-            Ok(Box::new(WasmiInstance { store, instance, start, handler, host, fuel }) as Box<dyn Instance>)
+            let recycler = self.recycler(&compiled.hash);
+            if let Some(recycler) = &recycler {
+                recycler.take_into(store_memory(&mut store, &instance).0);
+            }
+            Ok(Box::new(WasmiInstance { store, instance, start, handler, host, fuel, recycler }) as Box<dyn Instance>)
         })
     }
 }
@@ -212,6 +290,7 @@ struct WasmiInstance {
     handler: Option<Func>,
     host: Arc<dyn GuestHost>,
     fuel: Fuel,
+    recycler: Option<Recycler>,
 }
 
 /// The fuel budget of one run, handed to the store a slice at a time.
@@ -283,28 +362,44 @@ async fn drive(
 
 impl Instance for WasmiInstance {
     fn run(self: Box<Self>) -> BoxFuture<'static, ExitReason> {
-        let WasmiInstance { mut store, instance, start, handler, host, mut fuel } = *self;
+        let WasmiInstance { mut store, instance, start, handler, host, mut fuel, recycler } = *self;
         Box::pin(async move {
-            let call = start.call_resumable(&mut store, &[], &mut []);
-            if let Err(exit) = drive(&mut store, &instance, &host, &mut fuel, call, &mut []).await {
-                return exit;
+            let exit = run_to_end(&mut store, &instance, start, handler, &host, &mut fuel).await;
+            if let Some(recycler) = &recycler {
+                recycler.keep(store_memory(&mut store, &instance).0);
             }
-            let Some(handler) = handler else { return ExitReason::Exited(0) };
-            while let Some(message) = host.next_message().await {
-                let len = i32::try_from(message.len()).unwrap_or(i32::MAX);
-                store.data_mut().guest.last_response = message;
-                let mut result = [Val::I32(0)];
-                let call = handler.call_resumable(&mut store, &[Val::I32(len)], &mut result);
-                if let Err(exit) = drive(&mut store, &instance, &host, &mut fuel, call, &mut result).await {
-                    return exit;
-                }
-                match result {
-                    [Val::I32(0)] => {}
-                    [Val::I32(code)] => return handler_failed(code),
-                    _ => return handler_failed(-1),
-                }
-            }
-            ExitReason::Exited(0)
+            exit
         })
     }
+}
+
+/// `_start`, then the message handler for each message while the guest subscribes.
+async fn run_to_end(
+    store: &mut Store<StoreData>,
+    instance: &wasmi::Instance,
+    start: Func,
+    handler: Option<Func>,
+    host: &Arc<dyn GuestHost>,
+    fuel: &mut Fuel,
+) -> ExitReason {
+    let call = start.call_resumable(&mut *store, &[], &mut []);
+    if let Err(exit) = drive(store, instance, host, fuel, call, &mut []).await {
+        return exit;
+    }
+    let Some(handler) = handler else { return ExitReason::Exited(0) };
+    while let Some(message) = host.next_message().await {
+        let len = i32::try_from(message.len()).unwrap_or(i32::MAX);
+        store.data_mut().guest.last_response = message;
+        let mut result = [Val::I32(0)];
+        let call = handler.call_resumable(&mut *store, &[Val::I32(len)], &mut result);
+        if let Err(exit) = drive(store, instance, host, fuel, call, &mut result).await {
+            return exit;
+        }
+        match result {
+            [Val::I32(0)] => {}
+            [Val::I32(code)] => return handler_failed(code),
+            _ => return handler_failed(-1),
+        }
+    }
+    ExitReason::Exited(0)
 }

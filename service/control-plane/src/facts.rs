@@ -34,7 +34,12 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 if record.retry.take().is_some_and(|(_, why)| why == Retry::Resend) {
                     state.pending_starts.remove(&id);
                 }
+                let stuck = state.injected == Some(crate::InjectedBug::StickyUnknown)
+                    && record.metadata.status == InstanceStatus::Unknown;
                 record.metadata = facts.metadata;
+                if stuck {
+                    record.metadata.status = InstanceStatus::Unknown;
+                }
                 record.seq = facts.seq;
                 record.lease = facts.lease;
             } else {
@@ -69,6 +74,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
 /// agent's next snapshot carries them with their assignments.
 pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
     let sticky = state.injected == Some(crate::InjectedBug::StickyRunning);
+    let stuck = state.injected == Some(crate::InjectedBug::StickyUnknown);
     let Some(record) = state.instances.get_mut(&report.instance_id) else { return };
     let same_placement = report.epoch == record.epoch && record.metadata.node_id == report.node_id;
     if report.epoch < record.epoch || (report.epoch == record.epoch && !same_placement) {
@@ -79,7 +85,8 @@ pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
     }
     record.epoch = report.epoch;
     record.metadata.node_id = report.node_id;
-    if !(sticky && record.metadata.status == InstanceStatus::Running) {
+    let held = record.metadata.status;
+    if !(sticky && held == InstanceStatus::Running || stuck && held == InstanceStatus::Unknown) {
         record.metadata.status = report.status;
     }
     record.metadata.restarts = report.restarts;

@@ -86,6 +86,10 @@ pub enum InjectedBug {
     /// A report that an instance stopped running is taken in (its sequence number) but its status is not:
     /// the list keeps saying `running` (breaks P9: the status is not the one the agent reported).
     StickyRunning,
+    /// Once the control plane has marked an instance `unknown` (its node went silent), later facts from the
+    /// node update everything but the status: the instance stays `unknown` after the node is back (breaks P14:
+    /// `no_unknown`, `all_running`).
+    StickyUnknown,
 }
 
 impl Default for ControlPlaneConfig {
@@ -161,6 +165,9 @@ struct Inner {
     /// Set while a pass of [`ControlPlane::retry_reschedules`] runs.
     retrying: std::sync::atomic::AtomicBool,
 }
+
+/// The module map as [`ControlPlane::held_state`] returns it: (hash, bytes).
+pub type HeldModules = Vec<(String, Arc<Vec<u8>>)>;
 
 /// The control plane. Cheap to clone; clones share state.
 #[derive(Clone)]
@@ -404,6 +411,18 @@ impl ControlPlane {
         }
         .await;
         result.map_err(|e| self.error(e))
+    }
+
+    /// Everything the control plane holds, rendered for checkers (P7: no application data in it), module
+    /// bytes included: user code, so it may carry any string, but nothing else may hide among it.
+    /// Returns the maps rendered with `Debug` (byte strings as lists of numbers), and the module map.
+    pub fn held_state(&self) -> (String, HeldModules) {
+        let state = self.lock();
+        let maps = format!(
+            "{:?} {:?} {:?} {:?} {:?}",
+            state.instances, state.capabilities, state.nodes, state.pending_starts, state.fetching
+        );
+        (maps, state.modules.iter().map(|(hash, bytes)| (hash.clone(), bytes.clone())).collect())
     }
 
     /// Nodes and their availability.

@@ -132,6 +132,9 @@ pub enum AgentBug {
     /// The node fences a whole TTL after its last renewal was sent instead of 4/5 of it: right only if its clock
     /// runs exactly as fast as the registry's (breaks P12's fencing under clock drift).
     FenceAtTtl,
+    /// A restart by policy stamps a new creation time, as if the instance were new: a crash changes more
+    /// than status, error and restart count (breaks P2).
+    RestartRestamps,
 }
 
 impl AgentConfig {
@@ -821,6 +824,9 @@ impl Inner {
                 match instances.get_mut(&instance_id) {
                     Some(local) if local.generation == generation => {
                         local.metadata.restarts = local.metadata.restarts.saturating_add(1);
+                        if self.config.has_bug(AgentBug::RestartRestamps) {
+                            local.metadata.created_at = self.env.wall_ms();
+                        }
                     }
                     _ => return,
                 }

@@ -121,12 +121,12 @@ impl MemoryRegistry {
         Ok(Membership { revision: state.revision, nodes })
     }
 
-    /// Every key held, for invariant checkers that inspect the registry directly (P11). A pure read: it
+    /// Every key held and its value, for invariant checkers that inspect the registry directly (P11). A pure read: it
     /// neither expires leases nor reads the clock, because checkers run outside the simulated hosts, where a
     /// clock read would be the OS clock (a simulator bug this caused: an observer expired leases early).
-    pub fn keys_now(&self) -> Vec<String> {
+    pub fn entries_now(&self) -> Vec<(String, Vec<u8>)> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.entries.keys().cloned().collect()
+        state.entries.iter().map(|(k, e)| (k.clone(), e.value.clone())).collect()
     }
 
     /// Time until the earliest lease deadline, so a watcher wakes to expire it.
