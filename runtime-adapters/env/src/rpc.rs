@@ -25,6 +25,17 @@ where
 /// A tarpc context whose deadline never fires on its own. tarpc's deadline is a `std::time::Instant`, which
 /// does not follow simulated time, so factum enforces its timeouts with the env clock instead and keeps
 /// tarpc's deadline out of the way.
+///
+/// Why the two nondeterministic things tarpc puts in every request cannot reach a simulated run's behaviour:
+/// - the trace and span ids come from tarpc's own thread-local generator, and the deadline from the OS clock.
+///   Both only change the bytes of a frame and its length by a few bytes (bincode varints); turmoil's TCP makes
+///   one segment of each write whatever its length, and draws latency and loss per segment, so delivery does
+///   not depend on them; and nothing in factum reads a trace context.
+/// - the server drops a request whose deadline has passed, and this one is a day of real time away; no
+///   simulated run lasts that long.
+///
+/// `sim/tests/reference_hashes.rs` checks the consequence: the same seed gives the same trace hash in a fresh
+/// process, whatever ids tarpc drew.
 pub fn rpc_context() -> tarpc::context::Context {
     let mut ctx = tarpc::context::current();
     ctx.deadline = Instant::now() + Duration::from_secs(24 * 3600);
