@@ -18,8 +18,8 @@ pub struct ControlPlaneView {
     pub nodes: Vec<NodeInfo>,
     /// Restart policy of every listed instance.
     pub policies: BTreeMap<String, RestartPolicy>,
-    /// Sequence number of the agent fact each listed instance's status comes from.
-    pub fact_seqs: BTreeMap<String, u64>,
+    /// Placement epoch of each listed instance, and the sequence number of the agent fact its status comes from.
+    pub fact_positions: BTreeMap<String, (u64, u64)>,
     /// Everything the control plane holds: its maps rendered with `Debug`, and its module map (hash, bytes).
     pub held: (String, factum_control_plane::HeldModules),
 }
@@ -290,21 +290,31 @@ pub fn restarts(view: &View, n: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// Metadata of instance `id` on agent-1 with `status`, for checker tests.
+    pub(crate) fn metadata(id: &str, status: InstanceStatus) -> InstanceMetadata {
+        InstanceMetadata {
+            instance_id: id.into(),
+            node_id: "agent-1".into(),
+            module_hash: "h".into(),
+            created_at: 0,
+            status,
+            restarts: 0,
+            last_error: None,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use factum_proto::{InstanceFacts, RestartPolicy};
 
     fn running(id: &str) -> InstanceFacts {
         InstanceFacts {
-            metadata: InstanceMetadata {
-                instance_id: id.into(),
-                node_id: "agent-1".into(),
-                module_hash: "h".into(),
-                created_at: 0,
-                status: InstanceStatus::Running,
-                restarts: 0,
-                last_error: None,
-            },
+            metadata: tests_support::metadata(id, InstanceStatus::Running),
             capabilities: Vec::new(),
             restart_policy: RestartPolicy::default(),
             seq: 1,

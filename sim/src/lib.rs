@@ -228,10 +228,10 @@ impl Observed {
                     .map(|d| (d.metadata.instance_id, d.restart_policy))
                     .collect(),
                 held: cp.held_state(),
-                fact_seqs: cp
+                fact_positions: cp
                     .list_instances()
                     .iter()
-                    .filter_map(|m| cp.fact_seq(&m.instance_id).map(|seq| (m.instance_id.clone(), seq)))
+                    .filter_map(|m| cp.fact_position(&m.instance_id).map(|at| (m.instance_id.clone(), at)))
                     .collect(),
                 instances: cp.list_instances(),
                 nodes: cp.list_nodes(),

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use factum_proto::{InstanceFacts, PolicyType};
+use factum_proto::{InstanceFacts, InstanceStatus, PolicyType};
 
 use crate::fencing::LeaseWatch;
 use crate::invariants::{single_placement, View};
@@ -47,6 +47,8 @@ pub struct Monitor {
     reported: BTreeMap<(String, String), Vec<(u64, String)>>,
     /// Instances this incarnation of the control plane has listed as running, and which incarnation.
     confirmed: (u64, BTreeSet<String>),
+    /// Where each listed instance's facts stood at the last sample, and in which control-plane incarnation.
+    positions: (u64, BTreeMap<String, Position>),
 }
 
 impl Monitor {
@@ -79,6 +81,8 @@ impl Monitor {
             .map_err(|e| format!("always-on P9 statuses_come_from_agents: {e}"))?;
         confirmed_instances_stay_listed(&mut self.confirmed, view)
             .map_err(|e| format!("always-on P13 confirmed_instances_stay_listed: {e}"))?;
+        facts_only_move_forward(&mut self.positions, view)
+            .map_err(|e| format!("always-on P14 facts_only_move_forward: {e}"))?;
         self.previous = view
             .agents
             .iter()
@@ -102,7 +106,7 @@ pub fn statuses_come_from_agents(
 ) -> Result<(), String> {
     let Some(cp) = &view.control_plane else { return Ok(()) };
     for m in cp.instances.iter().filter(|m| m.status == factum_proto::InstanceStatus::Running) {
-        let seq = cp.fact_seqs.get(&m.instance_id).copied().unwrap_or(0);
+        let seq = cp.fact_positions.get(&m.instance_id).map_or(0, |(_, seq)| *seq);
         let history = reported.get(&(m.node_id.clone(), m.instance_id.clone()));
         let said = history.and_then(|h| h.iter().rev().find(|(s, _)| *s <= seq)).map(|(_, status)| status.as_str());
         if said != Some("running") {
@@ -114,6 +118,36 @@ pub fn statuses_come_from_agents(
             ));
         }
     }
+    Ok(())
+}
+
+/// Where an instance's facts stood in the control plane at one sample: (epoch, seq) and status.
+type Position = ((u64, u64), InstanceStatus);
+
+/// Property 14: the control plane's facts about an instance only move forward. Within one incarnation of the
+/// control plane, between two samples, an instance's (placement epoch, fact sequence number) never goes back (a
+/// delayed, duplicated or reordered report never rolls a status back), and within one placement a status that
+/// ended (stopped, crashed) never turns `unknown`: a silent node makes unknown only what was still running there.
+pub fn facts_only_move_forward(positions: &mut (u64, BTreeMap<String, Position>), view: &View) -> Result<(), String> {
+    let Some(cp) = &view.control_plane else { return Ok(()) };
+    if positions.0 != view.control_plane_incarnation {
+        *positions = (view.control_plane_incarnation, BTreeMap::new());
+    }
+    let now: BTreeMap<String, Position> = cp
+        .instances
+        .iter()
+        .filter_map(|m| cp.fact_positions.get(&m.instance_id).map(|at| (m.instance_id.clone(), (*at, m.status))))
+        .collect();
+    for (id, (at, status)) in &now {
+        let Some((before, was)) = positions.1.get(id) else { continue };
+        if at < before {
+            return Err(format!("{id} went back from (epoch, seq) {before:?} to {at:?}"));
+        }
+        if at.0 == before.0 && was.is_terminal() && *status == InstanceStatus::Unknown {
+            return Err(format!("{id} was {was} and turned unknown in the same placement (epoch {})", at.0));
+        }
+    }
+    positions.1 = now;
     Ok(())
 }
 
@@ -268,7 +302,7 @@ mod tests {
             capabilities: BTreeMap::new(),
             nodes: Vec::new(),
             policies: BTreeMap::new(),
-            fact_seqs: BTreeMap::new(),
+            fact_positions: BTreeMap::new(),
             held: (maps, modules),
         };
         View {
@@ -278,6 +312,29 @@ mod tests {
             registry_entries: None,
             paused: BTreeSet::new(),
         }
+    }
+
+    #[test]
+    fn p14_sees_facts_go_back_and_an_ended_run_turn_unknown() {
+        let at = |epoch: u64, seq: u64, status: InstanceStatus| {
+            let mut view = holding(String::new(), Vec::new());
+            if let Some(cp) = view.control_plane.as_mut() {
+                let mut m = crate::invariants::tests_support::metadata("i", status);
+                m.node_id = "agent-1".into();
+                cp.instances = vec![m];
+                cp.fact_positions = [("i".to_string(), (epoch, seq))].into_iter().collect();
+            }
+            view
+        };
+        let mut positions = (0, BTreeMap::new());
+        facts_only_move_forward(&mut positions, &at(1, 3, InstanceStatus::Running)).unwrap();
+        facts_only_move_forward(&mut positions, &at(1, 4, InstanceStatus::Crashed)).unwrap();
+        facts_only_move_forward(&mut positions, &at(2, 0, InstanceStatus::Starting)).unwrap();
+        assert!(facts_only_move_forward(&mut positions.clone(), &at(1, 9, InstanceStatus::Running)).is_err());
+        assert!(facts_only_move_forward(&mut positions, &at(2, 0, InstanceStatus::Unknown)).is_ok());
+        let mut ended = (0, BTreeMap::new());
+        facts_only_move_forward(&mut ended, &at(1, 4, InstanceStatus::Stopped)).unwrap();
+        assert!(facts_only_move_forward(&mut ended, &at(1, 4, InstanceStatus::Unknown)).is_err());
     }
 
     #[test]

@@ -247,3 +247,9 @@ fn every_scenario_check_catches_a_bug_by_itself() {
         assert!(failure.contains(check), "{check}, seed {seed}: {failure}");
     }
 }
+
+#[test]
+fn a_control_plane_that_makes_ended_runs_unknown_is_caught_by_the_always_on_monitor() {
+    let (seed, failure) = first_failure("backoff_storm.toml", InjectedBug::UnknownEndedRuns).expect("bug not caught");
+    assert!(failure.contains("P14 facts_only_move_forward"), "seed {seed}: {failure}");
+}

@@ -143,8 +143,9 @@ pub(crate) fn merge_snapshot(
 
 /// The node stopped reporting: what it runs is no longer known.
 pub(crate) fn mark_node_unknown(state: &mut State, node_id: &str) {
+    let ended_too = state.injected == Some(crate::InjectedBug::UnknownEndedRuns);
     for record in state.instances.values_mut() {
-        if record.metadata.node_id == node_id && !record.metadata.status.is_terminal() {
+        if record.metadata.node_id == node_id && (ended_too || !record.metadata.status.is_terminal()) {
             record.metadata.status = InstanceStatus::Unknown;
         }
     }

@@ -90,6 +90,9 @@ pub enum InjectedBug {
     /// node update everything but the status: the instance stays `unknown` after the node is back (breaks P14:
     /// `no_unknown`, `all_running`).
     StickyUnknown,
+    /// A node that goes silent makes every instance on it `unknown`, also those that had already stopped or
+    /// crashed for good (breaks P14: an ended run's status is a fact the node's silence does not change).
+    UnknownEndedRuns,
 }
 
 impl Default for ControlPlaneConfig {
@@ -357,10 +360,11 @@ impl ControlPlane {
         })
     }
 
-    /// The sequence number of the agent fact the instance's status comes from (0: none applied yet), for
-    /// observers such as the simulator's monitor, which checks the status against what the agent said then.
-    pub fn fact_seq(&self, instance_id: &str) -> Option<u64> {
-        self.lock().instances.get(instance_id).map(|r| r.seq)
+    /// Where the instance's facts stand: its placement epoch and the sequence number of the agent fact its
+    /// status comes from (0: none applied yet). For observers such as the simulator's monitor, which checks the
+    /// status against what the agent said then, and that facts only ever move forward.
+    pub fn fact_position(&self, instance_id: &str) -> Option<(u64, u64)> {
+        self.lock().instances.get(instance_id).map(|r| (r.epoch, r.seq))
     }
 
     /// ListInstances, ordered by id.
