@@ -126,8 +126,8 @@ type Position = ((u64, u64), InstanceStatus);
 
 /// Property 14: the control plane's facts about an instance only move forward. Within one incarnation of the
 /// control plane, between two samples, an instance's (placement epoch, fact sequence number) never goes back (a
-/// delayed, duplicated or reordered report never rolls a status back), and within one placement a status that
-/// ended (stopped, crashed) never turns `unknown`: a silent node makes unknown only what was still running there.
+/// delayed, duplicated or reordered report never rolls a status back), and within one placement an end its node
+/// reported (stopped, crashed) never turns `unknown`: a silent node makes unknown only what was still running.
 pub fn facts_only_move_forward(positions: &mut (u64, BTreeMap<String, Position>), view: &View) -> Result<(), String> {
     let Some(cp) = &view.control_plane else { return Ok(()) };
     if positions.0 != view.control_plane_incarnation {
@@ -143,7 +143,9 @@ pub fn facts_only_move_forward(positions: &mut (u64, BTreeMap<String, Position>)
         if at < before {
             return Err(format!("{id} went back from (epoch, seq) {before:?} to {at:?}"));
         }
-        if at.0 == before.0 && was.is_terminal() && *status == InstanceStatus::Unknown {
+        // An ended run the node reported (seq > 0) is a fact; `crashed` before any fact of the placement is the
+        // control plane's own guess (its node lost it), which a later doubt may replace.
+        if at.0 == before.0 && before.1 > 0 && was.is_terminal() && *status == InstanceStatus::Unknown {
             return Err(format!("{id} was {was} and turned unknown in the same placement (epoch {})", at.0));
         }
     }

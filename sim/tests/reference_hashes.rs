@@ -14,8 +14,8 @@ const REFERENCE: &[(&str, u64, &str)] = &[
     ("lease_expiry.toml", 3, "7980510d00fd1d75b55e5af7fea8ec14fac02fb71930b8d28b6cd24ba5582477"),
     ("revoke_during_kv_use.toml", 5, "0af32965127719ae2efdcaaca06b68ca71baba7689b9d0abfe6dbb5d0beb1229"),
     ("reschedule_in_doubt.toml", 2, "8d6ab73b2f54125e06b3fa5e602252bd24b79c590adfc93755492c447505b010"),
-    ("agent_pause.toml", 4, "2b2e01f93414e8eab640caaf6f3603799a3756249f895a414c0e974cd7ff7f00"),
-    ("clock_drift.toml", 2, "ab56e49ef091e80ea17728a9cc050b221b5a90a74efb7bc6f5c611bb4cffe681"),
+    ("agent_pause.toml", 4, "9a8a5f9ca849817756038753166a845c40f7978eaee44ac9936d19e42e508bd0"),
+    ("clock_drift.toml", 2, "8f3f1cf67554a34bc01480f6845e27bd02e05e7e26cfdbe2d2feae6f2bdbcf21"),
     ("control_plane_restart.toml", 11, "b375d3750900ffa11c1e52b54ca7811f6624d088b7deb731d3035e8efc8a4254"),
 ];
 

@@ -116,6 +116,12 @@ const SCENARIO_REGRESSIONS: &[(&str, u64)] = &[
     // carry when they were taken, and a supervised instance is never replaced.
     ("backoff_storm.toml", 8997755),
     ("backoff_storm.toml", 8997761),
+    // When etcd thawed, every node left and rejoined at once. A reschedule pass started when a node left went
+    // on awaiting starts while the node rejoined and one of its instances was started there again under the
+    // new lease; the pass then moved that instance too, and it ran on two nodes. A placement under the node's
+    // live lease is no longer a lost one.
+    ("agent_pause.toml", 300000040),
+    ("agent_pause.toml", 300000120),
 ];
 
 #[test]

@@ -153,6 +153,7 @@ impl ControlPlane {
                 record.retry = None;
                 facts::apply_facts(state, node_id, facts, true, true);
             }
+
             Err(_) if self.inner.config.has_bug(crate::InjectedBug::ForgetFailedReschedules) => {
                 state.instances.remove(instance_id);
             }
@@ -188,6 +189,12 @@ impl ControlPlane {
         // A start still in flight to the lost node does not hold it back: that node can no longer run it.
         if !reschedulable(record, lost, current_lease) {
             return Ok(None); // stopped, moved or out of retries meanwhile
+        }
+        // But the node may be back by now, and the instance placed on it again under its new lease (this pass
+        // awaited other starts since it listed its candidates): that placement is live, not lost.
+        let live = state.nodes.get(lost).is_some_and(|n| n.available && n.registered && n.lease == record.lease);
+        if live && record.retry.is_none_or(|(_, why)| why != Retry::Place) {
+            return Ok(None);
         }
         if !state.modules.contains_key(&record.metadata.module_hash) {
             return Err("the control plane no longer has its module bytes".into());
