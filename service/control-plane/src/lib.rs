@@ -285,8 +285,9 @@ impl ControlPlane {
                 Ok(instance_id)
             }
             Err(e) if e.error_code == ErrorCode::CommunicationFailure => {
-                // The agent may or may not run it; say so, and let its next snapshot settle the fact.
-                if let Some(record) = placement {
+                // The agent may or may not run it; say so, and let its next snapshot settle the fact. Unless it
+                // has already reported facts of this placement: then it took, and only the answer was lost.
+                if let Some(record) = placement.filter(|r| r.seq == 0) {
                     record.metadata.status = InstanceStatus::Unknown;
                 }
                 Err(e)

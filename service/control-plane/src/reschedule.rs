@@ -153,6 +153,11 @@ impl ControlPlane {
                 record.retry = None;
                 facts::apply_facts(state, node_id, facts, true, true);
             }
+            // The answer was lost, but the node has already reported facts of this placement: it took.
+            Err(e) if e.error_code == ErrorCode::CommunicationFailure && record.seq > 0 => {
+                record.placement_failures = 0;
+                record.retry = None;
+            }
 
             Err(_) if self.inner.config.has_bug(crate::InjectedBug::ForgetFailedReschedules) => {
                 state.instances.remove(instance_id);
