@@ -141,6 +141,16 @@ fn scenario_regressions_stay_fixed() {
 
 #[test]
 fn swarm_regressions_stay_fixed() {
+    // Shrunk swarm failures, stored as scenario files named by their seed: unlike a swarm seed, a file does not
+    // change meaning when the swarm's generator changes.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/regressions");
+    for (path, scenario) in scenario::load_dir(&dir).unwrap_or_else(|e| panic!("{e}")) {
+        let stem = Path::new(&path).file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        let seed: u64 = stem.parse().unwrap_or_else(|_| panic!("{path}: the file name must be the seed"));
+        if let Err(e) = scenario::run(&scenario, seed) {
+            panic!("{e}\n  replay: cargo run -p factum-sim -- replay {path} --seed {seed}");
+        }
+    }
     for &seed in SWARM_REGRESSIONS {
         let swarm = scenario::Scenario::swarm(seed, 3, std::time::Duration::from_secs(40));
         if let Err(e) = scenario::run(&swarm, seed) {

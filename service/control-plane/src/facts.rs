@@ -37,6 +37,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 let stuck = state.injected == Some(crate::InjectedBug::StickyUnknown)
                     && record.metadata.status == InstanceStatus::Unknown;
                 record.metadata = facts.metadata;
+                record.accepted_on_agent_clock = true;
                 if stuck {
                     record.metadata.status = InstanceStatus::Unknown;
                 }
@@ -47,6 +48,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 // so the answer to a start still replaces the control plane's own guess even when the
                 // instance's later reports overtook it.
                 record.metadata.created_at = facts.metadata.created_at;
+                record.accepted_on_agent_clock = true;
             }
             record.epoch = facts.epoch;
         }
@@ -64,6 +66,8 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 lease: facts.lease,
                 retry: None,
                 placement_failures: 0,
+                accepted_on_agent_clock: true,
+                reported: false,
             };
             state.instances.insert(id, record);
         }
@@ -80,6 +84,10 @@ pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
     if report.epoch < record.epoch || (report.epoch == record.epoch && !same_placement) {
         return; // from an older placement
     }
+    if report.epoch > record.epoch {
+        record.accepted_on_agent_clock = false; // the acceptance time held is an older placement's
+    }
+    record.reported = true; // even if stale: what matters is that the agent had accepted this placement
     if same_placement && report.seq <= record.seq {
         return;
     }
@@ -133,7 +141,8 @@ pub(crate) fn merge_snapshot(
                 record.metadata.last_error = Some(format!("lost: node {node_id} no longer runs it"));
             }
             // Nothing runs it now; its policy may call for another run.
-            let after_accept = taken_at.is_some_and(|t| t > record.metadata.created_at);
+            let after_accept = record.reported
+                || record.accepted_on_agent_clock && taken_at.is_some_and(|t| t > record.metadata.created_at);
             if after_accept && record.retry.is_none() && restartable(record) {
                 record.retry = Some((std::time::Duration::ZERO, Retry::Restart));
             }

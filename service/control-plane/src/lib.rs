@@ -126,6 +126,12 @@ struct InstanceRecord {
     retry: Option<(Duration, reschedule::Retry)>,
     /// Placement attempts that failed in a row, for the backoff.
     placement_failures: u32,
+    /// When this placement was accepted is known on the agent's clock: `metadata.created_at` came from the
+    /// agent's facts, not from this control plane's clock (which a snapshot's `taken_at` cannot be compared to).
+    accepted_on_agent_clock: bool,
+    /// A status report of this placement was applied. The agent sends reports and snapshots from one task, each
+    /// after the last was answered, so any snapshot applied after it was taken after the agent accepted.
+    reported: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -200,8 +206,17 @@ impl ControlPlane {
     /// StartInstance (P6, P18): validates everything before any node is asked, places the instance on the
     /// available node with the fewest active instances (ties: lowest node id), and starts it there.
     /// Idempotent by instance id.
+    ///
+    /// The work runs on its own task: a caller that goes away (a client timing out, its request cancelled)
+    /// must not leave a start half done, its placement pending forever.
     pub async fn start_instance(&self, req: StartRequest) -> Result<String, ErrorResponse> {
-        self.start_inner(req).await.map_err(|e| self.error(e))
+        let (done, result) = tokio::sync::oneshot::channel();
+        let cp = self.clone();
+        self.inner.env.spawn(async move {
+            let _ = done.send(cp.start_inner(req).await); // the caller may be gone: the start is done anyway
+        });
+        let result = result.await.unwrap_or_else(|_| Err(ErrorResponse::internal("the start task ended early")));
+        result.map_err(|e| self.error(e))
     }
 
     async fn start_inner(&self, req: StartRequest) -> Result<String, ErrorResponse> {
@@ -252,6 +267,8 @@ impl ControlPlane {
                 lease: node_lease,
                 retry: None,
                 placement_failures: 0,
+                accepted_on_agent_clock: false,
+                reported: false,
             };
             state.instances.insert(instance_id.clone(), record);
             state.capabilities.insert(instance_id.clone(), capabilities.clone());
