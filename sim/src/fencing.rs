@@ -25,11 +25,9 @@ impl LeaseWatch {
     /// Applies one trace line; an error names an action a node took on a reschedulable instance after the
     /// registry expired the lease it held.
     pub fn apply(&mut self, line: &str) -> Result<(), String> {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let Some((component, event)) = words.get(1).zip(words.get(2)) else { return Ok(()) };
+        let Some((component, event, args)) = crate::trace::event_words(line) else { return Ok(()) };
         let node = component.to_string();
-        let args = words.get(3..).unwrap_or_default();
-        let action = match (*event, args) {
+        let action = match (event, args.as_slice()) {
             ("registry", ["lease", lease, "expired"]) => {
                 if let Ok(lease) = lease.parse() {
                     self.expired.insert(lease);

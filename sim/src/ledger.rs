@@ -24,11 +24,9 @@ impl GrantLedger {
     /// Applies one trace line; an error names a call that succeeded, or a message delivered, without the
     /// grant that allows it. Lines that are not agent capability events are ignored.
     pub fn apply(&mut self, line: &str) -> Result<(), String> {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let Some((node, event)) = words.get(1).zip(words.get(2)) else { return Ok(()) };
+        let Some((node, event, args)) = crate::trace::event_words(line) else { return Ok(()) };
         let node = node.to_string();
-        let args = words.get(3..).unwrap_or_default();
-        match (*event, args) {
+        match (event, args.as_slice()) {
             (BOOT, []) => self.held.retain(|(n, _), _| *n != node),
             (GRANTS, [instance, grants @ ..]) => {
                 let set = grants.iter().filter_map(|g| parse_grant(g)).collect();

@@ -68,3 +68,12 @@ impl Trace for TraceLog {
         self.push(turmoil::sim_elapsed().unwrap_or_default(), component, &event);
     }
 }
+
+/// The words of one timeline line (`<time>s <component> <event> <args>…`): its component, its event word and
+/// the words after it; `None` for a line without an event.
+pub(crate) fn event_words(line: &str) -> Option<(&str, &str, Vec<&str>)> {
+    let mut words = line.split_whitespace().skip(1);
+    let component = words.next()?;
+    let event = words.next()?;
+    Some((component, event, words.collect()))
+}

@@ -158,7 +158,6 @@ impl ControlPlane {
                 record.placement_failures = 0;
                 record.retry = None;
             }
-
             Err(_) if self.inner.config.has_bug(crate::InjectedBug::ForgetFailedReschedules) => {
                 state.instances.remove(instance_id);
             }
