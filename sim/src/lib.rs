@@ -6,6 +6,7 @@
 //! the same commit gives the same hash.
 
 pub mod buggify;
+pub mod bus;
 pub mod convergence;
 pub mod fencing;
 pub mod invariants;
@@ -26,7 +27,7 @@ use factum_node_agent::{Agent, AgentConfig};
 use factum_proto::{
     CapabilityGrant, ControlPlaneClient, InstanceMetadata, InstanceStatus, NodeInfo, RestartPolicy, StartRequest,
 };
-use factum_providers::MemoryKv;
+use factum_providers::{MemoryKv, MessagingProvider};
 use factum_registry::{MemoryRegistry, RemoteRegistry};
 use factum_wasm::{fixtures, Limits, WasmiEngine, WasmtimeEngine};
 
@@ -38,6 +39,8 @@ pub const PORT: u16 = 7700;
 pub const CONTROL_PLANE: &str = "control-plane";
 /// Host name of the simulated etcd (a [`MemoryRegistry`] served over the simulated network).
 pub const REGISTRY: &str = "etcd";
+/// Host name of the simulated message bus ([`bus`]), when the cluster runs one.
+pub const BUS: &str = "nats";
 /// Key prefix of the simulated registry.
 pub const REGISTRY_PREFIX: &str = "/factum";
 
@@ -82,6 +85,9 @@ pub struct ClusterConfig {
     pub engine_bug: Option<factum_wasm::EngineBug>,
     /// Even-numbered agents run wasmtime (fuel-metered, like wasmi) instead of wasmi.
     pub wasmtime: bool,
+    /// Run a message bus host ([`BUS`]): every agent gets a messaging provider on it, so instances on
+    /// different nodes exchange messages across the simulated network.
+    pub messaging: bool,
     /// Check the always-on monitor at every sample (default). Off only to show that a scenario's own check
     /// catches a bug by itself, without the monitor catching it first.
     pub monitor: bool,
@@ -112,6 +118,7 @@ impl ClusterConfig {
             agent_bug: None,
             engine_bug: None,
             wasmtime: false,
+            messaging: false,
             monitor: true,
         }
     }
@@ -246,6 +253,7 @@ impl Observed {
                 .filter(|(_, pause)| pause.is_paused())
                 .map(|(name, _)| name.clone())
                 .collect(),
+            since_delivery: None,
         }
     }
 }
@@ -312,6 +320,21 @@ pub fn build_observed_cluster(
             })
         });
     }
+    if config.messaging {
+        let pause = observed.pause(BUS, seed);
+        let machine = observed.machine(BUS, config, 0xb05);
+        sim.host(BUS, move || {
+            let env = Env::turmoil(seed ^ 0xb05, sim_epoch()).with_machine_clock(&machine).with_pause(pause.clone());
+            pause.gate(async move {
+                let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
+                let bus = bus::Bus::new(env.clone());
+                env.spawn(bus.clone().run_reaper());
+                bus::serve(bus, listener).await;
+                Ok(())
+            })
+        });
+    }
+    let messaging = config.messaging;
     sim.host(CONTROL_PLANE, move || {
         let incarnation = cp_incarnations.fetch_add(1, Ordering::SeqCst);
         let env = with_faults(
@@ -373,7 +396,15 @@ pub fn build_observed_cluster(
                     (false, Some(bug)) => Arc::new(WasmiEngine::with_injected_bug(bug)),
                     (false, None) => Arc::new(WasmiEngine::new()),
                 };
-                let (agent, reports) = Agent::new(env.clone(), agent_config, engine, Arc::new(MemoryKv::new()));
+                let providers = factum_node_agent::Providers {
+                    kv: Arc::new(MemoryKv::new()),
+                    http: None,
+                    messaging: messaging.then(|| {
+                        let bus = bus::RemoteBus::new(env.clone(), format!("{BUS}:{PORT}"));
+                        Arc::new(MessagingProvider::new(Arc::new(bus)))
+                    }),
+                };
+                let (agent, reports) = Agent::new(env.clone(), agent_config, engine, providers);
                 observed.set_agent(&name, Some(agent.clone()));
                 if with_registry {
                     env.spawn(factum_node_agent::run_registry_link(agent.clone(), remote_registry(&env)));

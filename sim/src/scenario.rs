@@ -89,6 +89,10 @@ pub struct Scenario {
     /// Even-numbered agents run wasmtime instead of wasmi (default false), so probes run on both engines.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub wasmtime: bool,
+    /// Run a message bus (host `nats`) that every agent's messaging provider uses (default false), so
+    /// `publisher` and `subscriber` instances on different nodes talk across the simulated network.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub messaging: bool,
 }
 
 fn yes() -> bool {
@@ -305,8 +309,10 @@ impl Scenario {
             return Err("clock_drift must be in [0, 0.1]: fencing assumes clock rates within 20% of each other".into());
         }
         let registry = self.registry.then(|| crate::REGISTRY.to_string());
+        let bus = self.messaging.then(|| crate::BUS.to_string());
         let hosts: BTreeSet<String> = std::iter::once(crate::CONTROL_PLANE.to_string())
             .chain(registry)
+            .chain(bus)
             .chain((1..=self.agents).map(crate::agent_name))
             .collect();
         let host = |h: &Option<String>, field: &str, step: &Step| match h {
@@ -373,6 +379,7 @@ impl Scenario {
             agents: Default::default(),
             registry_entries: None,
             paused: Default::default(),
+            since_delivery: None,
         };
         for check in self.always.iter().map(|a| &a.check).chain(self.eventually.iter().map(|e| &e.check)) {
             if let Err(e) = invariants::check(check, &empty) {
@@ -400,6 +407,9 @@ impl Scenario {
         let mut pick = |n: u64| rng.next_u64() % n.max(1);
         // Half the runs have a registry: leases, fencing and rescheduling join the fault space.
         let registry = pick(2) == 0;
+        // A third have a message bus, publishers and subscribers; drawn from a stream of its own, so the runs
+        // without one are the same as before the bus existed.
+        let messaging = ChaCha8Rng::seed_from_u64(seed ^ 0xb05).next_u64() % 3 == 0;
         let chaos_end = duration.saturating_sub(Duration::from_secs(15)).max(Duration::from_secs(2));
         let hosts: Vec<String> =
             std::iter::once(crate::CONTROL_PLANE.to_string()).chain((1..=agents).map(crate::agent_name)).collect();
@@ -421,9 +431,30 @@ impl Scenario {
             must_succeed: false,
         };
         // Every host, etcd too (it keeps its data across a crash).
-        let machines: Vec<String> =
-            hosts.iter().cloned().chain(registry.then(|| crate::REGISTRY.to_string())).collect();
+        let machines: Vec<String> = hosts
+            .iter()
+            .cloned()
+            .chain(registry.then(|| crate::REGISTRY.to_string()))
+            .chain(messaging.then(|| crate::BUS.to_string()))
+            .collect();
         let mut steps = Vec::new();
+        if messaging {
+            // Subscribers and publishers from the start, so messages are in flight when the faults come.
+            for (guest, permission) in
+                [("subscriber", "msg:subscribe:greetings.*"), ("publisher", "msg:publish:greetings.*")]
+            {
+                let mut s = blank(Duration::from_millis(300), Action::Start);
+                s.instances = Some(2);
+                s.guest = Some(guest.into());
+                s.policy = Some("always".into());
+                // Spent after three refused subscribes (a revoked grant), like kv_greeter after refused calls.
+                s.max_retries = Some(3);
+                s.backoff = Some(1);
+                s.capability = Some("bus".into());
+                s.permissions = vec![permission.into()];
+                steps.push(s);
+            }
+        }
         let events = 4 + pick(8);
         for _ in 0..events {
             // Chaos ends before the settle steps, which the shrinker keeps.
@@ -432,22 +463,27 @@ impl Scenario {
                 0..=2 => {
                     let mut s = blank(at, Action::Start);
                     s.instances = Some(1 + pick(5) as usize);
-                    let guests = [
-                        ("sleeper", false),
-                        ("kv_greeter", true),
-                        ("trap", false),
-                        ("exit_clean", false),
-                        ("random_trap", false),
-                        ("remember", false),
-                        ("os_probe", false),
+                    // (guest, capability, permission); "" for none.
+                    let mut guests = vec![
+                        ("sleeper", "", ""),
+                        ("kv_greeter", "kv", "kv:write"),
+                        ("trap", "", ""),
+                        ("exit_clean", "", ""),
+                        ("random_trap", "", ""),
+                        ("remember", "", ""),
+                        ("os_probe", "", ""),
                     ];
-                    let (guest, cap) = nth(&guests, pick(guests.len() as u64));
+                    if messaging {
+                        guests.push(("publisher", "bus", "msg:publish:greetings.*"));
+                        guests.push(("subscriber", "bus", "msg:subscribe:greetings.*"));
+                    }
+                    let (guest, cap, permission) = nth(&guests, pick(guests.len() as u64));
                     s.guest = Some(guest.to_string());
                     s.policy = Some(nth(&["never", "always", "on_failure"], pick(3)).to_string());
                     s.max_retries = Some(pick(4) as u32);
-                    if cap {
-                        s.capability = Some("kv".into());
-                        s.permissions = vec!["kv:write".into()];
+                    if !cap.is_empty() {
+                        s.capability = Some(cap.into());
+                        s.permissions = vec![permission.into()];
                     }
                     s
                 }
@@ -466,6 +502,9 @@ impl Scenario {
                     let mut s = blank(at, if pick(2) == 0 { Action::Partition } else { Action::Hold });
                     // Between an agent and the control plane or etcd, or between the control plane and etcd.
                     let (a, b) = match registry.then(|| pick(3)) {
+                        _ if messaging && pick(4) == 0 => {
+                            (crate::BUS.to_string(), crate::agent_name(1 + pick(agents as u64) as usize))
+                        }
                         Some(0) => (crate::REGISTRY.to_string(), crate::agent_name(1 + pick(agents as u64) as usize)),
                         Some(1) => (crate::REGISTRY.to_string(), crate::CONTROL_PLANE.to_string()),
                         _ => (crate::CONTROL_PLANE.to_string(), crate::agent_name(1 + pick(agents as u64) as usize)),
@@ -481,7 +520,8 @@ impl Scenario {
                 }
                 9 => {
                     let mut s = blank(at, Action::Revoke);
-                    s.capability = Some("kv".into());
+                    let bus = messaging && pick(2) == 0;
+                    s.capability = Some(if bus { "bus" } else { "kv" }.into());
                     s
                 }
                 10 => {
@@ -550,6 +590,7 @@ impl Scenario {
             clock_drift: (pick(3) == 0).then_some(0.1),
             // A quarter run wasmtime on even-numbered agents.
             wasmtime: pick(4) == 0,
+            messaging,
         }
     }
 
@@ -726,6 +767,7 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     config.clock_skew = scenario.clock_skew.unwrap_or_default();
     config.clock_drift = scenario.clock_drift.unwrap_or_default();
     config.wasmtime = scenario.wasmtime;
+    config.messaging = scenario.messaging;
     let monitor_on = config.monitor;
     let buggify = config.faults.clone();
     let trace = Arc::new(TraceLog::default());
@@ -747,6 +789,7 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     let mut network = Network::default();
     let mut monitor = crate::monitor::Monitor::default();
     let mut traced = 0;
+    let mut last_delivery: Option<Duration> = None;
     let mut crashed: BTreeSet<String> = BTreeSet::new();
     let mut next_sample = Duration::ZERO;
     loop {
@@ -759,9 +802,14 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
         }
         if now >= next_sample {
             next_sample = now + SAMPLE_EVERY;
-            let view = observed.view();
+            let mut view = observed.view();
             let fresh = trace.lines_from(traced);
             traced += fresh.len();
+            let deliver = factum_node_agent::trace_events::DELIVER;
+            if fresh.iter().any(|line| crate::trace::event_words(line).is_some_and(|(_, e, _)| e == deliver)) {
+                last_delivery = Some(now);
+            }
+            view.since_delivery = last_delivery.map(|at| now.saturating_sub(at));
             if monitor_on {
                 monitor.observe(&view, &fresh).map_err(|e| fail(now, e))?;
             }

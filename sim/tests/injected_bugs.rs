@@ -233,13 +233,14 @@ type Inject = Box<dyn Fn(&mut ClusterConfig)>;
 fn every_scenario_check_catches_a_bug_by_itself() {
     let agent = |bug| move |config: &mut ClusterConfig| config.agent_bug = Some(bug);
     let cp = |bug| move |config: &mut ClusterConfig| config.control_plane.injected_bug = Some(bug);
-    let cases: [(&str, &str, Inject); 6] = [
+    let cases: [(&str, &str, Inject); 7] = [
         ("revoke_during_kv_use.toml", "none_running", Box::new(agent(AgentBug::StaleGrants))),
         ("backoff_storm.toml", "restarts", Box::new(agent(AgentBug::IgnoreMaxRetries))),
         ("agent_crash.toml", "dead_nodes_unknown", Box::new(cp(InjectedBug::NoFailureDetection))),
         ("partition_heal.toml", "no_unknown", Box::new(cp(InjectedBug::StickyUnknown))),
         ("partition_heal.toml", "all_running", Box::new(cp(InjectedBug::StickyUnknown))),
         ("agent_crash.toml", "node_unknown", Box::new(cp(InjectedBug::NoFailureDetection))),
+        ("messaging.toml", "messages_flow", Box::new(agent(AgentBug::LostWakeups))),
     ];
     for (file, check, inject) in cases {
         let (seed, failure) =

@@ -22,6 +22,9 @@ pub const KV_GREETER: &str = include_str!("../../../guests/fixtures/kv_greeter.w
 /// `kv`; traps on a payload ending in `!`.
 pub const SUBSCRIBER: &str = include_str!("../../../guests/fixtures/subscriber.wat");
 
+/// Publishes "hello" on `greetings.hi` through capability `bus` every 200 ms, forever, whatever the answer.
+pub const PUBLISHER: &str = include_str!("../../../guests/fixtures/publisher.wat");
+
 /// Sleeps a random 0–4 s (seeded in simulation), then traps.
 pub const RANDOM_TRAP: &str = include_str!("../../../guests/fixtures/random_trap.wat");
 
@@ -29,7 +32,7 @@ pub const RANDOM_TRAP: &str = include_str!("../../../guests/fixtures/random_trap
 pub const OS_PROBE: &str = include_str!("../../../guests/fixtures/os_probe.wat");
 
 /// Every fixture by file stem.
-pub const ALL: [(&str, &str); 11] = [
+pub const ALL: [(&str, &str); 12] = [
     ("exit_clean", EXIT_CLEAN),
     ("exit_code", EXIT_CODE),
     ("trap", TRAP),
@@ -39,6 +42,7 @@ pub const ALL: [(&str, &str); 11] = [
     ("remember", REMEMBER),
     ("kv_greeter", KV_GREETER),
     ("subscriber", SUBSCRIBER),
+    ("publisher", PUBLISHER),
     ("random_trap", RANDOM_TRAP),
     ("os_probe", OS_PROBE),
 ];

@@ -135,6 +135,9 @@ pub enum AgentBug {
     /// A restart by policy stamps a new creation time, as if the instance were new: a crash changes more
     /// than status, error and restart count (breaks P2).
     RestartRestamps,
+    /// A message queued for an instance does not wake its run (a lost wake-up): messages pile up unhandled
+    /// (breaks messaging liveness).
+    LostWakeups,
 }
 
 impl AgentConfig {
@@ -635,7 +638,9 @@ impl Inner {
     fn deliver(&self, delivery: Delivery) {
         let mut instances = self.lock();
         match instances.get_mut(&delivery.instance_id) {
-            Some(local) if local.abort.is_some() => local.mailbox.push(delivery),
+            Some(local) if local.abort.is_some() => {
+                local.mailbox.push(delivery, !self.config.has_bug(AgentBug::LostWakeups))
+            }
             _ => tracing::warn!(target: "factum::msg", instance_id = %delivery.instance_id, topic = %delivery.topic,
                 "message dropped: the instance no longer runs here"),
         }

@@ -29,15 +29,18 @@ pub(crate) struct Mailbox {
 }
 
 impl Mailbox {
-    /// Queues a delivery and wakes the waiting run; a full mailbox drops it.
-    pub(crate) fn push(&mut self, delivery: Delivery) {
+    /// Queues a delivery and wakes the waiting run (unless `wake` is off: only an injected bug turns it off); a
+    /// full mailbox drops it.
+    pub(crate) fn push(&mut self, delivery: Delivery, wake: bool) {
         if self.queue.len() >= MAILBOX_CAPACITY {
             tracing::warn!(target: "factum::msg", instance_id = %delivery.instance_id, topic = %delivery.topic,
                 capacity = MAILBOX_CAPACITY, "mailbox full: message dropped");
             return;
         }
         self.queue.push_back(Queued { delivery, attempts: 0 });
-        self.wake.notify_one();
+        if wake {
+            self.wake.notify_one();
+        }
     }
 
     /// The previous message counts as handled; the next one (if any) is now in hand.
