@@ -37,9 +37,9 @@ pub struct View {
     pub registry_entries: Option<Vec<(String, Vec<u8>)>>,
     /// Hosts frozen by a `pause` fault now.
     pub paused: BTreeSet<String>,
-    /// How long ago an instance was last handed a message, if ever (filled in from the trace by the scenario
-    /// runner).
-    pub since_delivery: Option<std::time::Duration>,
+    /// How long ago each kind of traced event liveness checks watch was last seen (`deliver`: an instance
+    /// was handed a message; `served`: a web host answered a request); filled in by the scenario runner.
+    pub ago: BTreeMap<&'static str, std::time::Duration>,
 }
 
 /// A named check: the view, and the argument after `name:` (empty without one).
@@ -47,7 +47,7 @@ type NamedCheck = fn(&View, &str) -> Result<(), String>;
 
 /// Every check a scenario can name: (name, argument it takes, check). The one list [`check`] dispatches on
 /// and error messages print, so they cannot drift apart.
-pub const CHECKS: [(&str, &str, NamedCheck); 12] = [
+pub const CHECKS: [(&str, &str, NamedCheck); 13] = [
     ("single_placement", "", |v, _| single_placement(v)),
     ("facts_match_agents", "", |v, _| facts_match_agents(v)),
     ("registry_matches_agents", "", |v, _| registry_matches_agents(v)),
@@ -59,7 +59,8 @@ pub const CHECKS: [(&str, &str, NamedCheck); 12] = [
     ("registry_only_membership", "", |v, _| registry_only_membership(v)),
     ("always_running", "", |v, _| always_running(v)),
     ("dead_nodes_unknown", "", |v, _| dead_nodes_unknown(v)),
-    ("messages_flow", "", |v, _| messages_flow(v)),
+    ("messages_flow", "", |v, _| flowing(v, factum_node_agent::trace_events::DELIVER, "message delivered")),
+    ("requests_flow", "", |v, _| flowing(v, crate::web::SERVED, "HTTP request served")),
 ];
 
 /// Runs the check named `spec` (`name` or `name:argument`) on `view`.
@@ -271,13 +272,15 @@ pub fn node_keeps_running(instances: &[InstanceMetadata], node: &str) -> Result<
     }
 }
 
-/// Liveness of messaging: some instance was handed a message within the last second. With publishers sending
-/// every 200 ms, a longer silence means messages stopped getting through.
-pub fn messages_flow(view: &View) -> Result<(), String> {
-    match view.since_delivery {
-        Some(ago) if ago <= std::time::Duration::from_secs(1) => Ok(()),
-        Some(ago) => Err(format!("no message delivered for {:.1}s", ago.as_secs_f64())),
-        None => Err("no message was ever delivered".into()),
+/// Liveness of messaging (`messages_flow`) or HTTP (`requests_flow`): `event` (a message handed to an
+/// instance, a request a web host served) was seen within the last second. The `publisher` and
+/// `http_getter` guests act every 200 and 300 ms, so a longer silence means their traffic stopped getting
+/// through.
+pub fn flowing(view: &View, event: &str, what: &str) -> Result<(), String> {
+    match view.ago.get(event) {
+        Some(ago) if *ago <= std::time::Duration::from_secs(1) => Ok(()),
+        Some(ago) => Err(format!("no {what} for {:.1}s", ago.as_secs_f64())),
+        None => Err(format!("no {what} ever")),
     }
 }
 
@@ -344,7 +347,7 @@ mod tests {
             agents: [("agent-1".to_string(), vec![running("s0-1")])].into_iter().collect(),
             registry_entries: Some(entries.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()),
             paused: BTreeSet::new(),
-            since_delivery: None,
+            ago: BTreeMap::new(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The monitor's own ledger of grants, kept from the agents' trace events (`factum_node_agent::trace_events`),
 //! and the Property 4 oracle over it: every capability call that succeeded, and every message delivered, was
-//! allowed by the grant in force at the instant the agent let it through.
+//! allowed by the grant in force at the instant the agent let it through; and its counterpart at the far end of
+//! HTTP: a web host serves nothing that no grant ever named (the provider checks every redirect hop too).
 //!
 //! The oracle is written apart from the product's permission code on purpose (its own topic matcher, its own
 //! operation → permission table): a change to the product's rules must disagree with it, not follow it.
@@ -18,6 +19,8 @@ pub struct GrantLedger {
     held: Held,
     /// (node, call number) → why the call was not allowed when it was let through, if it was not.
     pending: BTreeMap<(String, String), Option<String>>,
+    /// Every `http:domain:` a grant has named so far, on any node.
+    domains_ever: std::collections::BTreeSet<String>,
 }
 
 impl GrantLedger {
@@ -29,11 +32,13 @@ impl GrantLedger {
         match (event, args.as_slice()) {
             (BOOT, []) => self.held.retain(|(n, _), _| *n != node),
             (GRANTS, [instance, grants @ ..]) => {
-                let set = grants.iter().filter_map(|g| parse_grant(g)).collect();
+                let set: BTreeMap<String, Vec<String>> = grants.iter().filter_map(|g| parse_grant(g)).collect();
+                self.note_domains(set.values().flatten());
                 self.held.insert((node, instance.to_string()), set);
             }
             (GRANT, [instance, grant]) => {
                 if let Some((cap, perms)) = parse_grant(grant) {
+                    self.note_domains(perms.iter());
                     self.held.entry((node, instance.to_string())).or_default().insert(cap, perms);
                 }
             }
@@ -67,9 +72,23 @@ impl GrantLedger {
                 self.allowed(&node, instance, cap, "deliver", topic)
                     .map_err(|why| format!("{instance} on {node} was handed a message on {topic} but {why}"))?;
             }
+            (crate::web::SERVED, [method, path]) => {
+                let named = |d: &String| match d.strip_prefix("*.") {
+                    Some(parent) => node.ends_with(&format!(".{parent}")),
+                    None => d.eq_ignore_ascii_case(&node),
+                };
+                if !self.domains_ever.iter().any(named) {
+                    return Err(format!("{node} served {method} {path}, but no grant ever named {node}"));
+                }
+            }
             _ => {}
         }
         Ok(())
+    }
+
+    fn note_domains<'a>(&mut self, perms: impl Iterator<Item = &'a String>) {
+        let domains = perms.filter_map(|p| p.strip_prefix("http:domain:"));
+        self.domains_ever.extend(domains.map(str::to_string));
     }
 
     /// Whether the ledger lets `instance` on `node` do `operation` on `target` through `cap` now.
@@ -134,6 +153,15 @@ mod tests {
     fn run(lines: &[&str]) -> Result<(), String> {
         let mut ledger = GrantLedger::default();
         lines.iter().try_for_each(|l| ledger.apply(&format!("  1.000s {l}")))
+    }
+
+    #[test]
+    fn a_web_host_no_grant_named_must_serve_nothing() {
+        let e = run(&["n grants i web=http:request,http:domain:web", "intranet served GET /secret"]).unwrap_err();
+        assert!(e.contains("no grant ever named intranet"), "{e}");
+        run(&["n grants i web=http:request,http:domain:web", "web served GET /hello"]).unwrap();
+        // Revoked since, but it was named: a request authorised before the revoke may arrive after it.
+        run(&["n grant i w=http:request,http:domain:*.corp", "n revoke i w", "api.corp served GET /"]).unwrap();
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod monitor;
 pub mod scenario;
 pub mod sometimes;
 mod trace;
+pub mod web;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -27,7 +28,7 @@ use factum_node_agent::{Agent, AgentConfig};
 use factum_proto::{
     CapabilityGrant, ControlPlaneClient, InstanceMetadata, InstanceStatus, NodeInfo, RestartPolicy, StartRequest,
 };
-use factum_providers::{MemoryKv, MessagingProvider};
+use factum_providers::{HttpLimits, HttpProvider, MemoryKv, MessagingProvider};
 use factum_registry::{MemoryRegistry, RemoteRegistry};
 use factum_wasm::{fixtures, Limits, WasmiEngine, WasmtimeEngine};
 
@@ -88,6 +89,11 @@ pub struct ClusterConfig {
     /// Run a message bus host ([`BUS`]): every agent gets a messaging provider on it, so instances on
     /// different nodes exchange messages across the simulated network.
     pub messaging: bool,
+    /// Run web hosts ([`web::WEB`], [`web::INTRANET`]): every agent gets an HTTP provider whose requests cross
+    /// the simulated network.
+    pub http: bool,
+    /// A bug injected into every agent's HTTP provider, to prove the simulator catches it.
+    pub http_bug: Option<factum_providers::HttpBug>,
     /// Check the always-on monitor at every sample (default). Off only to show that a scenario's own check
     /// catches a bug by itself, without the monitor catching it first.
     pub monitor: bool,
@@ -119,6 +125,8 @@ impl ClusterConfig {
             engine_bug: None,
             wasmtime: false,
             messaging: false,
+            http: false,
+            http_bug: None,
             monitor: true,
         }
     }
@@ -253,7 +261,7 @@ impl Observed {
                 .filter(|(_, pause)| pause.is_paused())
                 .map(|(name, _)| name.clone())
                 .collect(),
-            since_delivery: None,
+            ago: BTreeMap::new(),
         }
     }
 }
@@ -335,6 +343,23 @@ pub fn build_observed_cluster(
         });
     }
     let messaging = config.messaging;
+    if config.http {
+        for (n, name) in [web::WEB, web::INTRANET].into_iter().enumerate() {
+            let pause = observed.pause(name, seed);
+            let host_trace = trace.clone();
+            sim.host(name, move || {
+                let env = Env::turmoil(seed ^ 0x3eb ^ ((n as u64) << 12), sim_epoch())
+                    .with_trace(name, host_trace.clone())
+                    .with_pause(pause.clone());
+                pause.gate(async move {
+                    let listener = env.net.bind(&format!("0.0.0.0:{}", web::HTTP_PORT)).await?;
+                    web::serve(env, listener).await;
+                    Ok(())
+                })
+            });
+        }
+    }
+    let (http, http_bug) = (config.http, config.http_bug);
     sim.host(CONTROL_PLANE, move || {
         let incarnation = cp_incarnations.fetch_add(1, Ordering::SeqCst);
         let env = with_faults(
@@ -398,7 +423,15 @@ pub fn build_observed_cluster(
                 };
                 let providers = factum_node_agent::Providers {
                     kv: Arc::new(MemoryKv::new()),
-                    http: None,
+                    http: http.then(|| {
+                        let limits = HttpLimits { timeout: Duration::from_secs(2), ..HttpLimits::default() };
+                        let provider = HttpProvider::with_transport(limits, Arc::new(web::SimHttp::new(env.clone())));
+                        let provider = match http_bug {
+                            Some(bug) => provider.with_injected_bug(bug),
+                            None => provider,
+                        };
+                        Arc::new(provider) as Arc<dyn factum_providers::Provider>
+                    }),
                     messaging: messaging.then(|| {
                         let bus = bus::RemoteBus::new(env.clone(), format!("{BUS}:{PORT}"));
                         Arc::new(MessagingProvider::new(Arc::new(bus)))

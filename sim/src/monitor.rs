@@ -313,7 +313,7 @@ mod tests {
             agents: BTreeMap::new(),
             registry_entries: None,
             paused: BTreeSet::new(),
-            since_delivery: None,
+            ago: BTreeMap::new(),
         }
     }
 

@@ -93,6 +93,10 @@ pub struct Scenario {
     /// `publisher` and `subscriber` instances on different nodes talk across the simulated network.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub messaging: bool,
+    /// Run web hosts `web` and `intranet` that every agent's HTTP provider reaches over the simulated network
+    /// (default false), for `http_getter` instances.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub http: bool,
 }
 
 fn yes() -> bool {
@@ -313,6 +317,12 @@ impl Scenario {
         let hosts: BTreeSet<String> = std::iter::once(crate::CONTROL_PLANE.to_string())
             .chain(registry)
             .chain(bus)
+            .chain(
+                self.http
+                    .then(|| [crate::web::WEB.to_string(), crate::web::INTRANET.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .chain((1..=self.agents).map(crate::agent_name))
             .collect();
         let host = |h: &Option<String>, field: &str, step: &Step| match h {
@@ -379,7 +389,7 @@ impl Scenario {
             agents: Default::default(),
             registry_entries: None,
             paused: Default::default(),
-            since_delivery: None,
+            ago: Default::default(),
         };
         for check in self.always.iter().map(|a| &a.check).chain(self.eventually.iter().map(|e| &e.check)) {
             if let Err(e) = invariants::check(check, &empty) {
@@ -410,6 +420,8 @@ impl Scenario {
         // A third have a message bus, publishers and subscribers; drawn from a stream of its own, so the runs
         // without one are the same as before the bus existed.
         let messaging = ChaCha8Rng::seed_from_u64(seed ^ 0xb05).next_u64() % 3 == 0;
+        // A quarter have web hosts and HTTP clients, drawn the same way.
+        let http = ChaCha8Rng::seed_from_u64(seed ^ 0x3eb).next_u64() % 4 == 0;
         let chaos_end = duration.saturating_sub(Duration::from_secs(15)).max(Duration::from_secs(2));
         let hosts: Vec<String> =
             std::iter::once(crate::CONTROL_PLANE.to_string()).chain((1..=agents).map(crate::agent_name)).collect();
@@ -436,24 +448,27 @@ impl Scenario {
             .cloned()
             .chain(registry.then(|| crate::REGISTRY.to_string()))
             .chain(messaging.then(|| crate::BUS.to_string()))
+            .chain(http.then(|| crate::web::WEB.to_string()))
             .collect();
         let mut steps = Vec::new();
-        if messaging {
-            // Subscribers and publishers from the start, so messages are in flight when the faults come.
-            for (guest, permission) in
-                [("subscriber", "msg:subscribe:greetings.*"), ("publisher", "msg:publish:greetings.*")]
-            {
-                let mut s = blank(Duration::from_millis(300), Action::Start);
-                s.instances = Some(2);
-                s.guest = Some(guest.into());
-                s.policy = Some("always".into());
-                // Spent after three refused subscribes (a revoked grant), like kv_greeter after refused calls.
-                s.max_retries = Some(3);
-                s.backoff = Some(1);
-                s.capability = Some("bus".into());
-                s.permissions = vec![permission.into()];
-                steps.push(s);
-            }
+        // Subscribers, publishers and HTTP clients from the start, so traffic is in flight when the faults come.
+        let web = ["http:request", "http:domain:web"];
+        let workloads = [
+            (messaging, "subscriber", "bus", &["msg:subscribe:greetings.*"][..]),
+            (messaging, "publisher", "bus", &["msg:publish:greetings.*"][..]),
+            (http, "http_getter", "web", &web[..]),
+        ];
+        for (_, guest, capability, permissions) in workloads.into_iter().filter(|w| w.0) {
+            let mut s = blank(Duration::from_millis(300), Action::Start);
+            s.instances = Some(2);
+            s.guest = Some(guest.into());
+            s.policy = Some("always".into());
+            // A subscriber is spent after three refused subscribes (a revoked grant), like kv_greeter.
+            s.max_retries = Some(3);
+            s.backoff = Some(1);
+            s.capability = Some(capability.into());
+            s.permissions = permissions.iter().map(|p| p.to_string()).collect();
+            steps.push(s);
         }
         let events = 4 + pick(8);
         for _ in 0..events {
@@ -505,6 +520,9 @@ impl Scenario {
                         _ if messaging && pick(4) == 0 => {
                             (crate::BUS.to_string(), crate::agent_name(1 + pick(agents as u64) as usize))
                         }
+                        _ if http && pick(4) == 0 => {
+                            (crate::web::WEB.to_string(), crate::agent_name(1 + pick(agents as u64) as usize))
+                        }
                         Some(0) => (crate::REGISTRY.to_string(), crate::agent_name(1 + pick(agents as u64) as usize)),
                         Some(1) => (crate::REGISTRY.to_string(), crate::CONTROL_PLANE.to_string()),
                         _ => (crate::CONTROL_PLANE.to_string(), crate::agent_name(1 + pick(agents as u64) as usize)),
@@ -521,7 +539,17 @@ impl Scenario {
                 9 => {
                     let mut s = blank(at, Action::Revoke);
                     let bus = messaging && pick(2) == 0;
-                    s.capability = Some(if bus { "bus" } else { "kv" }.into());
+                    let web = !bus && http && pick(2) == 0;
+                    s.capability = Some(
+                        if bus {
+                            "bus"
+                        } else if web {
+                            "web"
+                        } else {
+                            "kv"
+                        }
+                        .into(),
+                    );
                     s
                 }
                 10 => {
@@ -591,6 +619,7 @@ impl Scenario {
             // A quarter run wasmtime on even-numbered agents.
             wasmtime: pick(4) == 0,
             messaging,
+            http,
         }
     }
 
@@ -768,6 +797,7 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     config.clock_drift = scenario.clock_drift.unwrap_or_default();
     config.wasmtime = scenario.wasmtime;
     config.messaging = scenario.messaging;
+    config.http = scenario.http;
     let monitor_on = config.monitor;
     let buggify = config.faults.clone();
     let trace = Arc::new(TraceLog::default());
@@ -789,7 +819,9 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     let mut network = Network::default();
     let mut monitor = crate::monitor::Monitor::default();
     let mut traced = 0;
-    let mut last_delivery: Option<Duration> = None;
+    // When each event a liveness check watches was last seen.
+    let watched = [factum_node_agent::trace_events::DELIVER, crate::web::SERVED];
+    let mut last_seen: std::collections::BTreeMap<&'static str, Duration> = Default::default();
     let mut crashed: BTreeSet<String> = BTreeSet::new();
     let mut next_sample = Duration::ZERO;
     loop {
@@ -805,11 +837,14 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
             let mut view = observed.view();
             let fresh = trace.lines_from(traced);
             traced += fresh.len();
-            let deliver = factum_node_agent::trace_events::DELIVER;
-            if fresh.iter().any(|line| crate::trace::event_words(line).is_some_and(|(_, e, _)| e == deliver)) {
-                last_delivery = Some(now);
+            for line in &fresh {
+                if let Some(event) =
+                    crate::trace::event_words(line).and_then(|(_, e, _)| watched.iter().find(|w| **w == e))
+                {
+                    last_seen.insert(event, now);
+                }
             }
-            view.since_delivery = last_delivery.map(|at| now.saturating_sub(at));
+            view.ago = last_seen.iter().map(|(event, at)| (*event, now.saturating_sub(*at))).collect();
             if monitor_on {
                 monitor.observe(&view, &fresh).map_err(|e| fail(now, e))?;
             }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use factum_control_plane::InjectedBug;
 use factum_node_agent::AgentBug;
+use factum_providers::HttpBug;
 use factum_sim::scenario::{self, Scenario};
 use factum_sim::ClusterConfig;
 use factum_wasm::EngineBug;
@@ -233,7 +234,8 @@ type Inject = Box<dyn Fn(&mut ClusterConfig)>;
 fn every_scenario_check_catches_a_bug_by_itself() {
     let agent = |bug| move |config: &mut ClusterConfig| config.agent_bug = Some(bug);
     let cp = |bug| move |config: &mut ClusterConfig| config.control_plane.injected_bug = Some(bug);
-    let cases: [(&str, &str, Inject); 7] = [
+    let http = |bug| move |config: &mut ClusterConfig| config.http_bug = Some(bug);
+    let cases: [(&str, &str, Inject); 8] = [
         ("revoke_during_kv_use.toml", "none_running", Box::new(agent(AgentBug::StaleGrants))),
         ("backoff_storm.toml", "restarts", Box::new(agent(AgentBug::IgnoreMaxRetries))),
         ("agent_crash.toml", "dead_nodes_unknown", Box::new(cp(InjectedBug::NoFailureDetection))),
@@ -241,6 +243,7 @@ fn every_scenario_check_catches_a_bug_by_itself() {
         ("partition_heal.toml", "all_running", Box::new(cp(InjectedBug::StickyUnknown))),
         ("agent_crash.toml", "node_unknown", Box::new(cp(InjectedBug::NoFailureDetection))),
         ("messaging.toml", "messages_flow", Box::new(agent(AgentBug::LostWakeups))),
+        ("http.toml", "requests_flow", Box::new(http(HttpBug::LatchedFailure))),
     ];
     for (file, check, inject) in cases {
         let (seed, failure) =
@@ -253,4 +256,11 @@ fn every_scenario_check_catches_a_bug_by_itself() {
 fn a_control_plane_that_makes_ended_runs_unknown_is_caught_by_the_always_on_monitor() {
     let (seed, failure) = first_failure("backoff_storm.toml", InjectedBug::UnknownEndedRuns).expect("bug not caught");
     assert!(failure.contains("P14 facts_only_move_forward"), "seed {seed}: {failure}");
+}
+
+#[test]
+fn an_http_provider_that_follows_redirects_unchecked_is_caught_by_the_always_on_monitor() {
+    let (seed, failure) = first_failure_with("http.toml", |config| config.http_bug = Some(HttpBug::UncheckedRedirects))
+        .expect("bug not caught");
+    assert!(failure.contains("no grant ever named intranet"), "seed {seed}: {failure}");
 }

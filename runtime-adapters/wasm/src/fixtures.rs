@@ -25,6 +25,10 @@ pub const SUBSCRIBER: &str = include_str!("../../../guests/fixtures/subscriber.w
 /// Publishes "hello" on `greetings.hi` through capability `bus` every 200 ms, forever, whatever the answer.
 pub const PUBLISHER: &str = include_str!("../../../guests/fixtures/publisher.wat");
 
+/// Every 300 ms GETs, through capability `web`, `http://web/hello`, `http://web/away` (a redirect to
+/// `intranet`) and `http://intranet/secret`, whatever the answers.
+pub const HTTP_GETTER: &str = include_str!("../../../guests/fixtures/http_getter.wat");
+
 /// Sleeps a random 0–4 s (seeded in simulation), then traps.
 pub const RANDOM_TRAP: &str = include_str!("../../../guests/fixtures/random_trap.wat");
 
@@ -32,7 +36,7 @@ pub const RANDOM_TRAP: &str = include_str!("../../../guests/fixtures/random_trap
 pub const OS_PROBE: &str = include_str!("../../../guests/fixtures/os_probe.wat");
 
 /// Every fixture by file stem.
-pub const ALL: [(&str, &str); 12] = [
+pub const ALL: [(&str, &str); 13] = [
     ("exit_clean", EXIT_CLEAN),
     ("exit_code", EXIT_CODE),
     ("trap", TRAP),
@@ -43,6 +47,7 @@ pub const ALL: [(&str, &str); 12] = [
     ("kv_greeter", KV_GREETER),
     ("subscriber", SUBSCRIBER),
     ("publisher", PUBLISHER),
+    ("http_getter", HTTP_GETTER),
     ("random_trap", RANDOM_TRAP),
     ("os_probe", OS_PROBE),
 ];

@@ -13,7 +13,7 @@ use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorResponse, Perm
 
 pub use factum_proto::ProviderMetadata;
 
-pub use http::{HttpLimits, HttpProvider};
+pub use http::{Hop, HopResponse, HttpBug, HttpLimits, HttpProvider, HttpTransport, ReqwestTransport};
 #[cfg(feature = "redis")]
 pub use kv::RedisStore;
 pub use kv::{KvBackend, KvProvider, MemoryKv, MemoryStore, DEFAULT_MAX_KEYS_PER_STORE};

@@ -1,4 +1,5 @@
-//! The HTTP provider: outbound requests through reqwest, allowed only to the hosts the capability names.
+//! The HTTP provider: outbound requests through an [`HttpTransport`] (reqwest by default), allowed only to the
+//! hosts the capability names.
 //!
 //! Every request needs `http:request` plus an `http:domain:<host>` (or `*.<parent>`) matching the host of the
 //! parsed URL, so userinfo (`http://allowed@evil`), ports, case, a trailing dot or an IP literal cannot
@@ -17,6 +18,10 @@ use factum_proto::{
 
 use crate::{Lifecycle, Provider, ProviderMetadata};
 
+mod reqwest_transport;
+
+pub use reqwest_transport::ReqwestTransport;
+
 /// Limits of the HTTP provider.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpLimits {
@@ -34,25 +39,118 @@ impl Default for HttpLimits {
     }
 }
 
+/// One request on one hop. Redirects are the provider's business: a transport never follows them, so every
+/// hop's destination is checked against the grant before it is sent.
+#[derive(Debug, Clone)]
+pub struct Hop {
+    /// Method.
+    pub method: reqwest::Method,
+    /// Absolute URL, already checked against the grant.
+    pub url: reqwest::Url,
+    /// Request headers (never `Host`: the transport sets it from the URL).
+    pub headers: reqwest::header::HeaderMap,
+    /// Request body.
+    pub body: Vec<u8>,
+}
+
+/// The answer to one hop, its body read in full (within the provider's cap).
+#[derive(Debug, Clone)]
+pub struct HopResponse {
+    /// Status code.
+    pub status: u16,
+    /// Response headers.
+    pub headers: reqwest::header::HeaderMap,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+/// Where HTTP requests go out: reqwest on the real network ([`ReqwestTransport`]), or the simulated network in
+/// the simulator. The allowlist, redirects and limits stay in [`HttpProvider`], whatever the transport.
+#[async_trait]
+pub trait HttpTransport: Send + Sync + 'static {
+    /// Implementation name, reported as the provider's name.
+    fn name(&self) -> &'static str;
+    /// Sends `hop` and reads its answer within `timeout`. A body longer than `max_body` bytes is
+    /// RESOURCE_EXHAUSTED; a failed or late exchange COMMUNICATION_FAILURE.
+    async fn send(&self, hop: Hop, max_body: usize, timeout: Duration) -> Result<HopResponse, ErrorResponse>;
+}
+
+/// A deliberate bug, for proving that the simulator catches it. Only the `injected-bugs` feature, which the
+/// simulator turns on and the `factum` binary does not, can put one into a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpBug {
+    /// Only the first hop's host is checked: a redirect may lead anywhere (breaks P4's allowlist).
+    UncheckedRedirects,
+    /// After one failed exchange every later request fails at once, as a circuit breaker that never closes
+    /// (breaks HTTP liveness).
+    LatchedFailure,
+}
+
 /// Outbound HTTP for instances.
 pub struct HttpProvider {
-    client: reqwest::Client,
+    transport: std::sync::Arc<dyn HttpTransport>,
     limits: HttpLimits,
     lifecycle: Lifecycle,
+    #[cfg(feature = "injected-bugs")]
+    bug: Option<HttpBug>,
+    /// Set by [`HttpBug::LatchedFailure`] only.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl HttpProvider {
-    /// A running provider with `limits`.
+    /// A running provider with `limits`, on reqwest.
     pub fn new(limits: HttpLimits) -> Result<Self, ErrorResponse> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(limits.timeout)
-            .build()
-            .map_err(|e| ErrorResponse::internal(format!("cannot build the HTTP client: {e}")))?;
-        Ok(HttpProvider { client, limits, lifecycle: Lifecycle::new() })
+        Ok(Self::with_transport(limits, std::sync::Arc::new(ReqwestTransport::new(limits.timeout)?)))
+    }
+
+    /// A running provider with `limits`, sending through `transport`.
+    pub fn with_transport(limits: HttpLimits, transport: std::sync::Arc<dyn HttpTransport>) -> Self {
+        HttpProvider {
+            transport,
+            limits,
+            lifecycle: Lifecycle::new(),
+            #[cfg(feature = "injected-bugs")]
+            bug: None,
+            failed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// This provider with `bug` in it.
+    #[cfg(feature = "injected-bugs")]
+    pub fn with_injected_bug(mut self, bug: HttpBug) -> Self {
+        self.bug = Some(bug);
+        self
+    }
+
+    #[cfg(feature = "injected-bugs")]
+    fn has_bug(&self, bug: HttpBug) -> bool {
+        self.bug == Some(bug)
+    }
+
+    #[cfg(not(feature = "injected-bugs"))]
+    fn has_bug(&self, _bug: HttpBug) -> bool {
+        false
     }
 
     async fn execute(
+        &self,
+        invocation: &CapabilityInvocation,
+        granted: &[Permission],
+        request: HttpRequest,
+    ) -> Result<HttpResponse, ErrorResponse> {
+        if self.has_bug(HttpBug::LatchedFailure) && self.failed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ErrorResponse::new(ErrorCode::CommunicationFailure, "an earlier request failed"));
+        }
+        let result = self.follow(invocation, granted, request).await;
+        if self.has_bug(HttpBug::LatchedFailure)
+            && result.as_ref().is_err_and(|e| e.error_code == ErrorCode::CommunicationFailure)
+        {
+            self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        result
+    }
+
+    async fn follow(
         &self,
         invocation: &CapabilityInvocation,
         granted: &[Permission],
@@ -74,19 +172,14 @@ impl HttpProvider {
         let mut url = reqwest::Url::parse(&request.url)
             .map_err(|e| ErrorResponse::invalid(format!("bad URL {:?}: {e}", request.url)))?;
         let mut body = request.body;
-        for _hop in 0..=self.limits.max_redirects {
-            check_url(invocation, granted, &url)?;
-            let response = self
-                .client
-                .request(method.clone(), url.clone())
-                .headers(headers.clone())
-                .body(body.clone())
-                .timeout(self.limits.timeout)
-                .send()
-                .await
-                .map_err(|e| upstream(&url, &e))?;
-            let status = response.status();
-            let location = response.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok());
+        for hop in 0..=self.limits.max_redirects {
+            if hop == 0 || !self.has_bug(HttpBug::UncheckedRedirects) {
+                check_url(invocation, granted, &url)?;
+            }
+            let next = Hop { method: method.clone(), url: url.clone(), headers: headers.clone(), body: body.clone() };
+            let response = self.transport.send(next, self.limits.max_response_bytes, self.limits.timeout).await?;
+            let status = reqwest::StatusCode::from_u16(response.status).unwrap_or(reqwest::StatusCode::OK);
+            let location = response.headers.get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok());
             if let (true, Some(location)) = (status.is_redirection(), location) {
                 url = url.join(location).map_err(|e| {
                     ErrorResponse::new(ErrorCode::CommunicationFailure, format!("bad redirect to {location:?}: {e}"))
@@ -101,36 +194,17 @@ impl HttpProvider {
                 }
                 continue;
             }
-            return self.read(url, response).await;
+            let headers = response
+                .headers
+                .iter()
+                .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.to_string(), v.to_string())))
+                .collect();
+            return Ok(HttpResponse { status: response.status, headers, body: response.body });
         }
         Err(ErrorResponse::new(
             ErrorCode::CommunicationFailure,
             format!("more than {} redirects", self.limits.max_redirects),
         ))
-    }
-
-    async fn read(&self, url: reqwest::Url, mut response: reqwest::Response) -> Result<HttpResponse, ErrorResponse> {
-        let max = self.limits.max_response_bytes;
-        let too_big = || {
-            ErrorResponse::new(ErrorCode::ResourceExhausted, format!("response from {url} is larger than {max} bytes"))
-        };
-        if response.content_length().is_some_and(|n| n > max as u64) {
-            return Err(too_big());
-        }
-        let status = response.status().as_u16();
-        let headers = response
-            .headers()
-            .iter()
-            .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.to_string(), v.to_string())))
-            .collect();
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| upstream(&url, &e))? {
-            if body.len() + chunk.len() > max {
-                return Err(too_big());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(HttpResponse { status, headers, body })
     }
 }
 
@@ -160,17 +234,12 @@ fn check_url(
     Ok(())
 }
 
-fn upstream(url: &reqwest::Url, e: &reqwest::Error) -> ErrorResponse {
-    let what = if e.is_timeout() { "timed out" } else { "failed" };
-    ErrorResponse::new(ErrorCode::CommunicationFailure, format!("request to {url} {what}: {e}"))
-}
-
 #[async_trait]
 impl Provider for HttpProvider {
     fn metadata(&self) -> ProviderMetadata {
         ProviderMetadata {
             provider_type: ProviderType::Http,
-            name: "http-reqwest".into(),
+            name: self.transport.name().into(),
             version: env!("CARGO_PKG_VERSION").into(),
             operations: vec!["request".into()],
         }
