@@ -30,12 +30,22 @@ pub struct Buggify {
 struct Inner {
     rng: ChaCha8Rng,
     points: BTreeMap<&'static str, PointCoverage>,
+    /// Points that fire every time they are reached.
+    forced: Vec<&'static str>,
 }
 
 impl Buggify {
     /// Fault injection driven by `seed`.
     pub fn new(seed: u64) -> Self {
-        Self { inner: Mutex::new(Inner { rng: ChaCha8Rng::seed_from_u64(seed ^ 0xb066), points: BTreeMap::new() }) }
+        let rng = ChaCha8Rng::seed_from_u64(seed ^ 0xb066);
+        Self { inner: Mutex::new(Inner { rng, points: BTreeMap::new(), forced: Vec::new() }) }
+    }
+
+    /// This fault injection with `point` firing every time it is reached: for a test that needs a rare fault
+    /// often, to show a check catches the bug that fault exposes.
+    pub fn always(self, point: &'static str) -> Self {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).forced.push(point);
+        self
     }
 
     /// Coverage of every point reached so far.
@@ -48,12 +58,12 @@ impl Buggify {
 impl Faults for Buggify {
     fn fire(&self, point: &'static str) -> bool {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Inner { rng, points } = &mut *inner;
+        let Inner { rng, points, forced } = &mut *inner;
         let entry = points
             .entry(point)
             .or_insert_with(|| PointCoverage { enabled: rng.next_u64() % 2 == 0, ..Default::default() });
         entry.reached += 1;
-        let fires = entry.enabled && rng.next_u64() % 100 < 5;
+        let fires = entry.enabled && rng.next_u64() % 100 < 5 || forced.contains(&point);
         if fires {
             entry.fired += 1;
         }

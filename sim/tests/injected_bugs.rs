@@ -264,3 +264,26 @@ fn an_http_provider_that_follows_redirects_unchecked_is_caught_by_the_always_on_
         .expect("bug not caught");
     assert!(failure.contains("no grant ever named intranet"), "seed {seed}: {failure}");
 }
+
+#[test]
+fn a_control_plane_that_applies_late_snapshots_is_caught() {
+    // Late snapshots are rare under BUGGIFY's 5%: this test makes every heartbeat send one.
+    let scenario = load("backoff_storm.toml");
+    let config = |seed: u64, bug: Option<InjectedBug>| {
+        let mut config = ClusterConfig::new(seed, scenario.agents);
+        config.control_plane.injected_bug = bug;
+        let faults = factum_sim::buggify::Buggify::new(seed).always("agent.replay_snapshot");
+        config.faults = Some(std::sync::Arc::new(faults));
+        config
+    };
+    let (seed, failure) = (1..=100)
+        .find_map(|seed| {
+            let run = scenario::run_with(&scenario, config(seed, Some(InjectedBug::AcceptStaleSnapshots)));
+            run.err().map(|e| (seed, e.message))
+        })
+        .expect("bug not caught");
+    assert!(failure.contains("P8") || failure.contains("facts_match_agents"), "seed {seed}: {failure}");
+    if let Err(e) = scenario::run_with(&scenario, config(seed, None)) {
+        panic!("seed {seed} fails without the bug too: {e}");
+    }
+}

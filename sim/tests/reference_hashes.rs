@@ -10,13 +10,15 @@ use std::process::Command;
 
 /// (scenario file, seed, trace hash).
 const REFERENCE: &[(&str, u64, &str)] = &[
-    ("agent_crash.toml", 7, "4c3423f5767d6bd45dac511c75a8ef8fe9694edb7855ed24aaedd3eb522ddc1e"),
-    ("lease_expiry.toml", 3, "7980510d00fd1d75b55e5af7fea8ec14fac02fb71930b8d28b6cd24ba5582477"),
+    ("agent_crash.toml", 7, "e426e9b56f72fcb5be26f17bc452d1680f48c8ff31b4ef1ed34669da0dc87156"),
+    ("lease_expiry.toml", 3, "267759220a80f1ff13347212f47efb04edbc7fae093e39512b0f5ce0ea0eca40"),
     ("revoke_during_kv_use.toml", 5, "0af32965127719ae2efdcaaca06b68ca71baba7689b9d0abfe6dbb5d0beb1229"),
     ("reschedule_in_doubt.toml", 2, "8d6ab73b2f54125e06b3fa5e602252bd24b79c590adfc93755492c447505b010"),
     ("agent_pause.toml", 4, "9a8a5f9ca849817756038753166a845c40f7978eaee44ac9936d19e42e508bd0"),
-    ("clock_drift.toml", 2, "8f3f1cf67554a34bc01480f6845e27bd02e05e7e26cfdbe2d2feae6f2bdbcf21"),
-    ("control_plane_restart.toml", 11, "b375d3750900ffa11c1e52b54ca7811f6624d088b7deb731d3035e8efc8a4254"),
+    ("clock_drift.toml", 2, "ee6face9c605b80b82412b26fc72afc795cecb6af2b687807d0ef39cb79646ea"),
+    ("control_plane_restart.toml", 11, "066f1ef990180c7e92e59c7b3d48dbef5cab5bbc9e52bc3bef01999ac5e69c31"),
+    ("messaging.toml", 3, "5207d08934922561a63d42bb49432c556ea8b196c60beed4143757a752aea51e"),
+    ("http.toml", 2, "46c3a0c79dc24114b7e51e9b166af885d4bd9bcfc614ae8ec1871077083dffac"),
 ];
 
 #[test]

@@ -114,7 +114,7 @@ proptest! {
         let capabilities = facts.iter().flat_map(|f| f.capabilities.clone()).collect();
         let start = StartInstanceRequest { instance_id: "i-1".into(), module_bytes, capabilities, restart_policy: policy, epoch, node_lease: Some(3), restarts: 2 };
         prop_assert_eq!(round_trip(start.clone()), start);
-        let report = NodeReport { protocol_version: PROTOCOL_VERSION, node_id: "n".into(), agent_addr: "h:1".into(), max_instances: 9, instances: facts, taken_at: 7 };
+        let report = NodeReport { protocol_version: PROTOCOL_VERSION, node_id: "n".into(), agent_addr: "h:1".into(), max_instances: 9, instances: facts, taken_at: 7, boot: 11, sequence: 5 };
         prop_assert_eq!(round_trip(report.clone()), report);
     }
 }

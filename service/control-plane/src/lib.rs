@@ -10,6 +10,7 @@ mod facts;
 mod membership;
 mod reschedule;
 mod server;
+mod snapshots;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,6 +22,8 @@ use factum_proto::{
     KvEntry, NodeAgentClient, NodeInfo, NodeReport, RestartPolicy, StartInstanceRequest, StartRequest, StatusReport,
     StopInstanceRequest, MAX_MODULE_BYTES, PROTOCOL_VERSION,
 };
+
+use crate::snapshots::Snapshots;
 
 pub use server::serve;
 
@@ -93,6 +96,9 @@ pub enum InjectedBug {
     /// A node that goes silent makes every instance on it `unknown`, also those that had already stopped or
     /// crashed for good (breaks P14: an ended run's status is a fact the node's silence does not change).
     UnknownEndedRuns,
+    /// A snapshot is applied whenever it arrives, even after a newer one from the same node: one that comes
+    /// late makes instances started since look lost (breaks P8 and P13).
+    AcceptStaleSnapshots,
 }
 
 impl Default for ControlPlaneConfig {
@@ -146,6 +152,8 @@ struct NodeRecord {
     /// Its current registry lease, as last seen in the registry.
     lease: Option<i64>,
     client: Option<NodeAgentClient>,
+    /// Which snapshots of the node are still news: see [`Snapshots`].
+    snapshots: Snapshots,
 }
 
 #[derive(Default)]
@@ -508,8 +516,16 @@ impl ControlPlane {
                 registered: false,
                 lease: None,
                 client: None,
+                snapshots: Snapshots::default(),
             }
         });
+        let stale_ok = self.inner.config.has_bug(InjectedBug::AcceptStaleSnapshots);
+        if !node.snapshots.admit(report.boot, report.sequence) && !stale_ok {
+            self.inner.env.trace(|| {
+                format!("stale snapshot {} boot={} seq={} ignored", report.node_id, report.boot, report.sequence)
+            });
+            return Ok(());
+        }
         if !registry_mode {
             node.registered = true;
         }

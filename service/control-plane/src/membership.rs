@@ -89,6 +89,7 @@ impl ControlPlane {
                 registered: true,
                 lease: Some(registration.lease),
                 client: None,
+                snapshots: crate::snapshots::Snapshots::default(),
             });
             if node.agent_addr != registration.agent_addr {
                 node.agent_addr = registration.agent_addr.clone();
@@ -137,11 +138,19 @@ impl ControlPlane {
                 return;
             }
         };
-        let count = snapshot.len();
+        let count = snapshot.instances.len();
         let missing = {
             let mut state = self.lock();
+            let stale_ok = self.inner.config.has_bug(crate::InjectedBug::AcceptStaleSnapshots);
+            let admitted =
+                state.nodes.get_mut(&node_id).is_none_or(|n| n.snapshots.admit(snapshot.boot, snapshot.sequence));
+            if !admitted && !stale_ok {
+                // A heartbeat taken after this listing got here first.
+                self.inner.env.trace(|| format!("stale listing {node_id} seq={} ignored", snapshot.sequence));
+                return;
+            }
             let learn = !self.inner.config.has_bug(crate::InjectedBug::NoRebuildFromSnapshots);
-            facts::merge_snapshot(&mut state, &node_id, snapshot, learn, None);
+            facts::merge_snapshot(&mut state, &node_id, snapshot.instances, learn, None);
             missing_modules(&mut state, &node_id)
         };
         self.inner.env.trace(|| format!("synced {node_id} instances={count} fetch_modules={}", missing.len()));

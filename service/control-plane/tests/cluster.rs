@@ -298,6 +298,8 @@ fn an_agent_speaking_another_protocol_version_is_refused() {
         max_instances: 1,
         instances: vec![],
         taken_at: 0,
+        boot: 1,
+        sequence: 1,
     };
     assert_eq!(cp.report_node(report).unwrap_err().error_code, ErrorCode::InvalidRequest);
     assert!(cp.list_nodes().is_empty());

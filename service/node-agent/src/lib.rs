@@ -228,6 +228,10 @@ pub(crate) struct Inner {
     lease: std::sync::atomic::AtomicI64,
     /// Numbers capability calls in the trace, pairing each authorization with its outcome.
     calls: std::sync::atomic::AtomicU64,
+    /// This run of the agent process, as its snapshots name it.
+    boot: u64,
+    /// The last snapshot's number in this run.
+    snapshots: std::sync::atomic::AtomicU64,
 }
 
 /// A node agent. Cheap to clone; clones share state.
@@ -267,6 +271,7 @@ impl Agent {
         let providers = providers.into();
         let (tx, rx) = mpsc::unbounded_channel();
         let cache = ModuleCache::new(engine, config.module_cache_capacity);
+        let boot = env.rng.next_u64();
         let inner = Inner {
             env,
             config,
@@ -278,6 +283,8 @@ impl Agent {
             lease_deadline: Mutex::new(None),
             lease: std::sync::atomic::AtomicI64::new(0),
             calls: std::sync::atomic::AtomicU64::new(0),
+            boot,
+            snapshots: std::sync::atomic::AtomicU64::new(0),
         };
         let inner = Arc::new(inner);
         inner.env.trace(|| trace_events::BOOT.to_string());
@@ -487,10 +494,12 @@ impl Agent {
 
     /// The registration / heartbeat message for the control plane.
     pub fn node_report(&self) -> NodeReport {
-        let (instances, taken_at) = {
-            // Under the lock that inserts instances, which also stamps their `created_at`.
+        let (instances, taken_at, sequence) = {
+            // Under the lock that inserts instances, which also stamps their `created_at`; numbered under it
+            // too, so numbers follow the order snapshots were taken in.
             let instances = self.inner.lock();
-            (instances.values().map(LocalInstance::facts).collect(), self.inner.env.wall_ms())
+            let sequence = self.inner.snapshots.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            (instances.values().map(LocalInstance::facts).collect(), self.inner.env.wall_ms(), sequence)
         };
         NodeReport {
             protocol_version: PROTOCOL_VERSION,
@@ -499,6 +508,8 @@ impl Agent {
             max_instances: self.inner.config.max_instances,
             instances,
             taken_at,
+            boot: self.inner.boot,
+            sequence,
         }
     }
 

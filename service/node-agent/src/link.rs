@@ -18,6 +18,7 @@ pub async fn run_control_plane_link(agent: Agent, control_plane_addr: String, re
     let timeout = agent.inner.config.rpc_timeout;
     let mut client: Option<ControlPlaneClient> = None;
     let mut next_heartbeat = Duration::ZERO;
+    let mut previous: Option<factum_proto::NodeReport> = None;
     loop {
         if client.is_none() {
             match env.timeout(timeout, env.net.connect(&control_plane_addr)).await {
@@ -38,6 +39,16 @@ pub async fn run_control_plane_link(agent: Agent, control_plane_addr: String, re
         let now = env.clock.now();
         if now >= next_heartbeat {
             let report = agent.node_report();
+            if let Some(stale) = previous.take().filter(|_| env.buggify("agent.replay_snapshot")) {
+                // A snapshot that arrives late, after newer ones: as one sent on a connection given up for dead
+                // may, when another connection has already carried its successors.
+                let (late, env2, cp2) = (stale, env.clone(), cp.clone());
+                env.spawn(async move {
+                    env2.clock.sleep(Duration::from_millis(env2.rng.next_u64() % 3_000)).await;
+                    let _ = env2.timeout(Duration::from_secs(5), cp2.report_node(rpc::rpc_context(), late)).await;
+                });
+            }
+            previous = Some(report.clone());
             match env.timeout(timeout, cp.report_node(rpc::rpc_context(), report)).await {
                 Some(Ok(Ok(()))) => {}
                 Some(Ok(Err(refused))) => tracing::error!(error = %refused, "control plane refused this node"),

@@ -2,8 +2,8 @@
 
 use factum_env::Listener;
 use factum_proto::{
-    CapabilityAssignment, ErrorResponse, InstanceFacts, InstanceStatus, KvEntry, NodeAgent, StartInstanceRequest,
-    StartInstanceResponse, StopInstanceRequest, StopInstanceResponse,
+    CapabilityAssignment, ErrorResponse, InstanceFacts, InstanceStatus, KvEntry, NodeAgent, NodeReport,
+    StartInstanceRequest, StartInstanceResponse, StopInstanceRequest, StopInstanceResponse,
 };
 use tarpc::context::Context;
 
@@ -32,8 +32,8 @@ impl NodeAgent for Agent {
         self.status(&instance_id)
     }
 
-    async fn list_local_instances(self, _: Context) -> Vec<InstanceFacts> {
-        self.snapshot()
+    async fn list_local_instances(self, _: Context) -> NodeReport {
+        self.node_report()
     }
 
     async fn assign_capability(

@@ -10,7 +10,7 @@ use crate::types::{CapabilityAssignment, InstanceMetadata, InstanceStatus, Resta
 
 /// Version of the control plane ↔ agent protocol. An agent whose version differs is refused at registration
 /// with INVALID_REQUEST, so mixed versions fail loudly instead of misreading each other.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest accepted module, in bytes.
 pub const MAX_MODULE_BYTES: usize = 32 * 1024 * 1024;
@@ -153,6 +153,11 @@ pub struct NodeReport {
     /// The agent's wall clock (ms) when it took this snapshot, on the clock of each fact's `created_at`: an
     /// instance accepted later cannot be in it, so its absence proves nothing.
     pub taken_at: u64,
+    /// Identifies this run of the agent process (drawn when it starts): a snapshot of an earlier run is stale.
+    pub boot: u64,
+    /// Numbers this run's snapshots from 1, in the order they were taken: one older than a snapshot already
+    /// applied is stale (it may arrive late, on a connection given up for dead) and is ignored.
+    pub sequence: u64,
 }
 
 /// A node as the control plane sees it.
@@ -233,8 +238,8 @@ pub trait NodeAgent {
     async fn restart_instance(instance_id: String) -> Result<(), ErrorResponse>;
     /// GetInstanceStatus.
     async fn get_instance_status(instance_id: String) -> Result<InstanceStatus, ErrorResponse>;
-    /// Every instance this agent holds.
-    async fn list_local_instances() -> Vec<InstanceFacts>;
+    /// Every instance this agent holds, as a numbered snapshot (the same message as its heartbeat).
+    async fn list_local_instances() -> NodeReport;
     /// Replace (or add) one capability assignment of a local instance; returns its facts after the change.
     async fn assign_capability(assignment: CapabilityAssignment) -> Result<InstanceFacts, ErrorResponse>;
     /// Remove one capability assignment of a local instance; returns its facts after the change.
