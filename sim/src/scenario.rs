@@ -827,12 +827,16 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     loop {
         let done = sim.step().map_err(|e| fail(sim.elapsed(), e.to_string()))?;
         let now = sim.elapsed();
+        let mut thawed = false;
         while faults.last().is_some_and(|f| f.at <= now) {
             let Some(step) = faults.pop() else { break };
+            thawed |= matches!(step.action, Action::Resume | Action::Recover);
             inject(&mut sim, &observed, &step, &mut network, &mut crashed);
             trace.record_driver(now, &format!("{:?} {}", step.action, describe(&step)));
         }
-        if now >= next_sample {
+        // A host thawed this instant has not run yet: what it held when it froze is not what it does. It is
+        // judged after its first step, once its overdue timers have fired (and fenced it if its lease lapsed).
+        if now >= next_sample && !thawed {
             next_sample = now + SAMPLE_EVERY;
             let mut view = observed.view();
             let fresh = trace.lines_from(traced);
