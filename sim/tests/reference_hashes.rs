@@ -14,7 +14,7 @@ const REFERENCE: &[(&str, u64, &str)] = &[
     ("lease_expiry.toml", 3, "267759220a80f1ff13347212f47efb04edbc7fae093e39512b0f5ce0ea0eca40"),
     ("revoke_during_kv_use.toml", 5, "0af32965127719ae2efdcaaca06b68ca71baba7689b9d0abfe6dbb5d0beb1229"),
     ("reschedule_in_doubt.toml", 2, "8d6ab73b2f54125e06b3fa5e602252bd24b79c590adfc93755492c447505b010"),
-    ("agent_pause.toml", 4, "9a8a5f9ca849817756038753166a845c40f7978eaee44ac9936d19e42e508bd0"),
+    ("agent_pause.toml", 4, "433f5bc5671ce8ab243286716e8db87fb5ca46f48abbed667173776071939d99"),
     ("clock_drift.toml", 2, "ee6face9c605b80b82412b26fc72afc795cecb6af2b687807d0ef39cb79646ea"),
     ("control_plane_restart.toml", 11, "066f1ef990180c7e92e59c7b3d48dbef5cab5bbc9e52bc3bef01999ac5e69c31"),
     ("messaging.toml", 3, "5207d08934922561a63d42bb49432c556ea8b196c60beed4143757a752aea51e"),

@@ -99,6 +99,9 @@ pub enum InjectedBug {
     /// A snapshot is applied whenever it arrives, even after a newer one from the same node: one that comes
     /// late makes instances started since look lost (breaks P8 and P13).
     AcceptStaleSnapshots,
+    /// A placement keeps the backoff it built up during an outage when nodes join again, so it may wait up to
+    /// 10 s after the cluster healed (breaks the swarm's settle deadlines: found at swarm seed 1201401228).
+    BackoffAcrossJoins,
 }
 
 impl Default for ControlPlaneConfig {

@@ -33,6 +33,7 @@ impl ControlPlane {
             revision = membership.revision;
             let listed: BTreeMap<String, NodeRegistration> =
                 membership.nodes.into_iter().map(|n| (n.node_id.clone(), n)).collect();
+            let grew = listed.iter().any(|(node_id, registration)| known.get(node_id) != Some(registration));
             for (node_id, old) in &known {
                 match listed.get(node_id) {
                     None => self.node_lost(node_id, true),
@@ -46,6 +47,9 @@ impl ControlPlane {
                 }
             }
             known = listed;
+            if grew && !self.inner.config.has_bug(crate::InjectedBug::BackoffAcrossJoins) {
+                self.retry_placements_now();
+            }
             // On every membership change, and at least every `watch_wait` (the watch's timeout) otherwise.
             if self.inner.config.reschedule {
                 self.inner.env.spawn(self.clone().retry_reschedules());

@@ -111,6 +111,19 @@ impl ControlPlane {
         self.inner.retrying.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// A node joined, or came back under a new lease: what could not be placed may fit now. Every placement
+    /// waiting out its backoff is tried at once and its backoff starts over; one that waited out a long outage
+    /// (10 s apart by then) would otherwise wait that long again after the cluster healed.
+    pub(crate) fn retry_placements_now(&self) {
+        let now = self.inner.env.clock.now();
+        for record in self.lock().instances.values_mut() {
+            record.placement_failures = 0;
+            if let Some((at, Retry::Place)) = &mut record.retry {
+                *at = now;
+            }
+        }
+    }
+
     /// Sends the start of an in-doubt placement to its node again.
     async fn resend(&self, instance_id: &str) {
         let prepared = {
