@@ -10,15 +10,15 @@ use std::process::Command;
 
 /// (scenario file, seed, trace hash).
 const REFERENCE: &[(&str, u64, &str)] = &[
-    ("agent_crash.toml", 7, "e426e9b56f72fcb5be26f17bc452d1680f48c8ff31b4ef1ed34669da0dc87156"),
-    ("lease_expiry.toml", 3, "267759220a80f1ff13347212f47efb04edbc7fae093e39512b0f5ce0ea0eca40"),
-    ("revoke_during_kv_use.toml", 5, "0af32965127719ae2efdcaaca06b68ca71baba7689b9d0abfe6dbb5d0beb1229"),
-    ("reschedule_in_doubt.toml", 2, "8d6ab73b2f54125e06b3fa5e602252bd24b79c590adfc93755492c447505b010"),
-    ("agent_pause.toml", 4, "433f5bc5671ce8ab243286716e8db87fb5ca46f48abbed667173776071939d99"),
-    ("clock_drift.toml", 2, "ee6face9c605b80b82412b26fc72afc795cecb6af2b687807d0ef39cb79646ea"),
-    ("control_plane_restart.toml", 11, "066f1ef990180c7e92e59c7b3d48dbef5cab5bbc9e52bc3bef01999ac5e69c31"),
-    ("messaging.toml", 3, "5207d08934922561a63d42bb49432c556ea8b196c60beed4143757a752aea51e"),
-    ("http.toml", 2, "46c3a0c79dc24114b7e51e9b166af885d4bd9bcfc614ae8ec1871077083dffac"),
+    ("agent_crash.toml", 7, "44db4acbf8c8cff7061868b1c14889aa15e84dc7d6c1cfaabf16b49be3d73597"),
+    ("lease_expiry.toml", 3, "e3affc632fc038c7b2e650f7474645ca177c174f10fff26269bff860d0510c60"),
+    ("revoke_during_kv_use.toml", 5, "ee5c542b7f86adb5d5f7bbebdd77eac98a8072cb95bb320dd0cd0136de6ccc4b"),
+    ("reschedule_in_doubt.toml", 2, "63e58fef30c2c326f522f5721ab74b1fa9b9fc3d3ba64dc2875f555004d31e26"),
+    ("agent_pause.toml", 4, "6b9c576d07ea2c225aa0da9c79cb77f5eb0598dce39b3f6979f32db66b935087"),
+    ("clock_drift.toml", 2, "3856264bf4147c9230df584e3cb7da6b2da31fb58d3ace6a6598425e911cee2c"),
+    ("control_plane_restart.toml", 11, "cb131e62240805cbc7ec162a498792d739cdd1c9146958a5b87127f46b275b77"),
+    ("messaging.toml", 3, "f07683b27a379ab61b98ae3edee437e7470337c6799e0cda672a58052a6a76c2"),
+    ("http.toml", 2, "28804edf9b556fcce3f35b6ca2244d9463b3b8583f2af63c6fcf9125ce56a2d6"),
 ];
 
 #[test]

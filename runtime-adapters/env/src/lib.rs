@@ -137,6 +137,17 @@ impl Env {
         self.spawner.spawn(Box::pin(f));
     }
 
+    /// Runs `work` on a task of its own and waits for its output, so a caller that goes away (an RPC its client
+    /// cancelled, a timeout) cannot stop the work halfway and leave what it began half done. `None` if the task
+    /// ended without finishing (its runtime shut down).
+    pub async fn uncancellable<T: Send + 'static>(&self, work: impl Future<Output = T> + Send + 'static) -> Option<T> {
+        let (done, output) = tokio::sync::oneshot::channel();
+        self.spawn(async move {
+            let _ = done.send(work.await); // the caller may be gone: the work is done anyway
+        });
+        output.await.ok()
+    }
+
     /// Wall-clock milliseconds since the Unix epoch.
     pub fn wall_ms(&self) -> u64 {
         let since = self.clock.wall().duration_since(UNIX_EPOCH).unwrap_or_default();

@@ -221,12 +221,9 @@ impl ControlPlane {
     /// The work runs on its own task: a caller that goes away (a client timing out, its request cancelled)
     /// must not leave a start half done, its placement pending forever.
     pub async fn start_instance(&self, req: StartRequest) -> Result<String, ErrorResponse> {
-        let (done, result) = tokio::sync::oneshot::channel();
         let cp = self.clone();
-        self.inner.env.spawn(async move {
-            let _ = done.send(cp.start_inner(req).await); // the caller may be gone: the start is done anyway
-        });
-        let result = result.await.unwrap_or_else(|_| Err(ErrorResponse::internal("the start task ended early")));
+        let result = self.inner.env.uncancellable(async move { cp.start_inner(req).await }).await;
+        let result = result.unwrap_or_else(|| Err(ErrorResponse::internal("the start task ended early")));
         result.map_err(|e| self.error(e))
     }
 

@@ -307,7 +307,16 @@ impl Agent {
     /// StartInstanceLocal: compile (cached by hash), instantiate with fresh memory, run under the restart
     /// policy. Idempotent by instance id: starting an id that exists with the same module returns its
     /// metadata; with another module it is INVALID_REQUEST.
+    ///
+    /// The work runs on its own task: a control plane that gives up on the call (its request cancelled) must
+    /// not leave the instance recorded `starting` and never run.
     pub async fn start_instance(&self, req: StartInstanceRequest) -> Result<InstanceFacts, ErrorResponse> {
+        let agent = self.clone();
+        let result = self.inner.env.uncancellable(async move { agent.start_inner(req).await }).await;
+        result.unwrap_or_else(|| Err(ErrorResponse::internal("the start task ended early")))
+    }
+
+    async fn start_inner(&self, req: StartInstanceRequest) -> Result<InstanceFacts, ErrorResponse> {
         let inner = &self.inner;
         factum_proto::validate_id("instance_id", &req.instance_id)?;
         req.restart_policy.validate()?;
