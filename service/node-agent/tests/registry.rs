@@ -105,11 +105,14 @@ impl Cut {
 #[test]
 fn starts_are_refused_until_registered_and_under_another_lease() {
     paused().block_on(async {
-        let registry = Arc::new(MemoryRegistry::new(Env::tokio(), "/factum"));
+        // Cut off at first, so the start below surely comes before the first registration (starts run on a
+        // task of their own, which the registry link may otherwise beat).
+        let registry = Arc::new(Cut { inner: MemoryRegistry::new(Env::tokio(), "/factum"), cut: true.into() });
         let agent = agent("n1", registry.clone());
         let early = agent.start_instance(start("a", PolicyType::Always, None)).await.unwrap_err();
         assert_eq!(early.error_code, ErrorCode::CommunicationFailure, "{early}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        registry.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let lease = registry.membership().await.unwrap().nodes[0].lease;
         let stale = agent.start_instance(start("b", PolicyType::Always, Some(lease + 1))).await.unwrap_err();
         assert_eq!(stale.error_code, ErrorCode::CommunicationFailure, "{stale}");
