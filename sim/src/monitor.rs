@@ -144,8 +144,9 @@ pub fn facts_only_move_forward(positions: &mut (u64, BTreeMap<String, Position>)
             return Err(format!("{id} went back from (epoch, seq) {before:?} to {at:?}"));
         }
         // An ended run the node reported (seq > 0) is a fact; `crashed` before any fact of the placement is the
-        // control plane's own guess (its node lost it), which a later doubt may replace.
-        if at.0 == before.0 && before.1 > 0 && was.is_terminal() && *status == InstanceStatus::Unknown {
+        // control plane's own guess (its node lost it), which a later doubt may replace. A newer fact between
+        // the two samples (a restart by policy) ended the end: only an end still the latest fact must stay.
+        if at == before && before.1 > 0 && was.is_terminal() && *status == InstanceStatus::Unknown {
             return Err(format!("{id} was {was} and turned unknown in the same placement (epoch {})", at.0));
         }
     }
@@ -337,7 +338,9 @@ mod tests {
         assert!(facts_only_move_forward(&mut positions, &at(2, 0, InstanceStatus::Unknown)).is_ok());
         let mut ended = (0, BTreeMap::new());
         facts_only_move_forward(&mut ended, &at(1, 4, InstanceStatus::Stopped)).unwrap();
-        assert!(facts_only_move_forward(&mut ended, &at(1, 4, InstanceStatus::Unknown)).is_err());
+        assert!(facts_only_move_forward(&mut ended.clone(), &at(1, 4, InstanceStatus::Unknown)).is_err());
+        // Restarted by policy between two samples (a newer fact), then its node went silent: no end was undone.
+        assert!(facts_only_move_forward(&mut ended, &at(1, 6, InstanceStatus::Unknown)).is_ok());
     }
 
     #[test]
