@@ -5,6 +5,7 @@
 //! neither blocks its thread nor escapes StopInstance, and both run the same guest ABI ([`abi`]).
 
 pub mod abi;
+mod budget;
 mod cache;
 pub mod fixtures;
 mod wasmi_engine;
@@ -17,6 +18,7 @@ use factum_proto::ErrorResponse;
 use futures::future::BoxFuture;
 
 pub use abi::GuestHost;
+pub use budget::TABLE_ELEMENT_BYTES;
 pub use cache::{CachedModule, ModuleCache};
 pub use wasmi_engine::{EngineBug, WasmiEngine};
 pub use wasmtime_engine::WasmtimeEngine;
@@ -24,8 +26,19 @@ pub use wasmtime_engine::WasmtimeEngine;
 /// Resource limits of one instance (wasmtime `StoreLimits`-style: explicit, per instance, documented).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Most bytes of linear memory; `memory.grow` beyond fails.
+    /// Most bytes one instance holds across all its linear memories and tables (each table element counts
+    /// [`TABLE_ELEMENT_BYTES`]); a `memory.grow` or `table.grow` beyond returns -1, and a module whose initial
+    /// sizes do not fit is RESOURCE_EXHAUSTED.
     pub max_memory_bytes: usize,
+    /// Most table elements one instance holds across all its tables.
+    pub max_table_elements: usize,
+    /// Most linear memories one instance may define (multi-memory is on).
+    pub max_memories: usize,
+    /// Most tables one instance may define.
+    pub max_tables: usize,
+    /// Fuel that instantiating may use: a module's `start` section runs to its end before the instance exists,
+    /// so it needs a bound of its own. More is RESOURCE_EXHAUSTED. Not counted against [`Limits::fuel`].
+    pub start_fuel: u64,
     /// Total fuel for one run; `None` runs until the guest ends or is stopped. Running out is a crash.
     pub fuel: Option<u64>,
     /// Fuel between two yields to the executor.
@@ -34,7 +47,15 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_memory_bytes: 64 * 1024 * 1024, fuel: None, fuel_yield_interval: 100_000 }
+        Limits {
+            max_memory_bytes: 64 * 1024 * 1024,
+            max_table_elements: 100_000,
+            max_memories: 4,
+            max_tables: 16,
+            start_fuel: 10_000_000,
+            fuel: None,
+            fuel_yield_interval: 100_000,
+        }
     }
 }
 
@@ -128,6 +149,19 @@ pub const ENTRY_POINT: &str = "_start";
 /// MessagePack [`factum_proto::MessageEnvelope`] of `len` bytes, read with `factum.response_read`. Returning 0
 /// means handled; anything else, or a trap, is a crash.
 pub const MESSAGE_HANDLER: &str = "factum_on_message";
+
+/// Instantiating ran the module's `start` section past [`Limits::start_fuel`].
+fn start_out_of_fuel(limits: &Limits) -> EngineError {
+    EngineError::ResourceExhausted(format!(
+        "the module's start section ran past its fuel budget of {} while instantiating",
+        limits.start_fuel
+    ))
+}
+
+/// The module defines more memories or tables than an instance may have.
+fn too_many(what: &str, max: usize) -> EngineError {
+    EngineError::ResourceExhausted(format!("the module defines more {what} than the {max} an instance may have"))
+}
 
 /// Why a message handler's failure ended a run.
 fn handler_failed(code: i32) -> ExitReason {

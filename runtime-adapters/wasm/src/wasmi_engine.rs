@@ -6,12 +6,10 @@ use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
-use wasmi::{
-    Caller, Config, Engine, Error, ExternType, Func, Linker, Module, ResumableCall, Store, StoreLimits,
-    StoreLimitsBuilder, Val, ValType,
-};
+use wasmi::{Caller, Config, Engine, Error, ExternType, Func, Linker, Module, ResumableCall, Store, Val, ValType};
 
 use crate::abi::{self, GuestState, Outcome, Pending, Ty};
+use crate::budget::Budget;
 use crate::{
     handler_failed, CompiledModule, EngineError, ExitReason, GuestHost, Instance, Limits, WasmEngine, ENTRY_POINT,
     MESSAGE_HANDLER,
@@ -40,7 +38,7 @@ pub enum EngineBug {
 
 struct StoreData {
     guest: GuestState,
-    limits: StoreLimits,
+    budget: Budget,
 }
 
 /// Raised by a host function whose work must be awaited; the run loop takes the work out and resumes.
@@ -254,20 +252,19 @@ impl WasmEngine for WasmiEngine {
                 .as_any()
                 .downcast_ref::<Compiled>()
                 .ok_or_else(|| EngineError::Internal("module was compiled by another engine".into()))?;
-            let store_limits = StoreLimitsBuilder::new().memory_size(limits.max_memory_bytes).instances(1).build();
-            let mut store =
-                Store::new(&self.engine, StoreData { guest: GuestState::new(host.clone()), limits: store_limits });
-            store.limiter(|data| &mut data.limits);
+            let mut store = Store::new(
+                &self.engine,
+                StoreData { guest: GuestState::new(host.clone()), budget: Budget::new(limits) },
+            );
+            store.limiter(|data| &mut data.budget);
+            let internal = |e: Error| EngineError::Internal(format!("{e}"));
+            store.set_fuel(limits.start_fuel).map_err(internal)?;
+            let instance = match compiled.linker.instantiate_and_start(&mut store, &compiled.module) {
+                Ok(instance) => instance,
+                Err(e) => return Err(instantiation_error(&e, &store.data().budget, &limits)),
+            };
             let first_slice = limits.fuel.map_or(limits.fuel_yield_interval, |f| f.min(limits.fuel_yield_interval));
-            store.set_fuel(first_slice).map_err(|e| EngineError::Internal(format!("{e}")))?;
-            let instance = compiled.linker.instantiate_and_start(&mut store, &compiled.module).map_err(|e| {
-                let msg = e.to_string();
-                if msg.contains("limit") || msg.contains("out of fuel") {
-                    EngineError::ResourceExhausted(msg)
-                } else {
-                    EngineError::InvalidModule(msg)
-                }
-            })?;
+            store.set_fuel(first_slice).map_err(internal)?;
             let start = instance
                 .get_func(&store, ENTRY_POINT)
                 .ok_or_else(|| EngineError::InvalidModule(format!("no `{ENTRY_POINT}` export")))?;
@@ -308,6 +305,25 @@ fn exit_reason(e: Error) -> ExitReason {
         return ExitReason::OutOfFuel;
     }
     ExitReason::Trapped(e.to_string())
+}
+
+/// Why instantiating failed: a limit (RESOURCE_EXHAUSTED, naming it) or the module (INVALID_REQUEST).
+fn instantiation_error(e: &Error, budget: &Budget, limits: &Limits) -> EngineError {
+    use wasmi::errors::{ErrorKind, InstantiationError as Failed};
+    if let Some(refused) = budget.refused() {
+        return EngineError::ResourceExhausted(refused.to_string());
+    }
+    match e.kind() {
+        ErrorKind::TrapCode(wasmi::TrapCode::OutOfFuel) => crate::start_out_of_fuel(limits),
+        ErrorKind::Instantiation(Failed::TooManyMemories) => crate::too_many("memories", limits.max_memories),
+        ErrorKind::Instantiation(Failed::TooManyTables) => crate::too_many("tables", limits.max_tables),
+        ErrorKind::Instantiation(
+            Failed::TooManyInstances | Failed::FailedToInstantiateMemory(_) | Failed::FailedToInstantiateTable(_),
+        )
+        | ErrorKind::Memory(_)
+        | ErrorKind::Table(_) => EngineError::ResourceExhausted(e.to_string()),
+        _ => EngineError::InvalidModule(e.to_string()),
+    }
 }
 
 /// Drives one resumable call to its end: refuels (yielding to the executor between slices) and performs
@@ -368,7 +384,7 @@ impl Instance for WasmiInstance {
             if let Some(recycler) = &recycler {
                 recycler.keep(store_memory(&mut store, &instance).0);
             }
-            exit
+            store.data().budget.explain(exit)
         })
     }
 }

@@ -5,12 +5,10 @@ use std::any::Any;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use wasmtime::{
-    Caller, Config, Engine, ExternType, InstancePre, Linker, Module, Store, StoreLimits, StoreLimitsBuilder, Trap,
-    TypedFunc, Val, ValType,
-};
+use wasmtime::{Caller, Config, Engine, ExternType, InstancePre, Linker, Module, Store, Trap, TypedFunc, Val, ValType};
 
 use crate::abi::{self, GuestState, HostFn, Outcome, Ty};
+use crate::budget::Budget;
 use crate::{
     handler_failed, CompiledModule, EngineError, ExitReason, GuestHost, Instance, Limits, WasmEngine, ENTRY_POINT,
     MESSAGE_HANDLER,
@@ -21,10 +19,10 @@ pub struct WasmtimeEngine {
     engine: Engine,
 }
 
-/// What a store carries: the ABI state and its limits.
+/// What a store carries: the ABI state and its memory budget.
 struct StoreData {
     guest: GuestState,
-    limits: StoreLimits,
+    budget: Budget,
 }
 
 /// `proc_exit` unwinds the guest with this error.
@@ -180,20 +178,17 @@ impl WasmEngine for WasmtimeEngine {
                 .as_any()
                 .downcast_ref::<Compiled>()
                 .ok_or_else(|| EngineError::Internal("module was compiled by another engine".into()))?;
-            let store_limits = StoreLimitsBuilder::new().memory_size(limits.max_memory_bytes).instances(1).build();
-            let mut store = Store::new(&self.engine, StoreData { guest: GuestState::new(host), limits: store_limits });
-            store.limiter(|data| &mut data.limits);
+            let mut store =
+                Store::new(&self.engine, StoreData { guest: GuestState::new(host), budget: Budget::new(limits) });
+            store.limiter(|data| &mut data.budget);
             let internal = |e: wasmtime::Error| EngineError::Internal(format!("{e}"));
-            store.set_fuel(limits.fuel.unwrap_or(u64::MAX)).map_err(internal)?;
             store.fuel_async_yield_interval(Some(limits.fuel_yield_interval.max(1))).map_err(internal)?;
-            let instance = compiled.pre.instantiate_async(&mut store).await.map_err(|e| {
-                let msg = format!("{e:#}");
-                if msg.contains("limit") {
-                    EngineError::ResourceExhausted(msg)
-                } else {
-                    EngineError::InvalidModule(msg)
-                }
-            })?;
+            store.set_fuel(limits.start_fuel).map_err(internal)?;
+            let instance = match compiled.pre.instantiate_async(&mut store).await {
+                Ok(instance) => instance,
+                Err(e) => return Err(instantiation_error(&e, &store.data().budget, &limits)),
+            };
+            store.set_fuel(limits.fuel.unwrap_or(u64::MAX)).map_err(internal)?;
             let start = instance
                 .get_typed_func::<(), ()>(&mut store, ENTRY_POINT)
                 .map_err(|e| EngineError::InvalidModule(format!("{e}")))?;
@@ -207,6 +202,27 @@ struct WasmtimeInstance {
     store: Store<StoreData>,
     start: TypedFunc<(), ()>,
     handler: Option<TypedFunc<i32, i32>>,
+}
+
+/// Why instantiating failed: a limit (RESOURCE_EXHAUSTED, naming it) or the module (INVALID_REQUEST).
+fn instantiation_error(e: &wasmtime::Error, budget: &Budget, limits: &Limits) -> EngineError {
+    if let Some(refused) = budget.refused() {
+        return EngineError::ResourceExhausted(refused.to_string());
+    }
+    if let Some(Trap::OutOfFuel) = e.downcast_ref::<Trap>() {
+        return crate::start_out_of_fuel(limits);
+    }
+    // wasmtime reports its count limits only as text ("resource limit exceeded: table count too high").
+    let msg = format!("{e:#}");
+    if msg.contains("table count") {
+        crate::too_many("tables", limits.max_tables)
+    } else if msg.contains("memory count") {
+        crate::too_many("memories", limits.max_memories)
+    } else if msg.contains("limit") {
+        EngineError::ResourceExhausted(msg)
+    } else {
+        EngineError::InvalidModule(msg)
+    }
 }
 
 fn exit_reason(e: &wasmtime::Error) -> ExitReason {
@@ -225,21 +241,31 @@ impl Instance for WasmtimeInstance {
     fn run(self: Box<Self>) -> BoxFuture<'static, ExitReason> {
         let WasmtimeInstance { mut store, start, handler } = *self;
         Box::pin(async move {
-            if let Err(e) = start.call_async(&mut store, ()).await {
-                return exit_reason(&e);
-            }
-            let Some(handler) = handler else { return ExitReason::Exited(0) };
-            let host = store.data().guest.host.clone();
-            while let Some(message) = host.next_message().await {
-                let len = i32::try_from(message.len()).unwrap_or(i32::MAX);
-                store.data_mut().guest.last_response = message;
-                match handler.call_async(&mut store, len).await {
-                    Ok(0) => {}
-                    Ok(code) => return handler_failed(code),
-                    Err(e) => return exit_reason(&e),
-                }
-            }
-            ExitReason::Exited(0)
+            let exit = run_to_end(&mut store, start, handler).await;
+            store.data().budget.explain(exit)
         })
     }
+}
+
+/// `_start`, then the message handler for each message while the guest subscribes.
+async fn run_to_end(
+    store: &mut Store<StoreData>,
+    start: TypedFunc<(), ()>,
+    handler: Option<TypedFunc<i32, i32>>,
+) -> ExitReason {
+    if let Err(e) = start.call_async(&mut *store, ()).await {
+        return exit_reason(&e);
+    }
+    let Some(handler) = handler else { return ExitReason::Exited(0) };
+    let host = store.data().guest.host.clone();
+    while let Some(message) = host.next_message().await {
+        let len = i32::try_from(message.len()).unwrap_or(i32::MAX);
+        store.data_mut().guest.last_response = message;
+        match handler.call_async(&mut *store, len).await {
+            Ok(0) => {}
+            Ok(code) => return handler_failed(code),
+            Err(e) => return exit_reason(&e),
+        }
+    }
+    ExitReason::Exited(0)
 }

@@ -105,6 +105,101 @@ async fn a_module_needing_more_memory_than_allowed_is_resource_exhausted() {
     }
 }
 
+/// Refused at instantiation, on every engine, with RESOURCE_EXHAUSTED naming the limit.
+async fn refused(engine: &Arc<dyn WasmEngine>, wat: &str, limits: Limits) -> String {
+    let compiled = engine.compile(&module(wat)).unwrap();
+    match engine.instantiate(&compiled, Arc::new(RecordingHost::default()), limits).await {
+        Err(EngineError::ResourceExhausted(why)) => why,
+        Err(other) => panic!("{}: expected RESOURCE_EXHAUSTED, got {other:?}", engine.name()),
+        Ok(_) => panic!("{}: a module over its limits was instantiated", engine.name()),
+    }
+}
+
+#[tokio::test]
+async fn all_memories_of_an_instance_share_one_budget() {
+    // Two memories of 2 pages each: each fits a 3-page limit alone, not both together.
+    let two_big = r#"(module (memory (export "memory") 2) (memory 2) (func (export "_start")))"#;
+    // Two 1-page memories fit; growing the second by 2 pages does not, and the guest traps on the refusal.
+    let grows_second = r#"(module (memory (export "memory") 1) (memory $b 1)
+        (func (export "_start")
+          (if (i32.eq (memory.grow $b (i32.const 2)) (i32.const -1)) (then unreachable))))"#;
+    let limits = Limits { max_memory_bytes: 3 * 65536, ..Limits::default() };
+    for engine in engines() {
+        refused(&engine, two_big, limits).await;
+        let exit = run(&engine, grows_second, Arc::new(RecordingHost::default()), limits).await;
+        let ExitReason::Trapped(why) = &exit else { panic!("{}: {exit:?}", engine.name()) };
+        assert!(why.contains("memory budget of 196608 bytes"), "{}: {why}", engine.name());
+        // The same module with room for the growth ends cleanly: the budget, not the module, refused.
+        let roomy = Limits { max_memory_bytes: 4 * 65536, ..Limits::default() };
+        let exit = run(&engine, grows_second, Arc::new(RecordingHost::default()), roomy).await;
+        assert_eq!(exit, ExitReason::Exited(0), "{}", engine.name());
+    }
+}
+
+#[tokio::test]
+async fn tables_count_against_the_budget_and_their_own_cap() {
+    let table_of = |n: u32| format!(r#"(module (table {n} funcref) (func (export "_start")))"#);
+    let grows_table = r#"(module (table $t 10 funcref)
+        (func (export "_start")
+          (if (i32.eq (table.grow $t (ref.null func) (i32.const 1000)) (i32.const -1)) (then unreachable))))"#;
+    for engine in engines() {
+        let capped = Limits { max_table_elements: 500, ..Limits::default() };
+        let why = refused(&engine, &table_of(501), capped).await;
+        assert!(!why.is_empty());
+        let exit = run(&engine, grows_table, Arc::new(RecordingHost::default()), capped).await;
+        let ExitReason::Trapped(why) = &exit else { panic!("{}: {exit:?}", engine.name()) };
+        assert!(why.contains("table budget of 500 elements"), "{}: {why}", engine.name());
+        // 1,000 elements are 8,000 bytes of a memory budget: a table can exhaust it too.
+        let small = Limits { max_memory_bytes: 4_000, ..Limits::default() };
+        refused(&engine, &table_of(1_000), small).await;
+        assert_eq!(
+            run(&engine, &table_of(400), Arc::new(RecordingHost::default()), small).await,
+            ExitReason::Exited(0),
+            "{}",
+            engine.name()
+        );
+    }
+}
+
+#[tokio::test]
+async fn too_many_memories_or_tables_are_refused() {
+    let memories = |n: usize| {
+        let decls: String = (0..n).map(|_| "(memory 0)").collect();
+        format!(r#"(module {decls} (func (export "_start")))"#)
+    };
+    let tables = |n: usize| {
+        let decls: String = (0..n).map(|_| "(table 0 funcref)").collect();
+        format!(r#"(module {decls} (func (export "_start")))"#)
+    };
+    let limits = Limits::default();
+    for engine in engines() {
+        let why = refused(&engine, &memories(limits.max_memories + 1), limits).await;
+        assert!(why.contains("more memories than the 4"), "{}: {why}", engine.name());
+        let why = refused(&engine, &tables(limits.max_tables + 1), limits).await;
+        assert!(why.contains("more tables than the 16"), "{}: {why}", engine.name());
+        let host = Arc::new(RecordingHost::default());
+        assert_eq!(run(&engine, &memories(limits.max_memories), host.clone(), limits).await, ExitReason::Exited(0));
+        assert_eq!(run(&engine, &tables(limits.max_tables), host, limits).await, ExitReason::Exited(0));
+    }
+}
+
+#[tokio::test]
+async fn a_start_section_that_spins_is_refused_on_every_engine() {
+    let spins = r#"(module (func $spin (loop $l (br $l))) (start $spin) (func (export "_start")))"#;
+    let counts = r#"(module (global $n (mut i32) (i32.const 0))
+        (func $count (loop $l (global.set $n (i32.add (global.get $n) (i32.const 1)))
+                              (br_if $l (i32.lt_u (global.get $n) (i32.const 1000)))))
+        (start $count) (func (export "_start")))"#;
+    let limits = Limits { start_fuel: 100_000, fuel_yield_interval: 10_000, ..Limits::default() };
+    for engine in engines() {
+        let why = refused(&engine, spins, limits).await;
+        assert!(why.contains("start section") && why.contains("100000"), "{}: {why}", engine.name());
+        // A start section that ends within the budget is fine.
+        let exit = run(&engine, counts, Arc::new(RecordingHost::default()), limits).await;
+        assert_eq!(exit, ExitReason::Exited(0), "{}", engine.name());
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn kv_greeter_invokes_and_sleeps_through_the_host() {
     for engine in engines() {

@@ -78,6 +78,7 @@ async fn start_agent(
     config.lease_ttl = opts.lease_ttl;
     config.limits = Limits {
         max_memory_bytes: opts.max_memory_mib.saturating_mul(1024 * 1024),
+        max_table_elements: opts.max_table_elements,
         fuel: opts.fuel,
         ..Limits::default()
     };

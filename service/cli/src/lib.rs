@@ -64,9 +64,13 @@ pub struct AgentOpts {
     /// Most instances starting or running on this node at once.
     #[arg(long, default_value_t = 1000)]
     pub max_instances: u32,
-    /// Most linear memory per instance, in MiB.
+    /// Memory budget per instance, in MiB: all its linear memories and tables together (a table element
+    /// counts 8 bytes). A growth beyond fails; a module that does not fit is refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 64)]
     pub max_memory_mib: usize,
+    /// Most table elements per instance, across all its tables.
+    #[arg(long, default_value_t = factum_wasm::Limits::default().max_table_elements)]
+    pub max_table_elements: usize,
     /// Fuel budget per run (roughly Wasm instructions); a run that uses it up crashes. Unlimited if unset.
     #[arg(long)]
     pub fuel: Option<u64>,
