@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use factum_proto::capability::{MAX_OPERATION_LEN, MAX_PARAMS_BYTES};
-use factum_proto::{CapabilityResponse, ErrorCode, ErrorResponse};
+use factum_proto::{validate_id, CapabilityResponse, ErrorCode, ErrorResponse, MAX_ID_LEN};
 use futures::future::BoxFuture;
 
 /// Import module of the WASI subset.
@@ -425,11 +425,19 @@ fn invoke(state: &mut GuestState, mem: &mut [u8], args: &[i64]) -> Result<Outcom
     if operation.len() > MAX_OPERATION_LEN {
         return refuse(state, ErrorResponse::invalid("operation name too long"));
     }
+    // Checked before anything is copied: ids are short, and an id no grant can hold needs no lookup.
+    if capability_id.len() > MAX_ID_LEN {
+        let msg = format!("capability id of {} bytes is longer than {MAX_ID_LEN}", capability_id.len());
+        return refuse(state, ErrorResponse::invalid(msg));
+    }
     let params = slice(mem, arg(args, 4), params_len)?.to_vec();
     let (Ok(capability_id), Ok(operation)) = (std::str::from_utf8(capability_id), std::str::from_utf8(operation))
     else {
         return refuse(state, ErrorResponse::invalid("capability id and operation must be UTF-8"));
     };
+    if let Err(bad) = validate_id("capability id", capability_id) {
+        return refuse(state, bad);
+    }
     Ok(Outcome::Pending(Pending::Invoke {
         capability_id: capability_id.to_string(),
         operation: operation.to_string(),
@@ -521,6 +529,23 @@ mod tests {
             prop_assert_eq!(call(HostFn::Invoke, &[ptr, len.max(1), 0, 1, 0, 1]), -errno::FAULT);
             prop_assert_eq!(call(HostFn::ResponseRead, &[ptr, 0]), -errno::FAULT);
         }
+    }
+
+    #[test]
+    fn capability_ids_are_checked_before_they_are_copied() {
+        let mut state = GuestState::new(Arc::new(NullHost));
+        let mut mem = vec![b'k'; 8192];
+        mem[50] = b'\n';
+        let mut refusal = |len: i64| {
+            let n = ready(dispatch(&mut state, Some(&mut mem), HostFn::Invoke, &[0, len, 0, 3, 0, 0]));
+            assert!(n > 0, "refusals are a response, not an errno");
+            CapabilityResponse::decode(&state.last_response).unwrap().error.unwrap()
+        };
+        let long = refusal(4096);
+        assert_eq!(long.code, ErrorCode::InvalidRequest);
+        assert!(long.message.contains("4096 bytes"), "{}", long.message);
+        // A short id with a newline in it never reaches the host (nor its audit log).
+        assert_eq!(refusal(101).code, ErrorCode::InvalidRequest);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! What a running instance sees of its node: capability calls checked against its assignments at call time,
 //! the env clock, the env's randomness, and a log for its output.
 
-use std::sync::Weak;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use factum_proto::permissions::allows;
@@ -9,6 +9,7 @@ use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorCode, ErrorRes
 use factum_wasm::GuestHost;
 use futures::future::BoxFuture;
 
+use crate::log_budget::{guest_lines, Dropped, Window};
 use crate::trace_events::{AUTH, CALL, DELIVER};
 use crate::Inner;
 
@@ -23,9 +24,6 @@ fn call_target(operation: &str, params: &[u8]) -> String {
     }
 }
 
-/// Longest guest output line kept in the log.
-const MAX_LOGGED_OUTPUT: usize = 4096;
-
 /// What one grant allows: its provider, and its permissions parsed.
 type GrantView = (factum_proto::ProviderType, std::sync::Arc<[Permission]>);
 
@@ -33,18 +31,64 @@ pub(crate) struct InstanceHost {
     agent: Weak<Inner>,
     instance_id: String,
     /// Grants as first seen by this run; used only under the injected bug [`crate::AgentBug::StaleGrants`].
-    stale: std::sync::Mutex<std::collections::BTreeMap<String, GrantView>>,
+    stale: Mutex<std::collections::BTreeMap<String, GrantView>>,
+    /// This run's share of the node's log ([`crate::log_budget`]).
+    log: Arc<Mutex<LogWindows>>,
+}
+
+/// The log windows of one run.
+#[derive(Debug, Default)]
+struct LogWindows {
+    output: Window,
+    audit: Window,
 }
 
 impl InstanceHost {
     pub(crate) fn new(agent: Weak<Inner>, instance_id: String) -> Self {
-        Self { agent, instance_id, stale: Default::default() }
+        Self { agent, instance_id, stale: Default::default(), log: Default::default() }
     }
 }
 
-fn denied(instance_id: &str, capability_id: &str, why: String) -> Vec<u8> {
-    // Audit line for every refusal (design §Security Considerations 6).
-    tracing::warn!(target: "factum::audit", instance_id, capability_id, reason = %why, "capability call denied");
+impl Drop for InstanceHost {
+    fn drop(&mut self) {
+        // The run is over: report what its budget dropped since the last report, so nothing goes unsaid.
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(dropped) = log.output.take_dropped() {
+            output_dropped(&self.instance_id, dropped);
+        }
+        if let Some(dropped) = log.audit.take_dropped() {
+            audit_dropped(&self.instance_id, dropped);
+        }
+    }
+}
+
+fn output_dropped(instance_id: &str, dropped: Dropped) {
+    tracing::warn!(target: "factum::guest", instance_id, lines = dropped.lines, bytes = dropped.bytes,
+        "guest output over the instance's log budget was dropped");
+}
+
+fn audit_dropped(instance_id: &str, dropped: Dropped) {
+    tracing::warn!(target: "factum::audit", instance_id, lines = dropped.lines,
+        "audit lines over the instance's log budget were suppressed");
+}
+
+/// Writes one audit line about `instance_id` if its budget has room (design §Security Considerations 6).
+fn audit(agent: &Inner, log: &Mutex<LogWindows>, instance_id: &str, line: impl FnOnce()) {
+    let limits = agent.config.log_limits;
+    let now = agent.env.clock.now();
+    let (fits, report) = log.lock().unwrap_or_else(|p| p.into_inner()).audit.admit(now, 0, limits.audit_lines, 0);
+    if let Some(dropped) = report {
+        audit_dropped(instance_id, dropped);
+    }
+    if fits {
+        line();
+    }
+}
+
+fn denied(agent: &Inner, log: &Mutex<LogWindows>, instance_id: &str, capability_id: &str, why: String) -> Vec<u8> {
+    audit(agent, log, instance_id, || {
+        tracing::warn!(target: "factum::audit", instance_id, capability_id, reason = %why, "capability call denied");
+    });
     CapabilityResponse::err(
         &ErrorResponse::permission_denied(why)
             .with_detail("instance_id", instance_id)
@@ -77,6 +121,7 @@ impl GuestHost for InstanceHost {
         let agent = self.agent.clone();
         let instance_id = self.instance_id.clone();
         let stale = self.stale_grant(&capability_id);
+        let log = self.log.clone();
         Box::pin(async move {
             let Some(agent) = agent.upgrade() else {
                 return CapabilityResponse::err(&ErrorResponse::new(
@@ -110,6 +155,8 @@ impl GuestHost for InstanceHost {
             };
             let Some((provider_type, granted)) = grant else {
                 return denied(
+                    &agent,
+                    &log,
                     &instance_id,
                     &capability_id,
                     format!("no capability {capability_id:?} is assigned to this instance"),
@@ -140,7 +187,7 @@ impl GuestHost for InstanceHost {
             }
             if response.error_code() == Some(ErrorCode::PermissionDenied) {
                 let why = response.error.as_ref().map(|e| e.message.clone()).unwrap_or_default();
-                return denied(&instance_id, &capability_id, why);
+                return denied(&agent, &log, &instance_id, &capability_id, why);
             }
             response.encode()
         })
@@ -175,6 +222,7 @@ impl GuestHost for InstanceHost {
     fn next_message(&self) -> BoxFuture<'static, Option<Vec<u8>>> {
         let agent = self.agent.clone();
         let instance_id = self.instance_id.clone();
+        let log = self.log.clone();
         Box::pin(async move {
             loop {
                 let waker = {
@@ -197,9 +245,12 @@ impl GuestHost for InstanceHost {
                             };
                             return Some(envelope.encode());
                         }
-                        tracing::warn!(target: "factum::audit", instance_id = %instance_id,
-                            capability_id = %delivery.capability_id, topic = %delivery.topic,
-                            "message not delivered: the capability no longer allows it");
+                        audit(&agent, &log, &instance_id, || {
+                            // Debug formatting: the topic came from a guest, so it is quoted and escaped.
+                            tracing::warn!(target: "factum::audit", instance_id = %instance_id,
+                                capability_id = ?delivery.capability_id, topic = ?delivery.topic,
+                                "message not delivered: the capability no longer allows it");
+                        });
                         local.mailbox.discard_in_hand();
                     }
                     if messaging.subscriptions_of(&instance_id).is_empty() {
@@ -214,12 +265,21 @@ impl GuestHost for InstanceHost {
     }
 
     fn write_output(&self, fd: u32, bytes: &[u8]) {
-        let shown = bytes.get(..MAX_LOGGED_OUTPUT).unwrap_or(bytes);
-        let text = String::from_utf8_lossy(shown);
-        let text = text.trim_end();
-        if !text.is_empty() {
-            tracing::info!(target: "factum::guest", instance_id = %self.instance_id, fd, "{text}");
+        let Some(agent) = self.agent.upgrade() else { return };
+        let limits = agent.config.log_limits;
+        let now = agent.env.clock.now();
+        let (lines, cut) = guest_lines(bytes);
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        for line in lines {
+            let (fits, report) = log.output.admit(now, line.len(), limits.output_lines, limits.output_bytes);
+            if let Some(dropped) = report {
+                output_dropped(&self.instance_id, dropped);
+            }
+            if fits {
+                tracing::info!(target: "factum::guest", instance_id = %self.instance_id, fd, "{line}");
+            }
         }
+        log.output.count_dropped(cut);
     }
 }
 
@@ -277,6 +337,58 @@ mod tests {
         assert_eq!(call(&host, "kv", &get, get_params).await.error_code(), Some(ErrorCode::PermissionDenied));
         // None of that hurt the instance.
         assert_eq!(agent.status("i").unwrap(), factum_proto::InstanceStatus::Running);
+        agent.stop_all();
+    }
+
+    /// Log lines as a test subscriber wrote them, without colour.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn lines(&self, containing: &str) -> Vec<String> {
+            let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+            text.lines().filter(|l| l.contains(containing)).map(str::to_string).collect()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_chatty_guest_is_held_to_its_log_budget_and_told_what_was_dropped() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let (agent, host) = host_for(&[]).await;
+        let limits = crate::LogLimits::default();
+        for i in 0..150 {
+            host.write_output(1, format!("line {i}\nforged\rWARN factum::audit: x\n").as_bytes());
+        }
+        let (op, params) = KvOperation::Set { key: "k".into(), value: b"v".to_vec() }.encode();
+        for _ in 0..30 {
+            assert_eq!(call(&host, "kv", &op, params.clone()).await.error_code(), Some(ErrorCode::PermissionDenied));
+        }
+        // One window: up to the limits, each guest line one event, escaped.
+        let logged = captured.lines("instance_id=i fd=1");
+        assert_eq!(logged.len(), limits.output_lines as usize);
+        assert!(logged.iter().any(|l| l.ends_with("factum::guest: forged\\rWARN factum::audit: x instance_id=i fd=1")));
+        assert_eq!(captured.lines("capability call denied").len(), limits.audit_lines as usize);
+        // The next window reports what the last one dropped; the end of the run reports the rest.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        host.write_output(2, b"later");
+        assert_eq!(captured.lines("lines=200 bytes=").len(), 1, "{:?}", captured.lines("dropped"));
+        assert_eq!(captured.lines("later instance_id=i fd=2").len(), 1);
+        drop(host);
+        assert_eq!(captured.lines("audit lines over the instance's log budget were suppressed").len(), 1);
+        assert_eq!(captured.lines("lines=10").len(), 1);
         agent.stop_all();
     }
 

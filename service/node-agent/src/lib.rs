@@ -7,6 +7,7 @@
 
 mod host;
 mod link;
+mod log_budget;
 mod mailbox;
 mod registry_link;
 mod server;
@@ -27,6 +28,7 @@ use futures::future::AbortHandle;
 use tokio::sync::mpsc;
 
 pub use link::run_control_plane_link;
+pub use log_budget::{LogLimits, MAX_LINE_BYTES};
 pub use registry_link::run_registry_link;
 pub use server::serve;
 
@@ -77,6 +79,8 @@ pub struct AgentConfig {
     pub max_instances: u32,
     /// Per-instance limits.
     pub limits: Limits,
+    /// Per-instance log limits: guest output and audit lines.
+    pub log_limits: LogLimits,
     /// Compiled modules kept.
     pub module_cache_capacity: usize,
     /// How often the agent sends its full snapshot to the control plane.
@@ -148,6 +152,7 @@ impl AgentConfig {
             advertise_addr: advertise_addr.into(),
             max_instances: 1000,
             limits: Limits::default(),
+            log_limits: LogLimits::default(),
             module_cache_capacity: 256,
             heartbeat_interval: Duration::from_secs(1),
             rpc_timeout: Duration::from_secs(5),

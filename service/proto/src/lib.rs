@@ -15,7 +15,7 @@ pub use error::{ErrorCode, ErrorResponse};
 pub use permissions::Permission;
 pub use types::{
     validate_id, CapabilityAssignment, InstanceMetadata, InstanceStatus, PolicyType, ProviderMetadata, ProviderType,
-    RestartPolicy,
+    RestartPolicy, MAX_ID_LEN,
 };
 pub use wire::*;
 
