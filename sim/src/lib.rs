@@ -425,7 +425,11 @@ pub fn build_observed_cluster(
                     kv: Arc::new(MemoryKv::new()),
                     http: http.then(|| {
                         let limits = HttpLimits { timeout: Duration::from_secs(2), ..HttpLimits::default() };
-                        let provider = HttpProvider::with_transport(limits, Arc::new(web::SimHttp::new(env.clone())));
+                        let provider = HttpProvider::with_transport(
+                            limits,
+                            Arc::new(web::SimHttp::new(env.clone())),
+                            env.clock.clone(),
+                        );
                         let provider = match http_bug {
                             Some(bug) => provider.with_injected_bug(bug),
                             None => provider,

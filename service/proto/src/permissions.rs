@@ -97,7 +97,8 @@ impl<'de> Deserialize<'de> for Permission {
 }
 
 /// A DNS name: labels of `[a-z0-9-]`, not starting or ending with `-`; stored lower-case so checks are
-/// case-insensitive. A leading `*.` allows every subdomain.
+/// case-insensitive. A leading `*.` allows every subdomain of a parent of at least two labels whose last is
+/// not numeric: `*.com` would grant a whole top-level domain, and `*.0.0.1` would match IP literals.
 fn validate_domain(domain: &str) -> Result<String, String> {
     if domain.is_empty() {
         return Err("empty domain".into());
@@ -111,6 +112,14 @@ fn validate_domain(domain: &str) -> Result<String, String> {
         let ok_chars = label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if label.is_empty() || label.len() > 63 || !ok_chars || label.starts_with('-') || label.ends_with('-') {
             return Err(format!("invalid domain label {label:?}"));
+        }
+    }
+    if body.len() != lower.len() {
+        let numeric_tld = body.rsplit('.').next().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()));
+        if !body.contains('.') || numeric_tld {
+            return Err(format!(
+                "a wildcard needs a parent of two or more labels, the last not numeric (not {body:?})"
+            ));
         }
     }
     Ok(lower)
@@ -194,19 +203,30 @@ pub fn pattern_covers(granted: &str, requested: &str) -> bool {
 /// Whether `granted` lets a request reach `host`: it needs `http:request` and an `http:domain` that is `host`
 /// exactly, or `*.parent` for a host strictly below `parent`. `host` must come from a parsed URL (never from
 /// the raw string, where userinfo, ports or case could disguise it); it is compared lower-cased and without a
-/// trailing dot. IP literals match only an identical `http:domain:<ip>`; IPv6 literals never match.
+/// trailing dot. IP literals match only an identical `http:domain:<ip>`, never a wildcard; IPv6 literals never
+/// match.
 pub fn http_host_allowed(granted: &[Permission], host: &str) -> bool {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     if host.is_empty() || !granted.contains(&Permission::HttpRequest) {
         return false;
     }
+    let ip_literal = host.parse::<core::net::IpAddr>().is_ok();
     granted.iter().any(|g| match g {
         Permission::HttpDomain(domain) => match domain.strip_prefix("*.") {
-            Some(parent) => host.strip_suffix(parent).is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+            Some(parent) => {
+                !ip_literal && host.strip_suffix(parent).is_some_and(|sub| sub.len() > 1 && sub.ends_with('.'))
+            }
             None => *domain == host,
         },
         _ => false,
     })
+}
+
+/// Whether `granted` names `ip` itself (`http:domain:10.0.0.5`): the only way a request may reach a loopback,
+/// private, link-local or other internal address, whatever name led there.
+pub fn http_ip_granted(granted: &[Permission], ip: core::net::IpAddr) -> bool {
+    let ip = ip.to_canonical().to_string();
+    granted.iter().any(|g| matches!(g, Permission::HttpDomain(domain) if *domain == ip))
 }
 
 /// NATS-style subject matching: `*` matches one token, a trailing `>` matches one or more.
@@ -257,6 +277,9 @@ mod tests {
             "http:domain:-bad.com",
             "http:domain:a..b",
             "http:domain:ex ample.com",
+            "http:domain:*.com",
+            "http:domain:*.0.0.1",
+            "http:domain:*.168.1.10",
             "msg:publish:",
             "msg:publish:a..b",
             "msg:publish:a.>.b",
@@ -266,6 +289,19 @@ mod tests {
             let err = s.parse::<Permission>().unwrap_err();
             assert_eq!(err.error_code, crate::ErrorCode::InvalidRequest, "{s:?}");
         }
+    }
+
+    #[test]
+    fn wildcards_never_reach_ip_literals_and_internal_ips_need_their_own_grant() {
+        // Even a wildcard that got past parsing (an older grant) cannot match an IP literal.
+        let granted = [Permission::HttpRequest, Permission::HttpDomain("*.0.0.1".into())];
+        assert!(!http_host_allowed(&granted, "127.0.0.1"));
+        assert!(http_host_allowed(&granted, "a.0.0.1.example.0.0.1"));
+        assert!("http:domain:*.example.co.uk".parse::<Permission>().is_ok());
+        let granted: Vec<Permission> = vec!["http:request".parse().unwrap(), "http:domain:10.0.0.5".parse().unwrap()];
+        assert!(http_ip_granted(&granted, "10.0.0.5".parse().unwrap()));
+        assert!(http_ip_granted(&granted, "::ffff:10.0.0.5".parse().unwrap()), "IPv4-mapped is the same address");
+        assert!(!http_ip_granted(&granted, "10.0.0.6".parse().unwrap()));
     }
 
     #[test]

@@ -13,7 +13,8 @@ use factum_providers::{HttpLimits, HttpProvider, Provider};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A tiny HTTP/1.1 server on 127.0.0.1: `/hello`, `/big` (with length), `/chunked-big`, `/slow`,
-/// `/redirect?to=<url>`, `/echo-host`, `/delay` (20 ms). One response per connection.
+/// `/redirect?to=<url>`, `/slow-redirect?to=<url>` (after 300 ms), `/echo-host`, `/echo-auth`, `/delay` (20 ms).
+/// One response per connection.
 async fn server() -> u16 {
     counted_server().await.0
 }
@@ -84,6 +85,16 @@ async fn counted_server() -> (u16, Arc<Delays>) {
                     reply("200 OK", "content-length: 0\r\n\r\n", b"")
                 } else if let Some(to) = path.strip_prefix("/redirect?to=") {
                     reply("302 Found", &format!("location: {to}\r\ncontent-length: 0\r\n\r\n"), b"")
+                } else if let Some(to) = path.strip_prefix("/slow-redirect?to=") {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    reply("302 Found", &format!("location: {to}\r\ncontent-length: 0\r\n\r\n"), b"")
+                } else if path == "/echo-auth" {
+                    let auth = text
+                        .lines()
+                        .find(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+                        .map(|l| l[14..].trim().to_string())
+                        .unwrap_or_default();
+                    reply("200 OK", &format!("content-length: {}\r\n\r\n", auth.len()), auth.as_bytes())
                 } else if path == "/echo-host" {
                     reply("200 OK", &format!("content-length: {}\r\n\r\n", host.len()), host.as_bytes())
                 } else {
@@ -107,8 +118,13 @@ fn get(url: &str) -> CapabilityInvocation {
 }
 
 fn provider() -> HttpProvider {
-    HttpProvider::new(HttpLimits { timeout: Duration::from_millis(500), max_response_bytes: 4096, max_redirects: 3 })
-        .unwrap()
+    HttpProvider::new(HttpLimits {
+        timeout: Duration::from_millis(500),
+        max_response_bytes: 4096,
+        max_redirects: 3,
+        ..HttpLimits::default()
+    })
+    .unwrap()
 }
 
 fn code(response: &CapabilityResponse) -> Option<ErrorCode> {
@@ -156,9 +172,11 @@ async fn disguised_destinations_are_denied() {
         let response = http.invoke(&get(&url), &only_loopback).await;
         assert!(response.success, "{url}: {:?}", response.error);
     }
-    // Case does not matter; the allowlist is by host, not by port.
-    let localhost = grant(&["http:request", "http:domain:localhost"]);
+    // Case does not matter; the allowlist is by host, not by port. `localhost` is loopback, so the address
+    // needs its own grant (see `a_name_resolving_to_an_internal_address_is_refused`).
+    let localhost = grant(&["http:request", "http:domain:localhost", "http:domain:127.0.0.1"]);
     assert!(http.invoke(&get(&format!("http://LocalHost:{port}/hello")), &localhost).await.success);
+    let localhost = grant(&["http:request", "http:domain:localhost"]);
     assert_eq!(
         code(&http.invoke(&get(&format!("http://127.0.0.1:{port}/hello")), &localhost).await),
         Some(ErrorCode::PermissionDenied),
@@ -264,4 +282,75 @@ proptest::proptest! {
             Ok(())
         })?;
     }
+}
+
+#[tokio::test]
+async fn a_name_resolving_to_an_internal_address_is_refused() {
+    let port = server().await;
+    let http = provider();
+    // `localhost` is on the allowlist, but it resolves to loopback: a DNS name pointing inside is the classic
+    // way past a name allowlist.
+    let by_name = grant(&["http:request", "http:domain:localhost"]);
+    let response = http.invoke(&get(&format!("http://localhost:{port}/hello")), &by_name).await;
+    assert_eq!(code(&response), Some(ErrorCode::PermissionDenied));
+    assert!(response.error.as_ref().unwrap().message.contains("loopback"), "{:?}", response.error);
+    // The same by redirect: an allowed public-looking hop cannot lead inside either.
+    let both = grant(&["http:request", "http:domain:localhost", "http:domain:127.0.0.1"]);
+    assert!(http.invoke(&get(&format!("http://localhost:{port}/hello")), &both).await.success);
+    // IP literals of internal ranges need their own grant, however they are spelled.
+    for url in
+        ["http://169.254.169.254/latest/meta-data/", "http://[::1]:9/", "http://0x7f000001:9/", "http://0.0.0.0:9/"]
+    {
+        let any_name = grant(&["http:request", "http:domain:169.254.169.254", "http:domain:localhost"]);
+        let response = http.invoke(&get(url), &any_name).await;
+        if url.contains("169.254") {
+            // Granted by its own address: allowed to try (nothing listens there: a connection failure).
+            assert_ne!(code(&response), Some(ErrorCode::PermissionDenied), "{url}");
+        } else {
+            assert_eq!(code(&response), Some(ErrorCode::PermissionDenied), "{url}: {:?}", response.error);
+        }
+    }
+}
+
+#[tokio::test]
+async fn credentials_do_not_follow_a_redirect_to_another_origin() {
+    let port = server().await;
+    let http = provider();
+    let both = grant(&["http:request", "http:domain:localhost", "http:domain:127.0.0.1"]);
+    let with_auth = |url: String| {
+        let request = HttpRequest {
+            method: "GET".into(),
+            url,
+            headers: vec![("Authorization".into(), "Bearer secret".into())],
+            body: vec![],
+        };
+        let (operation, params) = request.encode();
+        CapabilityInvocation { instance_id: "i".into(), capability_id: "web".into(), operation, params }
+    };
+    let body = |response: CapabilityResponse| response.result_as::<HttpResponse>().unwrap().body;
+    let same = with_auth(format!("http://127.0.0.1:{port}/redirect?to=/echo-auth"));
+    assert_eq!(body(http.invoke(&same, &both).await), b"Bearer secret");
+    let other = with_auth(format!("http://127.0.0.1:{port}/redirect?to=http://localhost:{port}/echo-auth"));
+    assert_eq!(body(http.invoke(&other, &both).await), b"");
+}
+
+#[tokio::test]
+async fn one_deadline_covers_every_redirect_and_requests_in_flight_are_capped() {
+    let port = server().await;
+    let http = provider();
+    let only_loopback = grant(&["http:request", "http:domain:127.0.0.1"]);
+    // Two hops of 300 ms each: within a per-hop timeout of 500 ms, not within one overall deadline.
+    let url = format!("http://127.0.0.1:{port}/slow-redirect?to=/slow-redirect?to=/hello");
+    let response = http.invoke(&get(&url), &only_loopback).await;
+    assert_eq!(code(&response), Some(ErrorCode::CommunicationFailure), "{:?}", response.error);
+    let one_hop = format!("http://127.0.0.1:{port}/slow-redirect?to=/hello");
+    assert!(http.invoke(&get(&one_hop), &only_loopback).await.success);
+
+    let http = HttpProvider::new(HttpLimits { max_in_flight: 1, ..HttpLimits::default() }).unwrap();
+    let slow = get(&format!("http://127.0.0.1:{port}/delay"));
+    let (first, second) = futures::join!(http.invoke(&slow, &only_loopback), http.invoke(&slow, &only_loopback));
+    assert!(first.success, "{:?}", first.error);
+    assert_eq!(code(&second), Some(ErrorCode::ResourceExhausted));
+    // The slot is given back when a request ends.
+    assert!(http.invoke(&slow, &only_loopback).await.success);
 }

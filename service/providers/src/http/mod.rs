@@ -5,11 +5,20 @@
 //! parsed URL, so userinfo (`http://allowed@evil`), ports, case, a trailing dot or an IP literal cannot
 //! disguise where it goes. Redirects are followed here, not by reqwest, and each hop is checked the same way.
 //! A `Host` header is refused: it would let a guest pick a virtual host behind an allowed address. Responses
-//! are capped in size and every request in time.
+//! are capped in size, every request (redirects included) in time, and requests in flight in number.
+//!
+//! Names are not enough against server-side request forgery: an allowed name may resolve to loopback, a
+//! private network or the cloud metadata service. An IP literal is checked here, and a transport on a real
+//! network checks every address a name resolves to and connects only to a checked one ([`address`]); internal
+//! addresses need a grant naming the address itself. Credentials (`Authorization`, `Cookie`) are not carried
+//! across a redirect to another origin.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use factum_env::Clock;
 use factum_proto::permissions::http_host_allowed;
 use factum_proto::{
     CapabilityInvocation, CapabilityResponse, ErrorCode, ErrorResponse, HttpRequest, HttpResponse, Permission,
@@ -18,6 +27,7 @@ use factum_proto::{
 
 use crate::{Lifecycle, Provider, ProviderMetadata};
 
+pub mod address;
 mod reqwest_transport;
 
 pub use reqwest_transport::ReqwestTransport;
@@ -31,11 +41,19 @@ pub struct HttpLimits {
     pub max_response_bytes: usize,
     /// Most redirects followed.
     pub max_redirects: usize,
+    /// Most requests in flight at once on this provider (every instance of the node together); more is
+    /// RESOURCE_EXHAUSTED at once rather than a queue that grows.
+    pub max_in_flight: usize,
 }
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        HttpLimits { timeout: Duration::from_secs(10), max_response_bytes: 1024 * 1024, max_redirects: 5 }
+        HttpLimits {
+            timeout: Duration::from_secs(10),
+            max_response_bytes: 1024 * 1024,
+            max_redirects: 5,
+            max_in_flight: 64,
+        }
     }
 }
 
@@ -51,6 +69,9 @@ pub struct Hop {
     pub headers: reqwest::header::HeaderMap,
     /// Request body.
     pub body: Vec<u8>,
+    /// What the capability grants: a transport that resolves names checks each address against it
+    /// ([`address::check_address`]).
+    pub granted: Arc<[Permission]>,
 }
 
 /// The answer to one hop, its body read in full (within the provider's cap).
@@ -71,7 +92,9 @@ pub trait HttpTransport: Send + Sync + 'static {
     /// Implementation name, reported as the provider's name.
     fn name(&self) -> &'static str;
     /// Sends `hop` and reads its answer within `timeout`. A body longer than `max_body` bytes is
-    /// RESOURCE_EXHAUSTED; a failed or late exchange COMMUNICATION_FAILURE.
+    /// RESOURCE_EXHAUSTED; a failed or late exchange COMMUNICATION_FAILURE. A transport on a real network
+    /// resolves the host itself, refuses (PERMISSION_DENIED) every address [`address::check_address`]
+    /// refuses, and connects only to an address it checked.
     async fn send(&self, hop: Hop, max_body: usize, timeout: Duration) -> Result<HopResponse, ErrorResponse>;
 }
 
@@ -88,8 +111,10 @@ pub enum HttpBug {
 
 /// Outbound HTTP for instances.
 pub struct HttpProvider {
-    transport: std::sync::Arc<dyn HttpTransport>,
+    transport: Arc<dyn HttpTransport>,
+    clock: Arc<dyn Clock>,
     limits: HttpLimits,
+    in_flight: AtomicUsize,
     lifecycle: Lifecycle,
     #[cfg(feature = "injected-bugs")]
     bug: Option<HttpBug>,
@@ -98,16 +123,19 @@ pub struct HttpProvider {
 }
 
 impl HttpProvider {
-    /// A running provider with `limits`, on reqwest.
+    /// A running provider with `limits`, on reqwest and tokio's clock.
     pub fn new(limits: HttpLimits) -> Result<Self, ErrorResponse> {
-        Ok(Self::with_transport(limits, std::sync::Arc::new(ReqwestTransport::new(limits.timeout)?)))
+        let transport = Arc::new(ReqwestTransport::new(limits.timeout)?);
+        Ok(Self::with_transport(limits, transport, Arc::new(factum_env::TokioClock::new())))
     }
 
-    /// A running provider with `limits`, sending through `transport`.
-    pub fn with_transport(limits: HttpLimits, transport: std::sync::Arc<dyn HttpTransport>) -> Self {
+    /// A running provider with `limits`, sending through `transport`, timing requests on `clock`.
+    pub fn with_transport(limits: HttpLimits, transport: Arc<dyn HttpTransport>, clock: Arc<dyn Clock>) -> Self {
         HttpProvider {
             transport,
+            clock,
             limits,
+            in_flight: AtomicUsize::new(0),
             lifecycle: Lifecycle::new(),
             #[cfg(feature = "injected-bugs")]
             bug: None,
@@ -141,6 +169,14 @@ impl HttpProvider {
         if self.has_bug(HttpBug::LatchedFailure) && self.failed.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(ErrorResponse::new(ErrorCode::CommunicationFailure, "an earlier request failed"));
         }
+        let in_flight = self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let _slot = InFlight(&self.in_flight);
+        if in_flight >= self.limits.max_in_flight {
+            return Err(ErrorResponse::new(
+                ErrorCode::ResourceExhausted,
+                format!("{} HTTP requests are in flight on this node already", self.limits.max_in_flight),
+            ));
+        }
         let result = self.follow(invocation, granted, request).await;
         if self.has_bug(HttpBug::LatchedFailure)
             && result.as_ref().is_err_and(|e| e.error_code == ErrorCode::CommunicationFailure)
@@ -172,18 +208,43 @@ impl HttpProvider {
         let mut url = reqwest::Url::parse(&request.url)
             .map_err(|e| ErrorResponse::invalid(format!("bad URL {:?}: {e}", request.url)))?;
         let mut body = request.body;
+        let granted: Arc<[Permission]> = granted.into();
+        let deadline = self.clock.now() + self.limits.timeout;
         for hop in 0..=self.limits.max_redirects {
             if hop == 0 || !self.has_bug(HttpBug::UncheckedRedirects) {
-                check_url(invocation, granted, &url)?;
+                check_url(invocation, &granted, &url)?;
             }
-            let next = Hop { method: method.clone(), url: url.clone(), headers: headers.clone(), body: body.clone() };
-            let response = self.transport.send(next, self.limits.max_response_bytes, self.limits.timeout).await?;
+            // One deadline for the whole request: each hop gets what is left of it.
+            let left = deadline.saturating_sub(self.clock.now());
+            if left.is_zero() {
+                return Err(ErrorResponse::new(
+                    ErrorCode::CommunicationFailure,
+                    format!("request timed out after {hop} redirects ({:?} in all)", self.limits.timeout),
+                ));
+            }
+            let next = Hop {
+                method: method.clone(),
+                url: url.clone(),
+                headers: headers.clone(),
+                body: body.clone(),
+                granted: granted.clone(),
+            };
+            let response = self.transport.send(next, self.limits.max_response_bytes, left).await?;
             let status = reqwest::StatusCode::from_u16(response.status).unwrap_or(reqwest::StatusCode::OK);
             let location = response.headers.get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok());
             if let (true, Some(location)) = (status.is_redirection(), location) {
-                url = url.join(location).map_err(|e| {
+                let next = url.join(location).map_err(|e| {
                     ErrorResponse::new(ErrorCode::CommunicationFailure, format!("bad redirect to {location:?}: {e}"))
                 })?;
+                if next.origin() != url.origin() {
+                    // What the guest meant for one origin is not sent to another (as browsers and curl do).
+                    for name in
+                        [reqwest::header::AUTHORIZATION, reqwest::header::COOKIE, reqwest::header::PROXY_AUTHORIZATION]
+                    {
+                        headers.remove(name);
+                    }
+                }
+                url = next;
                 // 303, and 301/302 after anything but GET/HEAD, continue as a GET without a body.
                 let keep_method = matches!(status.as_u16(), 307 | 308)
                     || (matches!(status.as_u16(), 301 | 302)
@@ -231,7 +292,20 @@ fn check_url(
         ))
         .with_detail("permission", format!("http:domain:{host}")));
     }
-    Ok(())
+    // The URL parser has normalised IP literals (`2130706433` is `127.0.0.1`; IPv6 is in brackets).
+    match host.trim_start_matches('[').trim_end_matches(']').parse::<core::net::IpAddr>() {
+        Ok(ip) => address::check_address(granted, host, ip),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Gives back a slot of [`HttpProvider::in_flight`] when its request ends, however it ends.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[async_trait]
