@@ -63,6 +63,11 @@ impl ModuleCache {
         Ok(compiled)
     }
 
+    /// The cached module with `hash`, if the cache still holds it.
+    pub fn get(&self, hash: &str) -> Option<CachedModule> {
+        self.lock().modules.get(hash).cloned()
+    }
+
     /// Number of cached modules.
     pub fn len(&self) -> usize {
         self.lock().modules.len()

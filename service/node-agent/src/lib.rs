@@ -589,18 +589,18 @@ impl Agent {
         }
     }
 
-    /// The bytes of a module some local instance runs (or the cache still holds), by hash.
+    /// The bytes of a module some local instance runs, or the cache still holds, by hash. The cache matters
+    /// after a fence: the instances are forgotten, but a restarted control plane may have no other copy of
+    /// their module, and without one it could never run them again.
     pub fn module_bytes(&self, module_hash: &str) -> Result<Vec<u8>, ErrorResponse> {
-        let instances = self.inner.lock();
-        instances.values().find(|i| i.metadata.module_hash == module_hash).map(|i| i.module.bytes.to_vec()).ok_or_else(
-            || {
-                ErrorResponse::new(
-                    ErrorCode::InstanceNotFound,
-                    format!("no module with hash {module_hash} on this node"),
-                )
+        let held = {
+            let instances = self.inner.lock();
+            instances.values().find(|i| i.metadata.module_hash == module_hash).map(|i| i.module.bytes.clone())
+        };
+        held.or_else(|| self.inner.cache.get(module_hash).map(|m| m.bytes)).map(|b| b.to_vec()).ok_or_else(|| {
+            ErrorResponse::new(ErrorCode::InstanceNotFound, format!("no module with hash {module_hash} on this node"))
                 .with_detail("module_hash", module_hash)
-            },
-        )
+        })
     }
 
     /// Fencing after the node lost its registry lease: the control plane may already be rescheduling every

@@ -171,6 +171,31 @@ fn a_lapsed_lease_fences_the_next_action_even_if_the_registry_link_never_runs() 
     });
 }
 
+/// Found by the swarm (seed 1402004787): the control plane restarted, could not fetch a module from the only
+/// node running it before that node fenced, and the node then answered that it had no such module. The
+/// instances were forgotten, but their module must still be there for a rescheduling control plane.
+#[test]
+fn a_fenced_node_still_hands_out_the_modules_of_what_it_forgot() {
+    paused().block_on(async {
+        let env = Env::tokio();
+        let (agent, _reports) = Agent::new(
+            env.clone(),
+            AgentConfig::new("n1", "n1:7701"),
+            Arc::new(WasmiEngine::new()),
+            Arc::new(MemoryKv::new()),
+        );
+        agent.registered(7, env.clock.now() + Duration::from_secs(1));
+        let facts = agent.start_instance(start("moves", PolicyType::Always, Some(7))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        assert!(agent.start_instance(start("late", PolicyType::Always, Some(7))).await.is_err());
+        assert!(agent.facts("moves").is_none(), "fenced");
+        let hash = facts.metadata.module_hash;
+        assert_eq!(agent.module_bytes(&hash).unwrap(), module(fixtures::SLEEPER));
+        let unknown = agent.module_bytes(&"0".repeat(64)).unwrap_err();
+        assert_eq!(unknown.error_code, ErrorCode::InstanceNotFound);
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(100))]
 
