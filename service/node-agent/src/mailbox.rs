@@ -12,6 +12,9 @@ use tokio::sync::Notify;
 
 /// Most messages queued for one instance; more are dropped (and logged).
 pub const MAILBOX_CAPACITY: usize = 1024;
+/// Most payload bytes queued for one instance (1,024 messages of 1 MiB would otherwise be 1 GiB); a message
+/// that does not fit is dropped (and logged).
+pub const MAILBOX_BYTES: usize = 16 * 1024 * 1024;
 /// How many runs may crash on one message before it is dropped (and logged).
 pub const MAX_DELIVERY_ATTEMPTS: u32 = 3;
 
@@ -24,6 +27,8 @@ struct Queued {
 #[derive(Default)]
 pub(crate) struct Mailbox {
     queue: VecDeque<Queued>,
+    /// Payload bytes in `queue`.
+    queued_bytes: usize,
     in_hand: Option<Queued>,
     wake: Arc<Notify>,
 }
@@ -32,11 +37,14 @@ impl Mailbox {
     /// Queues a delivery and wakes the waiting run (unless `wake` is off: only an injected bug turns it off); a
     /// full mailbox drops it.
     pub(crate) fn push(&mut self, delivery: Delivery, wake: bool) {
-        if self.queue.len() >= MAILBOX_CAPACITY {
+        let bytes = delivery.payload.len();
+        if self.queue.len() >= MAILBOX_CAPACITY || self.queued_bytes.saturating_add(bytes) > MAILBOX_BYTES {
             tracing::warn!(target: "factum::msg", instance_id = %delivery.instance_id, topic = %delivery.topic,
-                capacity = MAILBOX_CAPACITY, "mailbox full: message dropped");
+                capacity = MAILBOX_CAPACITY, capacity_bytes = MAILBOX_BYTES, queued_bytes = self.queued_bytes,
+                "mailbox full: message dropped");
             return;
         }
+        self.queued_bytes += bytes;
         self.queue.push_back(Queued { delivery, attempts: 0 });
         if wake {
             self.wake.notify_one();
@@ -46,6 +54,9 @@ impl Mailbox {
     /// The previous message counts as handled; the next one (if any) is now in hand.
     pub(crate) fn next(&mut self) -> Option<&Delivery> {
         self.in_hand = self.queue.pop_front();
+        if let Some(q) = &self.in_hand {
+            self.queued_bytes = self.queued_bytes.saturating_sub(q.delivery.payload.len());
+        }
         self.in_hand.as_ref().map(|q| &q.delivery)
     }
 
@@ -63,6 +74,7 @@ impl Mailbox {
                 topic = %queued.delivery.topic, attempts = queued.attempts,
                 "message dropped: its handler crashed on every attempt");
         } else {
+            self.queued_bytes += queued.delivery.payload.len();
             self.queue.push_front(queued);
         }
     }
@@ -71,6 +83,7 @@ impl Mailbox {
     pub(crate) fn close(&mut self, instance_id: &str, why: &str) -> usize {
         let dropped = self.queue.len() + usize::from(self.in_hand.is_some());
         self.queue.clear();
+        self.queued_bytes = 0;
         self.in_hand = None;
         if dropped > 0 {
             tracing::warn!(target: "factum::msg", instance_id, dropped, why, "undelivered messages dropped");
@@ -87,5 +100,35 @@ impl Mailbox {
     /// Wakes the waiting run to look again (a subscription ended).
     pub(crate) fn poke(&self) {
         self.wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(bytes: usize) -> Delivery {
+        Delivery { instance_id: "i".into(), capability_id: "bus".into(), topic: "t".into(), payload: vec![0; bytes] }
+    }
+
+    #[test]
+    fn a_mailbox_is_bounded_in_bytes_as_well_as_messages() {
+        let mut mailbox = Mailbox::default();
+        let big = MAILBOX_BYTES / 4;
+        for _ in 0..5 {
+            mailbox.push(delivery(big), true);
+        }
+        assert_eq!(mailbox.queue.len(), 4, "the fifth quarter does not fit");
+        // Taking one out makes room; a crash on it puts it back and takes its room again.
+        assert!(mailbox.next().is_some());
+        mailbox.push(delivery(1), true);
+        assert_eq!(mailbox.queue.len(), 4);
+        mailbox.run_crashed();
+        assert_eq!(mailbox.queue.len(), 5);
+        mailbox.push(delivery(big), true);
+        assert_eq!(mailbox.queue.len(), 5);
+        assert_eq!(mailbox.close("i", "test"), 5);
+        mailbox.push(delivery(big), true);
+        assert_eq!(mailbox.queue.len(), 1, "closing gave every byte back");
     }
 }

@@ -8,18 +8,43 @@ use factum_proto::{ErrorCode, ErrorResponse};
 
 use super::KvBackend;
 
-type Stores = BTreeMap<String, BTreeMap<String, Vec<u8>>>;
+/// Default most bytes (keys and values) of one store.
+pub const DEFAULT_MAX_STORE_BYTES: usize = 64 * 1024 * 1024;
+/// Default most bytes of every store of one node together.
+pub const DEFAULT_MAX_TOTAL_BYTES: usize = 1024 * 1024 * 1024;
 
-/// In-memory stores keyed by capability id, each holding at most `max_keys` keys.
+#[derive(Default)]
+struct Stores {
+    stores: BTreeMap<String, Store>,
+    /// Bytes of every store together.
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct Store {
+    entries: BTreeMap<String, Vec<u8>>,
+    /// Key and value bytes of `entries`.
+    bytes: usize,
+}
+
+/// In-memory stores keyed by capability id, bounded in keys per store and in bytes per store and per node:
+/// counting keys alone would let 100,000 values of 1 MiB each into one store.
 pub struct MemoryStore {
     stores: Mutex<Stores>,
     max_keys: usize,
+    max_store_bytes: usize,
+    max_total_bytes: usize,
 }
 
 impl MemoryStore {
-    /// Empty stores of at most `max_keys` keys each.
+    /// Empty stores of at most `max_keys` keys each, and the default byte limits.
     pub fn new(max_keys: usize) -> Self {
-        Self { stores: Mutex::new(BTreeMap::new()), max_keys }
+        Self::with_limits(max_keys, DEFAULT_MAX_STORE_BYTES, DEFAULT_MAX_TOTAL_BYTES)
+    }
+
+    /// Empty stores of at most `max_keys` keys and `max_store_bytes` each, `max_total_bytes` together.
+    pub fn with_limits(max_keys: usize, max_store_bytes: usize, max_total_bytes: usize) -> Self {
+        Self { stores: Mutex::new(Stores::default()), max_keys, max_store_bytes, max_total_bytes }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Stores> {
@@ -28,9 +53,11 @@ impl MemoryStore {
 
     fn range(&self, store: &str, prefix: &str) -> Vec<(String, Vec<u8>)> {
         self.lock()
+            .stores
             .get(store)
             .map(|s| {
-                s.range(prefix.to_string()..)
+                s.entries
+                    .range(prefix.to_string()..)
                     .take_while(|(k, _)| k.starts_with(prefix))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect()
@@ -46,24 +73,40 @@ impl KvBackend for MemoryStore {
     }
 
     async fn get(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>, ErrorResponse> {
-        Ok(self.lock().get(store).and_then(|s| s.get(key)).cloned())
+        Ok(self.lock().stores.get(store).and_then(|s| s.entries.get(key)).cloned())
     }
 
     async fn set(&self, store: &str, key: &str, value: &[u8]) -> Result<(), ErrorResponse> {
-        let mut stores = self.lock();
+        let full = |why: String| Err(ErrorResponse::new(ErrorCode::ResourceExhausted, why));
+        let mut guard = self.lock();
+        let Stores { stores, bytes: total } = &mut *guard;
         let entries = stores.entry(store.to_string()).or_default();
-        if !entries.contains_key(key) && entries.len() >= self.max_keys {
-            return Err(ErrorResponse::new(
-                ErrorCode::ResourceExhausted,
-                format!("kv store {store} is full ({} keys)", self.max_keys),
-            ));
+        let old = entries.entries.get(key).map(|v| key.len() + v.len());
+        if old.is_none() && entries.entries.len() >= self.max_keys {
+            return full(format!("kv store {store} is full ({} keys)", self.max_keys));
         }
-        entries.insert(key.to_string(), value.to_vec());
+        let new = key.len() + value.len();
+        let grows = new.saturating_sub(old.unwrap_or(0));
+        if entries.bytes.saturating_add(grows) > self.max_store_bytes {
+            return full(format!("kv store {store} is full ({} bytes)", self.max_store_bytes));
+        }
+        if total.saturating_add(grows) > self.max_total_bytes {
+            return full(format!("the node's kv stores are full ({} bytes together)", self.max_total_bytes));
+        }
+        entries.bytes = entries.bytes - old.unwrap_or(0) + new;
+        *total = *total - old.unwrap_or(0) + new;
+        entries.entries.insert(key.to_string(), value.to_vec());
         Ok(())
     }
 
     async fn delete(&self, store: &str, key: &str) -> Result<bool, ErrorResponse> {
-        Ok(self.lock().get_mut(store).and_then(|s| s.remove(key)).is_some())
+        let mut guard = self.lock();
+        let Stores { stores, bytes: total } = &mut *guard;
+        let Some(entries) = stores.get_mut(store) else { return Ok(false) };
+        let Some(value) = entries.entries.remove(key) else { return Ok(false) };
+        entries.bytes -= key.len() + value.len();
+        *total -= key.len() + value.len();
+        Ok(true)
     }
 
     async fn list(&self, store: &str, prefix: &str) -> Result<Vec<String>, ErrorResponse> {
@@ -72,5 +115,30 @@ impl KvBackend for MemoryStore {
 
     async fn entries(&self, store: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, ErrorResponse> {
         Ok(self.range(store, prefix))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stores_are_bounded_in_bytes_per_store_and_together() {
+        let kv = MemoryStore::with_limits(100, 100, 150);
+        kv.set("a", "k1", &[0; 48]).await.unwrap(); // 50 bytes with its key
+        kv.set("a", "k2", &[0; 48]).await.unwrap();
+        let full = kv.set("a", "k3", &[0; 1]).await.unwrap_err();
+        assert_eq!(full.error_code, ErrorCode::ResourceExhausted);
+        assert!(full.message.contains("100 bytes"), "{}", full.message);
+        // Overwriting counts the difference only; shrinking a value makes room.
+        kv.set("a", "k2", &[0; 10]).await.unwrap();
+        kv.set("a", "k3", &[0; 30]).await.unwrap();
+        // 50 + 12 + 32 = 94 in store a; the node allows 150 together.
+        let node_full = kv.set("b", "k", &[0; 60]).await.unwrap_err();
+        assert!(node_full.message.contains("150 bytes together"), "{}", node_full.message);
+        assert!(kv.delete("a", "k1").await.unwrap());
+        kv.set("b", "k", &[0; 60]).await.unwrap();
+        assert!(!kv.delete("a", "k1").await.unwrap());
+        assert!(!kv.delete("nope", "k1").await.unwrap());
     }
 }
