@@ -12,14 +12,55 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use factum_proto::MAX_FRAME_BYTES;
 
 /// A tarpc transport over `S` speaking bincode in length-delimited frames of at most [`MAX_FRAME_BYTES`].
-pub fn transport<S, Item, SinkItem>(io: S) -> Transport<S, Item, SinkItem, Bincode<Item, SinkItem>>
+pub fn transport<S, Item, SinkItem>(io: S) -> Transport<S, Item, SinkItem, SafeBincode<Item, SinkItem>>
 where
     S: AsyncRead + AsyncWrite,
     Item: for<'de> Deserialize<'de>,
     SinkItem: Serialize,
 {
     let framed = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME_BYTES).new_framed(io);
-    tarpc::serde_transport::new(framed, Bincode::default())
+    tarpc::serde_transport::new(framed, SafeBincode(std::marker::PhantomData))
+}
+
+/// tarpc's bincode format, with a frame that panics the decoder refused like any other bad frame. tarpc's
+/// own `Deserialize` for a request context adds the peer's deadline to `Instant::now()`, which panics on a
+/// deadline centuries away: any peer could kill the connection task with 16 bytes (found by fuzzing the
+/// frames, `runtime-adapters/env/tests/wire.rs`).
+pub struct SafeBincode<Item, SinkItem>(std::marker::PhantomData<(Item, SinkItem)>);
+
+impl<Item, SinkItem> tarpc::tokio_serde::Deserializer<Item> for SafeBincode<Item, SinkItem>
+where
+    Item: for<'de> Deserialize<'de>,
+{
+    type Error = std::io::Error;
+
+    fn deserialize(
+        self: std::pin::Pin<&mut Self>,
+        src: &tarpc::tokio_util::bytes::BytesMut,
+    ) -> Result<Item, Self::Error> {
+        let decode = std::panic::AssertUnwindSafe(|| {
+            let inner = std::pin::pin!(Bincode::<Item, SinkItem>::default());
+            tarpc::tokio_serde::Deserializer::deserialize(inner, src)
+        });
+        std::panic::catch_unwind(decode).unwrap_or_else(|_| {
+            Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "a frame that cannot be decoded"))
+        })
+    }
+}
+
+impl<Item, SinkItem> tarpc::tokio_serde::Serializer<SinkItem> for SafeBincode<Item, SinkItem>
+where
+    SinkItem: Serialize,
+{
+    type Error = std::io::Error;
+
+    fn serialize(
+        self: std::pin::Pin<&mut Self>,
+        item: &SinkItem,
+    ) -> Result<tarpc::tokio_util::bytes::Bytes, Self::Error> {
+        let inner = std::pin::pin!(Bincode::<Item, SinkItem>::default());
+        tarpc::tokio_serde::Serializer::serialize(inner, item)
+    }
 }
 
 /// A tarpc context whose deadline never fires on its own. tarpc's deadline is a `std::time::Instant`, which

@@ -118,3 +118,95 @@ proptest! {
         prop_assert_eq!(round_trip(report.clone()), report);
     }
 }
+
+/// Feeds raw bytes to a server-side transport of request type `T`, as a peer would send them, and reads
+/// what it decodes; an `Err` item is a refused frame, never a panic.
+fn decode_raw<T: DeserializeOwned + Serialize + Unpin + Send + 'static>(bytes: Vec<u8>) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(async move {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut rx = rpc::transport::<_, T, T>(b);
+        tokio::io::AsyncWriteExt::write_all(&mut a, &bytes).await.unwrap();
+        drop(a);
+        let mut decoded = 0;
+        while let Some(item) = rx.next().await {
+            if item.is_err() {
+                break;
+            }
+            decoded += 1;
+        }
+        decoded
+    })
+}
+
+/// A well-formed frame holding a start request for either service.
+fn valid_frames(module_bytes: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+    let start = StartInstanceRequest {
+        instance_id: "i-1".into(),
+        module_bytes,
+        capabilities: vec![],
+        restart_policy: RestartPolicy::default(),
+        epoch: 1,
+        node_lease: Some(3),
+        restarts: 0,
+    };
+    let agent = tarpc::ClientMessage::Request(tarpc::Request {
+        context: rpc::rpc_context(),
+        id: 1,
+        message: factum_proto::NodeAgentRequest::StartInstanceLocal { request: start },
+    });
+    let cp = tarpc::ClientMessage::Request(tarpc::Request {
+        context: rpc::rpc_context(),
+        id: 1,
+        message: factum_proto::ControlPlaneRequest::StopInstance { instance_id: "i-1".into() },
+    });
+    (encode_frame(agent), encode_frame(cp))
+}
+
+/// The bytes the RPC framing puts on the wire for `msg`.
+fn encode_frame<T: Serialize + DeserializeOwned + Unpin + Send + 'static>(msg: T) -> Vec<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(async move {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut tx = rpc::transport::<_, T, T>(a);
+        tx.send(msg).await.unwrap();
+        drop(tx);
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut b, &mut bytes).await.unwrap();
+        bytes
+    })
+}
+
+type AgentMessage = tarpc::ClientMessage<factum_proto::NodeAgentRequest>;
+type ControlPlaneMessage = tarpc::ClientMessage<factum_proto::ControlPlaneRequest>;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Fuzzing the RPC frames of both services: random bytes, and well-formed requests with bytes flipped,
+    /// truncated or extended, decode to a request or an error, never a panic or a runaway allocation.
+    #[test]
+    fn garbage_and_mutated_frames_never_panic_either_service(
+        garbage in prop::collection::vec(any::<u8>(), 0..256),
+        module_bytes in prop::collection::vec(any::<u8>(), 0..64),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        decode_raw::<AgentMessage>(garbage.clone());
+        decode_raw::<ControlPlaneMessage>(garbage);
+        let (agent, cp) = valid_frames(module_bytes);
+        prop_assert_eq!(decode_raw::<AgentMessage>(agent.clone()), 1);
+        prop_assert_eq!(decode_raw::<ControlPlaneMessage>(cp.clone()), 1);
+        for frame in [agent, cp] {
+            let mut flipped = frame.clone();
+            for (at, byte) in &flips {
+                let i = at.index(flipped.len());
+                flipped[i] ^= byte;
+            }
+            decode_raw::<AgentMessage>(flipped.clone());
+            decode_raw::<ControlPlaneMessage>(flipped);
+            let truncated = frame[..cut.index(frame.len())].to_vec();
+            prop_assert_eq!(decode_raw::<AgentMessage>(truncated.clone()) + decode_raw::<ControlPlaneMessage>(truncated), 0);
+        }
+    }
+}

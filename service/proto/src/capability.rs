@@ -480,6 +480,29 @@ mod tests {
                 prop_assert_eq!(e.error_code, ErrorCode::InvalidRequest);
             }
         }
+
+        /// Feature: wasm-orchestrator, Property 18: API Request Validation
+        /// Fuzzing the HTTP provider's guest input: garbage, and a valid request with bytes flipped, decode to
+        /// a request or INVALID_REQUEST, never a panic.
+        #[test]
+        fn garbage_http_params_are_invalid_request(
+            op in "request|frob",
+            params in prop::collection::vec(any::<u8>(), 0..64),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            if let Err(e) = HttpRequest::decode(&op, &params) {
+                prop_assert_eq!(e.error_code, ErrorCode::InvalidRequest);
+            }
+            let request = HttpRequest { method: "GET".into(), url: "http://example.com/".into(), headers: vec![("a".into(), "b".into())], body: b"x".to_vec() };
+            let (op, mut params) = request.encode();
+            for (at, byte) in flips {
+                let i = at.index(params.len());
+                params[i] ^= byte;
+            }
+            if let Err(e) = HttpRequest::decode(&op, &params) {
+                prop_assert!(matches!(e.error_code, ErrorCode::InvalidRequest | ErrorCode::ResourceExhausted));
+            }
+        }
     }
 
     #[test]

@@ -410,6 +410,19 @@ mod tests {
             prop_assert_eq!(p.to_string().parse::<Permission>().unwrap(), p);
         }
 
+        /// Feature: wasm-orchestrator, Property 18: API Request Validation
+        /// Fuzzing permission strings: anything parses to a permission that prints back as the same string
+        /// (lower-cased domain) or is INVALID_REQUEST, never a panic.
+        #[test]
+        fn any_permission_string_parses_or_is_invalid(
+            s in prop_oneof!["\\PC{0,40}", "(kv|http|msg):(read|write|request|domain|publish|subscribe):[a-z0-9.*>-]{0,20}"],
+        ) {
+            match s.parse::<Permission>() {
+                Ok(p) => prop_assert_eq!(p.to_string().parse::<Permission>().unwrap(), p),
+                Err(e) => prop_assert_eq!(e.error_code, crate::ErrorCode::InvalidRequest),
+            }
+        }
+
         /// Feature: wasm-orchestrator, Property 4: Runtime Permission Enforcement
         /// A host is reachable exactly when `http:request` is granted and a granted domain names it, exactly
         /// or as `*.parent` strictly above it; case and a trailing dot never change the answer, and a host
