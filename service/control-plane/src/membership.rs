@@ -154,7 +154,7 @@ impl ControlPlane {
                 return;
             }
             let learn = !self.inner.config.has_bug(crate::InjectedBug::NoRebuildFromSnapshots);
-            facts::merge_snapshot(&mut state, &node_id, snapshot.instances, learn, None);
+            facts::merge_snapshot(&mut state, &node_id, snapshot.instances, learn, snapshot.taken_at);
             missing_modules(&mut state, &node_id)
         };
         self.inner.env.trace(|| format!("synced {node_id} instances={count} fetch_modules={}", missing.len()));
