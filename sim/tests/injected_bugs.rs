@@ -50,50 +50,85 @@ fn first_failure_of(scenario: &Scenario, inject: impl Fn(&mut ClusterConfig)) ->
     found
 }
 
-/// [`first_failure_with`] a control-plane bug.
-fn first_failure(file: &str, bug: InjectedBug) -> Option<(u64, String)> {
-    first_failure_with(file, |config| config.control_plane.injected_bug = Some(bug))
+/// Injects a control-plane bug.
+fn cp(bug: InjectedBug) -> impl Fn(&mut ClusterConfig) {
+    move |config| config.control_plane.injected_bug = Some(bug)
 }
 
-/// [`first_failure_with`] an agent bug.
-fn first_agent_failure(file: &str, bug: AgentBug) -> Option<(u64, String)> {
-    first_failure_with(file, |config| config.agent_bug = Some(bug))
+/// Injects an agent bug.
+fn agent(bug: AgentBug) -> impl Fn(&mut ClusterConfig) {
+    move |config| config.agent_bug = Some(bug)
 }
 
-#[test]
-fn a_control_plane_that_does_not_rebuild_is_caught() {
-    let (seed, failure) =
-        first_failure("control_plane_restart.toml", InjectedBug::NoRebuildFromSnapshots).expect("bug not caught");
-    assert!(
-        failure.contains("facts_match_agents") || failure.contains("registry_matches_agents"),
-        "seed {seed}: {failure}"
-    );
+/// Injects an engine bug.
+fn engine(bug: EngineBug) -> impl Fn(&mut ClusterConfig) {
+    move |config| config.engine_bug = Some(bug)
 }
 
-#[test]
-fn a_missing_failure_detector_is_caught() {
-    let (seed, failure) = first_failure("agent_crash.toml", InjectedBug::NoFailureDetection).expect("bug not caught");
-    assert!(failure.contains("node_unknown:agent-2"), "seed {seed}: {failure}");
+/// Injects an HTTP provider bug.
+fn http(bug: HttpBug) -> impl Fn(&mut ClusterConfig) {
+    move |config| config.http_bug = Some(bug)
 }
 
-#[test]
-fn an_agent_that_restarts_past_max_retries_is_caught_by_the_always_on_monitor() {
-    let (seed, failure) =
-        first_agent_failure("backoff_storm.toml", AgentBug::IgnoreMaxRetries).expect("bug not caught");
-    assert!(failure.contains("P8 restart_policies_are_respected"), "seed {seed}: {failure}");
+/// One test per injected bug: `test name: scenario file, injection => [what the failure must name, any of]`.
+/// The scenario must fail within 100 seeds with the bug, and that seed must pass without it.
+macro_rules! caught {
+    ($($name:ident: $file:literal, $inject:expr => [$($check:literal),+];)+) => {$(
+        #[test]
+        fn $name() {
+            let (seed, failure) = first_failure_with($file, $inject).expect("bug not caught");
+            assert!([$($check),+].iter().any(|check| failure.contains(check)), "seed {seed}: {failure}");
+        }
+    )+};
 }
 
-#[test]
-fn an_agent_that_caches_grants_per_run_is_caught_by_the_always_on_monitor() {
-    let (seed, failure) =
-        first_agent_failure("revoke_during_kv_use.toml", AgentBug::StaleGrants).expect("bug not caught");
-    assert!(failure.contains("P4 calls_were_granted"), "seed {seed}: {failure}");
-}
-
-#[test]
-fn a_control_plane_that_reports_intentions_is_caught_by_the_always_on_monitor() {
-    let (seed, failure) = first_failure("agent_crash.toml", InjectedBug::OptimisticRunning).expect("bug not caught");
-    assert!(failure.contains("P9 statuses_come_from_agents"), "seed {seed}: {failure}");
+caught! {
+    a_control_plane_that_does_not_rebuild_is_caught:
+        "control_plane_restart.toml", cp(InjectedBug::NoRebuildFromSnapshots)
+        => ["facts_match_agents", "registry_matches_agents"];
+    a_missing_failure_detector_is_caught:
+        "agent_crash.toml", cp(InjectedBug::NoFailureDetection) => ["node_unknown:agent-2"];
+    an_agent_that_restarts_past_max_retries_is_caught_by_the_always_on_monitor:
+        "backoff_storm.toml", agent(AgentBug::IgnoreMaxRetries) => ["P8 restart_policies_are_respected"];
+    an_agent_that_caches_grants_per_run_is_caught_by_the_always_on_monitor:
+        "revoke_during_kv_use.toml", agent(AgentBug::StaleGrants) => ["P4 calls_were_granted"];
+    a_control_plane_that_reports_intentions_is_caught_by_the_always_on_monitor:
+        "agent_crash.toml", cp(InjectedBug::OptimisticRunning) => ["P9 statuses_come_from_agents"];
+    an_agent_that_restarts_the_count_on_every_reschedule_is_caught_by_the_always_on_monitor:
+        "lease_expiry.toml", agent(AgentBug::ForgetRestartCount) => ["P8 restart_policies_are_respected"];
+    a_control_plane_that_forgets_failed_reschedules_is_caught_by_the_always_on_monitor:
+        "reschedule_in_doubt.toml", cp(InjectedBug::ForgetFailedReschedules) => ["P13 confirmed_instances_stay_listed"];
+    an_agent_that_does_not_fence_is_caught_by_single_placement:
+        "lease_expiry.toml", agent(AgentBug::NoFencing) => ["single_placement"];
+    an_agent_that_files_a_grant_on_every_instance_is_caught_by_the_always_on_monitor:
+        "revoke_during_kv_use.toml", agent(AgentBug::SharedGrants) => ["P19 capabilities_are_scoped_to_their_instance"];
+    an_agent_that_writes_instances_into_the_registry_is_caught_by_registry_only_membership:
+        "lease_expiry.toml", agent(AgentBug::InstancesInRegistry) => ["registry_only_membership"];
+    an_agent_that_puts_call_parameters_in_its_facts_is_caught_by_the_always_on_monitor:
+        "revoke_during_kv_use.toml", agent(AgentBug::CallsInFacts) => ["P7 no_application_data_in_the_control_plane"];
+    a_control_plane_that_forgets_lost_nodes_is_caught_by_the_always_on_monitor:
+        "lease_expiry.toml", cp(InjectedBug::ForgetLostNodes) => ["P6 instances_live_on_known_nodes"];
+    a_control_plane_that_ignores_capability_facts_is_caught_by_registry_matches_agents:
+        "revoke_during_kv_use.toml", cp(InjectedBug::FrozenCapabilities) => ["registry_matches_agents"];
+    a_control_plane_that_never_retries_a_placement_is_caught_by_always_running:
+        "reschedule_in_doubt.toml", cp(InjectedBug::NoPlacementRetries) => ["always_running"];
+    a_control_plane_that_keeps_a_replaced_running_status_is_caught_by_the_always_on_monitor:
+        "revoke_during_kv_use.toml", cp(InjectedBug::StickyRunning) => ["P9 statuses_come_from_agents"];
+    an_agent_that_fences_only_on_its_timer_is_caught_by_the_always_on_monitor:
+        "agent_pause.toml", agent(AgentBug::FenceOnTimerOnly) => ["P12 nodes_act_only_under_their_lease"];
+    an_engine_that_recycles_memory_is_caught_by_the_always_on_monitor:
+        "probes.toml", engine(EngineBug::RecycledMemory) => ["P1 no_memory_survives_a_restart"];
+    an_engine_that_opens_fd_3_is_caught_by_the_always_on_monitor:
+        "probes.toml", engine(EngineBug::OpenFds) => ["P3 no_side_effect_bypasses_capabilities"];
+    an_agent_that_restamps_a_restarted_instance_is_caught_by_the_always_on_monitor:
+        "probes.toml", agent(AgentBug::RestartRestamps) => ["P2 crashes_preserve_system_state"];
+    a_control_plane_that_makes_ended_runs_unknown_is_caught_by_the_always_on_monitor:
+        "backoff_storm.toml", cp(InjectedBug::UnknownEndedRuns) => ["P14 facts_only_move_forward"];
+    an_http_provider_that_follows_redirects_unchecked_is_caught_by_the_always_on_monitor:
+        "http.toml", http(HttpBug::UncheckedRedirects) => ["no grant ever named intranet"];
+    // Either the node acted after its lease expired, or a sample saw it still running what moved elsewhere.
+    an_agent_that_fences_at_the_full_ttl_is_caught_under_clock_drift:
+        "clock_drift.toml", agent(AgentBug::FenceAtTtl) => ["P12 nodes_act_only_under_their_lease", "single_placement"];
 }
 
 #[test]
@@ -123,118 +158,12 @@ fn swarm_finds_the_rebuild_bug_and_shrinks_it() {
     assert_eq!(reparsed.steps.len(), shrunk.steps.len());
 }
 
-#[test]
-fn an_agent_that_restarts_the_count_on_every_reschedule_is_caught_by_the_always_on_monitor() {
-    let (seed, failure) =
-        first_agent_failure("lease_expiry.toml", AgentBug::ForgetRestartCount).expect("bug not caught");
-    assert!(failure.contains("P8 restart_policies_are_respected"), "seed {seed}: {failure}");
-}
-
-#[test]
-fn a_control_plane_that_forgets_failed_reschedules_is_caught_by_the_always_on_monitor() {
-    let (seed, failure) =
-        first_failure("reschedule_in_doubt.toml", InjectedBug::ForgetFailedReschedules).expect("bug not caught");
-    assert!(failure.contains("P13 confirmed_instances_stay_listed"), "seed {seed}: {failure}");
-}
-
-#[test]
-fn an_agent_that_does_not_fence_is_caught_by_single_placement() {
-    let (seed, failure) = first_agent_failure("lease_expiry.toml", AgentBug::NoFencing).expect("bug not caught");
-    assert!(failure.contains("single_placement"), "seed {seed}: {failure}");
-}
-
-#[test]
-fn an_agent_that_files_a_grant_on_every_instance_is_caught_by_the_always_on_monitor() {
-    let (seed, failure) =
-        first_agent_failure("revoke_during_kv_use.toml", AgentBug::SharedGrants).expect("bug not caught");
-    assert!(failure.contains("P19 capabilities_are_scoped_to_their_instance"), "seed {seed}: {failure}");
-}
-
-#[test]
-fn an_agent_that_writes_instances_into_the_registry_is_caught_by_registry_only_membership() {
-    let (seed, failure) =
-        first_agent_failure("lease_expiry.toml", AgentBug::InstancesInRegistry).expect("bug not caught");
-    assert!(failure.contains("registry_only_membership"), "seed {seed}: {failure}");
-}
-
-#[test]
-fn an_agent_that_puts_call_parameters_in_its_facts_is_caught_by_the_always_on_monitor() {
-    let (seed, failure) =
-        first_agent_failure("revoke_during_kv_use.toml", AgentBug::CallsInFacts).expect("bug not caught");
-    assert!(failure.contains("P7 no_application_data_in_the_control_plane"), "seed {seed}: {failure}");
-}
-
-#[test]
-fn a_control_plane_that_forgets_lost_nodes_is_caught_by_the_always_on_monitor() {
-    let (seed, failure) = first_failure("lease_expiry.toml", InjectedBug::ForgetLostNodes).expect("bug not caught");
-    assert!(failure.contains("P6 instances_live_on_known_nodes"), "seed {seed}: {failure}");
-}
-
-#[test]
-fn a_control_plane_that_ignores_capability_facts_is_caught_by_registry_matches_agents() {
-    let (seed, failure) =
-        first_failure("revoke_during_kv_use.toml", InjectedBug::FrozenCapabilities).expect("bug not caught");
-    assert!(failure.contains("registry_matches_agents"), "seed {seed}: {failure}");
-}
-
-#[test]
-fn a_control_plane_that_never_retries_a_placement_is_caught_by_always_running() {
-    let (seed, failure) =
-        first_failure("reschedule_in_doubt.toml", InjectedBug::NoPlacementRetries).expect("bug not caught");
-    assert!(failure.contains("always_running"), "seed {seed}: {failure}");
-}
-
-#[test]
-fn a_control_plane_that_keeps_a_replaced_running_status_is_caught_by_the_always_on_monitor() {
-    let (seed, failure) =
-        first_failure("revoke_during_kv_use.toml", InjectedBug::StickyRunning).expect("bug not caught");
-    assert!(failure.contains("P9 statuses_come_from_agents"), "seed {seed}: {failure}");
-}
-
-#[test]
-fn an_agent_that_fences_only_on_its_timer_is_caught_by_the_always_on_monitor() {
-    let (seed, failure) = first_agent_failure("agent_pause.toml", AgentBug::FenceOnTimerOnly).expect("bug not caught");
-    assert!(failure.contains("P12 nodes_act_only_under_their_lease"), "seed {seed}: {failure}");
-}
-
-#[test]
-fn an_agent_that_fences_at_the_full_ttl_is_caught_under_clock_drift() {
-    let (seed, failure) = first_agent_failure("clock_drift.toml", AgentBug::FenceAtTtl).expect("bug not caught");
-    // Either the node acted after its lease expired, or a sample saw it still running what moved elsewhere.
-    let fencing = ["P12 nodes_act_only_under_their_lease", "single_placement"];
-    assert!(fencing.iter().any(|check| failure.contains(check)), "seed {seed}: {failure}");
-}
-
-#[test]
-fn an_engine_that_recycles_memory_is_caught_by_the_always_on_monitor() {
-    let (seed, failure) =
-        first_failure_with("probes.toml", |config| config.engine_bug = Some(EngineBug::RecycledMemory))
-            .expect("bug not caught");
-    assert!(failure.contains("P1 no_memory_survives_a_restart"), "seed {seed}: {failure}");
-}
-
-#[test]
-fn an_engine_that_opens_fd_3_is_caught_by_the_always_on_monitor() {
-    let (seed, failure) = first_failure_with("probes.toml", |config| config.engine_bug = Some(EngineBug::OpenFds))
-        .expect("bug not caught");
-    assert!(failure.contains("P3 no_side_effect_bypasses_capabilities"), "seed {seed}: {failure}");
-}
-
-#[test]
-fn an_agent_that_restamps_a_restarted_instance_is_caught_by_the_always_on_monitor() {
-    let (seed, failure) = first_agent_failure("probes.toml", AgentBug::RestartRestamps).expect("bug not caught");
-    assert!(failure.contains("P2 crashes_preserve_system_state"), "seed {seed}: {failure}");
-}
-
 /// Puts a bug into a cluster's configuration.
 type Inject = Box<dyn Fn(&mut ClusterConfig)>;
 
 /// Scenario checks that the always-on monitor would beat to a bug, each shown to catch one by itself.
 #[test]
 fn every_scenario_check_catches_a_bug_by_itself() {
-    let agent = |bug| move |config: &mut ClusterConfig| config.agent_bug = Some(bug);
-    let cp = |bug| move |config: &mut ClusterConfig| config.control_plane.injected_bug = Some(bug);
-    let http = |bug| move |config: &mut ClusterConfig| config.http_bug = Some(bug);
     let cases: [(&str, &str, Inject); 8] = [
         ("revoke_during_kv_use.toml", "none_running", Box::new(agent(AgentBug::StaleGrants))),
         ("backoff_storm.toml", "restarts", Box::new(agent(AgentBug::IgnoreMaxRetries))),
@@ -250,19 +179,6 @@ fn every_scenario_check_catches_a_bug_by_itself() {
             first_failure_of_check(file, check, inject).unwrap_or_else(|| panic!("{check} did not catch its bug"));
         assert!(failure.contains(check), "{check}, seed {seed}: {failure}");
     }
-}
-
-#[test]
-fn a_control_plane_that_makes_ended_runs_unknown_is_caught_by_the_always_on_monitor() {
-    let (seed, failure) = first_failure("backoff_storm.toml", InjectedBug::UnknownEndedRuns).expect("bug not caught");
-    assert!(failure.contains("P14 facts_only_move_forward"), "seed {seed}: {failure}");
-}
-
-#[test]
-fn an_http_provider_that_follows_redirects_unchecked_is_caught_by_the_always_on_monitor() {
-    let (seed, failure) = first_failure_with("http.toml", |config| config.http_bug = Some(HttpBug::UncheckedRedirects))
-        .expect("bug not caught");
-    assert!(failure.contains("no grant ever named intranet"), "seed {seed}: {failure}");
 }
 
 #[test]
