@@ -141,9 +141,8 @@ pub async fn serve(bus: Bus, listener: Box<dyn Listener>) {
 
 struct Client {
     env: Env,
-    addr: String,
     session: String,
-    connection: Mutex<Option<BusApiClient>>,
+    connection: rpc::Redial<BusApiClient>,
     sinks: Mutex<BTreeMap<u64, (String, MessageSink)>>,
     next_id: std::sync::atomic::AtomicU64,
 }
@@ -154,31 +153,8 @@ impl Client {
         F: FnOnce(BusApiClient) -> Fut,
         Fut: std::future::Future<Output = Result<T, tarpc::client::RpcError>>,
     {
-        let unavailable = |why: String| ErrorResponse::new(ErrorCode::ProviderUnavailable, why);
-        let cached = self.connection.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let client = match cached {
-            Some(client) => client,
-            None => {
-                let stream = match self.env.timeout(CALL_TIMEOUT, self.env.net.connect(&self.addr)).await {
-                    Some(Ok(stream)) => stream,
-                    Some(Err(e)) => return Err(unavailable(format!("cannot reach the bus at {}: {e}", self.addr))),
-                    None => return Err(unavailable(format!("connecting to the bus at {} timed out", self.addr))),
-                };
-                let new = BusApiClient::new(tarpc::client::Config::default(), rpc::transport(stream));
-                let client = rpc::start_client(&self.env, new);
-                *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
-                client
-            }
-        };
-        match self.env.timeout(CALL_TIMEOUT + extra, call(client)).await {
-            Some(Ok(answer)) => Ok(answer),
-            failed => {
-                // A stream that lost a segment may never end: dial anew rather than wait on it.
-                *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                let why = if failed.is_some() { "failed" } else { "timed out" };
-                Err(unavailable(format!("call to the bus at {} {why}", self.addr)))
-            }
-        }
+        let unavailable = |why: String| ErrorResponse::new(ErrorCode::ProviderUnavailable, format!("bus: {why}"));
+        self.connection.call(extra, call).await.map_err(unavailable)
     }
 
     fn sinks(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, (String, MessageSink)>> {
@@ -236,11 +212,13 @@ impl RemoteBus {
     /// A client of the bus at `addr`; its poll loop runs on `env` for as long as the client lives.
     pub fn new(env: Env, addr: impl Into<String>) -> Self {
         let session = env.random_id("session-");
+        let connection = rpc::Redial::new(env.clone(), addr, CALL_TIMEOUT, |env, stream| {
+            rpc::start_client(env, BusApiClient::new(tarpc::client::Config::default(), rpc::transport(stream)))
+        });
         let client = Arc::new(Client {
             env: env.clone(),
-            addr: addr.into(),
             session,
-            connection: Mutex::new(None),
+            connection,
             sinks: Mutex::new(BTreeMap::new()),
             next_id: std::sync::atomic::AtomicU64::new(1),
         });

@@ -11,6 +11,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use factum_proto::MAX_FRAME_BYTES;
 
+mod redial;
+pub use redial::Redial;
+
 /// A tarpc transport over `S` speaking bincode in length-delimited frames of at most [`MAX_FRAME_BYTES`].
 pub fn transport<S, Item, SinkItem>(io: S) -> Transport<S, Item, SinkItem, SafeBincode<Item, SinkItem>>
 where

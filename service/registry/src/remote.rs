@@ -1,7 +1,7 @@
 //! A registry served over tarpc, so a registry can live on its own host. The simulation runs a
 //! [`crate::MemoryRegistry`] this way as its etcd: it can crash, be partitioned and lose messages like any host.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -83,17 +83,14 @@ pub async fn serve(env: Env, registry: Arc<dyn Registry>, listener: Box<dyn List
 
 /// A [`Registry`] reached over the env's network. Connects lazily, reconnects after a failure, and bounds every
 /// call with a deadline on the env clock; a failed or late call is [`RegistryError::Unavailable`].
-pub struct RemoteRegistry {
-    env: Env,
-    addr: String,
-    timeout: Duration,
-    client: Mutex<Option<RegistryApiClient>>,
-}
+pub struct RemoteRegistry(rpc::Redial<RegistryApiClient>);
 
 impl RemoteRegistry {
     /// A client of the registry served at `addr`, with `timeout` per call.
     pub fn new(env: Env, addr: impl Into<String>, timeout: Duration) -> Self {
-        RemoteRegistry { env, addr: addr.into(), timeout, client: Mutex::new(None) }
+        RemoteRegistry(rpc::Redial::new(env, addr, timeout, |env, stream| {
+            rpc::start_client(env, RegistryApiClient::new(tarpc::client::Config::default(), rpc::transport(stream)))
+        }))
     }
 
     async fn call<T, F, Fut>(&self, extra: Duration, call: F) -> Result<T, RegistryError>
@@ -101,29 +98,7 @@ impl RemoteRegistry {
         F: FnOnce(RegistryApiClient) -> Fut,
         Fut: std::future::Future<Output = Result<Result<T, RegistryError>, tarpc::client::RpcError>>,
     {
-        let cached = self.client.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let client = match cached {
-            Some(client) => client,
-            None => {
-                let stream = match self.env.timeout(self.timeout, self.env.net.connect(&self.addr)).await {
-                    Some(Ok(stream)) => stream,
-                    Some(Err(e)) => return Err(RegistryError::Unavailable(format!("cannot reach {}: {e}", self.addr))),
-                    None => return Err(RegistryError::Unavailable(format!("connecting to {} timed out", self.addr))),
-                };
-                let new = RegistryApiClient::new(tarpc::client::Config::default(), rpc::transport(stream));
-                let client = rpc::start_client(&self.env, new);
-                *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
-                client
-            }
-        };
-        match self.env.timeout(self.timeout + extra, call(client)).await {
-            Some(Ok(result)) => result,
-            failed => {
-                *self.client.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                let why = if failed.is_some() { "failed" } else { "timed out" };
-                Err(RegistryError::Unavailable(format!("call to registry at {} {why}", self.addr)))
-            }
-        }
+        self.0.call(extra, call).await.unwrap_or_else(|why| Err(RegistryError::Unavailable(format!("registry: {why}"))))
     }
 }
 
