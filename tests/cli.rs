@@ -67,6 +67,8 @@ fn bad_input_gets_error_codes_and_the_orchestrator_survives() {
     wait_for_status(&up, &trap, "crashed");
     let inspect: serde_json::Value = serde_json::from_str(&ok(&up, &["inspect", &trap, "-o", "json"])).unwrap();
     assert_eq!(inspect["metadata"]["restarts"], 2);
+    let human = ok(&up, &["inspect", &trap]);
+    assert!(human.contains("restart policy: on_failure, at most 2 restarts, no backoff"), "{human}");
 }
 
 #[test]

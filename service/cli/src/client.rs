@@ -138,7 +138,7 @@ pub async fn run(command: Command) -> Result<()> {
             let details = api(call(&env, cp.query_instance(rpc::rpc_context(), instance_id)).await?)?;
             print(client.output, &details, |d| {
                 let mut out = instances_table(std::slice::from_ref(&d.metadata));
-                out.push_str(&format!("restart policy: {:?}\n", d.restart_policy));
+                out.push_str(&format!("restart policy: {}\n", d.restart_policy));
                 for c in &d.capabilities {
                     out.push_str(&format!(
                         "capability {} ({}): {}\n",

@@ -214,6 +214,24 @@ pub struct RestartPolicy {
     pub backoff_seconds: Option<u32>,
 }
 
+/// For people: `always, at most 3 restarts, backoff 1 s doubling (at most 3600 s)`.
+impl std::fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.policy_type)?;
+        if self.policy_type == PolicyType::Never {
+            return Ok(());
+        }
+        match self.max_retries {
+            Some(max) => write!(f, ", at most {max} restarts")?,
+            None => f.write_str(", restarts without limit")?,
+        }
+        match self.backoff_seconds.unwrap_or(0) {
+            0 => f.write_str(", no backoff"),
+            base => write!(f, ", backoff {base} s doubling (at most {MAX_BACKOFF_SECONDS} s)"),
+        }
+    }
+}
+
 impl RestartPolicy {
     /// Rejects values outside the documented bounds.
     pub fn validate(&self) -> Result<(), ErrorResponse> {
@@ -241,5 +259,25 @@ impl RestartPolicy {
         let base = u64::from(self.backoff_seconds.unwrap_or(0));
         let factor = 1u64 << restart.saturating_sub(1).min(20);
         std::time::Duration::from_secs(base.saturating_mul(factor).min(u64::from(MAX_BACKOFF_SECONDS)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_policies_read_as_sentences() {
+        let policy =
+            |policy_type, max_retries, backoff_seconds| RestartPolicy { policy_type, max_retries, backoff_seconds };
+        assert_eq!(policy(PolicyType::Never, Some(3), Some(1)).to_string(), "never");
+        assert_eq!(
+            policy(PolicyType::Always, Some(3), Some(1)).to_string(),
+            "always, at most 3 restarts, backoff 1 s doubling (at most 3600 s)"
+        );
+        assert_eq!(
+            policy(PolicyType::OnFailure, None, None).to_string(),
+            "on_failure, restarts without limit, no backoff"
+        );
     }
 }
