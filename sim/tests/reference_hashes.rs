@@ -10,11 +10,11 @@ use std::process::Command;
 
 /// (scenario file, seed, trace hash).
 const REFERENCE: &[(&str, u64, &str)] = &[
-    ("agent_crash.toml", 7, "f855bdd0edd8ccea3f72ed1630b1d0f29453d6044657d99645a1ba7ed550ba40"),
+    ("agent_crash.toml", 7, "44db4acbf8c8cff7061868b1c14889aa15e84dc7d6c1cfaabf16b49be3d73597"),
     ("lease_expiry.toml", 3, "e3affc632fc038c7b2e650f7474645ca177c174f10fff26269bff860d0510c60"),
-    ("revoke_during_kv_use.toml", 5, "dfd5cef0c78601078fd70578cfcc21c760f9bda4a75781bd98045ac0bc092cd3"),
+    ("revoke_during_kv_use.toml", 5, "ee5c542b7f86adb5d5f7bbebdd77eac98a8072cb95bb320dd0cd0136de6ccc4b"),
     ("reschedule_in_doubt.toml", 2, "63e58fef30c2c326f522f5721ab74b1fa9b9fc3d3ba64dc2875f555004d31e26"),
-    ("agent_pause.toml", 4, "32132658a9cb5ee9ca38e8c7e46a0cbfbfa4484a50acd459fda6d3897488c0a4"),
+    ("agent_pause.toml", 4, "6b9c576d07ea2c225aa0da9c79cb77f5eb0598dce39b3f6979f32db66b935087"),
     ("clock_drift.toml", 2, "3856264bf4147c9230df584e3cb7da6b2da31fb58d3ace6a6598425e911cee2c"),
     ("control_plane_restart.toml", 11, "cb131e62240805cbc7ec162a498792d739cdd1c9146958a5b87127f46b275b77"),
     ("messaging.toml", 3, "f07683b27a379ab61b98ae3edee437e7470337c6799e0cda672a58052a6a76c2"),

@@ -125,6 +125,7 @@ async fn wait_for_shutdown() -> Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).context("cannot wait for SIGTERM")?;
         tokio::select! {
+            biased;
             ctrl_c = tokio::signal::ctrl_c() => ctrl_c.context("cannot wait for Ctrl-C")?,
             _ = term.recv() => {}
         }

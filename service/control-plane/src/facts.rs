@@ -36,8 +36,8 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 }
                 let stuck = state.injected == Some(crate::InjectedBug::StickyUnknown)
                     && record.metadata.status == InstanceStatus::Unknown;
-                record.held_since = Some(facts.metadata.created_at);
                 record.metadata = facts.metadata;
+                record.accepted_on_agent_clock = true;
                 if stuck {
                     record.metadata.status = InstanceStatus::Unknown;
                 }
@@ -48,7 +48,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 // so the answer to a start still replaces the control plane's own guess even when the
                 // instance's later reports overtook it.
                 record.metadata.created_at = facts.metadata.created_at;
-                record.held_since = Some(facts.metadata.created_at);
+                record.accepted_on_agent_clock = true;
             }
             record.epoch = facts.epoch;
         }
@@ -58,7 +58,6 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
             let capabilities = facts.capabilities.into_iter().map(|c| (c.capability_id.clone(), c)).collect();
             state.capabilities.insert(id.clone(), capabilities);
             let record = InstanceRecord {
-                held_since: Some(facts.metadata.created_at),
                 metadata: facts.metadata,
                 restart_policy: facts.restart_policy,
                 seq: facts.seq,
@@ -67,6 +66,8 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 lease: facts.lease,
                 retry: None,
                 placement_failures: 0,
+                accepted_on_agent_clock: true,
+                reported: false,
             };
             state.instances.insert(id, record);
         }
@@ -84,10 +85,9 @@ pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
         return; // from an older placement
     }
     if report.epoch > record.epoch {
-        record.held_since = None; // that time was an older placement's
+        record.accepted_on_agent_clock = false; // the acceptance time held is an older placement's
     }
-    // Even if stale: what matters is that the agent held this placement at the report's time.
-    record.held_since = Some(record.held_since.map_or(report.timestamp, |t| t.min(report.timestamp)));
+    record.reported = true; // even if stale: what matters is that the agent had accepted this placement
     if same_placement && report.seq <= record.seq {
         return;
     }
@@ -107,21 +107,29 @@ pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
 /// confirmed is forgotten (its start never happened, so the id is free again); anything else becomes `crashed`
 /// with the reason. A rescheduled instance whose new start failed is not forgotten: it existed before.
 ///
-/// A snapshot taken (`taken_at`, on the agent's clock) no later than a time the agent provably held the
-/// placement (`held_since`) says nothing about it: it was taken just before the start landed, and delivered
-/// after its answer or after reports of the new run (a listing is answered beside the agent's report task, not
-/// in order with it). A lost instance whose policy calls for another run is marked to be started there again
-/// only with that proof: without it, the start may never have reached the agent.
+/// A lost instance whose policy calls for another run is marked to be started there again, but only when the
+/// snapshot was taken (`taken_at`, on the agent's clock) after the agent accepted it: a snapshot taken just
+/// before the start landed, and delivered after its answer, says nothing about it.
+///
+/// Only a heartbeat judges losses (`taken_at` is `Some`): the agent sends heartbeats and status reports from one
+/// task, each after the last was answered, so they arrive in the order they were taken. A listing the control
+/// plane asked for (`None`) is answered beside that task: taken just before a start landed, it can arrive after
+/// that run's reports and would make the run look lost (swarm seed 1403002923: a second restart on top of the
+/// agent's own, past `max_retries`). What a listing holds is applied; what it lacks waits for the heartbeat.
 pub(crate) fn merge_snapshot(
     state: &mut State,
     node_id: &str,
     snapshot: Vec<InstanceFacts>,
     learn: bool,
-    taken_at: u64,
+    taken_at: Option<u64>,
 ) {
     let present: BTreeSet<String> = snapshot.iter().map(|f| f.metadata.instance_id.clone()).collect();
     for facts in snapshot {
         apply_facts(state, node_id, facts, true, learn);
+    }
+    let listing_judges = state.injected == Some(crate::InjectedBug::AcceptStaleSnapshots);
+    if taken_at.is_none() && !listing_judges {
+        return;
     }
     let missing: Vec<String> = state
         .instances
@@ -131,23 +139,20 @@ pub(crate) fn merge_snapshot(
         })
         .map(|(id, _)| id.clone())
         .collect();
-    let stale_ok = state.injected == Some(crate::InjectedBug::AcceptStaleSnapshots);
     for id in missing {
         let forget = state.instances.get(&id).is_some_and(|r| r.seq == 0 && r.epoch == 1);
         if forget {
             state.instances.remove(&id);
             state.capabilities.remove(&id);
         } else if let Some(record) = state.instances.get_mut(&id) {
-            if !stale_ok && record.held_since.is_some_and(|held| taken_at <= held) {
-                continue; // taken before the agent is known to have held it: says nothing about it
-            }
             if record.metadata.status != InstanceStatus::Crashed {
                 tracing::warn!(instance_id = %id, node = node_id, "instance lost: its node no longer runs it");
                 record.metadata.status = InstanceStatus::Crashed;
                 record.metadata.last_error = Some(format!("lost: node {node_id} no longer runs it"));
             }
             // Nothing runs it now; its policy may call for another run.
-            let after_accept = stale_ok || record.held_since.is_some();
+            let after_accept = record.reported
+                || record.accepted_on_agent_clock && taken_at.is_some_and(|t| t > record.metadata.created_at);
             if after_accept && record.retry.is_none() && restartable(record) {
                 record.retry = Some((std::time::Duration::ZERO, Retry::Restart));
             }
@@ -171,40 +176,40 @@ mod tests {
 
     use super::*;
 
-    /// `s1`, placed on `n1` at epoch 3 and not yet answered, with an `always` policy.
+    /// `s1`, rescheduled onto `n1` at epoch 3 and not yet answered, with an `always` policy.
     fn placed() -> State {
         let mut state = State::default();
         let metadata = InstanceMetadata {
             instance_id: "s1".into(),
             node_id: "n1".into(),
             module_hash: "h".into(),
-            created_at: 0, // the control plane's guess; not on the agent's clock
+            created_at: 0,
             status: InstanceStatus::Starting,
             restarts: 1,
             last_error: None,
         };
-        let restart_policy = RestartPolicy { policy_type: PolicyType::Always, ..RestartPolicy::default() };
         let record = InstanceRecord {
             metadata,
-            restart_policy,
+            restart_policy: RestartPolicy { policy_type: PolicyType::Always, ..RestartPolicy::default() },
             seq: 0,
             caps_seq: 0,
             epoch: 3,
             lease: None,
             retry: None,
             placement_failures: 0,
-            held_since: None,
+            accepted_on_agent_clock: false,
+            reported: false,
         };
         state.instances.insert("s1".into(), record);
         state
     }
 
-    fn report(status: InstanceStatus, seq: u64, timestamp: u64) -> StatusReport {
+    fn report(status: InstanceStatus, seq: u64) -> StatusReport {
         StatusReport {
             instance_id: "s1".into(),
             node_id: "n1".into(),
             status,
-            timestamp,
+            timestamp: 1005,
             seq,
             restarts: 1,
             last_error: None,
@@ -213,40 +218,32 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_taken_before_the_reports_of_a_run_does_not_restart_it() {
-        // Seed 1403002923: a listing taken at 1000 arrives after the run's reports (from 1005 on).
+    fn a_listing_that_lacks_a_reported_run_changes_nothing() {
+        // Seed 1403002923: a listing taken just before the start arrives after the run's reports.
         let mut state = placed();
-        apply_report(&mut state, report(InstanceStatus::Running, 2, 1005));
-        apply_report(&mut state, report(InstanceStatus::Crashed, 3, 1006));
-        merge_snapshot(&mut state, "n1", vec![], true, 1000);
-        assert_eq!(state.instances["s1"].retry, None, "the agent applies its own policy; no second restart");
-        merge_snapshot(&mut state, "n1", vec![], true, 1005);
-        assert_eq!(state.instances["s1"].retry, None, "taken in the same millisecond: no evidence either way");
+        apply_report(&mut state, report(InstanceStatus::Running, 2));
+        merge_snapshot(&mut state, "n1", vec![], true, None);
+        let record = &state.instances["s1"];
+        assert_eq!(record.metadata.status, InstanceStatus::Running);
+        assert_eq!(record.retry, None, "the agent applies its own policy; no second restart");
     }
 
     #[test]
-    fn a_snapshot_taken_before_a_run_was_accepted_does_not_mark_it_lost() {
+    fn a_heartbeat_that_lacks_a_reported_run_restarts_it() {
         let mut state = placed();
-        apply_report(&mut state, report(InstanceStatus::Running, 2, 1005));
-        merge_snapshot(&mut state, "n1", vec![], true, 1000);
-        assert_eq!(state.instances["s1"].metadata.status, InstanceStatus::Running);
-    }
-
-    #[test]
-    fn a_snapshot_taken_after_a_report_that_lacks_the_run_restarts_it() {
-        let mut state = placed();
-        apply_report(&mut state, report(InstanceStatus::Running, 2, 1005));
-        merge_snapshot(&mut state, "n1", vec![], true, 1200);
+        apply_report(&mut state, report(InstanceStatus::Running, 2));
+        merge_snapshot(&mut state, "n1", vec![], true, Some(2000));
         let record = &state.instances["s1"];
         assert_eq!(record.metadata.status, InstanceStatus::Crashed);
         assert_eq!(record.retry, Some((std::time::Duration::ZERO, Retry::Restart)));
     }
 
     #[test]
-    fn without_agent_evidence_a_missing_start_is_not_restarted() {
-        // Nothing from the agent yet: the start may still be on its way, and its time is the control plane's.
+    fn a_heartbeat_taken_before_the_agent_accepted_does_not_restart() {
         let mut state = placed();
-        merge_snapshot(&mut state, "n1", vec![], true, 1200);
+        let record = state.instances.get_mut("s1").unwrap();
+        (record.accepted_on_agent_clock, record.metadata.created_at) = (true, 1005);
+        merge_snapshot(&mut state, "n1", vec![], true, Some(1000));
         assert_eq!(state.instances["s1"].retry, None);
     }
 }

@@ -96,9 +96,9 @@ pub enum InjectedBug {
     /// A node that goes silent makes every instance on it `unknown`, also those that had already stopped or
     /// crashed for good (breaks P14: an ended run's status is a fact the node's silence does not change).
     UnknownEndedRuns,
-    /// A snapshot is applied whenever it arrives, even after a newer one from the same node or after facts the
-    /// node sent later: one that comes late makes instances started since look lost (breaks P8 and P13; the
-    /// second half was a real bug, found at swarm seed 1403002923).
+    /// A snapshot is applied whenever it arrives, even after a newer one from the same node, and a listing
+    /// judges losses like a heartbeat: either can come late and make instances started since look lost (breaks
+    /// P8 and P13; the listing half was a real bug, found at swarm seed 1403002923).
     AcceptStaleSnapshots,
     /// A placement keeps the backoff it built up during an outage when nodes join again, so it may wait up to
     /// 10 s after the cluster healed (breaks the swarm's settle deadlines: found at swarm seed 1201401228).
@@ -136,10 +136,12 @@ struct InstanceRecord {
     retry: Option<(Duration, reschedule::Retry)>,
     /// Placement attempts that failed in a row, for the backoff.
     placement_failures: u32,
-    /// A time on the agent's clock (ms) at which its node provably held this placement: when it accepted it
-    /// (from its facts) or when it reported on it. A snapshot taken later that lacks it means it was lost; one
-    /// taken earlier says nothing. Never the control plane's own clock, which `taken_at` cannot be compared to.
-    held_since: Option<u64>,
+    /// When this placement was accepted is known on the agent's clock: `metadata.created_at` came from the
+    /// agent's facts, not from this control plane's clock (which a snapshot's `taken_at` cannot be compared to).
+    accepted_on_agent_clock: bool,
+    /// A status report of this placement was applied. The agent sends reports and snapshots from one task, each
+    /// after the last was answered, so any snapshot applied after it was taken after the agent accepted.
+    reported: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -274,7 +276,8 @@ impl ControlPlane {
                 lease: node_lease,
                 retry: None,
                 placement_failures: 0,
-                held_since: None,
+                accepted_on_agent_clock: false,
+                reported: false,
             };
             state.instances.insert(instance_id.clone(), record);
             state.capabilities.insert(instance_id.clone(), capabilities.clone());
@@ -539,7 +542,7 @@ impl ControlPlane {
         node.max_instances = report.max_instances;
         let count = report.instances.len();
         let learn = !self.inner.config.has_bug(InjectedBug::NoRebuildFromSnapshots);
-        facts::merge_snapshot(&mut state, &report.node_id, report.instances, learn, report.taken_at);
+        facts::merge_snapshot(&mut state, &report.node_id, report.instances, learn, Some(report.taken_at));
         // Instances learned here (after a restart of this control plane) can only be run again with their bytes.
         let missing = membership::missing_modules(&mut state, &report.node_id);
         if !missing.is_empty() {

@@ -130,8 +130,9 @@ impl ControlPlane {
         }
     }
 
-    /// Asks a node what it runs and merges the answer (a rebuild that does not wait for its heartbeat), then
-    /// fetches the bytes of every reschedulable module the control plane lacks.
+    /// Asks a node what it runs and merges the answer (a rebuild that does not wait for its heartbeat; what the
+    /// answer lacks is left to the heartbeat, see [`facts::merge_snapshot`]), then fetches the bytes of every
+    /// reschedulable module the control plane lacks.
     async fn sync_node(self, node_id: String) {
         let client = self.lock().nodes.get(&node_id).and_then(|n| n.client.clone());
         let call = |c: NodeAgentClient| async move { c.list_local_instances(rpc::rpc_context()).await };
@@ -154,7 +155,7 @@ impl ControlPlane {
                 return;
             }
             let learn = !self.inner.config.has_bug(crate::InjectedBug::NoRebuildFromSnapshots);
-            facts::merge_snapshot(&mut state, &node_id, snapshot.instances, learn, snapshot.taken_at);
+            facts::merge_snapshot(&mut state, &node_id, snapshot.instances, learn, None);
             missing_modules(&mut state, &node_id)
         };
         self.inner.env.trace(|| format!("synced {node_id} instances={count} fetch_modules={}", missing.len()));

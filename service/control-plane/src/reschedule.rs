@@ -269,7 +269,8 @@ fn begin_placement(
     record.seq = 0;
     record.caps_seq = 0;
     record.retry = None;
-    record.held_since = None;
+    record.accepted_on_agent_clock = false;
+    record.reported = false;
     record.metadata.node_id = node_id.to_string();
     record.metadata.status = InstanceStatus::Starting;
     record.metadata.restarts = record.metadata.restarts.saturating_add(1);
