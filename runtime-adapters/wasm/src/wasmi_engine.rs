@@ -204,6 +204,7 @@ impl WasmEngine for WasmiEngine {
         }
         let mut linker = Linker::new(&self.engine);
         let open_fds = self.has_bug(EngineBug::OpenFds);
+        let mut defined = std::collections::BTreeSet::new();
         for import in module.imports() {
             let ExternType::Func(func_ty) = import.ty() else {
                 return Err(EngineError::InvalidModule(format!(
@@ -216,6 +217,9 @@ impl WasmEngine for WasmiEngine {
             let results: Vec<Ty> = func_ty.results().iter().map(ty).collect();
             let f = abi::resolve_import(import.module(), import.name(), &params, &results)
                 .map_err(EngineError::InvalidModule)?;
+            if !defined.insert((import.module(), import.name())) {
+                continue; // imported twice (legal Wasm, and what some toolchains emit): one definition serves both
+            }
             linker
                 .func_new(import.module(), import.name(), func_ty.clone(), move |mut caller, params, results| {
                     let mut args = to_args(params);
@@ -235,7 +239,7 @@ impl WasmEngine for WasmiEngine {
                     }
                 })
                 .map_err(|e| {
-                    EngineError::Internal(format!("cannot define {}.{}: {e}", import.module(), import.name()))
+                    EngineError::InvalidModule(format!("cannot link import {}.{}: {e}", import.module(), import.name()))
                 })?;
         }
         Ok(Arc::new(Compiled { hash: factum_proto::module_hash(bytes), module, linker }))

@@ -124,7 +124,7 @@ fn define(
             })
         })
         .map(|_| ())
-        .map_err(|e| EngineError::Internal(format!("cannot define {module}.{name}: {e}")))
+        .map_err(|e| EngineError::InvalidModule(format!("cannot link import {module}.{name}: {e}")))
 }
 
 impl WasmEngine for WasmtimeEngine {
@@ -149,6 +149,7 @@ impl WasmEngine for WasmtimeEngine {
             }
         }
         let mut linker = Linker::new(&self.engine);
+        let mut defined = std::collections::BTreeSet::new();
         for import in module.imports() {
             let ExternType::Func(func_ty) = import.ty() else {
                 return Err(EngineError::InvalidModule(format!(
@@ -161,6 +162,9 @@ impl WasmEngine for WasmtimeEngine {
             let results: Vec<Ty> = func_ty.results().map(|t| ty(&t)).collect();
             let f = abi::resolve_import(import.module(), import.name(), &params, &results)
                 .map_err(EngineError::InvalidModule)?;
+            if !defined.insert((import.module(), import.name())) {
+                continue; // imported twice (legal Wasm, and what some toolchains emit): one definition serves both
+            }
             define(&mut linker, import.module(), import.name(), func_ty.clone(), f)?;
         }
         let pre = linker.instantiate_pre(&module).map_err(|e| EngineError::InvalidModule(format!("{e}")))?;

@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 struct RecordingHost {
     calls: Mutex<Vec<(String, String, Vec<u8>)>>,
     sleeps: Mutex<Vec<Duration>>,
+    output: Mutex<Vec<u8>>,
 }
 
 impl GuestHost for RecordingHost {
@@ -34,7 +35,9 @@ impl GuestHost for RecordingHost {
     fn fill_random(&self, buf: &mut [u8]) {
         buf.fill(4);
     }
-    fn write_output(&self, _fd: u32, _bytes: &[u8]) {}
+    fn write_output(&self, _fd: u32, bytes: &[u8]) {
+        self.output.lock().unwrap().extend_from_slice(bytes);
+    }
 }
 
 fn engines() -> Vec<Arc<dyn WasmEngine>> {
@@ -333,5 +336,30 @@ proptest::proptest! {
             }
             Ok(())
         })?;
+    }
+}
+
+#[tokio::test]
+async fn a_host_function_imported_twice_is_linked_once_and_serves_both() {
+    // Legal Wasm that AssemblyScript emits (wasi-testsuite); it used to be refused as "defined twice".
+    let wat = r#"(module
+        (import "wasi_snapshot_preview1" "fd_write" (func $a (param i32 i32 i32 i32) (result i32)))
+        (import "wasi_snapshot_preview1" "fd_write" (func $b (param i32 i32 i32 i32) (result i32)))
+        (memory (export "memory") 1)
+        (data (i32.const 8) "hi\n")
+        (func (export "_start")
+            (i32.store (i32.const 0) (i32.const 8))
+            (i32.store (i32.const 4) (i32.const 3))
+            (drop (call $a (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
+            (drop (call $b (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))))"#;
+    for engine in engines() {
+        let host = Arc::new(RecordingHost::default());
+        assert_eq!(
+            run(&engine, wat, host.clone(), Limits::default()).await,
+            ExitReason::Exited(0),
+            "{}",
+            engine.name()
+        );
+        assert_eq!(host.output.lock().unwrap().as_slice(), b"hi\nhi\n", "{}", engine.name());
     }
 }
