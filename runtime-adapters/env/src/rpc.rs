@@ -87,17 +87,37 @@ pub fn rpc_context() -> tarpc::context::Context {
 }
 
 /// Accepts connections on `listener` forever, handing each to `on_connection` (which typically wraps it in
-/// [`transport`] and spawns a tarpc channel). Returns when the listener fails, after logging why.
-pub async fn accept_loop(listener: Box<dyn crate::Listener>, what: &str, on_connection: impl Fn(crate::BoxStream)) {
+/// [`transport`] and spawns a tarpc channel). An accept error never ends the loop: one about a single
+/// connection (reset or aborted before it was taken) is skipped, and any other (out of file descriptors, say)
+/// is logged and retried after [`ACCEPT_RETRY`] on the env clock, so a burst of connections cannot take a
+/// server down for good.
+pub async fn accept_loop(
+    env: &crate::Env,
+    listener: Box<dyn crate::Listener>,
+    what: &str,
+    on_connection: impl Fn(crate::BoxStream),
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _peer)) => on_connection(stream),
+            Err(e) if connection_error(&e) => {
+                tracing::debug!(error = %e, "{what}: a connection failed before it was accepted")
+            }
             Err(e) => {
-                tracing::error!(error = %e, "{what} listener failed");
-                return;
+                tracing::error!(error = %e, "{what} listener cannot accept; retrying in {ACCEPT_RETRY:?}");
+                env.clock.sleep(ACCEPT_RETRY).await;
             }
         }
     }
+}
+
+/// How long [`accept_loop`] waits after an accept error that is not about one connection.
+pub const ACCEPT_RETRY: Duration = Duration::from_secs(1);
+
+/// An accept error about one incoming connection, not the listener.
+fn connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset, Interrupted};
+    matches!(e.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset | Interrupted)
 }
 
 /// Starts a tarpc client: its dispatch task runs on the env's spawner (never a bare `tokio::spawn`, which
@@ -113,7 +133,7 @@ where
     client
 }
 
-/// Serves a tarpc service on a listener until the listener fails: one channel per connection, one task per
+/// Serves a tarpc service on a listener, forever (see [`accept_loop`]): one channel per connection, one task per
 /// request, every task on the env's spawner. A macro, not a function, because tarpc's `Serve` returns its
 /// futures from an `async fn`, whose `Send`-ness a generic function cannot require.
 ///
@@ -124,7 +144,7 @@ macro_rules! serve_tarpc {
     ($env:expr, $listener:expr, $what:expr, $service:expr) => {{
         let env: $crate::Env = $env.clone();
         let service = $service;
-        $crate::rpc::accept_loop($listener, $what, |stream| {
+        $crate::rpc::accept_loop(&env, $listener, $what, |stream| {
             use ::futures::StreamExt as _;
             use ::tarpc::server::Channel as _;
             let channel = ::tarpc::server::BaseChannel::with_defaults($crate::rpc::transport(stream));
