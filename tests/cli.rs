@@ -67,6 +67,12 @@ fn bad_input_gets_error_codes_and_the_orchestrator_survives() {
     wait_for_status(&up, &trap, "crashed");
     let inspect: serde_json::Value = serde_json::from_str(&ok(&up, &["inspect", &trap, "-o", "json"])).unwrap();
     assert_eq!(inspect["metadata"]["restarts"], 2);
+    // A start sent again under its id is answered, not run twice; another start under that id is refused.
+    let sleeper = fixture("sleeper");
+    for _ in 0..2 {
+        assert_eq!(ok(&up, &["start", &sleeper, "--id", "web-1", "--cap", "kv=kv:read"]).trim(), "web-1");
+    }
+    fails_with(&up, &["start", &sleeper, "--id", "web-1", "--cap", "kv=kv:write"], "already used by another start");
     let human = ok(&up, &["inspect", &trap]);
     assert!(human.contains("restart policy: on_failure, at most 2 restarts, no backoff"), "{human}");
 }

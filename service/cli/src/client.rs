@@ -40,6 +40,32 @@ async fn call<T>(env: &Env, fut: impl std::future::Future<Output = Result<T, tar
     }
 }
 
+/// How many times `start` sends one start whose answer does not arrive.
+const START_ATTEMPTS: u32 = 3;
+
+/// Sends `request` (which names its instance id) and, while the answer is lost, sends it again on a new
+/// connection after a pause: the control plane answers a repeated start with the same id without starting it
+/// twice. The error is the last communication failure; the answer, success or API error, is final.
+async fn start_retrying(
+    opts: &ClientOpts,
+    (mut env, mut cp): (Env, ControlPlaneClient),
+    request: StartRequest,
+) -> Result<Result<String, ErrorResponse>> {
+    let mut attempt = 1;
+    loop {
+        match call(&env, cp.start_instance(rpc::rpc_context(), request.clone())).await {
+            Ok(answer) => return Ok(answer),
+            Err(e) if attempt < START_ATTEMPTS => {
+                eprintln!("{e}; sending the same start again");
+                env.clock.sleep(Duration::from_secs(u64::from(attempt))).await;
+                attempt += 1;
+                (env, cp) = connect(opts).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn api<T>(result: Result<T, ErrorResponse>) -> Result<T> {
     result.map_err(|e| anyhow!("{e}"))
 }
@@ -119,8 +145,16 @@ pub async fn run(command: Command) -> Result<()> {
             let capabilities = caps.iter().map(|c| parse_cap(c)).collect::<Result<Vec<_>>>()?;
             let module_bytes = read_module(&module)?;
             let (env, cp) = connect(&client).await?;
-            let request = StartRequest { instance_id: id, module_bytes, capabilities, restart_policy };
-            let instance_id = api(call(&env, cp.start_instance(rpc::rpc_context(), request)).await?)?;
+            // Drawn here rather than by the control plane, so the same start can be sent again.
+            let id = id.unwrap_or_else(|| env.random_id("i-"));
+            let request = StartRequest { instance_id: Some(id.clone()), module_bytes, capabilities, restart_policy };
+            let answer = start_retrying(&client, (env, cp), request).await.map_err(|e| {
+                anyhow!(
+                    "{e}\ninstance {id} may or may not have started: `factum inspect {id}` tells, and the same \
+                     `factum start --id {id}` is safe to repeat"
+                )
+            })?;
+            let instance_id = api(answer)?;
             print(client.output, &serde_json::json!({ "instance_id": instance_id }), |_| format!("{instance_id}\n"))
         }
         Command::Stop { instance_id, client } => {

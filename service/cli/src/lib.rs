@@ -158,7 +158,8 @@ pub enum Command {
         /// Base backoff before a restart, in whole seconds (`2s` or `2`); doubles per restart.
         #[arg(long)]
         backoff: Option<String>,
-        /// Instance id to use (makes the call idempotent); generated if unset.
+        /// Instance id to use; generated here if unset. A start whose answer is lost is sent again with the
+        /// same id (twice at most), and the control plane answers a repeated start instead of starting twice.
         #[arg(long)]
         id: Option<String>,
         /// Client options.

@@ -247,10 +247,18 @@ impl ControlPlane {
         let (node_id, client, node_lease) = {
             let mut state = self.lock();
             if let Some(existing) = state.instances.get(&instance_id) {
-                return if existing.metadata.module_hash == module_hash {
+                // A retry of the same start (a client that timed out) gets the same answer; a different start
+                // under a taken id is refused rather than answered as if it had happened.
+                let same = existing.metadata.module_hash == module_hash
+                    && existing.restart_policy == req.restart_policy
+                    && state.capabilities.get(&instance_id).is_some_and(|held| *held == capabilities);
+                return if same {
                     Ok(instance_id)
                 } else {
-                    Err(ErrorResponse::invalid(format!("instance id {instance_id} is already used by another module")))
+                    Err(ErrorResponse::invalid(format!(
+                        "instance id {instance_id} is already used by another start (its module, restart policy or \
+                         capabilities differ)"
+                    )))
                 };
             }
             let node_id = place(&state)?;

@@ -61,6 +61,11 @@ fn start_request(id: Option<&str>, bytes: Vec<u8>, caps: Vec<CapabilityGrant>) -
     }
 }
 
+/// A grant of capability `kv` with `perms`.
+fn kv(perms: &[&str]) -> Vec<CapabilityGrant> {
+    vec![CapabilityGrant { capability_id: "kv".into(), permissions: perms.iter().map(|p| p.to_string()).collect() }]
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
@@ -247,12 +252,6 @@ fn a_restarted_control_plane_rebuilds_from_agent_snapshots() {
     let rt = runtime();
     rt.block_on(async {
         let cluster = cluster(2).await;
-        let kv = |perms: &[&str]| {
-            vec![CapabilityGrant {
-                capability_id: "kv".into(),
-                permissions: perms.iter().map(|p| p.to_string()).collect(),
-            }]
-        };
         let a = cluster
             .cp
             .start_instance(start_request(None, module(fixtures::KV_GREETER), kv(&["kv:write"])))
@@ -312,5 +311,27 @@ fn starts_without_nodes_are_resource_exhausted() {
         let cp = ControlPlane::new(Env::tokio(), ControlPlaneConfig::default());
         let err = cp.start_instance(start_request(None, module(fixtures::SLEEPER), vec![])).await.unwrap_err();
         assert_eq!(err.error_code, ErrorCode::ResourceExhausted);
+    });
+}
+
+#[test]
+fn a_retried_start_gets_the_same_answer_and_a_different_one_under_its_id_is_refused() {
+    let rt = runtime();
+    rt.block_on(async {
+        let cluster = cluster(1).await;
+        let start = || start_request(Some("web-1"), module(fixtures::SLEEPER), kv(&["kv:read"]));
+        assert_eq!(cluster.cp.start_instance(start()).await.unwrap(), "web-1");
+        assert_eq!(cluster.cp.start_instance(start()).await.unwrap(), "web-1", "a retry is answered, not refused");
+        assert_eq!(cluster.cp.list_instances().len(), 1, "and starts nothing more");
+        let mut other_policy = start();
+        other_policy.restart_policy.policy_type = factum_proto::PolicyType::Always;
+        let other_caps = start_request(Some("web-1"), module(fixtures::SLEEPER), kv(&["kv:write"]));
+        let other_module = start_request(Some("web-1"), module(fixtures::EXIT_CLEAN), kv(&["kv:read"]));
+        for (what, req) in [("policy", other_policy), ("capabilities", other_caps), ("module", other_module)] {
+            let err = cluster.cp.start_instance(req).await.unwrap_err();
+            assert_eq!(err.error_code, ErrorCode::InvalidRequest, "{what}");
+            assert!(err.message.contains("already used by another start"), "{what}: {}", err.message);
+        }
+        cluster.cp.stop_instance("web-1").await.unwrap();
     });
 }
