@@ -1,13 +1,17 @@
 //! StartInstance → `running` latency and throughput, in-process and through the control plane over loopback
-//! tarpc, for both engines. Run with `cargo bench --bench start`. Prints p50 / p99 / mean and starts per second.
+//! tarpc, for both engines, and from an operator's client through the control plane to the agent in plaintext
+//! and over mutual TLS (the cost of TLS, against its plaintext baseline from the same run). Run with
+//! `cargo bench --bench start`. Prints p50 / p99 / mean and starts per second.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use factum_control_plane::{ControlPlane, ControlPlaneConfig};
+use factum_env::rpc::{self, tls::Tls, Credentials};
 use factum_env::Env;
 use factum_node_agent::{Agent, AgentConfig};
-use factum_proto::{RestartPolicy, StartInstanceRequest, StartRequest};
+use factum_proto::{ControlPlaneClient, Principal, RestartPolicy, StartInstanceRequest, StartRequest};
 use factum_providers::MemoryKv;
 use factum_wasm::fixtures::{self, module};
 use factum_wasm::{WasmEngine, WasmiEngine, WasmtimeEngine};
@@ -65,19 +69,43 @@ async fn agent_local(name: &str, engine: Arc<dyn WasmEngine>) {
     agent.stop_all();
 }
 
-async fn through_control_plane(name: &str, engine: Arc<dyn WasmEngine>) {
-    let env = Env::tokio();
-    let cp_listener = env.net.bind("127.0.0.1:0").await.expect("bind");
+/// An env that calls as `principal`: plaintext, or mutual TLS with the certificates in `tls`.
+fn env_as(principal: Principal, tls: Option<&Path>) -> Env {
+    let credentials = match tls {
+        None => Credentials::claim(principal),
+        Some(dir) => {
+            let certificates = Tls::from_dir(dir, &principal).expect("certificates");
+            Credentials::tls(principal, certificates)
+        }
+    };
+    Env::tokio().with_credentials(credentials)
+}
+
+/// A control plane and one agent over loopback TCP (with mutual TLS if `tls`); returns both and the control
+/// plane's address once the agent has registered.
+async fn cluster(engine: Arc<dyn WasmEngine>, tls: Option<&Path>) -> (ControlPlane, Agent, String) {
+    let cp_env = env_as(Principal::ControlPlane, tls);
+    let cp_listener = cp_env.net.bind("127.0.0.1:0").await.expect("bind");
     let cp_addr = cp_listener.local_addr().expect("addr");
-    let cp = ControlPlane::new(env.clone(), ControlPlaneConfig::default());
-    env.spawn(factum_control_plane::serve(cp.clone(), cp_listener));
-    let listener = env.net.bind("127.0.0.1:0").await.expect("bind");
-    let (agent, reports) = new_agent(&env, engine, listener.local_addr().expect("addr"));
-    env.spawn(factum_node_agent::serve(agent.clone(), listener));
-    env.spawn(factum_node_agent::run_control_plane_link(agent.clone(), cp_addr, reports));
+    let cp = ControlPlane::new(cp_env.clone(), ControlPlaneConfig::default());
+    cp_env.spawn(factum_control_plane::serve(cp.clone(), cp_listener));
+    let agent_env = env_as(Principal::Node("node-1".into()), tls);
+    let listener = agent_env.net.bind("127.0.0.1:0").await.expect("bind");
+    let (agent, reports) = new_agent(&agent_env, engine, listener.local_addr().expect("addr"));
+    agent_env.spawn(factum_node_agent::serve(agent.clone(), listener));
+    agent_env.spawn(factum_node_agent::run_control_plane_link(agent.clone(), cp_addr.clone(), reports));
     while cp.list_nodes().is_empty() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    (cp, agent, cp_addr)
+}
+
+/// Times [`iterations`] starts of the sleeper, each through `start`, and reports them under `label`.
+async fn measure<F, Fut>(label: &str, mut start: F)
+where
+    F: FnMut(StartRequest) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let bytes = module(fixtures::SLEEPER);
     let mut samples = Vec::with_capacity(iterations());
     let started = Instant::now();
@@ -89,19 +117,54 @@ async fn through_control_plane(name: &str, engine: Arc<dyn WasmEngine>) {
             restart_policy: RestartPolicy::default(),
         };
         let t = Instant::now();
-        cp.start_instance(req).await.expect("start");
+        start(req).await;
         samples.push(t.elapsed());
     }
-    report(&format!("control plane → agent over tarpc ({name})"), samples, started.elapsed());
+    report(label, samples, started.elapsed());
+}
+
+async fn through_control_plane(name: &str, engine: Arc<dyn WasmEngine>) {
+    let (cp, agent, _) = cluster(engine, None).await;
+    measure(&format!("control plane → agent over tarpc ({name})"), |req| {
+        let cp = cp.clone();
+        async move {
+            cp.start_instance(req).await.expect("start");
+        }
+    })
+    .await;
+    agent.stop_all();
+}
+
+/// An operator's tarpc client → control plane → agent, every hop over loopback TCP: plaintext, or mutual TLS with
+/// the certificates in `tls`.
+async fn from_a_client(name: &str, engine: Arc<dyn WasmEngine>, tls: Option<&Path>) {
+    let (_cp, agent, cp_addr) = cluster(engine, tls).await;
+    let client_env = env_as(Principal::Operator("bench".into()), tls);
+    let stream = rpc::dial(&client_env, &cp_addr, &Principal::ControlPlane).await.expect("dial");
+    let client = rpc::start_client(&client_env, ControlPlaneClient::new(Default::default(), rpc::transport(stream)));
+    let how = if tls.is_some() { "mutual TLS" } else { "plaintext" };
+    measure(&format!("client → control plane → agent, {how} ({name})"), |req| {
+        let client = client.clone();
+        async move {
+            client.start_instance(rpc::rpc_context(), req).await.expect("rpc").expect("start");
+        }
+    })
+    .await;
     agent.stop_all();
 }
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let certs = std::env::temp_dir().join(format!("factum-bench-certs-{}", std::process::id()));
+    let identities = [Principal::ControlPlane, Principal::Node("node-1".into()), Principal::Operator("bench".into())];
+    factum_cli::certs::init(&certs, &identities).expect("certificates");
     rt.block_on(async {
         for (name, engine) in engines() {
             agent_local(name, engine.clone()).await;
-            through_control_plane(name, engine).await;
+            through_control_plane(name, engine.clone()).await;
+            from_a_client(name, engine.clone(), None).await;
+            from_a_client(name, engine, Some(&certs)).await;
         }
     });
+    let _ = std::fs::remove_dir_all(&certs);
 }

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # A local 3-node factum cluster: one etcd, one control plane, three agents, each a separate process, logs under
-# ./cluster-logs/. Ctrl-C stops everything. Needs `etcd` (apt install etcd-server).
+# ./cluster-logs/. Every factum connection is mutual TLS, with certificates made here (cluster-logs/certs).
+# Ctrl-C stops everything. Needs `etcd` (apt install etcd-server).
 #
 #   scripts/cluster.sh                 # build (release) and run
-#   factum nodes / ps / start ...      # in another terminal (cargo run --release -- nodes)
+#   export FACTUM_TLS=cluster-logs/certs   # in another terminal: the CLI calls as operator/local over TLS
+#   factum nodes / ps / start ...      # (cargo run --release -- nodes)
 #   kill -9 $(cat cluster-logs/agent-n2.pid)   # lose a node: its `always` instances move within ~TTL
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +24,11 @@ etcd --name factum --data-dir "$logs/etcd-data" \
     --initial-cluster factum=http://127.0.0.1:2380 >"$logs/etcd.log" 2>&1 &
 pids+=($!)
 until (exec 3<>/dev/tcp/127.0.0.1/2379) 2>/dev/null; do sleep 0.1; done
+
+# A CA, the control plane's and operator/local's certificates, and one per node.
+$factum certs init --dir "$logs/certs" >/dev/null
+$factum certs issue node/n1 node/n2 node/n3 --dir "$logs/certs" >/dev/null
+export FACTUM_TLS="$logs/certs"
 
 $factum control-plane --listen 127.0.0.1:7700 --etcd 127.0.0.1:2379 >"$logs/control-plane.log" 2>&1 &
 pids+=($!)

@@ -15,8 +15,8 @@ printf '[package]\nname = "gen"\nversion = "0.0.0"\nedition = "2021"\n[dependenc
 echo > "$work/gen/src/lib.rs"
 cargo build --quiet --manifest-path "$work/gen/Cargo.toml" --target-dir "$work/target"
 src=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 1 -mindepth 1 -type d | while read -r d; do
-    [ -d "$d/etcd-client-$version" ] && echo "$d/etcd-client-$version"; done | head -1)
-out=$(dirname "$(find "$work/target/debug/build" -path '*etcd-client-*/out/etcdserverpb.rs' | head -1)")
+    [ -d "$d/etcd-client-$version" ] && echo "$d/etcd-client-$version"; done | sed -n 1p)
+out=$(dirname "$(find "$work/target/debug/build" -path '*etcd-client-*/out/etcdserverpb.rs' | sed -n 1p)")
 
 rm -rf vendor/etcd-client
 mkdir -p vendor/etcd-client/src/rpc/generated

@@ -73,8 +73,17 @@ fn bad_input_gets_error_codes_and_the_orchestrator_survives() {
         assert_eq!(ok(&up, &["start", &sleeper, "--id", "web-1", "--cap", "kv=kv:read"]).trim(), "web-1");
     }
     fails_with(&up, &["start", &sleeper, "--id", "web-1", "--cap", "kv=kv:write"], "already used by another start");
+    // Removing: an ended instance goes; a running one needs --force (stop, then remove).
+    fails_with(&up, &["rm", "web-1"], "stop it before removing it");
+    assert_eq!(ok(&up, &["rm", "--force", "web-1"]).trim(), "removed web-1");
+    fails_with(&up, &["inspect", "web-1"], "INSTANCE_NOT_FOUND");
+    fails_with(&up, &["rm", "web-1"], "INSTANCE_NOT_FOUND");
+    assert_eq!(ok(&up, &["rm", &id]).trim(), format!("removed {id}"));
     let human = ok(&up, &["inspect", &trap]);
-    assert!(human.contains("restart policy: on_failure, at most 2 restarts, no backoff"), "{human}");
+    assert!(
+        human.contains("restart policy: on_failure, at most 2 restarts, backoff 100 ms doubling (at most 300 s)"),
+        "{human}"
+    );
 }
 
 #[test]
@@ -82,6 +91,32 @@ fn client_without_a_control_plane_is_communication_failure() {
     let out = Command::new(FACTUM).args(["ps", "--control-plane", "127.0.0.1:1"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("COMMUNICATION_FAILURE"));
+}
+
+/// A SIGTERM that comes while `factum up` is still starting (its control plane listens, its node is not yet
+/// ready) stops it cleanly with status 0, as one that comes later does: CI once saw status 143 there, the
+/// default action of a signal nobody had taken yet.
+#[test]
+fn sigterm_during_start_up_is_a_clean_stop() {
+    for _ in 0..5 {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut up = Command::new(FACTUM)
+            .args(["up", "--listen", &listen, "--agent-listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&listen).is_err() {
+            assert!(Instant::now() < deadline, "the control plane never listened on {listen}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let kill = Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap();
+        assert!(kill.success());
+        let status = up.wait().unwrap();
+        assert!(status.success(), "factum up stopped with {status} on a SIGTERM during start-up");
+    }
 }
 
 /// The example guest's KV write lands in a real Redis when the agent is told to keep KV there.
@@ -118,4 +153,37 @@ fn kv_in_redis() {
     assert_eq!(String::from_utf8_lossy(&stored.stdout).trim(), "hello from factum", "the value is in Redis itself");
     let _ = redis.kill();
     let _ = redis.wait();
+}
+
+/// Audit events, as JSON: a refused call and an operator's start each leave one line under `factum::audit`,
+/// naming the principal, the action, the result and the CLI's correlation id.
+#[test]
+fn refused_and_operator_calls_are_audited_as_json() {
+    let log_path = std::env::temp_dir().join(format!("factum-audit-{}.log", std::process::id()));
+    let up = up_logging(&["--log-format", "json"], std::fs::File::create(&log_path).unwrap());
+    fails_with(&up, &["start", &fixture("sleeper"), "--as", "reader/bob"], "PERMISSION_DENIED");
+    ok(&up, &["start", &fixture("sleeper"), "--id", "audited"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let audit = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        let events: Vec<serde_json::Value> = log
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| event["target"] == "factum::audit")
+            .collect();
+        if events.len() >= 2 || Instant::now() > deadline {
+            break events;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let refused = audit.iter().find(|e| e["fields"]["result"] == "PERMISSION_DENIED").expect("the refusal");
+    assert_eq!(refused["fields"]["principal"], "reader/bob", "{refused}");
+    assert_eq!(refused["fields"]["action"], "start_instance");
+    let started = audit.iter().find(|e| e["fields"]["target"] == "audited").expect("the start");
+    assert_eq!(
+        (&started["fields"]["principal"], &started["fields"]["result"]),
+        (&"operator/local".into(), &"ok".into())
+    );
+    assert_ne!(started["fields"]["correlation"], "00", "the CLI sends a correlation id");
+    let _ = std::fs::remove_file(&log_path);
 }

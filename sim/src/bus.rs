@@ -136,7 +136,7 @@ impl BusApi for Bus {
 /// Serves `bus` on `listener` until the listener fails.
 pub async fn serve(bus: Bus, listener: Box<dyn Listener>) {
     let env = bus.env.clone();
-    factum_env::serve_tarpc!(env, listener, "bus", bus.serve());
+    factum_env::serve_tarpc!(env, listener, "bus", move |_: &rpc::Peer| Ok(bus.clone().serve()));
 }
 
 struct Client {
@@ -212,7 +212,9 @@ impl RemoteBus {
     /// A client of the bus at `addr`; its poll loop runs on `env` for as long as the client lives.
     pub fn new(env: Env, addr: impl Into<String>) -> Self {
         let session = env.random_id("session-");
-        let connection = rpc::Redial::new(env.clone(), addr, CALL_TIMEOUT, |env, stream| {
+        // The bus holds no identity of its own (the simulator's network carries no TLS).
+        let server = factum_proto::Principal::Anonymous;
+        let connection = rpc::Redial::new(env.clone(), addr, server, CALL_TIMEOUT, |env, stream| {
             rpc::start_client(env, BusApiClient::new(tarpc::client::Config::default(), rpc::transport(stream)))
         });
         let client = Arc::new(Client {

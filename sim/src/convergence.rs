@@ -1,9 +1,13 @@
 //! What `eventually` means in a scenario: once the last step is done, the check must come to hold for a
-//! whole [`SETTLE`] window no later than its deadline, and from then on it must never stay broken for longer
-//! than [`REPAIR`]. A cluster that converges once and then falls apart has not converged; but an instance that
-//! crashes after the last step is a fact on its way to the control plane, not a divergence, so a break that
-//! the next reports repair is allowed.
+//! whole [`SETTLE`] window no later than its deadline, and from then on nothing it judges may stay broken for
+//! longer than [`REPAIR`] (plus the wait a restart policy set). A cluster that converges once and then falls
+//! apart has not converged; but an instance that crashes after the last step is a fact on its way to the
+//! control plane, not a divergence, so a break that the next reports repair is allowed.
+//!
+//! Breaks are judged per subject (an instance, or the check as a whole): four instances that each crash and
+//! come back in time are four repairs, even when, overlapping, some instance is always down for a while.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// How long a check must hold without a break before the cluster counts as settled on it.
@@ -12,34 +16,61 @@ pub const SETTLE: Duration = Duration::from_secs(1);
 /// Longest a settled check may stay broken: a few heartbeats, so any fact reaches the control plane.
 pub const REPAIR: Duration = Duration::from_secs(2);
 
+/// One thing an `eventually` check finds broken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Break {
+    /// What is broken: an instance id, or empty for the check as a whole.
+    pub subject: String,
+    /// Why, for people.
+    pub why: String,
+    /// Time it may take beyond [`REPAIR`]: the backoff its restart policy set.
+    pub grace: Duration,
+}
+
+impl Break {
+    /// The check as a whole is broken.
+    pub fn whole(why: String) -> Self {
+        Break { subject: String::new(), why, grace: Duration::ZERO }
+    }
+}
+
 /// Where one `eventually` check stands.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Convergence {
     /// Not holding (or not yet asked).
     #[default]
     Waiting,
     /// Holding since this time, not yet for a whole window.
     Holding(Duration),
-    /// Settled; if it is broken now, since when.
-    Settled(Option<Duration>),
+    /// Settled; each subject broken now: since when, and the most grace it was given meanwhile (a backoff
+    /// ends when the restart begins, but the time it took still counts).
+    Settled(BTreeMap<String, (Duration, Duration)>),
 }
 
 impl Convergence {
-    /// Folds in one sample at `now`; an error says the settled check stayed broken too long.
-    pub fn sample(&mut self, now: Duration, result: Result<(), String>) -> Result<(), String> {
-        *self = match (*self, result) {
-            (Convergence::Waiting, Ok(())) => Convergence::Holding(now),
-            (Convergence::Waiting | Convergence::Holding(_), Err(_)) => Convergence::Waiting,
-            (Convergence::Holding(since), Ok(())) if now >= since + SETTLE => Convergence::Settled(None),
-            (Convergence::Holding(since), Ok(())) => Convergence::Holding(since),
-            (Convergence::Settled(_), Ok(())) => Convergence::Settled(None),
-            (Convergence::Settled(None), Err(_)) => Convergence::Settled(Some(now)),
-            (Convergence::Settled(Some(broken)), Err(e)) if now > broken + REPAIR => {
-                let (broken, now) = (broken.as_secs_f64(), now.as_secs_f64());
-                return Err(format!("settled, then broken from {broken:.3}s to {now:.3}s: {e}"));
+    /// Folds in one sample at `now` (what the check finds broken); an error says a subject of the settled
+    /// check stayed broken too long.
+    pub fn sample(&mut self, now: Duration, breaks: &[Break]) -> Result<(), String> {
+        let next = match (&*self, breaks.is_empty()) {
+            (Convergence::Waiting, true) => Convergence::Holding(now),
+            (Convergence::Waiting | Convergence::Holding(_), false) => Convergence::Waiting,
+            (Convergence::Holding(since), true) if now >= *since + SETTLE => Convergence::Settled(BTreeMap::new()),
+            (Convergence::Holding(since), true) => Convergence::Holding(*since),
+            (Convergence::Settled(broken), _) => {
+                let mut still = BTreeMap::new();
+                for b in breaks {
+                    let (since, grace) = broken.get(&b.subject).copied().unwrap_or((now, Duration::ZERO));
+                    let grace = grace.max(b.grace);
+                    if now > since + REPAIR + grace {
+                        let (since, now) = (since.as_secs_f64(), now.as_secs_f64());
+                        return Err(format!("settled, then broken from {since:.3}s to {now:.3}s: {}", b.why));
+                    }
+                    still.insert(b.subject.clone(), (since, grace));
+                }
+                Convergence::Settled(still)
             }
-            (Convergence::Settled(Some(broken)), Err(_)) => Convergence::Settled(Some(broken)),
         };
+        *self = next;
         Ok(())
     }
 
@@ -58,10 +89,20 @@ mod tests {
     }
 
     fn run(samples: &[(u64, bool)]) -> (Convergence, Result<(), String>) {
+        let subjects: Vec<(u64, &[&str])> =
+            samples.iter().map(|(at, ok)| (*at, if *ok { &[][..] } else { &[""][..] })).collect();
+        run_each(&subjects)
+    }
+
+    /// Samples naming the subjects broken at each time.
+    fn run_each(samples: &[(u64, &[&str])]) -> (Convergence, Result<(), String>) {
         let mut c = Convergence::default();
-        for (at, ok) in samples {
-            let result = if *ok { Ok(()) } else { Err("broken".to_string()) };
-            if let Err(e) = c.sample(ms(*at), result) {
+        for (at, broken) in samples {
+            let breaks: Vec<Break> = broken
+                .iter()
+                .map(|s| Break { subject: s.to_string(), why: format!("{s} broken"), grace: Duration::ZERO })
+                .collect();
+            if let Err(e) = c.sample(ms(*at), &breaks) {
                 return (c, Err(e));
             }
         }
@@ -87,5 +128,34 @@ mod tests {
     fn a_settled_check_that_stays_broken_fails() {
         let (_, r) = run(&[(0, true), (1000, true), (1500, false), (3000, false), (3550, false)]);
         assert!(r.unwrap_err().contains("from 1.500s to 3.550s"));
+    }
+
+    #[test]
+    fn overlapping_breaks_of_different_subjects_are_each_judged_alone() {
+        // Some instance is down from 1.5 s to 4 s, but none for longer than 2 s.
+        let (c, r) = run_each(&[
+            (0, &[]),
+            (1000, &[]),
+            (1500, &["a"]),
+            (3000, &["a", "b"]),
+            (3400, &["b"]),
+            (4000, &["b"]),
+            (4100, &[]),
+        ]);
+        assert!(r.is_ok(), "{r:?}");
+        assert!(c.settled());
+        // The same subject that long fails.
+        let (_, r) = run_each(&[(0, &[]), (1000, &[]), (1500, &["a"]), (3000, &["a", "b"]), (3600, &["a"])]);
+        assert!(r.unwrap_err().contains("from 1.500s to 3.600s: a broken"));
+    }
+
+    #[test]
+    fn a_restart_backoff_extends_the_repair_time_of_its_subject() {
+        let mut c = Convergence::Settled(BTreeMap::new());
+        let waiting = |grace| [Break { subject: "a".into(), why: "a waits".into(), grace }];
+        assert!(c.sample(ms(1000), &waiting(ms(1000))).is_ok());
+        // The wait is over and the restart under way: the grace it gave still counts.
+        assert!(c.sample(ms(3900), &waiting(Duration::ZERO)).is_ok());
+        assert!(c.sample(ms(4100), &waiting(Duration::ZERO)).is_err());
     }
 }

@@ -7,6 +7,8 @@ use factum_proto::{
     CapabilityAssignment, InstanceFacts, InstanceMetadata, InstanceStatus, NodeInfo, PolicyType, RestartPolicy,
 };
 
+use crate::convergence::Break;
+
 /// What the control plane says.
 #[derive(Debug, Clone)]
 pub struct ControlPlaneView {
@@ -42,33 +44,47 @@ pub struct View {
     pub ago: BTreeMap<&'static str, std::time::Duration>,
 }
 
-/// A named check: the view, and the argument after `name:` (empty without one).
-type NamedCheck = fn(&View, &str) -> Result<(), String>;
+/// A named check: the view and the argument after `name:` (empty without one) to what it finds broken, each
+/// instance on its own for the checks that judge instances one by one, else the check as a whole.
+type NamedCheck = fn(&View, &str) -> Vec<Break>;
 
-/// Every check a scenario can name: (name, argument it takes, check). The one list [`check`] dispatches on
-/// and error messages print, so they cannot drift apart.
+/// Every check a scenario can name: (name, argument it takes, check). The one list [`check`] and [`breaks`]
+/// dispatch on and error messages print, so they cannot drift apart.
 pub const CHECKS: [(&str, &str, NamedCheck); 13] = [
-    ("single_placement", "", |v, _| single_placement(v)),
-    ("facts_match_agents", "", |v, _| facts_match_agents(v)),
-    ("registry_matches_agents", "", |v, _| registry_matches_agents(v)),
-    ("all_running", "", |v, _| all_running(v)),
-    ("no_unknown", "", |v, _| no_unknown(v)),
-    ("node_unknown", "<node>", node_unknown),
-    ("none_running", "", |v, _| none_running(v)),
-    ("restarts", "<n>", restarts),
-    ("registry_only_membership", "", |v, _| registry_only_membership(v)),
-    ("always_running", "", |v, _| always_running(v)),
-    ("dead_nodes_unknown", "", |v, _| dead_nodes_unknown(v)),
-    ("messages_flow", "", |v, _| flowing(v, factum_node_agent::trace_events::DELIVER, "message delivered")),
-    ("requests_flow", "", |v, _| flowing(v, crate::web::SERVED, "HTTP request served")),
+    ("single_placement", "", |v, _| whole(single_placement(v))),
+    ("facts_match_agents", "", |v, _| whole(facts_match_agents(v))),
+    ("registry_matches_agents", "", |v, _| whole(registry_matches_agents(v))),
+    ("all_running", "", |v, _| whole(all_running(v))),
+    ("no_unknown", "", |v, _| whole(no_unknown(v))),
+    ("node_unknown", "<node>", |v, node| whole(node_unknown(v, node))),
+    ("none_running", "", |v, _| whole(none_running(v))),
+    ("restarts", "<n>", |v, n| whole(restarts(v, n))),
+    ("registry_only_membership", "", |v, _| whole(registry_only_membership(v))),
+    ("always_running", "", |v, _| always_running_breaks(v)),
+    ("dead_nodes_unknown", "", |v, _| whole(dead_nodes_unknown(v))),
+    ("messages_flow", "", |v, _| whole(flowing(v, factum_node_agent::trace_events::DELIVER, "message delivered"))),
+    ("requests_flow", "", |v, _| whole(flowing(v, crate::web::SERVED, "HTTP request served"))),
 ];
 
-/// Runs the check named `spec` (`name` or `name:argument`) on `view`.
+/// A check judged as a whole: broken once, or not.
+fn whole(result: Result<(), String>) -> Vec<Break> {
+    result.err().map(Break::whole).into_iter().collect()
+}
+
+/// Runs the check named `spec` (`name` or `name:argument`) on `view`: the first thing it finds broken.
 pub fn check(spec: &str, view: &View) -> Result<(), String> {
+    match breaks(spec, view).into_iter().next() {
+        Some(broken) => Err(broken.why),
+        None => Ok(()),
+    }
+}
+
+/// What the check named `spec` finds broken in `view`, for [`crate::convergence`].
+pub fn breaks(spec: &str, view: &View) -> Vec<Break> {
     let (name, arg) = spec.split_once(':').unwrap_or((spec, ""));
     match CHECKS.iter().find(|(n, ..)| *n == name) {
         Some((_, _, check)) => check(view, arg),
-        None => Err(format!("unknown check {spec:?}")),
+        None => vec![Break::whole(format!("unknown check {spec:?}"))],
     }
 }
 
@@ -185,16 +201,29 @@ pub fn all_running(view: &View) -> Result<(), String> {
 
 /// Property 12, liveness: every instance with restart policy `always` whose retries are not spent, and that
 /// nobody stopped, is running on a live node, including those whose node died (they must have been
-/// rescheduled, and a reschedule that did not take must have been retried).
-pub fn always_running(view: &View) -> Result<(), String> {
-    let cp = cp(view)?;
+/// rescheduled, and a reschedule that did not take must have been retried). Except one whose module bytes are
+/// gone from the cluster: a restarted control plane holds only the bytes it fetched back from agents, so when
+/// the one agent that had them dies first, nothing can run the instance again (the design keeps modules out of
+/// etcd). A first control plane keeps the bytes of every such instance, so it gets no such pass. Each broken
+/// instance is its own break, with the backoff its policy set as grace.
+fn always_running_breaks(view: &View) -> Vec<Break> {
+    let cp = match cp(view) {
+        Ok(cp) => cp,
+        Err(why) => return vec![Break::whole(why)],
+    };
+    let bytes_gone = |hash: &str| {
+        view.control_plane_incarnation > 1
+            && !cp.held.1.iter().any(|(held, _)| held == hash)
+            && !view.agents.values().flatten().any(|f| f.metadata.module_hash == hash)
+    };
     let always = cp.instances.iter().filter(|m| {
         cp.policies.get(&m.instance_id).is_some_and(|p| {
             p.policy_type == PolicyType::Always
                 && p.should_restart(true, m.restarts)
                 && m.status != InstanceStatus::Stopped
-        })
+        }) && !bytes_gone(&m.module_hash)
     });
+    let mut breaks = Vec::new();
     for m in always {
         let live = view.agents.get(&m.node_id).is_some_and(|facts| {
             facts
@@ -202,10 +231,14 @@ pub fn always_running(view: &View) -> Result<(), String> {
                 .any(|f| f.metadata.instance_id == m.instance_id && f.metadata.status == InstanceStatus::Running)
         });
         if m.status != InstanceStatus::Running || !live {
-            return Err(format!("{} (policy always) is {} on {}", m.instance_id, m.status, m.node_id));
+            breaks.push(Break {
+                subject: m.instance_id.clone(),
+                why: format!("{} (policy always) is {} on {}", m.instance_id, m.status, m.node_id),
+                grace: std::time::Duration::from_millis(m.backoff_ms.unwrap_or(0)),
+            });
         }
     }
-    Ok(())
+    breaks
 }
 
 /// Property 14 for nodes that are down: nothing the control plane lists on a node that is not running claims
@@ -320,6 +353,8 @@ pub(crate) mod tests_support {
             status,
             restarts: 0,
             last_error: None,
+            restart_streak: 0,
+            backoff_ms: None,
         }
     }
 }
@@ -337,6 +372,7 @@ mod tests {
             seq: 1,
             epoch: 1,
             lease: None,
+            accepted_after: Default::default(),
         }
     }
 

@@ -26,7 +26,8 @@ use factum_control_plane::{ControlPlane, ControlPlaneConfig};
 use factum_env::{rpc, Env, MachineClock, Pause};
 use factum_node_agent::{Agent, AgentConfig};
 use factum_proto::{
-    CapabilityGrant, ControlPlaneClient, InstanceMetadata, InstanceStatus, NodeInfo, RestartPolicy, StartRequest,
+    CapabilityGrant, ControlPlaneClient, InstanceMetadata, InstanceStatus, NodeInfo, Principal, RestartPolicy,
+    StartRequest,
 };
 use factum_providers::{HttpLimits, HttpProvider, MemoryKv, MessagingProvider};
 use factum_registry::{MemoryRegistry, RemoteRegistry};
@@ -111,6 +112,8 @@ impl ClusterConfig {
                 rpc_timeout: Duration::from_secs(2),
                 reschedule: true,
                 watch_wait: Duration::from_secs(2),
+                // Longer than any run: scenario checks read ended instances to the end.
+                retention: factum_control_plane::DEFAULT_RETENTION,
                 injected_bug: None,
             },
             heartbeat_interval: Duration::from_millis(500),
@@ -478,10 +481,12 @@ pub struct SimClient {
 impl SimClient {
     /// Connects to the control plane, retrying until it listens.
     pub async fn connect(seed: u64) -> Result<Self, SimError> {
-        let env = Env::turmoil(seed ^ 0xc1, sim_epoch());
+        let env = Env::turmoil(seed ^ 0xc1, sim_epoch())
+            .with_credentials(rpc::Credentials::claim(Principal::Operator("driver".into())));
+        let addr = format!("{CONTROL_PLANE}:{PORT}");
         for _ in 0..100 {
             // A connect into a partition never answers: bound it like every other call.
-            let connect = env.timeout(Duration::from_secs(1), env.net.connect(&format!("{CONTROL_PLANE}:{PORT}")));
+            let connect = env.timeout(Duration::from_secs(1), rpc::dial(&env, &addr, &Principal::ControlPlane));
             if let Some(Ok(stream)) = connect.await {
                 let new = ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream));
                 let cp = rpc::start_client(&env, new);
@@ -519,12 +524,12 @@ impl SimClient {
 
     /// ListInstances.
     pub async fn instances(&self) -> Result<Vec<InstanceMetadata>, SimError> {
-        self.call(self.cp.list_instances(rpc::rpc_context())).await
+        Ok(self.call(self.cp.list_instances(rpc::rpc_context())).await??)
     }
 
     /// Nodes.
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, SimError> {
-        self.call(self.cp.list_nodes(rpc::rpc_context())).await
+        Ok(self.call(self.cp.list_nodes(rpc::rpc_context())).await??)
     }
 
     /// StartInstance of a fixture with an explicit id.

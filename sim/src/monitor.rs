@@ -49,6 +49,8 @@ pub struct Monitor {
     confirmed: (u64, BTreeSet<String>),
     /// Where each listed instance's facts stood at the last sample, and in which control-plane incarnation.
     positions: (u64, BTreeMap<String, Position>),
+    /// Instances the control plane removed (its `removed` trace events).
+    removed: BTreeSet<String>,
 }
 
 impl Monitor {
@@ -69,6 +71,11 @@ impl Monitor {
                 [_, node, event, instance, ..] if *event == GRANTS => {
                     self.reported.insert((node.to_string(), instance.to_string()), Vec::new());
                 }
+                // A removal ends the instance's confirmation (P13): it is meant to go.
+                [_, "control-plane", "removed", instance] => {
+                    self.confirmed.1.remove(*instance);
+                    self.removed.insert(instance.to_string());
+                }
                 [_, node, "status", instance, status, seq, ..] => {
                     let Some(seq) = seq.strip_prefix("seq=").and_then(|n| n.parse().ok()) else { continue };
                     let key = (node.to_string(), instance.to_string());
@@ -83,6 +90,8 @@ impl Monitor {
             .map_err(|e| format!("always-on P13 confirmed_instances_stay_listed: {e}"))?;
         facts_only_move_forward(&mut self.positions, view)
             .map_err(|e| format!("always-on P14 facts_only_move_forward: {e}"))?;
+        removed_instances_stay_removed(&self.removed, view)
+            .map_err(|e| format!("always-on removed_instances_stay_removed: {e}"))?;
         self.previous = view
             .agents
             .iter()
@@ -168,6 +177,23 @@ pub fn confirmed_instances_stay_listed(confirmed: &mut (u64, BTreeSet<String>), 
     }
     let running = cp.instances.iter().filter(|m| m.status == factum_proto::InstanceStatus::Running);
     confirmed.1.extend(running.map(|m| m.instance_id.clone()));
+    Ok(())
+}
+
+/// Removal is for good: once the control plane removed an instance (it does so only after the agent did), neither
+/// the control plane nor any agent holds it again, whatever snapshots were still in flight (ids are never
+/// reused within a run).
+pub fn removed_instances_stay_removed(removed: &BTreeSet<String>, view: &View) -> Result<(), String> {
+    if let Some(cp) = &view.control_plane {
+        if let Some(m) = cp.instances.iter().find(|m| removed.contains(&m.instance_id)) {
+            return Err(format!("{} was removed, and the control plane lists it again ({})", m.instance_id, m.status));
+        }
+    }
+    for (node, facts) in &view.agents {
+        if let Some(f) = facts.iter().find(|f| removed.contains(&f.metadata.instance_id)) {
+            return Err(format!("{} was removed, and {node} holds it again", f.metadata.instance_id));
+        }
+    }
     Ok(())
 }
 

@@ -40,6 +40,7 @@ pub const GOALS: &[Goal] = &[
     Goal { name: "node joined via the registry", reached_by: |l| l.contains(" joined lease=") },
     Goal { name: "message delivered", reached_by: |l| l.split_whitespace().nth(2) == Some("deliver") },
     Goal { name: "HTTP request served", reached_by: |l| l.split_whitespace().nth(2) == Some("served") },
+    Goal { name: "ended instance removed", reached_by: |l| l.split_whitespace().nth(2) == Some("removed") },
 ];
 
 /// The goals one run's timeline reached.

@@ -10,15 +10,15 @@ use std::process::Command;
 
 /// (scenario file, seed, trace hash).
 const REFERENCE: &[(&str, u64, &str)] = &[
-    ("agent_crash.toml", 7, "44db4acbf8c8cff7061868b1c14889aa15e84dc7d6c1cfaabf16b49be3d73597"),
-    ("lease_expiry.toml", 3, "e3affc632fc038c7b2e650f7474645ca177c174f10fff26269bff860d0510c60"),
-    ("revoke_during_kv_use.toml", 5, "ee5c542b7f86adb5d5f7bbebdd77eac98a8072cb95bb320dd0cd0136de6ccc4b"),
-    ("reschedule_in_doubt.toml", 2, "63e58fef30c2c326f522f5721ab74b1fa9b9fc3d3ba64dc2875f555004d31e26"),
-    ("agent_pause.toml", 4, "6b9c576d07ea2c225aa0da9c79cb77f5eb0598dce39b3f6979f32db66b935087"),
-    ("clock_drift.toml", 2, "3856264bf4147c9230df584e3cb7da6b2da31fb58d3ace6a6598425e911cee2c"),
-    ("control_plane_restart.toml", 11, "cb131e62240805cbc7ec162a498792d739cdd1c9146958a5b87127f46b275b77"),
-    ("messaging.toml", 3, "f07683b27a379ab61b98ae3edee437e7470337c6799e0cda672a58052a6a76c2"),
-    ("http.toml", 2, "28804edf9b556fcce3f35b6ca2244d9463b3b8583f2af63c6fcf9125ce56a2d6"),
+    ("agent_crash.toml", 7, "bb1d0fd440202b5412140a060ca0b2feab42d07f33af79244a3448b5855b1920"),
+    ("lease_expiry.toml", 3, "c0c2b9f1c9710f747d870978bad714d73ea2bed51d4a87fc5e08c748ca1eb0e1"),
+    ("revoke_during_kv_use.toml", 5, "3e51c76c35423c1c6eb18ec5b5368d22794682ef5cd9b29456f27c65a19052ef"),
+    ("reschedule_in_doubt.toml", 2, "ba83169ddab86b80990d750fd3303d0a4e060017d56e5ea27634f0be966ff078"),
+    ("agent_pause.toml", 4, "8ca7895d3e32251affaa35e65ac28f91169627b10eb2b28f9ec27b5344b7da5b"),
+    ("clock_drift.toml", 2, "476e93c64ea5577b1e02463afd9fc8a076a0431b7c79fd0f8306a2d1ad02136c"),
+    ("control_plane_restart.toml", 11, "25112c118eee7b7a5830e204e871bf312ecdee77035b49d9b4983a1634e14bf3"),
+    ("messaging.toml", 3, "49baa0fc046194e726d958fd982123db6c2b46f9863b82266fc6163a8c0c6540"),
+    ("http.toml", 2, "5d1a68481ed19b0dd3782b91c6a2a16987163c71763e4b6ad7895b5390b9196e"),
 ];
 
 #[test]

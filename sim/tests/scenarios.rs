@@ -158,3 +158,24 @@ fn swarm_regressions_stay_fixed() {
         }
     }
 }
+
+#[test]
+fn swarm_starts_spend_their_restarts_well_before_the_deadline() {
+    // A swarm's API steps can finish late (a start waits out the faults, a revoke queues behind it), and an
+    // instance with retries left must have run or spent them by the eventual deadline: every start's whole
+    // backoff chain, with the most jitter (10 %), fits in a second. (Seed 659275694 failed CI when the subscribers'
+    // 1 s base started doubling: 1 + 2 + 4 s after a revoke at 30.8 s did not settle by 39 s.)
+    use factum_proto::types::{PolicyType, RestartPolicy};
+    for seed in 0..500 {
+        let swarm = scenario::Scenario::swarm(seed, 3, std::time::Duration::from_secs(40));
+        for step in swarm.steps.iter().filter(|s| s.action == scenario::Action::Start) {
+            let policy_type: PolicyType = step.policy.as_deref().unwrap_or("never").parse().expect("policy");
+            let policy = RestartPolicy { policy_type, max_retries: step.max_retries, backoff_seconds: step.backoff };
+            let Some(max) = policy.max_retries.filter(|_| policy_type != PolicyType::Never) else {
+                continue;
+            };
+            let chain: std::time::Duration = (1..=max).map(|streak| policy.backoff(streak, 100)).sum();
+            assert!(chain <= std::time::Duration::from_secs(1), "seed {seed}: {policy} waits {chain:?} in all");
+        }
+    }
+}

@@ -87,9 +87,15 @@ pub fn fails_with(up: &impl ControlPlane, args: &[&str], code: &str) {
     assert!(stderr.contains(code), "factum {args:?}: expected {code}, got {stderr}");
 }
 
+/// The instance's status; one that waits out a restart backoff is not yet `crashed` or `stopped` for good.
 pub fn status_of(up: &impl ControlPlane, id: &str) -> String {
     let json: serde_json::Value = serde_json::from_str(&ok(up, &["inspect", id, "-o", "json"])).unwrap();
-    json["metadata"]["status"].as_str().unwrap().to_string()
+    let status = json["metadata"]["status"].as_str().unwrap().to_string();
+    if json["metadata"]["backoff_ms"].is_null() {
+        status
+    } else {
+        format!("{status}, restart pending")
+    }
 }
 
 pub fn wait_for_status(up: &impl ControlPlane, id: &str, want: &str) {

@@ -19,9 +19,16 @@ struct Set<'a> {
 }
 
 #[derive(Serialize)]
-struct Prefix<'a> {
+struct List<'a> {
     prefix: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    after: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<u32>,
 }
+
+/// Most keys one `list` call answers (the host's cap and default page size).
+pub const MAX_LIST_KEYS: u32 = 1000;
 
 /// The value of `key`, if set.
 pub fn get(capability: &str, key: &str) -> Result<Option<Vec<u8>>> {
@@ -38,7 +45,21 @@ pub fn delete(capability: &str, key: &str) -> Result<bool> {
     call(capability, "delete", &Key { key })
 }
 
-/// Keys starting with `prefix`, sorted.
+/// Every key starting with `prefix`, sorted, fetched a page ([`MAX_LIST_KEYS`]) at a time.
 pub fn list(capability: &str, prefix: &str) -> Result<Vec<String>> {
-    call(capability, "list", &Prefix { prefix })
+    let mut keys = Vec::new();
+    loop {
+        let page = list_page(capability, prefix, keys.last().map(String::as_str), MAX_LIST_KEYS)?;
+        let last = page.len() < MAX_LIST_KEYS as usize;
+        keys.extend(page);
+        if last {
+            return Ok(keys);
+        }
+    }
+}
+
+/// One page: keys starting with `prefix` and after `after`, sorted, at most `limit` (1 to [`MAX_LIST_KEYS`]).
+/// A page shorter than `limit` is the last.
+pub fn list_page(capability: &str, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<String>> {
+    call(capability, "list", &List { prefix, after, limit: Some(limit) })
 }

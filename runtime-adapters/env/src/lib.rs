@@ -3,9 +3,11 @@
 //! [`Env::turmoil`] (feature `turmoil`), where time is virtual, the network is turmoil's and randomness is
 //! seeded, so a run is a function of its seed.
 
+mod backend_tls;
 mod pause;
 pub mod rpc;
 
+pub use backend_tls::BackendTls;
 pub use pause::{Gated, Pause};
 
 use std::future::Future;
@@ -56,6 +58,12 @@ pub trait Net: Send + Sync + 'static {
 pub trait Spawn: Send + Sync + 'static {
     /// Spawns `f`; it runs until it completes or the runtime (the simulated host) goes away.
     fn spawn(&self, f: BoxFuture<'static, ()>);
+
+    /// Runs CPU-bound work (compiling a module) where it cannot hold up the async tasks. The default runs it
+    /// at once, on the caller's thread: what a simulation needs, so that runs stay deterministic.
+    fn offload(&self, work: Box<dyn FnOnce() + Send>) {
+        work();
+    }
 }
 
 /// Randomness.
@@ -93,6 +101,8 @@ pub struct Env {
     pub trace: Option<(String, Arc<dyn Trace>)>,
     /// Fault injection, in simulation only.
     pub faults: Option<Arc<dyn Faults>>,
+    /// Who this component is to the peers it calls ([`rpc::dial`]).
+    pub credentials: rpc::Credentials,
 }
 
 impl Env {
@@ -105,7 +115,21 @@ impl Env {
             rng: Arc::new(SeededRng::from_os()),
             trace: None,
             faults: None,
+            credentials: rpc::Credentials::default(),
         }
+    }
+
+    /// The same env, introducing itself to peers with `credentials`.
+    pub fn with_credentials(mut self, credentials: rpc::Credentials) -> Self {
+        self.credentials = credentials;
+        self
+    }
+
+    /// The same env, introducing itself to peers as `principal` (and keeping whatever else its credentials
+    /// hold): how a component that knows who it is (an agent is its node) says so.
+    pub fn with_principal(mut self, principal: factum_proto::Principal) -> Self {
+        self.credentials.principal = principal;
+        self
     }
 
     /// The same env, injecting faults from `faults`.
@@ -145,6 +169,16 @@ impl Env {
         self.spawn(async move {
             let _ = done.send(work.await); // the caller may be gone: the work is done anyway
         });
+        output.await.ok()
+    }
+
+    /// Runs CPU-bound `work` through [`Spawn::offload`] and waits for its output; `None` if it panicked
+    /// or its runtime shut down first.
+    pub async fn blocking<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (done, output) = tokio::sync::oneshot::channel();
+        self.spawner.offload(Box::new(move || {
+            let _ = done.send(work()); // the caller may have given up waiting: the work is done anyway
+        }));
         output.await.ok()
     }
 
@@ -258,6 +292,11 @@ impl Spawn for TokioSpawn {
     fn spawn(&self, f: BoxFuture<'static, ()>) {
         tokio::spawn(f);
     }
+
+    /// tokio's blocking pool, so a long compile never stalls a worker (and the heartbeats on it).
+    fn offload(&self, work: Box<dyn FnOnce() + Send>) {
+        tokio::task::spawn_blocking(work);
+    }
 }
 
 /// A ChaCha8 generator behind a mutex; seeded from the OS in production and from the run's seed in
@@ -319,6 +358,30 @@ mod tests {
         let slow = env.clock.sleep(Duration::from_secs(10));
         assert_eq!(env.timeout(Duration::from_secs(1), slow).await, None);
         assert_eq!(env.timeout(Duration::from_secs(1), async { 5 }).await, Some(5));
+    }
+
+    /// The blocking work waits for a message only another task on the same (single) runtime thread can send:
+    /// run inline, it would wait its full 10 s and report false.
+    #[tokio::test(flavor = "current_thread")]
+    async fn blocking_work_leaves_the_runtime_free_in_production() {
+        let env = Env::tokio();
+        let (tx, rx) = std::sync::mpsc::channel();
+        tokio::spawn(async move { tx.send(()).unwrap() });
+        let heard = env.blocking(move || rx.recv_timeout(Duration::from_secs(10)).is_ok()).await;
+        assert_eq!(heard, Some(true));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn blocking_work_runs_inline_by_default() {
+        struct Inline;
+        impl Spawn for Inline {
+            fn spawn(&self, f: BoxFuture<'static, ()>) {
+                tokio::spawn(f);
+            }
+        }
+        let env = Env { spawner: Arc::new(Inline), ..Env::tokio() };
+        let caller = std::thread::current().id();
+        assert_eq!(env.blocking(move || std::thread::current().id() == caller).await, Some(true));
     }
 
     #[tokio::test(start_paused = true)]

@@ -100,6 +100,10 @@ impl Spawn for PausedSpawn {
     fn spawn(&self, f: BoxFuture<'static, ()>) {
         self.inner.spawn(Box::pin(self.pause.gate(f)));
     }
+
+    fn offload(&self, work: Box<dyn FnOnce() + Send>) {
+        self.inner.offload(work);
+    }
 }
 
 impl Env {

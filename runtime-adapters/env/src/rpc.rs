@@ -11,7 +11,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use factum_proto::MAX_FRAME_BYTES;
 
+pub mod connections;
+pub mod hello;
 mod redial;
+pub mod tls;
+pub use connections::{Connections, ServerLimits};
+pub use hello::{dial, Credentials, Peer};
 pub use redial::Redial;
 
 /// A tarpc transport over `S` speaking bincode in length-delimited frames of at most [`MAX_FRAME_BYTES`].
@@ -86,8 +91,19 @@ pub fn rpc_context() -> tarpc::context::Context {
     ctx
 }
 
-/// Accepts connections on `listener` forever, handing each to `on_connection` (which typically wraps it in
-/// [`transport`] and spawns a tarpc channel). An accept error never ends the loop: one about a single
+/// [`rpc_context`] with a trace id drawn from `env`, which the server logs as the call's correlation id (an
+/// audit event names it): for clients whose calls a person may want to find again in the logs.
+pub fn traced_context(env: &crate::Env) -> tarpc::context::Context {
+    let mut ctx = rpc_context();
+    let id = (u128::from(env.rng.next_u64()) << 64) | u128::from(env.rng.next_u64());
+    ctx.trace_context.trace_id = tarpc::trace::TraceId::from(id);
+    ctx
+}
+
+/// Accepts connections on `listener` forever, handing each that `connections` admits to `on_connection` with
+/// the peer's address and its guard (which typically reads the peer's hello, wraps the stream in [`transport`]
+/// and spawns a tarpc channel that holds the guard). One
+/// over the limits is closed at once and logged. An accept error never ends the loop: one about a single
 /// connection (reset or aborted before it was taken) is skipped, and any other (out of file descriptors, say)
 /// is logged and retried after [`ACCEPT_RETRY`] on the env clock, so a burst of connections cannot take a
 /// server down for good.
@@ -95,11 +111,16 @@ pub async fn accept_loop(
     env: &crate::Env,
     listener: Box<dyn crate::Listener>,
     what: &str,
-    on_connection: impl Fn(crate::BoxStream),
+    connections: &std::sync::Arc<Connections>,
+    on_connection: impl Fn(crate::BoxStream, String, connections::Admitted),
 ) {
     loop {
         match listener.accept().await {
-            Ok((stream, _peer)) => on_connection(stream),
+            Ok((stream, peer)) => match connections.admit(&peer) {
+                Ok(admitted) => on_connection(stream, peer, admitted),
+                Err(refused) => tracing::warn!(target: hello::AUDIT, %peer, server = what, result = "refused",
+                    "connection refused: {refused}"),
+            },
             Err(e) if connection_error(&e) => {
                 tracing::debug!(error = %e, "{what}: a connection failed before it was accepted")
             }
@@ -120,6 +141,19 @@ fn connection_error(e: &std::io::Error) -> bool {
     matches!(e.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset | Interrupted)
 }
 
+/// An RPC error with its causes, for people: tarpc's own text for a refused request ("the server aborted
+/// request processing") leaves out why ("server throttled the request").
+pub fn describe(e: &tarpc::client::RpcError) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// Starts a tarpc client: its dispatch task runs on the env's spawner (never a bare `tokio::spawn`, which
 /// simulation cannot keep deterministic) and the client is returned.
 pub fn start_client<C, D, E>(env: &crate::Env, new: tarpc::client::NewClient<C, D>) -> C
@@ -134,25 +168,47 @@ where
 }
 
 /// Serves a tarpc service on a listener, forever (see [`accept_loop`]): one channel per connection, one task per
-/// request, every task on the env's spawner. A macro, not a function, because tarpc's `Serve` returns its
-/// futures from an `async fn`, whose `Send`-ness a generic function cannot require.
+/// request, every task on the env's spawner, within [`ServerLimits`] (a connection that stays silent past the
+/// idle timeout is closed; requests past the in-flight limit are answered "throttled"). Each connection first
+/// introduces itself ([`hello::accept`]); `serve` says what to serve that peer, or why not. A macro, not a
+/// function, because tarpc's `Serve` returns its futures from an `async fn`, whose `Send`-ness a generic
+/// function cannot require.
 ///
-/// `serve_tarpc!(env, listener, "what", service)` where `service` is a `Clone` tarpc server value (e.g.
-/// `my_impl.serve()`).
+/// `serve_tarpc!(env, listener, "what", serve)` where `serve` is a `Clone` closure from the [`Peer`] to
+/// `Result<S, String>` and `S` a tarpc server value (e.g. `|_| Ok(my_impl.clone().serve())`), under the default
+/// limits; `serve_tarpc!(env, listener, "what", serve, limits)` under others.
 #[macro_export]
 macro_rules! serve_tarpc {
-    ($env:expr, $listener:expr, $what:expr, $service:expr) => {{
+    ($env:expr, $listener:expr, $what:expr, $serve:expr) => {
+        $crate::serve_tarpc!($env, $listener, $what, $serve, $crate::rpc::ServerLimits::default())
+    };
+    ($env:expr, $listener:expr, $what:expr, $serve:expr, $limits:expr) => {{
         let env: $crate::Env = $env.clone();
-        let service = $service;
-        $crate::rpc::accept_loop(&env, $listener, $what, |stream| {
+        let serve = $serve;
+        let what: &str = $what;
+        let limits: $crate::rpc::ServerLimits = $limits;
+        let connections = $crate::rpc::Connections::new(limits);
+        $crate::rpc::accept_loop(&env, $listener, what, &connections, |stream, peer, admitted| {
             use ::futures::StreamExt as _;
             use ::tarpc::server::Channel as _;
-            let channel = ::tarpc::server::BaseChannel::with_defaults($crate::rpc::transport(stream));
-            let spawner = env.clone();
-            env.spawn(channel.execute(service.clone()).for_each(move |call| {
-                spawner.spawn(call);
-                ::futures::future::ready(())
-            }));
+            let (env, serve, what) = (env.clone(), serve.clone(), what.to_string());
+            env.clone().spawn(async move {
+                let _admitted = admitted; // counted out when the connection ends
+                let Some((stream, _, service)) = $crate::rpc::hello::accept(&env, stream, peer, &what, serve).await
+                else {
+                    return;
+                };
+                let (stream, silent) = $crate::rpc::connections::watch(stream, env.clock.clone(), limits.idle_timeout);
+                let channel = ::tarpc::server::BaseChannel::with_defaults($crate::rpc::transport(stream))
+                    .max_concurrent_requests(limits.max_in_flight_per_connection);
+                let spawner = env.clone();
+                let serving = channel.execute(service).for_each(move |call| {
+                    spawner.spawn(call);
+                    ::futures::future::ready(())
+                });
+                // The first to end ends both: the peer hung up, or it stayed silent too long.
+                ::futures::future::select(::std::pin::pin!(serving), ::std::pin::pin!(silent)).await;
+            });
         })
         .await
     }};

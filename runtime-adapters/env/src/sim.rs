@@ -67,6 +67,7 @@ impl Env {
             rng: Arc::new(SeededRng::new(seed)),
             trace: None,
             faults: None,
+            credentials: crate::rpc::Credentials::default(),
         }
     }
 }

@@ -43,8 +43,9 @@ async fn accept_errors_do_not_stop_the_server() {
     let counter = accepted.clone();
     let env = Env::tokio();
     let server = tokio::spawn(async move {
-        rpc::accept_loop(&env, Box::new(Scripted(Mutex::new(script))), "test", move |_| *counter.lock().unwrap() += 1)
-            .await;
+        let connections = rpc::Connections::new(rpc::ServerLimits::default());
+        let scripted = Box::new(Scripted(Mutex::new(script)));
+        rpc::accept_loop(&env, scripted, "test", &connections, move |_, _, _| *counter.lock().unwrap() += 1).await;
     });
     tokio::time::sleep(rpc::ACCEPT_RETRY / 2).await;
     assert_eq!(*accepted.lock().unwrap(), 1, "the second connection waits out the pause");

@@ -51,25 +51,49 @@ fn arb_metadata() -> impl Strategy<Value = InstanceMetadata> {
         arb_status(),
         any::<u32>(),
         prop::option::of("\\PC{0,30}"),
+        any::<u32>(),
+        prop::option::of(any::<u64>()),
     )
-        .prop_map(|(instance_id, node_id, module_hash, created_at, status, restarts, last_error)| {
-            InstanceMetadata { instance_id, node_id, module_hash, created_at, status, restarts, last_error }
-        })
+        .prop_map(
+            |(
+                instance_id,
+                node_id,
+                module_hash,
+                created_at,
+                status,
+                restarts,
+                last_error,
+                restart_streak,
+                backoff_ms,
+            )| {
+                InstanceMetadata {
+                    instance_id,
+                    node_id,
+                    module_hash,
+                    created_at,
+                    status,
+                    restarts,
+                    last_error,
+                    restart_streak,
+                    backoff_ms,
+                }
+            },
+        )
 }
 
 fn arb_facts() -> impl Strategy<Value = InstanceFacts> {
     arb_metadata().prop_flat_map(|metadata| {
         let id = metadata.instance_id.clone();
-        (Just(metadata), prop::collection::vec(arb_assignment(id), 0..3), arb_policy(), any::<(u64, u64)>()).prop_map(
-            |(metadata, capabilities, restart_policy, (seq, epoch))| InstanceFacts {
+        (Just(metadata), prop::collection::vec(arb_assignment(id), 0..3), arb_policy(), any::<(u64, u64, u64)>())
+            .prop_map(|(metadata, capabilities, restart_policy, (seq, epoch, boot))| InstanceFacts {
                 metadata,
                 capabilities,
                 restart_policy,
                 seq,
                 epoch,
                 lease: Some(7),
-            },
-        )
+                accepted_after: factum_proto::SnapshotMark { boot, sequence: seq / 2 },
+            })
     })
 }
 
@@ -97,8 +121,11 @@ proptest! {
         (instance_id, node_id) in ("[a-z0-9-]{1,20}", "[a-z0-9-]{1,10}"),
         status in arb_status(), timestamp in any::<u64>(), seq in any::<u64>(), restarts in any::<u32>(),
         last_error in prop::option::of("\\PC{0,40}"), epoch in any::<u64>(),
+        (restart_streak, backoff_ms) in (any::<u32>(), prop::option::of(any::<u64>())),
     ) {
-        let report = StatusReport { instance_id, node_id, status, timestamp, seq, restarts, last_error, epoch };
+        let report = StatusReport {
+            instance_id, node_id, status, timestamp, seq, restarts, last_error, epoch, restart_streak, backoff_ms,
+        };
         prop_assert_eq!(round_trip(report.clone()), report);
     }
 
@@ -114,7 +141,7 @@ proptest! {
         let capabilities = facts.iter().flat_map(|f| f.capabilities.clone()).collect();
         let start = StartInstanceRequest { instance_id: "i-1".into(), module_bytes, capabilities, restart_policy: policy, epoch, node_lease: Some(3), restarts: 2 };
         prop_assert_eq!(round_trip(start.clone()), start);
-        let report = NodeReport { protocol_version: PROTOCOL_VERSION, node_id: "n".into(), agent_addr: "h:1".into(), max_instances: 9, instances: facts, taken_at: 7, boot: 11, sequence: 5 };
+        let report = NodeReport { protocol_version: PROTOCOL_VERSION, node_id: "n".into(), agent_addr: "h:1".into(), max_instances: 9, instances: facts, boot: 11, sequence: 5 };
         prop_assert_eq!(round_trip(report.clone()), report);
     }
 }

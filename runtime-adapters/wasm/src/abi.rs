@@ -475,24 +475,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    struct NullHost;
-    impl GuestHost for NullHost {
-        fn invoke(&self, _: String, _: String, _: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
-            Box::pin(async { Vec::new() })
-        }
-        fn sleep(&self, _: Duration) -> BoxFuture<'static, ()> {
-            Box::pin(async {})
-        }
-        fn wall_nanos(&self) -> u64 {
-            0
-        }
-        fn monotonic_nanos(&self) -> u64 {
-            0
-        }
-        fn fill_random(&self, _: &mut [u8]) {}
-        fn write_output(&self, _: u32, _: &[u8]) {}
-    }
-
     fn ready(outcome: Outcome) -> i32 {
         match outcome {
             Outcome::Ready(v) => v,
@@ -508,7 +490,7 @@ mod tests {
         /// and every other WASI call (files, sockets) is NOSYS: a guest's only way out is `factum.invoke`.
         #[test]
         fn no_os_access_outside_capabilities(fd in 3i64..100_000, args in prop::collection::vec(0i64..4096, 8)) {
-            let mut state = GuestState::new(Arc::new(NullHost));
+            let mut state = GuestState::new(Arc::new(crate::fixtures::IdleHost));
             let mut mem = vec![0u8; 8192];
             let mut call = |f: HostFn, a: &[i64]| ready(dispatch(&mut state, Some(&mut mem), f, a));
             prop_assert_eq!(call(HostFn::FdWrite, &[fd, 0, 1, 16]), errno::BADF);
@@ -521,7 +503,7 @@ mod tests {
         /// Out-of-bounds pointers from a guest are EFAULT (or -EFAULT for factum calls), never a host panic.
         #[test]
         fn wild_pointers_fault(ptr in 8193i64..i64::from(u32::MAX), len in 0i64..i64::from(u32::MAX)) {
-            let mut state = GuestState::new(Arc::new(NullHost));
+            let mut state = GuestState::new(Arc::new(crate::fixtures::IdleHost));
             let mut mem = vec![0u8; 8192];
             let mut call = |f: HostFn, a: &[i64]| ready(dispatch(&mut state, Some(&mut mem), f, a));
             prop_assert_eq!(call(HostFn::ClockTimeGet, &[0, 0, ptr]), errno::FAULT);
@@ -533,7 +515,7 @@ mod tests {
 
     #[test]
     fn capability_ids_are_checked_before_they_are_copied() {
-        let mut state = GuestState::new(Arc::new(NullHost));
+        let mut state = GuestState::new(Arc::new(crate::fixtures::IdleHost));
         let mut mem = vec![b'k'; 8192];
         mem[50] = b'\n';
         let mut refusal = |len: i64| {

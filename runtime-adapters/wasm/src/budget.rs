@@ -1,13 +1,16 @@
 //! One instance's memory budget, as a resource limiter for both engines. The engines' own `StoreLimits` cap
 //! each linear memory and each table separately, so a module with many memories (multi-memory is on) or many
 //! tables could hold many times the limit; this limiter charges every memory and every table element to one
-//! budget per instance, and caps how many memories and tables an instance may define.
+//! budget per instance, and caps how many memories and tables an instance may define. What it grants is also
+//! drawn from the node's pool ([`NodeMemory`]) and given back when the store is dropped.
 //!
 //! A refused `memory.grow` or `table.grow` returns -1 to the guest, as the Wasm spec says it may; the budget
 //! remembers the refusal so that, if the guest then traps (as an allocator that cannot grow does), the crash
 //! reason names the limit instead of only `unreachable`.
 
-use crate::{ExitReason, Limits};
+use std::sync::Arc;
+
+use crate::{ExitReason, Limits, NodeMemory};
 
 /// What one table element is charged against the memory budget: a function reference on a 64-bit host.
 pub const TABLE_ELEMENT_BYTES: usize = 8;
@@ -16,6 +19,7 @@ pub const TABLE_ELEMENT_BYTES: usize = 8;
 #[derive(Debug)]
 pub(crate) struct Budget {
     limits: Limits,
+    node: Arc<NodeMemory>,
     /// Bytes held by all linear memories.
     memory_bytes: usize,
     /// Elements held by all tables.
@@ -29,8 +33,30 @@ pub(crate) struct Budget {
 }
 
 impl Budget {
-    pub(crate) fn new(limits: Limits) -> Self {
-        Self { limits, memory_bytes: 0, table_elements: 0, last_memory_charge: 0, last_table_charge: 0, refused: None }
+    pub(crate) fn new(limits: Limits, node: Arc<NodeMemory>) -> Self {
+        Self {
+            limits,
+            node,
+            memory_bytes: 0,
+            table_elements: 0,
+            last_memory_charge: 0,
+            last_table_charge: 0,
+            refused: None,
+        }
+    }
+
+    /// Draws `bytes` from the node's pool, or records why not.
+    fn draw(&mut self, bytes: usize, what: &str) -> bool {
+        match self.node.reserve(bytes) {
+            Ok(()) => true,
+            Err(used) => {
+                let capacity = self.node.capacity();
+                self.refuse(format!(
+                    "the node's memory budget of {capacity} bytes refused {what} ({used} bytes in use by all its \
+                     instances)"
+                ))
+            }
+        }
     }
 
     fn used_bytes(&self) -> usize {
@@ -56,13 +82,18 @@ impl Budget {
                  memories and tables)"
             ));
         }
+        if !self.draw(extra, &format!("{extra} more bytes")) {
+            return false;
+        }
         self.memory_bytes += extra;
         self.last_memory_charge = extra;
         true
     }
 
     fn memory_grow_failed(&mut self) {
-        self.memory_bytes = self.memory_bytes.saturating_sub(std::mem::take(&mut self.last_memory_charge));
+        let charge = std::mem::take(&mut self.last_memory_charge);
+        self.memory_bytes = self.memory_bytes.saturating_sub(charge);
+        self.node.release(charge);
     }
 
     fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> bool {
@@ -86,13 +117,18 @@ impl Budget {
                  use by its memories and tables)"
             ));
         }
+        if !self.draw(bytes, &format!("{extra} table elements")) {
+            return false;
+        }
         self.table_elements += extra;
         self.last_table_charge = extra;
         true
     }
 
     fn table_grow_failed(&mut self) {
-        self.table_elements = self.table_elements.saturating_sub(std::mem::take(&mut self.last_table_charge));
+        let charge = std::mem::take(&mut self.last_table_charge);
+        self.table_elements = self.table_elements.saturating_sub(charge);
+        self.node.release(charge.saturating_mul(TABLE_ELEMENT_BYTES));
     }
 
     /// The first growth this budget refused.
@@ -107,6 +143,12 @@ impl Budget {
             (ExitReason::Trapped(trap), Some(refused)) => ExitReason::Trapped(format!("{trap} after {refused}")),
             (exit, _) => exit,
         }
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        self.node.release(self.used_bytes());
     }
 }
 
@@ -189,7 +231,7 @@ mod tests {
     use super::*;
 
     fn budget(max_memory_bytes: usize, max_table_elements: usize) -> Budget {
-        Budget::new(Limits { max_memory_bytes, max_table_elements, ..Limits::default() })
+        Budget::new(Limits { max_memory_bytes, max_table_elements, ..Limits::default() }, Arc::default())
     }
 
     #[test]
@@ -206,6 +248,27 @@ mod tests {
         assert!(!b.memory_growing(0, 65536, None));
         let exit = b.explain(ExitReason::Trapped("unreachable".into()));
         assert!(matches!(&exit, ExitReason::Trapped(why) if why.contains("memory budget of 262144 bytes")), "{exit:?}");
+    }
+
+    #[test]
+    fn instances_draw_from_the_node_and_give_back_when_dropped() {
+        let node = Arc::new(NodeMemory::new(3 * 65536));
+        let limits = Limits { max_memory_bytes: 2 * 65536, ..Limits::default() };
+        let mut first = Budget::new(limits, node.clone());
+        let mut second = Budget::new(limits, node.clone());
+        assert!(first.memory_growing(0, 2 * 65536, None));
+        assert!(!second.memory_growing(0, 2 * 65536, None), "within its own budget, but not the node's");
+        assert!(second.refused().is_some_and(|why| why.contains("the node's memory budget of 196608 bytes")));
+        assert!(second.memory_growing(0, 65536, None));
+        assert_eq!(node.used(), 3 * 65536);
+        second.memory_grow_failed();
+        assert_eq!(node.used(), 2 * 65536, "a failed growth gives the node its bytes back");
+        assert!(!second.table_growing(0, 8_193, None));
+        assert!(second.table_growing(0, 8_192, None));
+        drop(first);
+        assert_eq!(node.used(), 65536, "a dropped store gives back what it held");
+        drop(second);
+        assert_eq!(node.used(), 0);
     }
 
     #[test]

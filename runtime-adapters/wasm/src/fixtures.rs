@@ -62,3 +62,24 @@ pub fn module(wat_source: &str) -> Vec<u8> {
 pub fn by_name(name: &str) -> Option<Vec<u8>> {
     ALL.iter().find(|(n, _)| *n == name).map(|(_, src)| module(src))
 }
+
+/// A host for guests that never call out (spin loops, engine and ABI tests): every capability call is answered
+/// with nothing, sleeps end at once, clocks read 0, and output is dropped.
+pub struct IdleHost;
+
+impl crate::GuestHost for IdleHost {
+    fn invoke(&self, _: String, _: String, _: Vec<u8>) -> futures::future::BoxFuture<'static, Vec<u8>> {
+        Box::pin(async { Vec::new() })
+    }
+    fn sleep(&self, _: std::time::Duration) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+    fn wall_nanos(&self) -> u64 {
+        0
+    }
+    fn monotonic_nanos(&self) -> u64 {
+        0
+    }
+    fn fill_random(&self, _: &mut [u8]) {}
+    fn write_output(&self, _: u32, _: &[u8]) {}
+}

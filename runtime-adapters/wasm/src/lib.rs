@@ -8,6 +8,7 @@ pub mod abi;
 mod budget;
 mod cache;
 pub mod fixtures;
+mod node_memory;
 mod wasmi_engine;
 mod wasmtime_engine;
 
@@ -20,6 +21,7 @@ use futures::future::BoxFuture;
 pub use abi::GuestHost;
 pub use budget::TABLE_ELEMENT_BYTES;
 pub use cache::{CachedModule, ModuleCache};
+pub use node_memory::NodeMemory;
 pub use wasmi_engine::{EngineBug, WasmiEngine};
 pub use wasmtime_engine::WasmtimeEngine;
 
@@ -43,6 +45,9 @@ pub struct Limits {
     pub fuel: Option<u64>,
     /// Fuel between two yields to the executor.
     pub fuel_yield_interval: u64,
+    /// Longest one call of the message handler may take, on the host's clock (host calls and sleeps
+    /// included); longer is a crash naming the deadline, so one message cannot hold the instance's queue.
+    pub handler_deadline: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -55,6 +60,7 @@ impl Default for Limits {
             start_fuel: 10_000_000,
             fuel: None,
             fuel_yield_interval: 100_000,
+            handler_deadline: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -166,4 +172,20 @@ fn too_many(what: &str, max: usize) -> EngineError {
 /// Why a message handler's failure ended a run.
 fn handler_failed(code: i32) -> ExitReason {
     ExitReason::Trapped(format!("{MESSAGE_HANDLER} returned {code}"))
+}
+
+/// Runs one handler call against its deadline on the host's clock: past it, the call is dropped (which stops
+/// the guest at its next yield, as StopInstance does) and the run ends as a crash.
+async fn within_deadline<T>(
+    host: &Arc<dyn GuestHost>,
+    deadline: std::time::Duration,
+    call: impl std::future::Future<Output = Result<T, ExitReason>>,
+) -> Result<T, ExitReason> {
+    let call = std::pin::pin!(call);
+    match futures::future::select(call, host.sleep(deadline)).await {
+        futures::future::Either::Left((result, _)) => result,
+        futures::future::Either::Right(((), _)) => {
+            Err(ExitReason::Trapped(format!("{MESSAGE_HANDLER} ran past its deadline of {deadline:?} on one message")))
+        }
+    }
 }

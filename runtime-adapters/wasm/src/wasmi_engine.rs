@@ -10,14 +10,17 @@ use wasmi::{Caller, Config, Engine, Error, ExternType, Func, Linker, Module, Res
 
 use crate::abi::{self, GuestState, Outcome, Pending, Ty};
 use crate::budget::Budget;
+use crate::NodeMemory;
 use crate::{
-    handler_failed, CompiledModule, EngineError, ExitReason, GuestHost, Instance, Limits, WasmEngine, ENTRY_POINT,
-    MESSAGE_HANDLER,
+    handler_failed, within_deadline, CompiledModule, EngineError, ExitReason, GuestHost, Instance, Limits, WasmEngine,
+    ENTRY_POINT, MESSAGE_HANDLER,
 };
 
 /// wasmi behind the [`WasmEngine`] seam.
 pub struct WasmiEngine {
     engine: Engine,
+    /// The node's memory, drawn on by every store this engine makes.
+    node_memory: Arc<NodeMemory>,
     #[cfg(feature = "injected-bugs")]
     bug: Option<EngineBug>,
     /// With [`EngineBug::RecycledMemory`]: the linear memory each module's last run ended with, by module hash.
@@ -75,6 +78,7 @@ impl WasmiEngine {
         config.consume_fuel(true);
         Self {
             engine: Engine::new(&config),
+            node_memory: Arc::default(),
             #[cfg(feature = "injected-bugs")]
             bug: None,
             #[cfg(feature = "injected-bugs")]
@@ -128,6 +132,13 @@ impl Recycler {
         if let Some(memory) = memory {
             self.pool.lock().unwrap_or_else(|p| p.into_inner()).insert(self.hash.clone(), memory.to_vec());
         }
+    }
+}
+
+impl WasmiEngine {
+    /// The same engine with its instances drawing on `node_memory` (unlimited by default).
+    pub fn with_node_memory(self, node_memory: Arc<NodeMemory>) -> Self {
+        Self { node_memory, ..self }
     }
 }
 
@@ -258,7 +269,10 @@ impl WasmEngine for WasmiEngine {
                 .ok_or_else(|| EngineError::Internal("module was compiled by another engine".into()))?;
             let mut store = Store::new(
                 &self.engine,
-                StoreData { guest: GuestState::new(host.clone()), budget: Budget::new(limits) },
+                StoreData {
+                    guest: GuestState::new(host.clone()),
+                    budget: Budget::new(limits, self.node_memory.clone()),
+                },
             );
             store.limiter(|data| &mut data.budget);
             let internal = |e: Error| EngineError::Internal(format!("{e}"));
@@ -407,12 +421,14 @@ async fn run_to_end(
         return exit;
     }
     let Some(handler) = handler else { return ExitReason::Exited(0) };
+    let deadline = fuel.limits.handler_deadline;
     while let Some(message) = host.next_message().await {
         let len = i32::try_from(message.len()).unwrap_or(i32::MAX);
         store.data_mut().guest.last_response = message;
         let mut result = [Val::I32(0)];
         let call = handler.call_resumable(&mut *store, &[Val::I32(len)], &mut result);
-        if let Err(exit) = drive(store, instance, host, fuel, call, &mut result).await {
+        let driven = drive(store, instance, host, fuel, call, &mut result);
+        if let Err(exit) = within_deadline(host, deadline, driven).await {
             return exit;
         }
         match result {

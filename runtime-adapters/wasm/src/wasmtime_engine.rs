@@ -9,14 +9,17 @@ use wasmtime::{Caller, Config, Engine, ExternType, InstancePre, Linker, Module, 
 
 use crate::abi::{self, GuestState, HostFn, Outcome, Ty};
 use crate::budget::Budget;
+use crate::NodeMemory;
 use crate::{
-    handler_failed, CompiledModule, EngineError, ExitReason, GuestHost, Instance, Limits, WasmEngine, ENTRY_POINT,
-    MESSAGE_HANDLER,
+    handler_failed, within_deadline, CompiledModule, EngineError, ExitReason, GuestHost, Instance, Limits, WasmEngine,
+    ENTRY_POINT, MESSAGE_HANDLER,
 };
 
 /// wasmtime behind the [`WasmEngine`] seam.
 pub struct WasmtimeEngine {
     engine: Engine,
+    /// The node's memory, drawn on by every store this engine makes.
+    node_memory: Arc<NodeMemory>,
 }
 
 /// What a store carries: the ABI state and its memory budget.
@@ -57,7 +60,12 @@ impl WasmtimeEngine {
         let mut config = Config::new();
         config.consume_fuel(true);
         let engine = Engine::new(&config).map_err(|e| EngineError::Internal(format!("wasmtime config: {e}")))?;
-        Ok(Self { engine })
+        Ok(Self { engine, node_memory: Arc::default() })
+    }
+
+    /// The same engine with its instances drawing on `node_memory` (unlimited by default).
+    pub fn with_node_memory(self, node_memory: Arc<NodeMemory>) -> Self {
+        Self { node_memory, ..self }
     }
 }
 
@@ -133,7 +141,7 @@ impl WasmEngine for WasmtimeEngine {
     }
 
     fn compile(&self, bytes: &[u8]) -> Result<Arc<dyn CompiledModule>, EngineError> {
-        let module = Module::new(&self.engine, bytes).map_err(|e| EngineError::InvalidModule(format!("{e}")))?;
+        let module = Module::new(&self.engine, bytes).map_err(|e| EngineError::InvalidModule(format!("{e:#}")))?;
         match module.get_export(ENTRY_POINT) {
             Some(ExternType::Func(f)) if f.params().len() == 0 && f.results().len() == 0 => {}
             _ => {
@@ -182,8 +190,10 @@ impl WasmEngine for WasmtimeEngine {
                 .as_any()
                 .downcast_ref::<Compiled>()
                 .ok_or_else(|| EngineError::Internal("module was compiled by another engine".into()))?;
-            let mut store =
-                Store::new(&self.engine, StoreData { guest: GuestState::new(host), budget: Budget::new(limits) });
+            let mut store = Store::new(
+                &self.engine,
+                StoreData { guest: GuestState::new(host), budget: Budget::new(limits, self.node_memory.clone()) },
+            );
             store.limiter(|data| &mut data.budget);
             let internal = |e: wasmtime::Error| EngineError::Internal(format!("{e}"));
             store.fuel_async_yield_interval(Some(limits.fuel_yield_interval.max(1))).map_err(internal)?;
@@ -197,7 +207,8 @@ impl WasmEngine for WasmtimeEngine {
                 .get_typed_func::<(), ()>(&mut store, ENTRY_POINT)
                 .map_err(|e| EngineError::InvalidModule(format!("{e}")))?;
             let handler = instance.get_typed_func::<i32, i32>(&mut store, MESSAGE_HANDLER).ok();
-            Ok(Box::new(WasmtimeInstance { store, start, handler }) as Box<dyn Instance>)
+            let deadline = limits.handler_deadline;
+            Ok(Box::new(WasmtimeInstance { store, start, handler, deadline }) as Box<dyn Instance>)
         })
     }
 }
@@ -206,6 +217,7 @@ struct WasmtimeInstance {
     store: Store<StoreData>,
     start: TypedFunc<(), ()>,
     handler: Option<TypedFunc<i32, i32>>,
+    deadline: std::time::Duration,
 }
 
 /// Why instantiating failed: a limit (RESOURCE_EXHAUSTED, naming it) or the module (INVALID_REQUEST).
@@ -243,9 +255,9 @@ fn exit_reason(e: &wasmtime::Error) -> ExitReason {
 
 impl Instance for WasmtimeInstance {
     fn run(self: Box<Self>) -> BoxFuture<'static, ExitReason> {
-        let WasmtimeInstance { mut store, start, handler } = *self;
+        let WasmtimeInstance { mut store, start, handler, deadline } = *self;
         Box::pin(async move {
-            let exit = run_to_end(&mut store, start, handler).await;
+            let exit = run_to_end(&mut store, start, handler, deadline).await;
             store.data().budget.explain(exit)
         })
     }
@@ -256,6 +268,7 @@ async fn run_to_end(
     store: &mut Store<StoreData>,
     start: TypedFunc<(), ()>,
     handler: Option<TypedFunc<i32, i32>>,
+    deadline: std::time::Duration,
 ) -> ExitReason {
     if let Err(e) = start.call_async(&mut *store, ()).await {
         return exit_reason(&e);
@@ -265,10 +278,11 @@ async fn run_to_end(
     while let Some(message) = host.next_message().await {
         let len = i32::try_from(message.len()).unwrap_or(i32::MAX);
         store.data_mut().guest.last_response = message;
-        match handler.call_async(&mut *store, len).await {
+        let call = async { handler.call_async(&mut *store, len).await.map_err(|e| exit_reason(&e)) };
+        match within_deadline(&host, deadline, call).await {
             Ok(0) => {}
             Ok(code) => return handler_failed(code),
-            Err(e) => return exit_reason(&e),
+            Err(exit) => return exit,
         }
     }
     ExitReason::Exited(0)

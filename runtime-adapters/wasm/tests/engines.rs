@@ -313,29 +313,11 @@ proptest::proptest! {
             bytes.truncate(cut.index(bytes.len()));
         }
         bytes.extend(tail.unwrap_or_default());
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
-        rt.block_on(async {
-            for engine in engines() {
-                let compiled = match engine.compile(&bytes) {
-                    Ok(compiled) => compiled,
-                    Err(e) => {
-                        proptest::prop_assert!(matches!(e, EngineError::InvalidModule(_)), "{}: {e:?}", engine.name());
-                        continue;
-                    }
-                };
-                let limits = Limits { fuel: Some(200_000), fuel_yield_interval: 10_000, start_fuel: 200_000, ..Limits::default() };
-                match engine.instantiate(&compiled, Arc::new(RecordingHost::default()), limits).await {
-                    Ok(instance) => {
-                        let run = tokio::time::timeout(Duration::from_secs(60), instance.run()).await;
-                        // Fuel bounds computing, not waiting: a guest that sleeps in a loop may outlive the timeout.
-                        let sleeps = ["sleeper", "kv_greeter", "http_getter", "publisher", "os_probe", "random_trap"];
-                        proptest::prop_assert!(run.is_ok() || sleeps.contains(&fixture.0), "{}: {} ran past its fuel", engine.name(), fixture.0);
-                    }
-                    Err(e) => proptest::prop_assert!(!matches!(e, EngineError::Internal(_)), "{}: {e:?}", engine.name()),
-                }
-            }
-            Ok(())
-        })?;
+        // Fuel bounds computing, not waiting: a guest that sleeps in a loop may outlive the timeout.
+        let sleeps = ["sleeper", "kv_greeter", "http_getter", "publisher", "os_probe", "random_trap"];
+        for (engine, end) in fuzz_through_engines(&bytes)? {
+            proptest::prop_assert!(end.is_some() || sleeps.contains(&fixture.0), "{engine}: {} ran past its fuel", fixture.0);
+        }
     }
 }
 
@@ -362,4 +344,88 @@ async fn a_host_function_imported_twice_is_linked_once_and_serves_both() {
         );
         assert_eq!(host.output.lock().unwrap().as_slice(), b"hi\nhi\n", "{}", engine.name());
     }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+    /// Valid modules of every shape (wasm-smith: many memories, tables, globals, element and data segments,
+    /// start functions, loops, recursion) go through both engines: refused with INVALID_REQUEST (a feature
+    /// factum does not offer) or RESOURCE_EXHAUSTED (a limit), or compiled, instantiated and run under fuel.
+    /// Never a panic, an internal error or a run past its fuel; and where both engines run a module to its end
+    /// (neither out of fuel nor out of stack, whose bounds differ by engine), they end it the same way.
+    #[test]
+    fn generated_modules_never_panic_either_engine(seed in proptest::collection::vec(proptest::prelude::any::<u8>(), 64..2048)) {
+        // The features both engines take (no GC, exceptions, threads, memory64, SIMD or wide arithmetic:
+        // INVALID_REQUEST would be all they showed), and a `_start: () -> ()` export, so most modules run.
+        let config = wasm_smith::Config {
+            exports: Some(wat::parse_str(r#"(module (func (export "_start")))"#).unwrap()),
+            max_imports: 0,
+            max_memories: 6,
+            max_tables: 20,
+            gc_enabled: false,
+            reference_types_enabled: false,
+            exceptions_enabled: false,
+            threads_enabled: false,
+            memory64_enabled: false,
+            simd_enabled: false,
+            relaxed_simd_enabled: false,
+            wide_arithmetic_enabled: false,
+            ..wasm_smith::Config::default()
+        };
+        let Ok(module) = wasm_smith::Module::new(config, &mut arbitrary::Unstructured::new(&seed)) else {
+            return Ok(()); // too few bytes for a module
+        };
+        let bytes = module.to_bytes();
+        let mut ends = Vec::new();
+        for (engine, end) in fuzz_through_engines(&bytes)? {
+            proptest::prop_assert!(end.is_some(), "{engine}: a generated module ran past its fuel");
+            ends.extend(end);
+        }
+        let bounded = |end: &ExitReason| {
+            matches!(end, ExitReason::OutOfFuel)
+                || matches!(end, ExitReason::Trapped(why) if why.contains("call stack exhausted"))
+        };
+        if let [a, b] = ends.as_slice() {
+            if !bounded(a) && !bounded(b) {
+                let same = match (a, b) {
+                    (ExitReason::Exited(x), ExitReason::Exited(y)) => x == y,
+                    (ExitReason::Trapped(_), ExitReason::Trapped(_)) => true,
+                    _ => false,
+                };
+                proptest::prop_assert!(same, "the engines disagree: {a:?} and {b:?}");
+            }
+        }
+    }
+}
+
+/// Compiles `bytes` on both engines and, where that works, instantiates and runs it under a small fuel budget
+/// (virtual time): a refusal must carry the right code. Answers each engine that got to run it, with its end
+/// (`None`: still running after 60 s).
+fn fuzz_through_engines(
+    bytes: &[u8],
+) -> Result<Vec<(&'static str, Option<ExitReason>)>, proptest::test_runner::TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    rt.block_on(async {
+        let mut ran = Vec::new();
+        for engine in engines() {
+            let compiled = match engine.compile(bytes) {
+                Ok(compiled) => compiled,
+                Err(e) => {
+                    proptest::prop_assert!(matches!(e, EngineError::InvalidModule(_)), "{}: {e:?}", engine.name());
+                    continue;
+                }
+            };
+            let limits =
+                Limits { fuel: Some(200_000), fuel_yield_interval: 10_000, start_fuel: 200_000, ..Limits::default() };
+            match engine.instantiate(&compiled, Arc::new(RecordingHost::default()), limits).await {
+                Ok(instance) => {
+                    let end = tokio::time::timeout(Duration::from_secs(60), instance.run()).await.ok();
+                    ran.push((engine.name(), end));
+                }
+                Err(e) => proptest::prop_assert!(!matches!(e, EngineError::Internal(_)), "{}: {e:?}", engine.name()),
+            }
+        }
+        Ok(ran)
+    })
 }

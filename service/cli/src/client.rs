@@ -15,16 +15,25 @@ use crate::{ClientOpts, Command, Output};
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn connect(opts: &ClientOpts) -> Result<(Env, ControlPlaneClient)> {
-    let env = Env::tokio();
+    let credentials = match &opts.tls {
+        None => rpc::Credentials::claim(opts.identity.clone()),
+        Some(dir) => rpc::Credentials::tls(opts.identity.clone(), rpc::tls::Tls::from_dir(dir, &opts.identity)?),
+    };
+    let env = Env::tokio().with_credentials(credentials);
     let stream = env
-        .timeout(CLIENT_TIMEOUT, env.net.connect(&opts.control_plane))
+        .timeout(CLIENT_TIMEOUT, rpc::dial(&env, &opts.control_plane, &factum_proto::Principal::ControlPlane))
         .await
         .ok_or_else(|| anyhow!("COMMUNICATION_FAILURE: connecting to {} timed out", opts.control_plane))?
-        .with_context(|| {
-            format!(
-                "COMMUNICATION_FAILURE: cannot reach the control plane at {} (is `factum up` running?)",
-                opts.control_plane
-            )
+        .map_err(|e| {
+            use std::io::ErrorKind::{ConnectionRefused, NotFound, PermissionDenied};
+            let addr = &opts.control_plane;
+            match e.kind() {
+                PermissionDenied => anyhow!("PERMISSION_DENIED: {e}"),
+                ConnectionRefused | NotFound => {
+                    anyhow!("COMMUNICATION_FAILURE: cannot reach the control plane at {addr} (is `factum up` running?): {e}")
+                }
+                _ => anyhow!("COMMUNICATION_FAILURE: the control plane at {addr} could not be called: {e}"),
+            }
         })?;
     let client =
         rpc::start_client(&env, ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream)));
@@ -35,7 +44,7 @@ async fn connect(opts: &ClientOpts) -> Result<(Env, ControlPlaneClient)> {
 async fn call<T>(env: &Env, fut: impl std::future::Future<Output = Result<T, tarpc::client::RpcError>>) -> Result<T> {
     match env.timeout(CLIENT_TIMEOUT, fut).await {
         Some(Ok(v)) => Ok(v),
-        Some(Err(e)) => bail!("COMMUNICATION_FAILURE: {e}"),
+        Some(Err(e)) => bail!("COMMUNICATION_FAILURE: {}", rpc::describe(&e)),
         None => bail!("COMMUNICATION_FAILURE: the control plane did not answer within {CLIENT_TIMEOUT:?}"),
     }
 }
@@ -52,8 +61,9 @@ async fn start_retrying(
     request: StartRequest,
 ) -> Result<Result<String, ErrorResponse>> {
     let mut attempt = 1;
+    let ctx = rpc::traced_context(&env); // every attempt under one correlation id
     loop {
-        match call(&env, cp.start_instance(rpc::rpc_context(), request.clone())).await {
+        match call(&env, cp.start_instance(ctx, request.clone())).await {
             Ok(answer) => return Ok(answer),
             Err(e) if attempt < START_ATTEMPTS => {
                 eprintln!("{e}; sending the same start again");
@@ -119,14 +129,21 @@ fn instances_table(instances: &[InstanceMetadata]) -> String {
         "INSTANCE", "NODE", "STATUS", "RESTARTS", "MODULE", "LAST ERROR"
     );
     for m in instances {
+        // Kubernetes' CrashLoopBackOff: the status alone would flicker between crashed, starting and running.
+        let status = if m.in_crash_loop() { "crash-loop".to_string() } else { m.status.to_string() };
+        let mut last_error = m.last_error.clone().unwrap_or_default();
+        if let Some(ms) = m.backoff_ms {
+            let wait = humantime::format_duration(std::time::Duration::from_millis(ms));
+            last_error = format!("restarts after {wait} ({} in a row): {last_error}", m.restart_streak);
+        }
         out.push_str(&format!(
             "{:<24} {:<10} {:<10} {:>8}  {:<14} {}\n",
             m.instance_id,
             m.node_id,
-            m.status,
+            status,
             m.restarts,
             m.module_hash.get(..12).unwrap_or(&m.module_hash),
-            m.last_error.as_deref().unwrap_or("")
+            last_error
         ));
     }
     out
@@ -159,17 +176,25 @@ pub async fn run(command: Command) -> Result<()> {
         }
         Command::Stop { instance_id, client } => {
             let (env, cp) = connect(&client).await?;
-            api(call(&env, cp.stop_instance(rpc::rpc_context(), instance_id.clone())).await?)?;
+            api(call(&env, cp.stop_instance(rpc::traced_context(&env), instance_id.clone())).await?)?;
             print(client.output, &serde_json::json!({ "stopped": instance_id }), |_| format!("stopped {instance_id}\n"))
+        }
+        Command::Rm { instance_id, force, client } => {
+            let (env, cp) = connect(&client).await?;
+            if force {
+                api(call(&env, cp.stop_instance(rpc::traced_context(&env), instance_id.clone())).await?)?;
+            }
+            api(call(&env, cp.remove_instance(rpc::traced_context(&env), instance_id.clone())).await?)?;
+            print(client.output, &serde_json::json!({ "removed": instance_id }), |_| format!("removed {instance_id}\n"))
         }
         Command::Ps { client } => {
             let (env, cp) = connect(&client).await?;
-            let instances = call(&env, cp.list_instances(rpc::rpc_context())).await?;
+            let instances = api(call(&env, cp.list_instances(rpc::traced_context(&env))).await?)?;
             print(client.output, &instances, |i| instances_table(i))
         }
         Command::Inspect { instance_id, client } => {
             let (env, cp) = connect(&client).await?;
-            let details = api(call(&env, cp.query_instance(rpc::rpc_context(), instance_id)).await?)?;
+            let details = api(call(&env, cp.query_instance(rpc::traced_context(&env), instance_id)).await?)?;
             print(client.output, &details, |d| {
                 let mut out = instances_table(std::slice::from_ref(&d.metadata));
                 out.push_str(&format!("restart policy: {}\n", d.restart_policy));
@@ -187,7 +212,7 @@ pub async fn run(command: Command) -> Result<()> {
         Command::Grant { instance_id, capability_id, permissions, client } => {
             let (env, cp) = connect(&client).await?;
             let call_ = cp.assign_capability(
-                rpc::rpc_context(),
+                rpc::traced_context(&env),
                 instance_id.clone(),
                 capability_id.clone(),
                 split_perms(&permissions),
@@ -199,15 +224,18 @@ pub async fn run(command: Command) -> Result<()> {
         }
         Command::Revoke { instance_id, capability_id, client } => {
             let (env, cp) = connect(&client).await?;
-            api(call(&env, cp.revoke_capability(rpc::rpc_context(), instance_id.clone(), capability_id.clone()))
-                .await?)?;
+            api(call(
+                &env,
+                cp.revoke_capability(rpc::traced_context(&env), instance_id.clone(), capability_id.clone()),
+            )
+            .await?)?;
             print(client.output, &serde_json::json!({ "revoked": capability_id, "instance_id": instance_id }), |_| {
                 format!("revoked {capability_id} from {instance_id}\n")
             })
         }
         Command::Nodes { client } => {
             let (env, cp) = connect(&client).await?;
-            let nodes = call(&env, cp.list_nodes(rpc::rpc_context())).await?;
+            let nodes = api(call(&env, cp.list_nodes(rpc::traced_context(&env))).await?)?;
             print(client.output, &nodes, |nodes| {
                 let mut out = format!("{:<12} {:<22} {:<10} {:>9}\n", "NODE", "ADDRESS", "AVAILABLE", "INSTANCES");
                 for n in nodes {
@@ -221,7 +249,7 @@ pub async fn run(command: Command) -> Result<()> {
         }
         Command::Kv { capability_id, prefix, client } => {
             let (env, cp) = connect(&client).await?;
-            let entries = api(call(&env, cp.inspect_kv(rpc::rpc_context(), capability_id, prefix)).await?)?;
+            let entries = api(call(&env, cp.inspect_kv(rpc::traced_context(&env), capability_id, prefix)).await?)?;
             let shown: Vec<serde_json::Value> = entries
                 .iter()
                 .map(|e| serde_json::json!({ "node_id": e.node_id, "key": e.key, "value": String::from_utf8_lossy(&e.value) }))
@@ -233,6 +261,42 @@ pub async fn run(command: Command) -> Result<()> {
                     .collect()
             })
         }
-        Command::Up { .. } | Command::ControlPlane { .. } | Command::Agent { .. } => bail!("not a client command"),
+        Command::Up { .. } | Command::ControlPlane { .. } | Command::Agent { .. } | Command::Certs { .. } => {
+            bail!("not a client command")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use factum_proto::InstanceStatus;
+
+    use super::*;
+
+    #[test]
+    fn ps_names_a_crash_loop_and_its_wait() {
+        let looping = InstanceMetadata {
+            instance_id: "i-1".into(),
+            node_id: "n1".into(),
+            module_hash: "0123456789abcdef".into(),
+            created_at: 0,
+            status: InstanceStatus::Crashed,
+            restarts: 9,
+            last_error: Some("trapped: unreachable".into()),
+            restart_streak: 10,
+            backoff_ms: Some(51_200),
+        };
+        let steady = InstanceMetadata {
+            instance_id: "i-2".into(),
+            status: InstanceStatus::Running,
+            restart_streak: 1,
+            backoff_ms: None,
+            ..looping.clone()
+        };
+        let table = instances_table(&[looping, steady]);
+        let rows: Vec<&str> = table.lines().collect();
+        assert!(rows[1].contains("crash-loop"), "{table}");
+        assert!(rows[1].contains("restarts after 51s 200ms (10 in a row): trapped: unreachable"), "{table}");
+        assert!(rows[2].contains("running") && !rows[2].contains("restarts after"), "{table}");
     }
 }

@@ -5,16 +5,19 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use factum_control_plane::{ControlPlane, ControlPlaneConfig};
+use factum_env::rpc::{self, tls::Tls};
 use factum_env::Env;
-use factum_node_agent::{Agent, AgentConfig, Providers};
+use factum_node_agent::{Agent, AgentConfig, CompileLimits, Providers};
+use factum_proto::Principal;
 use factum_providers::{
-    HttpLimits, HttpProvider, KvProvider, MessagingProvider, NatsBus, RedisStore, DEFAULT_MAX_KEYS_PER_STORE,
+    BackendTls, HttpLimits, HttpProvider, KvProvider, MessagingProvider, NatsBus, RedisStore,
+    DEFAULT_MAX_KEYS_PER_STORE,
 };
-use factum_wasm::{Limits, WasmEngine, WasmiEngine, WasmtimeEngine};
+use factum_wasm::{Limits, NodeMemory, WasmEngine, WasmiEngine, WasmtimeEngine};
 
 use factum_registry::{EtcdRegistry, Registry};
 
-use crate::{AgentOpts, EngineKind, RegistryOpts};
+use crate::{AgentOpts, EngineKind, LogFormat, RegistryOpts, TlsOpts};
 
 /// Prints a status line; a closed stdout (e.g. `factum up | head -1`) must not take the daemon down.
 fn say(line: String) {
@@ -24,11 +27,42 @@ fn say(line: String) {
     let _ = out.flush();
 }
 
-fn init_logging() {
+/// Logs to stderr in `format`, at `RUST_LOG`'s levels (info by default).
+pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    // Colour only for a person at a terminal: escape codes garble a log file or a journal.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    let log = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        // Colour only for a person at a terminal: escape codes garble a log file or a journal.
+        LogFormat::Text => log.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init(),
+        LogFormat::Json => log.json().try_init(),
+    };
+}
+
+/// `env` with mutual TLS as `principal` when `tls` names a certificate directory; as it is (plaintext) if not.
+fn secured(env: &Env, tls: &TlsOpts, principal: Principal) -> Result<Env> {
+    let Some(dir) = &tls.tls else { return Ok(env.clone()) };
+    let certificates = Tls::from_dir(dir, &principal)?;
+    say(format!("{principal}: mutual TLS with the certificates in {}", dir.display()));
+    Ok(env.clone().with_credentials(rpc::Credentials::tls(principal, certificates)))
+}
+
+/// Warns when a plaintext listener is reachable from other machines: over plaintext a peer is whoever it
+/// claims to be in its hello, which only a loopback address makes safe.
+fn warn_if_exposed(env: &Env, what: &str, addr: &str) {
+    // Parsing an address, not opening a socket: `core::net` keeps the network seam lint meaningful.
+    let loopback = addr.parse::<core::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
+    if !loopback && env.credentials.tls.is_none() {
+        tracing::warn!("the {what} listens on {addr} in plaintext: any peer that reaches it can claim any identity");
+    }
+}
+
+/// Three quarters of the host's memory (`MemTotal` in `/proc/meminfo`), leaving the rest to the agent itself
+/// and the host; `None` where that cannot be read.
+fn default_node_memory_mib() -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize =
+        meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib / 1024 * 3 / 4)
 }
 
 /// Connects to etcd if endpoints are given.
@@ -36,7 +70,17 @@ async fn connect_registry(env: &Env, opts: &RegistryOpts) -> Result<Option<Arc<d
     if opts.etcd.is_empty() {
         return Ok(None);
     }
-    let registry = EtcdRegistry::connect(env.clone(), &opts.etcd, &opts.etcd_prefix, Duration::from_secs(5))
+    let tls = BackendTls::from_files(&opts.etcd_ca, &opts.etcd_cert, &opts.etcd_key);
+    let user = match &opts.etcd_user {
+        Some(name) => {
+            let password = std::env::var("FACTUM_ETCD_PASSWORD")
+                .with_context(|| format!("--etcd-user {name} needs its password in FACTUM_ETCD_PASSWORD"))?;
+            Some((name.clone(), password))
+        }
+        None => None,
+    };
+    let timeout = Duration::from_secs(5);
+    let registry = EtcdRegistry::connect_with(env.clone(), &opts.etcd, &opts.etcd_prefix, timeout, &tls, user)
         .await
         .with_context(|| format!("cannot use etcd at {}", opts.etcd.join(",")))?;
     say(format!("registry: etcd at {} (prefix {})", opts.etcd.join(","), opts.etcd_prefix));
@@ -49,9 +93,12 @@ async fn start_control_plane(
     listen: &str,
     config: ControlPlaneConfig,
     registry: Option<Arc<dyn Registry>>,
+    tls: &TlsOpts,
 ) -> Result<(ControlPlane, String)> {
+    let env = &secured(env, tls, Principal::ControlPlane)?;
     let listener = env.net.bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
+    warn_if_exposed(env, "control plane", &addr);
     let cp = ControlPlane::new(env.clone(), config);
     env.spawn(cp.clone().run_failure_detector());
     if let Some(registry) = registry {
@@ -67,17 +114,29 @@ async fn start_agent(
     control_plane: String,
     opts: AgentOpts,
     registry: Option<Arc<dyn Registry>>,
+    tls: &TlsOpts,
 ) -> Result<(Agent, String)> {
+    let env = &secured(env, tls, Principal::Node(opts.node_id.clone()))?;
     let listener =
         env.net.bind(&opts.agent_listen).await.with_context(|| format!("cannot listen on {}", opts.agent_listen))?;
     let addr = listener.local_addr()?;
+    warn_if_exposed(env, "agent", &addr);
+    let node_memory = match opts.node_memory_mib.or_else(default_node_memory_mib) {
+        Some(mib) => {
+            say(format!("node memory budget: {mib} MiB for all instances together"));
+            NodeMemory::new(mib.saturating_mul(1024 * 1024))
+        }
+        None => NodeMemory::unlimited(),
+    };
+    let node_memory = Arc::new(node_memory);
     let engine: Arc<dyn WasmEngine> = match opts.engine {
-        EngineKind::Wasmtime => Arc::new(WasmtimeEngine::new()?),
-        EngineKind::Wasmi => Arc::new(WasmiEngine::new()),
+        EngineKind::Wasmtime => Arc::new(WasmtimeEngine::new()?.with_node_memory(node_memory)),
+        EngineKind::Wasmi => Arc::new(WasmiEngine::new().with_node_memory(node_memory)),
     };
     let mut config = AgentConfig::new(opts.node_id, addr.clone());
     config.max_instances = opts.max_instances;
     config.lease_ttl = opts.lease_ttl;
+    config.compile_limits = CompileLimits { concurrency: opts.compile_concurrency, budget: opts.compile_budget };
     config.limits = Limits {
         max_memory_bytes: opts.max_memory_mib.saturating_mul(1024 * 1024),
         max_table_elements: opts.max_table_elements,
@@ -87,11 +146,17 @@ async fn start_agent(
     let kv = match &opts.kv_redis {
         None => KvProvider::new(),
         Some(url) => {
-            let store =
-                RedisStore::connect(url, &opts.kv_namespace, DEFAULT_MAX_KEYS_PER_STORE, Duration::from_secs(5))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))
-                    .with_context(|| format!("cannot use Redis at {url} for KV"))?;
+            let tls = BackendTls::from_files(&opts.kv_redis_ca, &opts.kv_redis_cert, &opts.kv_redis_key);
+            let store = RedisStore::connect_with(
+                url,
+                &opts.kv_namespace,
+                DEFAULT_MAX_KEYS_PER_STORE,
+                Duration::from_secs(5),
+                &tls,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("cannot use Redis at {url} for KV"))?;
             say(format!("kv: redis at {url} (namespace {})", opts.kv_namespace));
             KvProvider::with_backend(Arc::new(store))
         }
@@ -100,7 +165,8 @@ async fn start_agent(
     let messaging = match &opts.msg_nats {
         None => MessagingProvider::in_memory(),
         Some(url) => {
-            let bus = NatsBus::connect(url, &opts.msg_prefix, Duration::from_secs(5), env.spawner.clone())
+            let tls = BackendTls::from_files(&opts.msg_nats_ca, &opts.msg_nats_cert, &opts.msg_nats_key);
+            let bus = NatsBus::connect_with(url, &opts.msg_prefix, Duration::from_secs(5), env.clone(), &tls)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .with_context(|| format!("cannot use NATS at {url} for messaging"))?;
@@ -118,31 +184,53 @@ async fn start_agent(
     Ok((agent, addr))
 }
 
-/// Waits for Ctrl-C or, on Unix, SIGTERM (what `kill`, systemd and container runtimes send to stop a daemon).
-async fn wait_for_shutdown() -> Result<()> {
+/// Ctrl-C and, on Unix, SIGTERM (what `kill`, systemd and container runtimes send to stop a daemon), taken
+/// when a daemon starts: until a handler exists the default action kills the process with status 143, so a
+/// stop sent while the daemon is still starting (CI saw it) would skip the clean shutdown.
+struct Shutdown {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).context("cannot wait for SIGTERM")?;
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn listen() -> Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                term: signal(SignalKind::terminate()).context("cannot wait for SIGTERM")?,
+                interrupt: signal(SignalKind::interrupt()).context("cannot wait for Ctrl-C")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Waits for either signal; one that came while the daemon was starting counts.
+    async fn wait(mut self) -> Result<()> {
+        #[cfg(unix)]
         tokio::select! {
             biased;
-            ctrl_c = tokio::signal::ctrl_c() => ctrl_c.context("cannot wait for Ctrl-C")?,
-            _ = term.recv() => {}
+            _ = self.interrupt.recv() => {}
+            _ = self.term.recv() => {}
         }
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+        tracing::info!("shutting down");
+        Ok(())
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
-    tracing::info!("shutting down");
-    Ok(())
 }
 
 /// `factum up`: control plane + one agent + in-memory KV in this process.
-pub async fn up(listen: String, agent_opts: AgentOpts) -> Result<()> {
-    init_logging();
+pub async fn up(listen: String, retention: Duration, agent_opts: AgentOpts, tls: TlsOpts) -> Result<()> {
+    let shutdown = Shutdown::listen()?;
     let env = Env::tokio();
-    let (cp, cp_addr) = start_control_plane(&env, &listen, ControlPlaneConfig::default(), None).await?;
+    let config = ControlPlaneConfig { retention, ..ControlPlaneConfig::default() };
+    let (cp, cp_addr) = start_control_plane(&env, &listen, config, None, &tls).await?;
     let engine = agent_opts.engine;
-    let (agent, agent_addr) = start_agent(&env, cp_addr.clone(), agent_opts, None).await?;
+    let (agent, agent_addr) = start_agent(&env, cp_addr.clone(), agent_opts, None, &tls).await?;
     // Say "up" only once the node can take instances, so a `factum start` right after it is placed.
     for _ in 0..200 {
         if cp.list_nodes().iter().any(|n| n.available) {
@@ -152,32 +240,41 @@ pub async fn up(listen: String, agent_opts: AgentOpts) -> Result<()> {
     }
     say(format!("factum is up: control plane listening on {cp_addr}"));
     say(format!("node {} ({engine:?}) listening on {agent_addr}", agent.node_id()));
-    say(format!("try: factum start guests/fixtures/kv_greeter.wat --cap kv=kv:write --control-plane {cp_addr}"));
-    let result = wait_for_shutdown().await;
+    let tls_flag = tls.tls.as_ref().map(|d| format!(" --tls {}", d.display())).unwrap_or_default();
+    say(format!(
+        "try: factum start guests/fixtures/kv_greeter.wat --cap kv=kv:write --control-plane {cp_addr}{tls_flag}"
+    ));
+    let result = shutdown.wait().await;
     agent.stop_all();
     agent.shutdown_providers().await;
     result
 }
 
 /// `factum control-plane`.
-pub async fn control_plane(listen: String, reschedule: bool, registry: RegistryOpts) -> Result<()> {
-    init_logging();
+pub async fn control_plane(
+    listen: String,
+    reschedule: bool,
+    retention: Duration,
+    registry: RegistryOpts,
+    tls: TlsOpts,
+) -> Result<()> {
+    let shutdown = Shutdown::listen()?;
     let env = Env::tokio();
     let registry = connect_registry(&env, &registry).await?;
-    let config = ControlPlaneConfig { reschedule, ..ControlPlaneConfig::default() };
-    let (_, addr) = start_control_plane(&env, &listen, config, registry).await?;
+    let config = ControlPlaneConfig { reschedule, retention, ..ControlPlaneConfig::default() };
+    let (_, addr) = start_control_plane(&env, &listen, config, registry, &tls).await?;
     say(format!("control plane listening on {addr}"));
-    wait_for_shutdown().await
+    shutdown.wait().await
 }
 
 /// `factum agent`.
-pub async fn agent(control_plane: String, opts: AgentOpts, registry: RegistryOpts) -> Result<()> {
-    init_logging();
+pub async fn agent(control_plane: String, opts: AgentOpts, registry: RegistryOpts, tls: TlsOpts) -> Result<()> {
+    let shutdown = Shutdown::listen()?;
     let env = Env::tokio();
     let registry = connect_registry(&env, &registry).await?;
-    let (agent, addr) = start_agent(&env, control_plane.clone(), opts, registry).await?;
+    let (agent, addr) = start_agent(&env, control_plane.clone(), opts, registry, &tls).await?;
     say(format!("node {} listening on {addr}, reporting to {control_plane}", agent.node_id()));
-    let result = wait_for_shutdown().await;
+    let result = shutdown.wait().await;
     agent.stop_all();
     agent.shutdown_providers().await;
     result

@@ -1,6 +1,7 @@
 //! The `factum` command line: run the orchestrator (`up`, `control-plane`, `agent`) and talk to it (`start`,
 //! `stop`, `ps`, `inspect`, `grant`, `revoke`, `nodes`, `kv`).
 
+pub mod certs;
 mod client;
 mod daemon;
 
@@ -18,6 +19,19 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// How the daemons (`up`, `control-plane`, `agent`) write their log to stderr: `text` for people, `json`
+    /// (one object per line) for log shippers. Audit events are under the target `factum::audit` in either.
+    #[arg(long, value_enum, env = "FACTUM_LOG_FORMAT", default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// How daemons log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, coloured only on a terminal.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Output format of client commands.
@@ -47,6 +61,28 @@ pub struct ClientOpts {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
+    /// Who to call as: `operator/NAME` (every call) or `reader/NAME` (ps, inspect, nodes). Over plaintext the
+    /// control plane takes this as claimed, so plaintext belongs on loopback only.
+    #[arg(long = "as", env = "FACTUM_IDENTITY", default_value = "operator/local", global = true,
+          value_parser = parse_principal)]
+    pub identity: factum_proto::Principal,
+    /// Call over mutual TLS with the certificate of `--as` from this directory (see `factum certs`).
+    #[arg(long, env = "FACTUM_TLS", global = true)]
+    pub tls: Option<std::path::PathBuf>,
+}
+
+/// Transport security of a daemon.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TlsOpts {
+    /// Serve and call over mutual TLS with the certificates in this directory (`factum certs init` makes
+    /// them): every peer must show a certificate of its CA naming who it says it is. Unset: plaintext, where
+    /// peers are who they claim to be; keep that to loopback.
+    #[arg(long, env = "FACTUM_TLS")]
+    pub tls: Option<std::path::PathBuf>,
+}
+
+fn parse_principal(s: &str) -> Result<factum_proto::Principal, String> {
+    s.parse().map_err(|e: factum_proto::ErrorResponse| e.message)
 }
 
 /// Options of an agent.
@@ -68,12 +104,23 @@ pub struct AgentOpts {
     /// counts 8 bytes). A growth beyond fails; a module that does not fit is refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 64)]
     pub max_memory_mib: usize,
+    /// Memory budget of the whole node, in MiB: every instance's memories and tables draw on it as well as on
+    /// their own budget, so a start whose memory does not fit is RESOURCE_EXHAUSTED and a growth beyond fails.
+    /// Default: three quarters of the host's memory.
+    #[arg(long)]
+    pub node_memory_mib: Option<usize>,
     /// Most table elements per instance, across all its tables.
     #[arg(long, default_value_t = factum_wasm::Limits::default().max_table_elements)]
     pub max_table_elements: usize,
     /// Fuel budget per run (roughly Wasm instructions); a run that uses it up crashes. Unlimited if unset.
     #[arg(long)]
     pub fuel: Option<u64>,
+    /// Modules compiled at once (off the async runtime, on blocking threads); more starts wait their turn.
+    #[arg(long, default_value_t = factum_node_agent::CompileLimits::default().concurrency)]
+    pub compile_concurrency: usize,
+    /// Longest one module may take to compile, e.g. `60s`; longer is RESOURCE_EXHAUSTED.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub compile_budget: std::time::Duration,
     /// TTL of the node's registry lease (with `--etcd`), e.g. `5s`. A node that cannot renew it for 4/5 of
     /// this stops its reschedulable instances; the control plane reschedules them once the lease expires.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -84,6 +131,16 @@ pub struct AgentOpts {
     /// Namespace of this cluster's keys in Redis (clusters sharing a Redis must differ).
     #[arg(long, default_value = "factum")]
     pub kv_namespace: String,
+    /// Reach Redis over TLS (a `rediss://` URL), trusting this CA (PEM) for the server's certificate. User and
+    /// password go in the URL: `rediss://user:password@host:6380`.
+    #[arg(long, env = "FACTUM_KV_REDIS_CA")]
+    pub kv_redis_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) to show a Redis server that verifies its clients; with `--kv-redis-key`.
+    #[arg(long, requires = "kv_redis_key")]
+    pub kv_redis_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of `--kv-redis-cert`.
+    #[arg(long, requires = "kv_redis_cert")]
+    pub kv_redis_key: Option<std::path::PathBuf>,
     /// Carry messages through the NATS server at this URL (e.g. `nats://127.0.0.1:4222`), so instances on
     /// different nodes hear each other. Unset: an in-process bus (this node only).
     #[arg(long, env = "FACTUM_MSG_NATS")]
@@ -91,6 +148,16 @@ pub struct AgentOpts {
     /// Subject prefix of this cluster's topics in NATS (clusters sharing a server must differ).
     #[arg(long, default_value = "factum")]
     pub msg_prefix: String,
+    /// Reach NATS over TLS, trusting this CA (PEM) for the server's certificate (`factum certs host` makes one
+    /// from the cluster's CA). User and password go in the URL: `nats://user:password@host:4222`.
+    #[arg(long, env = "FACTUM_MSG_NATS_CA")]
+    pub msg_nats_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) to show a NATS server that verifies its clients; with `--msg-nats-key`.
+    #[arg(long, requires = "msg_nats_key")]
+    pub msg_nats_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of `--msg-nats-cert`.
+    #[arg(long, requires = "msg_nats_cert")]
+    pub msg_nats_key: Option<std::path::PathBuf>,
 }
 
 /// Where node membership and provider metadata live.
@@ -103,6 +170,20 @@ pub struct RegistryOpts {
     /// Key prefix in etcd.
     #[arg(long, default_value = factum_registry::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
+    /// Reach etcd over TLS (endpoints are dialled `https://`), trusting this CA (PEM) for its certificate.
+    #[arg(long, env = "FACTUM_ETCD_CA")]
+    pub etcd_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) to show an etcd that verifies its clients (`--client-cert-auth`); with
+    /// `--etcd-key`.
+    #[arg(long, requires = "etcd_key")]
+    pub etcd_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of `--etcd-cert`.
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<std::path::PathBuf>,
+    /// etcd user, for an etcd with authentication on; the password comes from `FACTUM_ETCD_PASSWORD`, so it
+    /// stays out of the process list.
+    #[arg(long, env = "FACTUM_ETCD_USER")]
+    pub etcd_user: Option<String>,
 }
 
 /// The subcommands.
@@ -113,9 +194,15 @@ pub enum Command {
         /// Address the control plane listens on (port 0 picks a free port).
         #[arg(long, default_value = DEFAULT_CONTROL_PLANE)]
         listen: String,
+        /// How long instances that ended for good are kept (then removed, as `factum rm` does), e.g. `1h`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        retention: std::time::Duration,
         /// Agent options.
         #[command(flatten)]
         agent: AgentOpts,
+        /// TLS options.
+        #[command(flatten)]
+        tls: TlsOpts,
     },
     /// Run a control plane only. With `--etcd` it follows node membership in etcd, rebuilds from the agents
     /// it finds there after a restart, and reschedules instances of nodes whose lease expires.
@@ -126,9 +213,15 @@ pub enum Command {
         /// Do not reschedule instances of a lost node (they stay `unknown` until it returns).
         #[arg(long)]
         no_reschedule: bool,
+        /// How long instances that ended for good are kept (then removed, as `factum rm` does), e.g. `1h`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        retention: std::time::Duration,
         /// Registry options.
         #[command(flatten)]
         registry: RegistryOpts,
+        /// TLS options.
+        #[command(flatten)]
+        tls: TlsOpts,
     },
     /// Run a node agent that reports to a control plane (and, with `--etcd`, registers under a lease).
     Agent {
@@ -141,6 +234,15 @@ pub enum Command {
         /// Registry options.
         #[command(flatten)]
         registry: RegistryOpts,
+        /// TLS options.
+        #[command(flatten)]
+        tls: TlsOpts,
+    },
+    /// Make the cluster's certificates: a CA, then one certificate per component and operator.
+    Certs {
+        /// What to make.
+        #[command(subcommand)]
+        action: CertsAction,
     },
     /// Start an instance of a module (.wasm, or .wat text); prints its id.
     Start {
@@ -155,7 +257,8 @@ pub enum Command {
         /// Most restarts (unlimited if unset).
         #[arg(long)]
         max_retries: Option<u32>,
-        /// Base backoff before a restart, in whole seconds (`2s` or `2`); doubles per restart.
+        /// Base backoff before a restart, in whole seconds (`2s` or `2`); doubles per restart in a row after a
+        /// run under 10 s, at least 100 ms and at most 5 min (or the base), plus up to 10 % jitter.
         #[arg(long)]
         backoff: Option<String>,
         /// Instance id to use; generated here if unset. A start whose answer is lost is sent again with the
@@ -170,6 +273,18 @@ pub enum Command {
     Stop {
         /// Instance id.
         instance_id: String,
+        /// Client options.
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Remove an ended instance (stopped, or crashed for good) from its node and the control plane, with its
+    /// grants. Ended instances are removed by themselves after the control plane's retention (1 h).
+    Rm {
+        /// Instance id.
+        instance_id: String,
+        /// Stop it first if it is still running or waiting to restart.
+        #[arg(long, short)]
+        force: bool,
         /// Client options.
         #[command(flatten)]
         client: ClientOpts,
@@ -229,6 +344,60 @@ pub enum Command {
     },
 }
 
+/// `factum certs` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CertsAction {
+    /// Create a cluster CA in DIR, and certificates for the control plane, node/node-1 and operator/local
+    /// (what `factum up --tls DIR` and the CLI's default identity need).
+    Init {
+        /// Directory to write into (created if missing); refuses one that already holds a CA.
+        #[arg(long, default_value = "certs")]
+        dir: std::path::PathBuf,
+    },
+    /// Issue certificates signed by the CA in DIR: `control-plane`, `node/ID`, `operator/NAME`, `reader/NAME`.
+    Issue {
+        /// The identities, e.g. `node/n2 operator/alice reader/ci`.
+        #[arg(required = true, value_parser = parse_principal)]
+        identities: Vec<factum_proto::Principal>,
+        /// Directory holding the CA (`ca.pem`, `ca.key`).
+        #[arg(long, default_value = "certs")]
+        dir: std::path::PathBuf,
+    },
+    /// Issue a server certificate for a backend (etcd, Redis, NATS) signed by the CA in DIR, as
+    /// `host-NAME.pem` and `host-NAME.key`, so the cluster's CA is the one its agents trust there too.
+    Host {
+        /// A name for the files, e.g. `nats`.
+        name: String,
+        /// A host name or IP address its clients dial; repeatable, e.g. `--san localhost --san 127.0.0.1`.
+        #[arg(long = "san", required = true)]
+        names: Vec<String>,
+        /// Directory holding the CA (`ca.pem`, `ca.key`).
+        #[arg(long, default_value = "certs")]
+        dir: std::path::PathBuf,
+    },
+}
+
+fn certs_command(action: CertsAction) -> anyhow::Result<()> {
+    let (dir, written) = match action {
+        CertsAction::Init { dir } => {
+            let written = certs::init(&dir, &certs::initial_identities())?;
+            (dir, written)
+        }
+        CertsAction::Issue { identities, dir } => {
+            let written = certs::issue(&dir, &identities)?;
+            (dir, written)
+        }
+        CertsAction::Host { name, names, dir } => {
+            let written = certs::issue_host(&dir, &name, &names)?;
+            (dir, written)
+        }
+    };
+    for file in written {
+        println!("{}", dir.join(file).display());
+    }
+    Ok(())
+}
+
 /// Runs the command line and returns the process exit code: 0 on success, 1 on a failed request.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
@@ -239,20 +408,26 @@ pub fn run() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if matches!(cli.command, Command::Up { .. } | Command::ControlPlane { .. } | Command::Agent { .. }) {
+        daemon::init_logging(cli.log_format);
+    }
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Up { listen, agent } => daemon::up(listen, agent).await,
-            Command::ControlPlane { listen, no_reschedule, registry } => {
-                daemon::control_plane(listen, !no_reschedule, registry).await
+            Command::Up { listen, retention, agent, tls } => daemon::up(listen, retention, agent, tls).await,
+            Command::ControlPlane { listen, no_reschedule, retention, registry, tls } => {
+                daemon::control_plane(listen, !no_reschedule, retention, registry, tls).await
             }
-            Command::Agent { control_plane, agent, registry } => daemon::agent(control_plane, agent, registry).await,
+            Command::Agent { control_plane, agent, registry, tls } => {
+                daemon::agent(control_plane, agent, registry, tls).await
+            }
+            Command::Certs { action } => certs_command(action),
             other => client::run(other).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

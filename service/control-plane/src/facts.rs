@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use factum_proto::{InstanceFacts, InstanceStatus, StatusReport};
+use factum_proto::{InstanceFacts, InstanceStatus, SnapshotMark, StatusReport};
 
 use crate::reschedule::{restartable, Retry};
 use crate::{InstanceRecord, State};
@@ -37,7 +37,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 let stuck = state.injected == Some(crate::InjectedBug::StickyUnknown)
                     && record.metadata.status == InstanceStatus::Unknown;
                 record.metadata = facts.metadata;
-                record.accepted_on_agent_clock = true;
+                record.accepted_after = Some(facts.accepted_after);
                 if stuck {
                     record.metadata.status = InstanceStatus::Unknown;
                 }
@@ -48,7 +48,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 // so the answer to a start still replaces the control plane's own guess even when the
                 // instance's later reports overtook it.
                 record.metadata.created_at = facts.metadata.created_at;
-                record.accepted_on_agent_clock = true;
+                record.accepted_after = Some(facts.accepted_after);
             }
             record.epoch = facts.epoch;
         }
@@ -66,8 +66,9 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 lease: facts.lease,
                 retry: None,
                 placement_failures: 0,
-                accepted_on_agent_clock: true,
+                accepted_after: Some(facts.accepted_after),
                 reported: false,
+                ended_since: None,
             };
             state.instances.insert(id, record);
         }
@@ -85,7 +86,7 @@ pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
         return; // from an older placement
     }
     if report.epoch > record.epoch {
-        record.accepted_on_agent_clock = false; // the acceptance time held is an older placement's
+        record.accepted_after = None; // what is held is an older placement's
     }
     record.reported = true; // even if stale: what matters is that the agent had accepted this placement
     if same_placement && report.seq <= record.seq {
@@ -99,43 +100,64 @@ pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
     }
     record.metadata.restarts = report.restarts;
     record.metadata.last_error = report.last_error;
+    record.metadata.restart_streak = report.restart_streak;
+    record.metadata.backoff_ms = report.backoff_ms;
     record.seq = report.seq;
 }
 
-/// Merges a node's full snapshot. Instances the control plane placed on that node which the snapshot lacks
+/// Where a snapshot came from, which decides what its lacking an instance means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The agent's own heartbeat, numbered by `mark`. The agent sends heartbeats and status reports from one
+    /// task, each after the last was answered, so they arrive in the order they were taken: a heartbeat judges.
+    Heartbeat(SnapshotMark),
+    /// A listing the control plane asked for (`sync_node`). It is answered beside that task: taken just before
+    /// a start landed, it can arrive after that run's reports and would make the run look lost (swarm seed
+    /// 1403002923: a second restart on top of the agent's own, past `max_retries`). What it holds is applied;
+    /// what it lacks waits for the next heartbeat.
+    Listing(SnapshotMark),
+}
+
+/// Merges a node's full snapshot. Instances the control plane placed on that node which a heartbeat lacks
 /// (and whose start is not in flight) were lost with the node's previous life: a first placement no agent ever
 /// confirmed is forgotten (its start never happened, so the id is free again); anything else becomes `crashed`
-/// with the reason. A rescheduled instance whose new start failed is not forgotten: it existed before.
+/// with the reason, and is marked to run again if its policy calls for it. A rescheduled instance whose new
+/// start failed is not forgotten: it existed before.
 ///
-/// A lost instance whose policy calls for another run is marked to be started there again, but only when the
-/// snapshot was taken (`taken_at`, on the agent's clock) after the agent accepted it: a snapshot taken just
-/// before the start landed, and delivered after its answer, says nothing about it.
-///
-/// Only a heartbeat judges losses (`taken_at` is `Some`): the agent sends heartbeats and status reports from one
-/// task, each after the last was answered, so they arrive in the order they were taken. A listing the control
-/// plane asked for (`None`) is answered beside that task: taken just before a start landed, it can arrive after
-/// that run's reports and would make the run look lost (swarm seed 1403002923: a second restart on top of the
-/// agent's own, past `max_retries`). What a listing holds is applied; what it lacks waits for the heartbeat.
+/// A heartbeat taken before the agent accepted the placement (its number is at most the placement's
+/// [`InstanceFacts::accepted_after`]) says nothing about it: the start's answer travels on another connection
+/// and can overtake it (agent_crash seed 7, once reports were coalesced: a running instance shown `crashed`,
+/// and the next start placed beside it). Snapshot numbers order this, not wall clocks, which jump (seed
+/// 1602005656).
 pub(crate) fn merge_snapshot(
     state: &mut State,
     node_id: &str,
     snapshot: Vec<InstanceFacts>,
     learn: bool,
-    taken_at: Option<u64>,
+    source: Source,
 ) {
+    let (Source::Heartbeat(numbered) | Source::Listing(numbered)) = source;
+    let snapshot = crate::removal::screen(state, node_id, numbered, snapshot);
     let present: BTreeSet<String> = snapshot.iter().map(|f| f.metadata.instance_id.clone()).collect();
     for facts in snapshot {
         apply_facts(state, node_id, facts, true, learn);
     }
-    let listing_judges = state.injected == Some(crate::InjectedBug::AcceptStaleSnapshots);
-    if taken_at.is_none() && !listing_judges {
-        return;
-    }
+    let mark = match source {
+        Source::Heartbeat(mark) => mark,
+        // The injected bug lets a listing judge as if it were the newest heartbeat.
+        Source::Listing(_) if state.injected == Some(crate::InjectedBug::AcceptStaleSnapshots) => {
+            SnapshotMark { boot: 0, sequence: u64::MAX }
+        }
+        Source::Listing(_) => return,
+    };
     let missing: Vec<String> = state
         .instances
         .iter()
         .filter(|(id, r)| {
-            r.metadata.node_id == node_id && !present.contains(*id) && !state.pending_starts.contains(*id)
+            r.metadata.node_id == node_id
+                && !present.contains(*id)
+                && !state.pending_starts.contains(*id)
+                && !r.accepted_after.is_some_and(|accepted| mark.predates(accepted))
         })
         .map(|(id, _)| id.clone())
         .collect();
@@ -150,10 +172,9 @@ pub(crate) fn merge_snapshot(
                 record.metadata.status = InstanceStatus::Crashed;
                 record.metadata.last_error = Some(format!("lost: node {node_id} no longer runs it"));
             }
-            // Nothing runs it now; its policy may call for another run.
-            let after_accept = record.reported
-                || record.accepted_on_agent_clock && taken_at.is_some_and(|t| t > record.metadata.created_at);
-            if after_accept && record.retry.is_none() && restartable(record) {
+            // Nothing runs it now; its policy may call for another run, once an agent is known to have held it.
+            let held = record.reported || record.accepted_after.is_some();
+            if held && record.retry.is_none() && restartable(record) {
                 record.retry = Some((std::time::Duration::ZERO, Retry::Restart));
             }
         }
@@ -187,6 +208,8 @@ mod tests {
             status: InstanceStatus::Starting,
             restarts: 1,
             last_error: None,
+            restart_streak: 0,
+            backoff_ms: None,
         };
         let record = InstanceRecord {
             metadata,
@@ -197,8 +220,9 @@ mod tests {
             lease: None,
             retry: None,
             placement_failures: 0,
-            accepted_on_agent_clock: false,
+            accepted_after: None,
             reported: false,
+            ended_since: None,
         };
         state.instances.insert("s1".into(), record);
         state
@@ -214,15 +238,19 @@ mod tests {
             restarts: 1,
             last_error: None,
             epoch: 3,
+            restart_streak: 0,
+            backoff_ms: None,
         }
     }
+
+    const HEARTBEAT: Source = Source::Heartbeat(SnapshotMark { boot: 9, sequence: 20 });
 
     #[test]
     fn a_listing_that_lacks_a_reported_run_changes_nothing() {
         // Seed 1403002923: a listing taken just before the start arrives after the run's reports.
         let mut state = placed();
         apply_report(&mut state, report(InstanceStatus::Running, 2));
-        merge_snapshot(&mut state, "n1", vec![], true, None);
+        merge_snapshot(&mut state, "n1", vec![], true, Source::Listing(SnapshotMark { boot: 9, sequence: 20 }));
         let record = &state.instances["s1"];
         assert_eq!(record.metadata.status, InstanceStatus::Running);
         assert_eq!(record.retry, None, "the agent applies its own policy; no second restart");
@@ -232,18 +260,53 @@ mod tests {
     fn a_heartbeat_that_lacks_a_reported_run_restarts_it() {
         let mut state = placed();
         apply_report(&mut state, report(InstanceStatus::Running, 2));
-        merge_snapshot(&mut state, "n1", vec![], true, Some(2000));
+        merge_snapshot(&mut state, "n1", vec![], true, HEARTBEAT);
         let record = &state.instances["s1"];
         assert_eq!(record.metadata.status, InstanceStatus::Crashed);
         assert_eq!(record.retry, Some((std::time::Duration::ZERO, Retry::Restart)));
     }
 
     #[test]
-    fn a_heartbeat_taken_before_the_agent_accepted_does_not_restart() {
+    fn a_heartbeat_taken_before_the_agent_accepted_says_nothing() {
+        // Agent_crash seed 7: the start's answer overtook a heartbeat taken before the start landed.
+        for (boot, sequence, lost) in [(9, 20, false), (9, 19, true), (8, 20, true)] {
+            let mut state = placed();
+            let record = state.instances.get_mut("s1").unwrap();
+            record.metadata.status = InstanceStatus::Running;
+            record.accepted_after = Some(SnapshotMark { boot, sequence });
+            merge_snapshot(&mut state, "n1", vec![], true, HEARTBEAT);
+            let record = &state.instances["s1"];
+            let status = if lost { InstanceStatus::Crashed } else { InstanceStatus::Running };
+            assert_eq!(record.metadata.status, status, "accepted after snapshot {sequence} of boot {boot}");
+            assert_eq!(record.retry.is_some(), lost);
+        }
+    }
+
+    #[test]
+    fn a_snapshot_taken_before_a_removal_does_not_bring_the_instance_back() {
         let mut state = placed();
-        let record = state.instances.get_mut("s1").unwrap();
-        (record.accepted_on_agent_clock, record.metadata.created_at) = (true, 1005);
-        merge_snapshot(&mut state, "n1", vec![], true, Some(1000));
-        assert_eq!(state.instances["s1"].retry, None);
+        let held = state.instances.remove("s1").unwrap();
+        let removed_at = SnapshotMark { boot: 9, sequence: 20 };
+        state.removed.insert("s1".into(), ("n1".into(), removed_at));
+        let facts = InstanceFacts {
+            metadata: held.metadata.clone(),
+            capabilities: vec![],
+            restart_policy: held.restart_policy,
+            seq: 4,
+            epoch: 3,
+            lease: None,
+            accepted_after: SnapshotMark { boot: 9, sequence: 2 },
+        };
+        // Another node's snapshot neither learns it (it is not that node's) nor clears the tombstone.
+        merge_snapshot(&mut state, "n2", vec![], true, Source::Heartbeat(SnapshotMark { boot: 5, sequence: 99 }));
+        assert!(state.removed.contains_key("s1"));
+        // Taken before the removal (number 20 or less): it still holds s1, which stays removed.
+        for source in [Source::Listing(removed_at), Source::Heartbeat(SnapshotMark { boot: 9, sequence: 19 })] {
+            merge_snapshot(&mut state, "n1", vec![facts.clone()], true, source);
+            assert!(!state.instances.contains_key("s1"), "learned back from {source:?}");
+        }
+        // Any later snapshot of that node cannot hold it: the tombstone goes.
+        merge_snapshot(&mut state, "n1", vec![], true, Source::Heartbeat(SnapshotMark { boot: 9, sequence: 21 }));
+        assert!(state.removed.is_empty());
     }
 }

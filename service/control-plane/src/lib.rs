@@ -8,6 +8,7 @@
 
 mod facts;
 mod membership;
+mod removal;
 mod reschedule;
 mod server;
 mod snapshots;
@@ -25,6 +26,7 @@ use factum_proto::{
 
 use crate::snapshots::Snapshots;
 
+pub use removal::DEFAULT_RETENTION;
 pub use server::serve;
 
 /// Control plane settings.
@@ -42,6 +44,9 @@ pub struct ControlPlaneConfig {
     pub reschedule: bool,
     /// Longest wait of one registry watch call; the membership is re-read at least this often.
     pub watch_wait: Duration,
+    /// How long an instance that ended for good (stopped, or crashed with no restart pending) is kept before it
+    /// is removed, here and on its node.
+    pub retention: Duration,
     /// A deliberate bug, for proving that the simulator catches it (`sim/tests/injected_bugs.rs`). Compiled
     /// only with the `injected-bugs` feature, which the simulator turns on and the `factum` binary does not.
     #[cfg(feature = "injected-bugs")]
@@ -96,13 +101,17 @@ pub enum InjectedBug {
     /// A node that goes silent makes every instance on it `unknown`, also those that had already stopped or
     /// crashed for good (breaks P14: an ended run's status is a fact the node's silence does not change).
     UnknownEndedRuns,
-    /// A snapshot is applied whenever it arrives, even after a newer one from the same node, and a listing
-    /// judges losses like a heartbeat: either can come late and make instances started since look lost (breaks
-    /// P8 and P13; the listing half was a real bug, found at swarm seed 1403002923).
+    /// A snapshot is applied whenever it arrives, even after a newer one from the same node, and judges losses
+    /// as if it were taken last, listings too: any can come late and make instances started since look lost
+    /// (breaks P8 and P13; the listing half was a real bug, found at swarm seed 1403002923, and so was judging a
+    /// heartbeat older than a placement, found at agent_crash seed 7).
     AcceptStaleSnapshots,
     /// A placement keeps the backoff it built up during an outage when nodes join again, so it may wait up to
     /// 10 s after the cluster healed (breaks the swarm's settle deadlines: found at swarm seed 1201401228).
     BackoffAcrossJoins,
+    /// A removed instance leaves no tombstone, so a snapshot its agent took before the removal, arriving after
+    /// it, brings the instance back (breaks removed_instances_stay_removed).
+    NoTombstones,
 }
 
 impl Default for ControlPlaneConfig {
@@ -113,6 +122,7 @@ impl Default for ControlPlaneConfig {
             rpc_timeout: Duration::from_secs(10),
             reschedule: true,
             watch_wait: Duration::from_secs(5),
+            retention: DEFAULT_RETENTION,
             #[cfg(feature = "injected-bugs")]
             injected_bug: None,
         }
@@ -136,12 +146,13 @@ struct InstanceRecord {
     retry: Option<(Duration, reschedule::Retry)>,
     /// Placement attempts that failed in a row, for the backoff.
     placement_failures: u32,
-    /// When this placement was accepted is known on the agent's clock: `metadata.created_at` came from the
-    /// agent's facts, not from this control plane's clock (which a snapshot's `taken_at` cannot be compared to).
-    accepted_on_agent_clock: bool,
+    /// Where the agent's acceptance of this placement falls among its snapshots, once its facts said so.
+    accepted_after: Option<factum_proto::SnapshotMark>,
     /// A status report of this placement was applied. The agent sends reports and snapshots from one task, each
     /// after the last was answered, so any snapshot applied after it was taken after the agent accepted.
     reported: bool,
+    /// Since when (env clock) the retention passes have seen it ended for good.
+    ended_since: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +184,8 @@ struct State {
     modules: BTreeMap<String, Arc<Vec<u8>>>,
     /// Module hashes being fetched from agents now.
     fetching: BTreeSet<String>,
+    /// Removed instances → (node, that node's snapshot number at removal): older snapshots still hold them.
+    removed: BTreeMap<String, (String, factum_proto::SnapshotMark)>,
     /// Whether a registry decides membership (set when [`ControlPlane::run_membership`] starts).
     registry_mode: bool,
     /// The injected bug, for the fact-merging code that has no config (always `None` in real deployments).
@@ -202,6 +215,7 @@ const WASM_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
 impl ControlPlane {
     /// An empty control plane. Start [`ControlPlane::run_failure_detector`] beside it.
     pub fn new(env: Env, config: ControlPlaneConfig) -> Self {
+        let env = env.with_principal(factum_proto::Principal::ControlPlane);
         let state = State { injected: config.injected(), ..State::default() };
         let inner = Inner { env, config, state: Mutex::new(state), retrying: Default::default() };
         ControlPlane { inner: Arc::new(inner) }
@@ -276,6 +290,8 @@ impl ControlPlane {
                     },
                     restarts: 0,
                     last_error: None,
+                    restart_streak: 0,
+                    backoff_ms: None,
                 },
                 restart_policy: req.restart_policy,
                 seq: 0,
@@ -284,9 +300,11 @@ impl ControlPlane {
                 lease: node_lease,
                 retry: None,
                 placement_failures: 0,
-                accepted_on_agent_clock: false,
+                accepted_after: None,
                 reported: false,
+                ended_since: None,
             };
+            state.removed.remove(&instance_id); // a new instance under a removed one's id
             state.instances.insert(instance_id.clone(), record);
             state.capabilities.insert(instance_id.clone(), capabilities.clone());
             state.pending_starts.insert(instance_id.clone());
@@ -538,7 +556,9 @@ impl ControlPlane {
         if !registry_mode {
             node.registered = true;
         }
-        if node.agent_addr != report.agent_addr {
+        // In registry mode the address is the registry's (written under the node's lease), not what a report
+        // says: a report cannot redirect the node's traffic.
+        if !registry_mode && node.agent_addr != report.agent_addr {
             node.agent_addr = report.agent_addr.clone();
             node.client = None;
         }
@@ -550,7 +570,12 @@ impl ControlPlane {
         node.max_instances = report.max_instances;
         let count = report.instances.len();
         let learn = !self.inner.config.has_bug(InjectedBug::NoRebuildFromSnapshots);
-        facts::merge_snapshot(&mut state, &report.node_id, report.instances, learn, Some(report.taken_at));
+        let mark = if stale_ok {
+            factum_proto::SnapshotMark { boot: 0, sequence: u64::MAX } // predates nothing
+        } else {
+            factum_proto::SnapshotMark { boot: report.boot, sequence: report.sequence }
+        };
+        facts::merge_snapshot(&mut state, &report.node_id, report.instances, learn, facts::Source::Heartbeat(mark));
         // Instances learned here (after a restart of this control plane) can only be run again with their bytes.
         let missing = membership::missing_modules(&mut state, &report.node_id);
         if !missing.is_empty() {
@@ -579,6 +604,7 @@ impl ControlPlane {
         loop {
             self.inner.env.clock.sleep(self.inner.config.check_interval).await;
             self.detect_failures();
+            self.expire_ended();
             if self.inner.config.reschedule {
                 self.inner.env.spawn(self.clone().retry_reschedules());
             }
@@ -629,7 +655,13 @@ impl ControlPlane {
         let addr = self.lock().nodes.get(node_id).map(|n| n.agent_addr.clone());
         let addr = addr.ok_or_else(|| ErrorResponse::communication(format!("unknown node {node_id}")))?;
         let env = &self.inner.env;
-        let stream = match env.timeout(self.inner.config.rpc_timeout, env.net.connect(&addr)).await {
+        let stream = match env
+            .timeout(
+                self.inner.config.rpc_timeout,
+                rpc::dial(env, &addr, &factum_proto::Principal::Node(node_id.to_string())),
+            )
+            .await
+        {
             Some(Ok(stream)) => stream,
             Some(Err(e)) => {
                 return Err(ErrorResponse::communication(format!("cannot reach node {node_id} at {addr}: {e}")))
@@ -664,7 +696,9 @@ impl ControlPlane {
         let timeout = self.inner.config.rpc_timeout;
         match self.inner.env.timeout(timeout, call(client)).await {
             Some(Ok(value)) => Ok(value),
-            Some(Err(e)) => Err(self.drop_client(node_id, format!("{what} on node {node_id} failed: {e}"))),
+            Some(Err(e)) => {
+                Err(self.drop_client(node_id, format!("{what} on node {node_id} failed: {}", rpc::describe(&e))))
+            }
             None => Err(self.drop_client(node_id, format!("{what} on node {node_id} timed out after {timeout:?}"))),
         }
     }

@@ -155,7 +155,8 @@ impl ControlPlane {
                 return;
             }
             let learn = !self.inner.config.has_bug(crate::InjectedBug::NoRebuildFromSnapshots);
-            facts::merge_snapshot(&mut state, &node_id, snapshot.instances, learn, None);
+            let mark = factum_proto::SnapshotMark { boot: snapshot.boot, sequence: snapshot.sequence };
+            facts::merge_snapshot(&mut state, &node_id, snapshot.instances, learn, facts::Source::Listing(mark));
             missing_modules(&mut state, &node_id)
         };
         self.inner.env.trace(|| format!("synced {node_id} instances={count} fetch_modules={}", missing.len()));

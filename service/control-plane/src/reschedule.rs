@@ -269,7 +269,7 @@ fn begin_placement(
     record.seq = 0;
     record.caps_seq = 0;
     record.retry = None;
-    record.accepted_on_agent_clock = false;
+    record.accepted_after = None;
     record.reported = false;
     record.metadata.node_id = node_id.to_string();
     record.metadata.status = InstanceStatus::Starting;

@@ -1,68 +1,142 @@
-//! The control plane's tarpc server.
+//! The control plane's tarpc server: one [`Session`] per connection, which checks every call against the
+//! peer's identity before the control plane sees it, and audits what operators do and what is refused.
 
+use factum_env::rpc::{hello::AUDIT, Peer};
 use factum_env::Listener;
 use factum_proto::{
-    ErrorResponse, InstanceDetails, InstanceMetadata, KvEntry, NodeInfo, NodeReport, StartRequest, StatusReport,
+    ErrorResponse, InstanceDetails, InstanceMetadata, KvEntry, NodeInfo, NodeReport, Principal, StartRequest,
+    StatusReport,
 };
 use tarpc::context::Context;
 
 use crate::ControlPlane;
 
-impl factum_proto::ControlPlane for ControlPlane {
-    async fn start_instance(self, _: Context, request: StartRequest) -> Result<String, ErrorResponse> {
-        ControlPlane::start_instance(&self, request).await
+/// The control plane as one connection's peer sees it.
+#[derive(Clone)]
+pub struct Session {
+    control_plane: ControlPlane,
+    peer: Peer,
+}
+
+impl Session {
+    /// Serves `peer` from `control_plane`.
+    pub fn new(control_plane: ControlPlane, peer: Peer) -> Self {
+        Session { control_plane, peer }
     }
 
-    async fn stop_instance(self, _: Context, instance_id: String) -> Result<(), ErrorResponse> {
-        ControlPlane::stop_instance(&self, &instance_id).await
+    /// Runs an operator call on `target` if the peer may operate, and audits it either way.
+    async fn operate<T>(
+        &self,
+        ctx: &Context,
+        action: &str,
+        target: &str,
+        call: impl std::future::Future<Output = Result<T, ErrorResponse>>,
+    ) -> Result<T, ErrorResponse> {
+        let result = match self.peer.principal.require_operator(action) {
+            Ok(()) => call.await,
+            Err(refused) => Err(refused),
+        };
+        self.audit(ctx, action, target, &result);
+        result
     }
 
-    async fn query_instance(self, _: Context, instance_id: String) -> Result<InstanceDetails, ErrorResponse> {
-        ControlPlane::query_instance(&self, &instance_id)
+    /// Passes `check` on the peer's principal through, auditing only a refusal: reads and reports are too
+    /// frequent to audit when allowed, and a refused one (a forged report above all) must be seen.
+    fn admitted(
+        &self,
+        ctx: &Context,
+        action: &str,
+        target: &str,
+        check: impl FnOnce(&Principal, &str) -> Result<(), ErrorResponse>,
+    ) -> Result<(), ErrorResponse> {
+        let allowed = check(&self.peer.principal, action);
+        if allowed.is_err() {
+            self.audit(ctx, action, target, &allowed);
+        }
+        allowed
     }
 
-    async fn list_instances(self, _: Context) -> Vec<InstanceMetadata> {
-        ControlPlane::list_instances(&self)
+    fn audit<T>(&self, ctx: &Context, action: &str, target: &str, result: &Result<T, ErrorResponse>) {
+        // The caller's trace id (the CLI draws one per command; 0 from a client that sets none).
+        let (principal, peer, correlation) = (&self.peer.principal, &self.peer.addr, ctx.trace_id());
+        match result {
+            Ok(_) => tracing::info!(target: AUDIT, %principal, %peer, action, target, result = "ok", %correlation),
+            Err(e) => tracing::warn!(target: AUDIT, %principal, %peer, action, target, result = e.error_code.as_str(),
+                %correlation, "{}", e.message),
+        }
+    }
+}
+
+impl factum_proto::ControlPlane for Session {
+    async fn start_instance(self, ctx: Context, request: StartRequest) -> Result<String, ErrorResponse> {
+        let target = request.instance_id.clone().unwrap_or_default();
+        self.operate(&ctx, "start_instance", &target, self.control_plane.start_instance(request)).await
+    }
+
+    async fn stop_instance(self, ctx: Context, instance_id: String) -> Result<(), ErrorResponse> {
+        self.operate(&ctx, "stop_instance", &instance_id, self.control_plane.stop_instance(&instance_id)).await
+    }
+
+    async fn remove_instance(self, ctx: Context, instance_id: String) -> Result<(), ErrorResponse> {
+        self.operate(&ctx, "remove_instance", &instance_id, self.control_plane.remove_instance(&instance_id)).await
+    }
+
+    async fn query_instance(self, ctx: Context, instance_id: String) -> Result<InstanceDetails, ErrorResponse> {
+        self.admitted(&ctx, "query_instance", &instance_id, Principal::require_reader)?;
+        self.control_plane.query_instance(&instance_id)
+    }
+
+    async fn list_instances(self, ctx: Context) -> Result<Vec<InstanceMetadata>, ErrorResponse> {
+        self.admitted(&ctx, "list_instances", "", Principal::require_reader)?;
+        Ok(self.control_plane.list_instances())
     }
 
     async fn assign_capability(
         self,
-        _: Context,
+        ctx: Context,
         instance_id: String,
         capability_id: String,
         permissions: Vec<String>,
     ) -> Result<(), ErrorResponse> {
-        ControlPlane::assign_capability(&self, &instance_id, &capability_id, &permissions).await
+        let target = format!("{instance_id} {capability_id}");
+        let call = self.control_plane.assign_capability(&instance_id, &capability_id, &permissions);
+        self.operate(&ctx, "assign_capability", &target, call).await
     }
 
     async fn revoke_capability(
         self,
-        _: Context,
+        ctx: Context,
         instance_id: String,
         capability_id: String,
     ) -> Result<(), ErrorResponse> {
-        ControlPlane::revoke_capability(&self, &instance_id, &capability_id).await
+        let target = format!("{instance_id} {capability_id}");
+        let call = self.control_plane.revoke_capability(&instance_id, &capability_id);
+        self.operate(&ctx, "revoke_capability", &target, call).await
     }
 
-    async fn list_nodes(self, _: Context) -> Vec<NodeInfo> {
-        ControlPlane::list_nodes(&self)
+    async fn list_nodes(self, ctx: Context) -> Result<Vec<NodeInfo>, ErrorResponse> {
+        self.admitted(&ctx, "list_nodes", "", Principal::require_reader)?;
+        Ok(self.control_plane.list_nodes())
     }
 
     async fn inspect_kv(
         self,
-        _: Context,
+        ctx: Context,
         capability_id: String,
         prefix: String,
     ) -> Result<Vec<KvEntry>, ErrorResponse> {
-        ControlPlane::inspect_kv(&self, &capability_id, &prefix).await
+        let call = self.control_plane.inspect_kv(&capability_id, &prefix);
+        self.operate(&ctx, "inspect_kv", &capability_id, call).await
     }
 
-    async fn report_node(self, _: Context, report: NodeReport) -> Result<(), ErrorResponse> {
-        ControlPlane::report_node(&self, report)
+    async fn report_node(self, ctx: Context, report: NodeReport) -> Result<(), ErrorResponse> {
+        self.admitted(&ctx, "report_node", &report.node_id, |p, action| p.require_node(action, &report.node_id))?;
+        self.control_plane.report_node(report)
     }
 
-    async fn report_status(self, _: Context, report: StatusReport) -> Result<(), ErrorResponse> {
-        ControlPlane::report_status(&self, report);
+    async fn report_status(self, ctx: Context, report: StatusReport) -> Result<(), ErrorResponse> {
+        self.admitted(&ctx, "report_status", &report.node_id, |p, action| p.require_node(action, &report.node_id))?;
+        self.control_plane.report_status(report);
         Ok(())
     }
 }
@@ -70,5 +144,8 @@ impl factum_proto::ControlPlane for ControlPlane {
 /// Serves the control plane's API on `listener` until the listener fails.
 pub async fn serve(control_plane: ControlPlane, listener: Box<dyn Listener>) {
     use factum_proto::ControlPlane as _;
-    factum_env::serve_tarpc!(control_plane.inner.env, listener, "control plane", control_plane.clone().serve());
+    let env = control_plane.inner.env.clone();
+    factum_env::serve_tarpc!(env, listener, "control plane", move |peer: &Peer| {
+        Ok(Session::new(control_plane.clone(), peer.clone()).serve())
+    });
 }

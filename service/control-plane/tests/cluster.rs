@@ -7,10 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use factum_control_plane::{ControlPlane, ControlPlaneConfig};
+use factum_env::rpc::{self, Credentials};
 use factum_env::Env;
 use factum_node_agent::{Agent, AgentConfig};
-use factum_proto::{CapabilityGrant, ErrorCode, InstanceStatus, RestartPolicy, StartRequest};
+use factum_proto::{
+    CapabilityGrant, ControlPlaneClient, ErrorCode, InstanceStatus, Principal, RestartPolicy, StartRequest,
+};
 use factum_providers::MemoryKv;
+use factum_registry::MemoryRegistry;
 use factum_wasm::fixtures::{self, module};
 use factum_wasm::WasmiEngine;
 use proptest::prelude::*;
@@ -18,20 +22,27 @@ use proptest::test_runner::{Config, TestRunner};
 
 struct Cluster {
     cp: ControlPlane,
+    cp_addr: String,
     agents: Vec<Agent>,
+    agent_addrs: Vec<String>,
 }
 
 /// A control plane and `n` agents in this process, talking tarpc over loopback TCP. No etcd, no registry:
 /// everything is in memory.
 async fn cluster(n: usize) -> Cluster {
+    cluster_with(n, ControlPlaneConfig::default()).await
+}
+
+async fn cluster_with(n: usize, config: ControlPlaneConfig) -> Cluster {
     let env = Env::tokio();
     let listener = env.net.bind("127.0.0.1:0").await.unwrap();
     let cp_addr = listener.local_addr().unwrap();
-    let cp = ControlPlane::new(env.clone(), ControlPlaneConfig::default());
+    let cp = ControlPlane::new(env.clone(), config);
     env.spawn(factum_control_plane::serve(cp.clone(), listener));
-    let mut agents = Vec::new();
+    let (mut agents, mut agent_addrs) = (Vec::new(), Vec::new());
     for i in 1..=n {
         let listener = env.net.bind("127.0.0.1:0").await.unwrap();
+        agent_addrs.push(listener.local_addr().unwrap());
         let mut config = AgentConfig::new(format!("node-{i}"), listener.local_addr().unwrap());
         config.heartbeat_interval = Duration::from_millis(100);
         let (agent, reports) = Agent::new(env.clone(), config, Arc::new(WasmiEngine::new()), Arc::new(MemoryKv::new()));
@@ -40,7 +51,7 @@ async fn cluster(n: usize) -> Cluster {
         agents.push(agent);
     }
     eventually("all nodes registered", || cp.list_nodes().iter().filter(|n| n.available).count() == n).await;
-    Cluster { cp, agents }
+    Cluster { cp, cp_addr, agents, agent_addrs }
 }
 
 /// Polls `check` until it holds; fails the test after 10 s.
@@ -287,6 +298,28 @@ fn a_restarted_control_plane_rebuilds_from_agent_snapshots() {
     });
 }
 
+/// In registry mode a node's address is the one it registered under its lease: a report naming another one (a
+/// confused or forged agent) does not redirect the control plane's calls to that node.
+#[test]
+fn in_registry_mode_node_addresses_come_from_the_registry() {
+    runtime().block_on(async {
+        let env = Env::tokio();
+        let registry = Arc::new(MemoryRegistry::new(env.clone(), "/factum"));
+        let cp = ControlPlane::new(env.clone(), ControlPlaneConfig::default());
+        env.spawn(cp.clone().run_membership(registry.clone()));
+        let config = AgentConfig::new("node-1", "127.0.0.1:7001");
+        let (agent, _reports) =
+            Agent::new(env.clone(), config, Arc::new(WasmiEngine::new()), Arc::new(MemoryKv::new()));
+        env.spawn(factum_node_agent::run_registry_link(agent.clone(), registry));
+        let registered = |addr: &str| cp.list_nodes().iter().any(|n| n.agent_addr == addr && n.available);
+        eventually("node-1 registered", || registered("127.0.0.1:7001")).await;
+        let mut report = agent.node_report();
+        report.agent_addr = "127.0.0.1:1".into();
+        cp.report_node(report).unwrap();
+        assert!(registered("127.0.0.1:7001"), "a report moved the node: {:?}", cp.list_nodes());
+    });
+}
+
 #[test]
 fn an_agent_speaking_another_protocol_version_is_refused() {
     let cp = ControlPlane::new(Env::tokio(), ControlPlaneConfig::default());
@@ -296,7 +329,6 @@ fn an_agent_speaking_another_protocol_version_is_refused() {
         agent_addr: "127.0.0.1:1".into(),
         max_instances: 1,
         instances: vec![],
-        taken_at: 0,
         boot: 1,
         sequence: 1,
     };
@@ -333,5 +365,155 @@ fn a_retried_start_gets_the_same_answer_and_a_different_one_under_its_id_is_refu
             assert!(err.message.contains("already used by another start"), "{what}: {}", err.message);
         }
         cluster.cp.stop_instance("web-1").await.unwrap();
+    });
+}
+
+/// RemoveInstance takes an ended instance off its node and the control plane for good (heartbeats taken before
+/// the removal do not bring it back); a running one must be stopped first; the id can then be used again.
+#[test]
+fn an_ended_instance_is_removed_everywhere_and_stays_removed() {
+    runtime().block_on(async {
+        let c = cluster(1).await;
+        let id = c.cp.start_instance(start_request(Some("web"), module(fixtures::SLEEPER), kv(&["kv:read"]))).await;
+        let id = id.unwrap();
+        let refused = c.cp.remove_instance(&id).await.unwrap_err();
+        assert_eq!(refused.error_code, ErrorCode::InvalidRequest);
+        assert!(refused.message.contains("stop it before removing it"), "{}", refused.message);
+        c.cp.stop_instance(&id).await.unwrap();
+        c.cp.remove_instance(&id).await.unwrap();
+        assert!(c.agents[0].metadata(&id).is_none(), "still on its node");
+        // Ten heartbeats later, it has not been learned back from one taken before the removal.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        assert!(c.cp.list_instances().is_empty(), "{:?}", c.cp.list_instances());
+        let gone = c.cp.remove_instance(&id).await.unwrap_err();
+        assert_eq!(gone.error_code, ErrorCode::InstanceNotFound);
+        // The id is free, and a new start under it is a new instance.
+        c.cp.start_instance(start_request(Some("web"), module(fixtures::EXIT_CLEAN), vec![])).await.unwrap();
+        eventually("the new web stopped", || {
+            c.cp.query_instance("web").unwrap().metadata.status == InstanceStatus::Stopped
+        })
+        .await;
+        assert!(c.cp.query_instance("web").unwrap().capabilities.is_empty(), "the old grants came back");
+    });
+}
+
+/// After the retention, ended instances are removed by themselves; running ones stay.
+#[test]
+fn ended_instances_are_removed_after_the_retention() {
+    runtime().block_on(async {
+        let config = ControlPlaneConfig {
+            retention: Duration::from_millis(300),
+            check_interval: Duration::from_millis(50),
+            ..ControlPlaneConfig::default()
+        };
+        let c = cluster_with(1, config).await;
+        tokio::spawn(c.cp.clone().run_failure_detector());
+        c.cp.start_instance(start_request(Some("done"), module(fixtures::EXIT_CLEAN), vec![])).await.unwrap();
+        c.cp.start_instance(start_request(Some("busy"), module(fixtures::SLEEPER), vec![])).await.unwrap();
+        eventually("done removed", || c.cp.query_instance("done").is_err() && c.agents[0].metadata("done").is_none())
+            .await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(c.cp.query_instance("busy").unwrap().metadata.status, InstanceStatus::Running);
+        assert!(c.cp.query_instance("done").is_err(), "learned back after its removal");
+    });
+}
+
+/// A control-plane client calling as `principal` over plaintext (where the claim is taken as it is).
+async fn client_as(addr: &str, principal: Principal) -> ControlPlaneClient {
+    let env = Env::tokio().with_credentials(Credentials::claim(principal));
+    let stream = rpc::dial(&env, addr, &Principal::ControlPlane).await.unwrap();
+    rpc::start_client(&env, ControlPlaneClient::new(Default::default(), rpc::transport(stream)))
+}
+
+#[test]
+fn every_call_is_checked_against_the_callers_identity() {
+    let rt = runtime();
+    rt.block_on(async {
+        let cluster = cluster(1).await;
+        let ctx = rpc::rpc_context;
+        let operator = client_as(&cluster.cp_addr, Principal::Operator("alice".into())).await;
+        let reader = client_as(&cluster.cp_addr, Principal::Reader("bob".into())).await;
+        let node = client_as(&cluster.cp_addr, Principal::Node("node-1".into())).await;
+        let anonymous = client_as(&cluster.cp_addr, Principal::Anonymous).await;
+        let start = || start_request(Some("web-1"), module(fixtures::SLEEPER), vec![]);
+
+        for (who, client) in [("reader", &reader), ("node", &node), ("anonymous", &anonymous)] {
+            let refused = client.start_instance(ctx(), start()).await.unwrap().unwrap_err();
+            assert_eq!(refused.error_code, ErrorCode::PermissionDenied, "{who}");
+            assert!(refused.message.starts_with("start_instance needs an operator identity"), "{refused}");
+            let refused = client.inspect_kv(ctx(), "kv".into(), String::new()).await.unwrap().unwrap_err();
+            assert_eq!(refused.error_code, ErrorCode::PermissionDenied, "{who}");
+        }
+        assert!(cluster.cp.list_instances().is_empty(), "a refused start started nothing");
+        assert_eq!(operator.start_instance(ctx(), start()).await.unwrap().unwrap(), "web-1");
+        for client in [&node, &anonymous] {
+            let refused = client.list_instances(ctx()).await.unwrap().unwrap_err();
+            assert!(refused.message.contains("needs an operator or reader identity"), "{refused}");
+        }
+        assert_eq!(reader.list_instances(ctx()).await.unwrap().unwrap().len(), 1);
+        assert_eq!(reader.list_nodes(ctx()).await.unwrap().unwrap().len(), 1);
+        assert!(reader.query_instance(ctx(), "web-1".into()).await.unwrap().is_ok());
+        let refused = reader.stop_instance(ctx(), "web-1".into()).await.unwrap().unwrap_err();
+        assert_eq!(refused.error_code, ErrorCode::PermissionDenied);
+        assert!(matches!(cluster.cp.list_instances()[0].status, InstanceStatus::Running | InstanceStatus::Starting));
+    });
+}
+
+#[test]
+fn a_node_cannot_report_for_another_node() {
+    let rt = runtime();
+    rt.block_on(async {
+        let cluster = cluster(1).await;
+        cluster.cp.start_instance(start_request(Some("web-1"), module(fixtures::SLEEPER), vec![])).await.unwrap();
+        eventually("web-1 runs", || cluster.cp.list_instances()[0].status == InstanceStatus::Running).await;
+        let before = cluster.cp.list_nodes();
+        let impostor = client_as(&cluster.cp_addr, Principal::Node("node-2".into())).await;
+        // node-2 says it is node-1 and lives elsewhere, with nothing running: the redirect and the mass crash a
+        // forged snapshot would cause.
+        let mut forged = cluster.agents[0].node_report();
+        forged.agent_addr = "127.0.0.1:1".into();
+        forged.instances.clear();
+        forged.sequence = u64::MAX;
+        let refused = impostor.report_node(rpc::rpc_context(), forged).await.unwrap().unwrap_err();
+        assert_eq!(refused.error_code, ErrorCode::PermissionDenied);
+        assert!(
+            refused.message.contains("needs the identity of node node-1; this connection is node/node-2"),
+            "{refused}"
+        );
+        let status = factum_proto::StatusReport {
+            instance_id: "web-1".into(),
+            node_id: "node-1".into(),
+            status: InstanceStatus::Crashed,
+            timestamp: 1,
+            seq: u64::MAX,
+            restarts: 0,
+            last_error: Some("forged".into()),
+            epoch: u64::MAX,
+            restart_streak: 0,
+            backoff_ms: None,
+        };
+        assert!(impostor.report_status(rpc::rpc_context(), status).await.unwrap().is_err());
+        tokio::time::sleep(Duration::from_millis(300)).await; // heartbeats of the real node-1 go on
+        let after = cluster.cp.list_nodes();
+        assert_eq!(after.len(), 1);
+        assert_eq!((&after[0].node_id, &after[0].agent_addr), (&before[0].node_id, &before[0].agent_addr));
+        assert_eq!(cluster.cp.list_instances()[0].status, InstanceStatus::Running, "the forged crash was not applied");
+    });
+}
+
+#[test]
+fn agents_serve_only_the_control_plane() {
+    let rt = runtime();
+    rt.block_on(async {
+        let cluster = cluster(1).await;
+        for principal in [Principal::Operator("alice".into()), Principal::Node("node-2".into()), Principal::Anonymous] {
+            let env = Env::tokio().with_credentials(Credentials::claim(principal.clone()));
+            let refused =
+                rpc::dial(&env, &cluster.agent_addrs[0], &Principal::Node("node-1".into())).await.err().unwrap();
+            assert_eq!(refused.kind(), std::io::ErrorKind::PermissionDenied);
+            let expected =
+                format!("calling a node agent needs the control plane's identity; this connection is {principal}");
+            assert!(refused.to_string().contains(&expected), "{refused}");
+        }
     });
 }

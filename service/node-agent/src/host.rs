@@ -130,11 +130,6 @@ impl GuestHost for InstanceHost {
                 ))
                 .encode();
             };
-            if agent.env.buggify("host.provider_unavailable") {
-                let outage =
-                    ErrorResponse::new(ErrorCode::ProviderUnavailable, "provider unavailable (injected fault)");
-                return CapabilityResponse::err(&outage).encode();
-            }
             let call = agent.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // Look the assignment up now, not at start: a revoke takes effect on the very next call (P4).
             let grant = {
@@ -168,8 +163,15 @@ impl GuestHost for InstanceHost {
                 operation,
                 params,
             };
-            let response = match agent.providers.get(provider_type) {
+            // An injected outage is decided after the grant check and traced as the call's outcome, so a timeline
+            // shows why a guest saw PROVIDER_UNAVAILABLE.
+            let outage = agent.env.buggify("host.provider_unavailable");
+            let response = match agent.providers.get(provider_type).filter(|_| !outage) {
                 Some(provider) => provider.invoke(&invocation, &granted).await,
+                None if outage => CapabilityResponse::err(&ErrorResponse::new(
+                    ErrorCode::ProviderUnavailable,
+                    "provider unavailable (injected fault)",
+                )),
                 None => CapabilityResponse::err(&ErrorResponse::new(
                     ErrorCode::ProviderUnavailable,
                     format!("no {provider_type} provider runs on node {}", agent.config.node_id),

@@ -5,11 +5,13 @@
 //! counters. The agent is the authority on what runs here; the control plane's maps are a cache of the
 //! agent's facts and are rebuilt from [`Agent::snapshot`] after a control-plane restart.
 
+mod compiler;
 mod host;
 mod link;
 mod log_budget;
 mod mailbox;
 mod registry_link;
+mod reports;
 mod server;
 pub mod trace_events;
 
@@ -20,16 +22,17 @@ use std::time::Duration;
 use factum_env::Env;
 use factum_proto::{
     CapabilityAssignment, ErrorCode, ErrorResponse, InstanceFacts, InstanceMetadata, InstanceStatus, KvEntry,
-    NodeReport, RestartPolicy, StartInstanceRequest, StatusReport, PROTOCOL_VERSION,
+    NodeReport, RestartPolicy, SnapshotMark, StartInstanceRequest, StatusReport, PROTOCOL_VERSION,
 };
 use factum_providers::{Delivery, KvProvider, MessagingProvider, Provider};
 use factum_wasm::{CachedModule, ExitReason, Instance, Limits, ModuleCache, WasmEngine};
 use futures::future::AbortHandle;
-use tokio::sync::mpsc;
 
+pub use compiler::CompileLimits;
 pub use link::run_control_plane_link;
 pub use log_budget::{LogLimits, MAX_LINE_BYTES};
 pub use registry_link::run_registry_link;
+pub use reports::StatusReports;
 pub use server::serve;
 
 /// The capability providers a node hosts: KV always, HTTP and messaging when configured. A call for a kind
@@ -83,6 +86,8 @@ pub struct AgentConfig {
     pub log_limits: LogLimits,
     /// Compiled modules kept.
     pub module_cache_capacity: usize,
+    /// How many compiles run at once, and how long one may take.
+    pub compile_limits: CompileLimits,
     /// How often the agent sends its full snapshot to the control plane.
     pub heartbeat_interval: Duration,
     /// Deadline of one call to the control plane.
@@ -154,6 +159,7 @@ impl AgentConfig {
             limits: Limits::default(),
             log_limits: LogLimits::default(),
             module_cache_capacity: 256,
+            compile_limits: CompileLimits::default(),
             heartbeat_interval: Duration::from_secs(1),
             rpc_timeout: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(5),
@@ -194,6 +200,8 @@ struct LocalInstance {
     epoch: u64,
     /// Registry lease held when the instance was accepted.
     lease: Option<i64>,
+    /// The last snapshot taken before it was accepted.
+    accepted_after: SnapshotMark,
     /// Bumped on every status change; orders facts at the control plane.
     seq: u64,
     /// Bumped whenever a run is replaced or stopped, so a stale supervisor can tell it lost ownership.
@@ -212,6 +220,7 @@ impl LocalInstance {
             seq: self.seq,
             epoch: self.epoch,
             lease: self.lease,
+            accepted_after: self.accepted_after,
         }
     }
 }
@@ -219,10 +228,11 @@ impl LocalInstance {
 pub(crate) struct Inner {
     env: Env,
     config: AgentConfig,
-    cache: ModuleCache,
+    cache: Arc<ModuleCache>,
+    compiler: compiler::Compiler,
     providers: Providers,
     instances: Mutex<BTreeMap<String, LocalInstance>>,
-    reports: mpsc::UnboundedSender<StatusReport>,
+    reports: reports::ReportSender,
     /// Set while the node has lost its registry lease and not yet re-registered: starts are refused, since the
     /// control plane may be rescheduling elsewhere what would run here.
     fenced: std::sync::atomic::AtomicBool,
@@ -245,25 +255,6 @@ pub struct Agent {
     inner: Arc<Inner>,
 }
 
-/// Receives the status reports an [`Agent`] emits; hand it to [`run_control_plane_link`].
-pub struct StatusReports(pub(crate) mpsc::UnboundedReceiver<StatusReport>);
-
-impl StatusReports {
-    /// The next report, waiting for one.
-    pub async fn recv(&mut self) -> Option<StatusReport> {
-        self.0.recv().await
-    }
-
-    /// Every report queued now, without waiting.
-    pub fn drain(&mut self) -> Vec<StatusReport> {
-        let mut out = Vec::new();
-        while let Ok(report) = self.0.try_recv() {
-            out.push(report);
-        }
-        out
-    }
-}
-
 impl Agent {
     /// A new agent with no instances, running modules on `engine`, with `providers` (an `Arc<KvProvider>`
     /// alone converts into a set with only KV).
@@ -274,13 +265,16 @@ impl Agent {
         providers: impl Into<Providers>,
     ) -> (Self, StatusReports) {
         let providers = providers.into();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let cache = ModuleCache::new(engine, config.module_cache_capacity);
+        let env = env.with_principal(factum_proto::Principal::Node(config.node_id.clone()));
+        let (tx, rx) = reports::queue();
+        let cache = Arc::new(ModuleCache::new(engine, config.module_cache_capacity));
+        let compiler = compiler::Compiler::new(cache.clone(), config.compile_limits);
         let boot = env.rng.next_u64();
         let inner = Inner {
             env,
             config,
             cache,
+            compiler,
             providers,
             instances: Mutex::new(BTreeMap::new()),
             reports: tx,
@@ -301,7 +295,7 @@ impl Agent {
                 }
             }));
         }
-        (Agent { inner }, StatusReports(rx))
+        (Agent { inner }, rx)
     }
 
     /// This agent's node id.
@@ -369,7 +363,8 @@ impl Agent {
                 ));
             }
         }
-        let module = inner.cache.get_or_compile(&hash, &req.module_bytes).map_err(ErrorResponse::from)?;
+        let module =
+            inner.compiler.get_or_compile(&inner.env, &hash, &req.module_bytes).await.map_err(ErrorResponse::from)?;
         let metadata = InstanceMetadata {
             instance_id: req.instance_id.clone(),
             node_id: inner.config.node_id.clone(),
@@ -378,6 +373,8 @@ impl Agent {
             status: InstanceStatus::Starting,
             restarts: if inner.config.has_bug(AgentBug::ForgetRestartCount) { 0 } else { req.restarts },
             last_error: None,
+            restart_streak: 0,
+            backoff_ms: None,
         };
         {
             let mut instances = inner.lock();
@@ -392,14 +389,23 @@ impl Agent {
                 )));
             }
             let held = inner.lease();
+            if let (None, Some(held)) = (req.node_lease, held) {
+                // A node in a registry takes only placements made under its lease: without one, a start would
+                // skip the fencing check.
+                return Err(ErrorResponse::invalid(format!(
+                    "node {} is registered under lease {held}: a start must name the lease it was placed under",
+                    inner.config.node_id
+                )));
+            }
             if let Some(wanted) = req.node_lease.filter(|wanted| Some(*wanted) != held) {
                 return Err(ErrorResponse::communication(format!(
                     "placed under registry lease {wanted}, but node {} holds {held:?}: the placement is stale",
                     inner.config.node_id
                 )));
             }
-            // Stamped under the lock, so a snapshot taken before this insert has an earlier `taken_at`.
             let metadata = InstanceMetadata { created_at: inner.env.wall_ms(), ..metadata };
+            // Read under the lock that numbers snapshots: any snapshot numbered up to this one lacks the instance.
+            let accepted_after = inner.snapshot_mark();
             let local = LocalInstance {
                 metadata,
                 capabilities,
@@ -407,6 +413,7 @@ impl Agent {
                 module,
                 epoch: req.epoch,
                 lease: inner.lease(),
+                accepted_after,
                 seq: 0,
                 generation: 0,
                 abort: None,
@@ -454,6 +461,27 @@ impl Agent {
             .ok_or_else(|| ErrorResponse::instance_not_found(instance_id))
     }
 
+    /// RemoveInstance: forgets an ended instance (stopped, or crashed with no restart pending) with its grants
+    /// and mailbox, so its id can be used again. Returns the snapshot number at removal: snapshots numbered up
+    /// to it were taken while the agent still held the instance.
+    pub fn remove_instance(&self, instance_id: &str) -> Result<SnapshotMark, ErrorResponse> {
+        let inner = &self.inner;
+        let mut instances = inner.lock();
+        let local = instances.get(instance_id).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))?;
+        if !local.metadata.status.is_terminal() || local.abort.is_some() {
+            let status = local.metadata.status;
+            let why = if local.abort.is_some() && status.is_terminal() { "waits to restart" } else { "is running" };
+            return Err(ErrorResponse::invalid(format!(
+                "instance {instance_id} {why} ({status}): stop it before removing it"
+            )));
+        }
+        if let Some(mut local) = inner.forget(&mut instances, instance_id) {
+            inner.end_messaging(&mut local, "removed");
+        }
+        tracing::info!(instance_id, node = %inner.config.node_id, "instance removed");
+        Ok(inner.snapshot_mark())
+    }
+
     /// RestartInstance: ends the current run if any and starts a new one with fresh memory.
     pub async fn restart_instance(&self, instance_id: &str) -> Result<(), ErrorResponse> {
         let inner = &self.inner;
@@ -466,6 +494,8 @@ impl Agent {
             }
             local.mailbox.run_crashed();
             local.metadata.restarts = local.metadata.restarts.saturating_add(1);
+            // Asked for, not a crash loop: the streak ends here (and `set_status` ends any backoff wait).
+            local.metadata.restart_streak = 0;
             let generation = local.generation;
             inner.set_status(&mut instances, instance_id, InstanceStatus::Starting, None);
             generation
@@ -508,12 +538,12 @@ impl Agent {
 
     /// The registration / heartbeat message for the control plane.
     pub fn node_report(&self) -> NodeReport {
-        let (instances, taken_at, sequence) = {
+        let (instances, sequence) = {
             // Under the lock that inserts instances, which also stamps their `created_at`; numbered under it
             // too, so numbers follow the order snapshots were taken in.
             let instances = self.inner.lock();
             let sequence = self.inner.snapshots.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-            (instances.values().map(LocalInstance::facts).collect(), self.inner.env.wall_ms(), sequence)
+            (instances.values().map(LocalInstance::facts).collect(), sequence)
         };
         NodeReport {
             protocol_version: PROTOCOL_VERSION,
@@ -521,7 +551,6 @@ impl Agent {
             agent_addr: self.inner.config.advertise_addr.clone(),
             max_instances: self.inner.config.max_instances,
             instances,
-            taken_at,
             boot: self.inner.boot,
             sequence,
         }
@@ -741,6 +770,11 @@ impl Inner {
         Some(self.lease.load(std::sync::atomic::Ordering::SeqCst)).filter(|l| *l != 0)
     }
 
+    /// Where the snapshot numbering stands: a snapshot numbered up to this one was taken before now.
+    fn snapshot_mark(&self) -> SnapshotMark {
+        SnapshotMark { boot: self.boot, sequence: self.snapshots.load(std::sync::atomic::Ordering::SeqCst) }
+    }
+
     /// Records a status fact and queues its report (P9).
     fn set_status(
         &self,
@@ -752,6 +786,9 @@ impl Inner {
         let Some(local) = instances.get_mut(instance_id) else { return };
         local.seq += 1;
         local.metadata.status = status;
+        if status != InstanceStatus::Crashed {
+            local.metadata.backoff_ms = None; // only a crash waits out a backoff (a stop during one ends it)
+        }
         if error.is_some() {
             local.metadata.last_error = error;
         }
@@ -764,6 +801,8 @@ impl Inner {
             restarts: local.metadata.restarts,
             last_error: local.metadata.last_error.clone(),
             epoch: local.epoch,
+            restart_streak: local.metadata.restart_streak,
+            backoff_ms: local.metadata.backoff_ms,
         };
         tracing::debug!(instance_id, %status, seq = local.seq, "status");
         self.env.trace(|| {
@@ -773,8 +812,8 @@ impl Inner {
         if self.env.buggify("agent.drop_status_report") {
             return; // the next snapshot must repair the control plane's view
         }
-        // The receiver lives as long as the agent's link task; if it is gone the next snapshot carries the fact.
-        let _ = self.reports.send(report);
+        // Replaces an unsent older fact of this instance: the queue holds one per instance.
+        self.reports.send(report);
     }
 
     async fn instantiate(self: &Arc<Self>, instance_id: &str) -> Result<Box<dyn Instance>, ErrorResponse> {
@@ -817,7 +856,9 @@ impl Inner {
     /// env clock, fresh instantiation.
     async fn supervise(self: Arc<Self>, instance_id: String, generation: u64, mut instance: Box<dyn Instance>) {
         loop {
+            let began = self.env.clock.now();
             let exit = instance.run().await;
+            let stable = self.env.clock.now().saturating_sub(began) >= factum_proto::STABLE_RUN;
             let delay = {
                 let mut instances = self.lock();
                 let Some(local) = instances.get_mut(&instance_id) else { return };
@@ -836,6 +877,9 @@ impl Inner {
                 let status = if crashed { InstanceStatus::Crashed } else { InstanceStatus::Stopped };
                 let error = crashed.then(|| exit.describe());
                 log_exit(&instance_id, &exit, restart);
+                if stable {
+                    local.metadata.restart_streak = 0;
+                }
                 if !restart {
                     local.abort = None;
                     self.end_messaging(local, if crashed { "crashed, not restarted" } else { "exited" });
@@ -844,7 +888,9 @@ impl Inner {
                 }
                 // The count says how many restarts began: while this one waits out its backoff, the fact is the
                 // crash, and an observer cannot mistake the wait for the end of the instance's retries.
-                let delay = local.policy.backoff(local.metadata.restarts.saturating_add(1));
+                local.metadata.restart_streak = local.metadata.restart_streak.saturating_add(1);
+                let delay = local.policy.backoff(local.metadata.restart_streak, self.env.rng.next_u64());
+                local.metadata.backoff_ms = Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
                 self.set_status(&mut instances, &instance_id, status, error);
                 delay
             };

@@ -5,14 +5,13 @@
 use std::time::Duration;
 
 use factum_env::rpc;
-use factum_proto::ControlPlaneClient;
+use factum_proto::{ControlPlaneClient, Principal};
 
 use crate::{Agent, StatusReports};
 
 /// Keeps the agent connected to the control plane at `control_plane_addr`: sends every status report and a
 /// snapshot each heartbeat interval, reconnecting after failures. Runs until the agent's runtime ends.
-pub async fn run_control_plane_link(agent: Agent, control_plane_addr: String, reports: StatusReports) {
-    let StatusReports(mut reports) = reports;
+pub async fn run_control_plane_link(agent: Agent, control_plane_addr: String, mut reports: StatusReports) {
     let env = agent.inner.env.clone();
     let interval = agent.inner.config.heartbeat_interval;
     let timeout = agent.inner.config.rpc_timeout;
@@ -21,7 +20,7 @@ pub async fn run_control_plane_link(agent: Agent, control_plane_addr: String, re
     let mut previous: Option<factum_proto::NodeReport> = None;
     loop {
         if client.is_none() {
-            match env.timeout(timeout, env.net.connect(&control_plane_addr)).await {
+            match env.timeout(timeout, rpc::dial(&env, &control_plane_addr, &Principal::ControlPlane)).await {
                 Some(Ok(stream)) => {
                     let new = ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream));
                     client = Some(rpc::start_client(&env, new));

@@ -84,7 +84,12 @@ async fn register(
 ) -> Result<LeaseId, RegistryError> {
     let lease = registry.grant_lease(ttl).await?;
     let node = factum_registry::NodeRegistration { lease, ..node.clone() };
-    registry.register_node(&node, lease).await?;
+    if let Err(e) = registry.register_node(&node, lease).await {
+        // Most often `Taken` after a crash: this node's previous lease still holds the entry until it expires.
+        // The new lease holds nothing yet; ending it keeps one lease per node at the registry.
+        let _ = registry.revoke_lease(lease).await;
+        return Err(e);
+    }
     for metadata in agent.providers() {
         let record = ProviderRecord {
             provider_id: format!("{}@{}", metadata.name, node.node_id),

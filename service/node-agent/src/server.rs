@@ -2,7 +2,7 @@
 
 use factum_env::Listener;
 use factum_proto::{
-    CapabilityAssignment, ErrorResponse, InstanceFacts, InstanceStatus, KvEntry, NodeAgent, NodeReport,
+    CapabilityAssignment, ErrorResponse, InstanceFacts, InstanceStatus, KvEntry, NodeAgent, NodeReport, SnapshotMark,
     StartInstanceRequest, StartInstanceResponse, StopInstanceRequest, StopInstanceResponse,
 };
 use tarpc::context::Context;
@@ -62,12 +62,23 @@ impl NodeAgent for Agent {
         Agent::inspect_kv(&self, &capability_id, &prefix).await
     }
 
+    async fn remove_instance_local(self, _: Context, instance_id: String) -> Result<SnapshotMark, ErrorResponse> {
+        self.remove_instance(&instance_id)
+    }
+
     async fn module_bytes(self, _: Context, module_hash: String) -> Result<Vec<u8>, ErrorResponse> {
         Agent::module_bytes(&self, &module_hash)
     }
 }
 
-/// Serves the agent's API on `listener` until the listener fails.
+/// Serves the agent's API on `listener` until the listener fails. Only the control plane is served: every other
+/// peer is refused when it introduces itself, with the reason.
 pub async fn serve(agent: Agent, listener: Box<dyn Listener>) {
-    factum_env::serve_tarpc!(agent.inner.env, listener, "agent", agent.clone().serve());
+    let env = agent.inner.env.clone();
+    factum_env::serve_tarpc!(env, listener, "agent", move |peer: &factum_env::rpc::Peer| {
+        match peer.principal.require_control_plane("calling a node agent") {
+            Ok(()) => Ok(agent.clone().serve()),
+            Err(refused) => Err(refused.message),
+        }
+    });
 }

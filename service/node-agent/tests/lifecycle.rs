@@ -1,18 +1,19 @@
 //! Node agent lifecycle, restart policies, reports and capability enforcement, on virtual (paused tokio) time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
-use factum_env::{Env, SeededRng, TokioClock, TokioNet, TokioSpawn};
+use factum_env::{Env, SeededRng, TokioClock, TokioNet, TokioSpawn, Trace};
 use factum_node_agent::{Agent, AgentConfig, StatusReports};
-use factum_proto::{
-    CapabilityAssignment, ErrorCode, InstanceStatus, PolicyType, RestartPolicy, StartInstanceRequest, StatusReport,
-};
+use factum_proto::{ErrorCode, InstanceStatus, PolicyType, RestartPolicy, StatusReport};
 use factum_providers::MemoryKv;
-use factum_wasm::fixtures::{self, module};
+use factum_wasm::fixtures;
 use factum_wasm::{WasmEngine, WasmiEngine, WasmtimeEngine};
 use proptest::prelude::*;
+
+mod common;
+use common::request;
 
 /// An env on tokio's (paused) clock with wall time starting at the epoch, so report timestamps are virtual.
 fn test_env() -> Env {
@@ -23,32 +24,42 @@ fn test_env() -> Env {
         rng: Arc::new(SeededRng::new(1)),
         trace: None,
         faults: None,
+        credentials: factum_env::rpc::Credentials::default(),
     }
 }
 
 fn new_agent(engine: Arc<dyn WasmEngine>, max_instances: u32) -> (Agent, StatusReports, Arc<MemoryKv>) {
+    new_agent_in(test_env(), engine, max_instances)
+}
+
+fn new_agent_in(env: Env, engine: Arc<dyn WasmEngine>, max_instances: u32) -> (Agent, StatusReports, Arc<MemoryKv>) {
     let kv = Arc::new(MemoryKv::new());
     let mut config = AgentConfig::new("node-1", "127.0.0.1:0");
     config.max_instances = max_instances;
-    let (agent, reports) = Agent::new(test_env(), config, engine, kv.clone());
+    let (agent, reports) = Agent::new(env, config, engine, kv.clone());
     (agent, reports, kv)
 }
 
-fn request(id: &str, wat: &str, policy: RestartPolicy, caps: &[(&str, &[&str])]) -> StartInstanceRequest {
-    StartInstanceRequest {
-        instance_id: id.into(),
-        module_bytes: module(wat),
-        capabilities: caps
-            .iter()
-            .map(|(cap, perms)| {
-                let perms: Vec<String> = perms.iter().map(|p| p.to_string()).collect();
-                CapabilityAssignment::new(id, cap, &perms).unwrap()
-            })
-            .collect(),
-        restart_policy: policy,
-        epoch: 1,
-        node_lease: None,
-        restarts: 0,
+/// Every status fact the agent records (its `status …` trace events), with the virtual instant it was recorded:
+/// the agent's own history, whatever its report queue coalesced.
+#[derive(Default)]
+struct Facts(Mutex<Vec<(tokio::time::Instant, InstanceStatus, u64)>>);
+
+impl Trace for Facts {
+    fn record(&self, _component: &str, event: String) {
+        let mut words = event.split(' ');
+        if words.next() != Some("status") {
+            return;
+        }
+        let status = match words.nth(1) {
+            Some("starting") => InstanceStatus::Starting,
+            Some("running") => InstanceStatus::Running,
+            Some("stopped") => InstanceStatus::Stopped,
+            Some("crashed") => InstanceStatus::Crashed,
+            other => panic!("unexpected status in {other:?}"),
+        };
+        let seq = words.next().and_then(|w| w.strip_prefix("seq=")).unwrap().parse().unwrap();
+        self.0.lock().unwrap().push((tokio::time::Instant::now(), status, seq));
     }
 }
 
@@ -101,7 +112,17 @@ proptest! {
     ) {
         let rt = paused_runtime();
         rt.block_on(async {
-            let (agent, mut reports, _) = new_agent(Arc::new(WasmiEngine::new()), 10);
+            let facts = Arc::new(Facts::default());
+            let env = test_env().with_trace("agent", facts.clone());
+            let (agent, mut reports, _) = new_agent_in(env, Arc::new(WasmiEngine::new()), 10);
+            // The link's side: what it receives while the instance runs.
+            let received = tokio::spawn(async move {
+                let mut received = Vec::new();
+                while let Some(report) = reports.recv().await {
+                    received.push(report);
+                }
+                received
+            });
             agent.start_instance(request("i-1", guest, policy, &[])).await.unwrap();
             let crashed = guest != fixtures::EXIT_CLEAN;
             let wants = match policy.policy_type {
@@ -117,23 +138,31 @@ proptest! {
             prop_assert_eq!(status, end);
             prop_assert_eq!(agent.metadata("i-1").unwrap().restarts, expected_restarts);
 
-            let reports: Vec<StatusReport> = reports.drain();
+            let facts = std::mem::take(&mut *facts.0.lock().unwrap());
             let mut expected = vec![InstanceStatus::Starting, InstanceStatus::Running];
             for _ in 0..expected_restarts {
                 expected.extend([end, InstanceStatus::Starting, InstanceStatus::Running]);
             }
             expected.push(end);
-            prop_assert_eq!(reports.iter().map(|r| r.status).collect::<Vec<_>>(), expected);
-            prop_assert!(reports.windows(2).all(|w| w[0].seq < w[1].seq));
-            // Backoff: the gap between an end and the next start is the policy's delay for that restart.
+            prop_assert_eq!(facts.iter().map(|f| f.1).collect::<Vec<_>>(), expected);
+            prop_assert!(facts.windows(2).all(|w| w[0].2 < w[1].2));
+            // Backoff: the gap between an end and the next start is the policy's wait for that restart (each run
+            // here is short, so the streak is the restart number), with at most 10 % jitter on top.
             let mut restart = 0;
-            for w in reports.windows(2) {
-                if w[0].status == end && w[1].status == InstanceStatus::Starting {
+            for w in facts.windows(2) {
+                if w[0].1 == end && w[1].1 == InstanceStatus::Starting {
                     restart += 1;
-                    let gap = Duration::from_millis(w[1].timestamp - w[0].timestamp);
-                    prop_assert_eq!(gap, policy.backoff(restart));
+                    let gap = w[1].0 - w[0].0;
+                    let (least, most) = (policy.backoff(restart, 0), policy.backoff(restart, 100));
+                    prop_assert!(least <= gap && gap <= most, "restart {}: waited {:?}", restart, gap);
                 }
             }
+            // The link received facts in order, and the last one it received is the last fact.
+            drop(agent);
+            let received: Vec<StatusReport> = received.await.unwrap();
+            prop_assert!(received.windows(2).all(|w| w[0].seq < w[1].seq));
+            let last = received.last().unwrap();
+            prop_assert_eq!((last.status, last.seq), (end, facts.last().unwrap().2));
             Ok(())
         })?;
     }
@@ -252,6 +281,40 @@ async fn stop_ends_a_runaway_loop_on_both_engines() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(agent.status("spin").unwrap(), InstanceStatus::Stopped);
     }
+}
+
+/// Runs 12 s (a WASI clock sleep), then traps: a crash after a stable run.
+const SLOW_TRAP: &str = r#"(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 272) "\01\00\00\00")
+  (data (i32.const 280) "\00\78\41\cb\02\00\00\00")
+  (func (export "_start")
+    (drop (call $poll (i32.const 256) (i32.const 512) (i32.const 1) (i32.const 600)))
+    unreachable))"#;
+
+/// A guest that crashes at once under `always` with no backoff waits 100 ms doubling per restart in a row (no
+/// hot loop) and shows as a crash loop; one that crashes after each stable run waits only the floor every time.
+#[tokio::test(start_paused = true)]
+async fn a_crash_loop_backs_off_and_a_stable_run_resets_it() {
+    let (agent, _reports, _) = new_agent(Arc::new(WasmiEngine::new()), 10);
+    let always = RestartPolicy { policy_type: PolicyType::Always, max_retries: None, backoff_seconds: None };
+    agent.start_instance(request("looping", fixtures::TRAP, always, &[])).await.unwrap();
+    agent.start_instance(request("steady", SLOW_TRAP, always, &[])).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+
+    // Waits of 0.1, 0.2, … 25.6 s (+ ≤ 10 %) sum to 51.1–56.2 s: nine restarts began; the tenth waits 51.2 s.
+    let looping = agent.metadata("looping").unwrap();
+    assert_eq!((looping.status, looping.restarts, looping.restart_streak), (InstanceStatus::Crashed, 9, 10));
+    assert!(looping.in_crash_loop());
+    let wait = looping.backoff_ms.unwrap();
+    assert!((51_200..=56_320).contains(&wait), "{wait}");
+
+    // Crashes at 12 s, 24.1 s, 36.2 s and 48.3 s, each after a stable run: the streak never grows.
+    let steady = agent.metadata("steady").unwrap();
+    assert_eq!((steady.status, steady.restarts, steady.restart_streak), (InstanceStatus::Running, 4, 1));
+    assert!(!steady.in_crash_loop());
+    assert_eq!(steady.backoff_ms, None);
 }
 
 #[tokio::test(start_paused = true)]

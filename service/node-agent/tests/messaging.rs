@@ -27,6 +27,10 @@ struct Node {
 }
 
 fn node(engine: Arc<dyn WasmEngine>) -> Node {
+    node_with(engine, AgentConfig::new("n", "127.0.0.1:0"))
+}
+
+fn node_with(engine: Arc<dyn WasmEngine>, config: AgentConfig) -> Node {
     let env = Env {
         clock: Arc::new(TokioClock::with_wall_origin(UNIX_EPOCH)),
         net: Arc::new(TokioNet),
@@ -34,19 +38,42 @@ fn node(engine: Arc<dyn WasmEngine>) -> Node {
         rng: Arc::new(SeededRng::new(1)),
         trace: None,
         faults: None,
+        credentials: factum_env::rpc::Credentials::default(),
     };
     let kv = Arc::new(MemoryKv::new());
     let messaging = Arc::new(MessagingProvider::in_memory());
     let providers = Providers { kv: kv.clone(), http: None, messaging: Some(messaging.clone()) };
-    let (agent, _reports) = Agent::new(env, AgentConfig::new("n", "127.0.0.1:0"), engine, providers);
+    let (agent, _reports) = Agent::new(env, config, engine, providers);
     Node { agent, kv, messaging }
 }
 
 fn subscriber(id: &str, subscribe: &str, policy: RestartPolicy) -> StartInstanceRequest {
+    subscriber_of(SUBSCRIBER, id, subscribe, policy)
+}
+
+/// The subscriber fixture with its handler starting with `first` instead of its length check.
+fn hostile_subscriber(first: &str) -> String {
+    SUBSCRIBER
+        .replace(
+            r#"(import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))"#,
+            r#"(import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))"#,
+        )
+        .replace(
+            r#"(memory (export "memory") 1)"#,
+            // A monotonic clock subscription of 120 s at 4096.
+            r#"(memory (export "memory") 1)
+  (data (i32.const 4112) "\01\00\00\00")
+  (data (i32.const 4120) "\00\b0\8e\f0\1b\00\00\00")"#,
+        )
+        .replace("(if (i32.gt_u (local.get $len) (i32.const 255)) (then (return (i32.const 2))))", first)
+}
+
+fn subscriber_of(wat: &str, id: &str, subscribe: &str, policy: RestartPolicy) -> StartInstanceRequest {
     let cap = |name: &str, perms: &[String]| CapabilityAssignment::new(id, name, perms).unwrap();
     StartInstanceRequest {
         instance_id: id.into(),
-        module_bytes: module(SUBSCRIBER),
+        module_bytes: module(wat),
         capabilities: vec![cap("bus", &[format!("msg:subscribe:{subscribe}")]), cap("kv", &["kv:write".into()])],
         restart_policy: policy,
         epoch: 1,
@@ -157,6 +184,60 @@ fn a_message_that_crashes_its_handler_is_retried_then_dropped_and_the_queue_goes
             // Stopping ends the subscriptions; later messages go nowhere.
             n.agent.stop_instance("s").unwrap();
             assert!(n.messaging.subscriptions_of("s").is_empty(), "{name}");
+        }
+    });
+}
+
+/// A handler that holds its message past the deadline (asleep in a host call, or spinning) crashes with a reason
+/// naming the deadline; a neighbour subscriber keeps receiving meanwhile. Both engines.
+#[test]
+fn a_handler_past_its_deadline_crashes_and_the_neighbour_goes_on() {
+    let sleeping =
+        hostile_subscriber("(drop (call $poll (i32.const 4096) (i32.const 4600) (i32.const 1) (i32.const 4700)))");
+    assert!(sleeping.contains("$poll (i32.const 4096)"), "the fixture changed: {sleeping}");
+    // Asleep for 120 s against the default 60 s deadline, on virtual time.
+    paused_runtime().block_on(async {
+        for engine in engines() {
+            let name = engine.name();
+            let n = node(engine);
+            n.agent
+                .start_instance(subscriber_of(&sleeping, "slow", "greetings.*", RestartPolicy::default()))
+                .await
+                .unwrap();
+            // The fixture subscribes to greetings.* whatever it is granted.
+            n.agent.start_instance(subscriber("s", "greetings.*", RestartPolicy::default())).await.unwrap();
+            n.wait_subscribed("slow").await;
+            n.wait_subscribed("s").await;
+            n.publish("greetings.en", "hold this").await;
+            n.publish("greetings.fr", "meanwhile").await;
+            n.wait_payload("meanwhile").await;
+            assert_eq!(n.agent.status("slow").unwrap(), InstanceStatus::Running, "{name}: asleep on its message");
+            tokio::time::sleep(Duration::from_secs(61)).await;
+            assert_eq!(n.agent.status("slow").unwrap(), InstanceStatus::Crashed, "{name}");
+            let reason = n.agent.metadata("slow").unwrap().last_error.unwrap();
+            assert!(reason.contains("factum_on_message ran past its deadline of 60s"), "{name}: {reason}");
+            n.publish("greetings.de", "after").await;
+            n.wait_payload("after").await;
+            assert_eq!(n.agent.status("s").unwrap(), InstanceStatus::Running, "{name}");
+        }
+    });
+    // Spinning, on real time, against a deadline of 300 ms: fuel yields let the deadline's timer fire.
+    let spinning = hostile_subscriber("(loop $spin (br $spin))");
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(async {
+        for engine in engines() {
+            let name = engine.name();
+            let mut config = AgentConfig::new("n", "127.0.0.1:0");
+            config.limits.handler_deadline = Duration::from_millis(300);
+            let n = node_with(engine, config);
+            n.agent
+                .start_instance(subscriber_of(&spinning, "spin", "greetings.*", RestartPolicy::default()))
+                .await
+                .unwrap();
+            n.wait_subscribed("spin").await;
+            n.publish("greetings.en", "spin on this").await;
+            n.wait("the crash", async || n.agent.status("spin").unwrap() == InstanceStatus::Crashed).await;
+            let reason = n.agent.metadata("spin").unwrap().last_error.unwrap();
+            assert!(reason.contains("ran past its deadline of 300ms"), "{name}: {reason}");
         }
     });
 }

@@ -103,7 +103,7 @@ impl Cut {
 }
 
 #[test]
-fn starts_are_refused_until_registered_and_under_another_lease() {
+fn starts_are_refused_until_registered_under_another_lease_and_under_none() {
     paused().block_on(async {
         // Cut off at first, so the start below surely comes before the first registration (starts run on a
         // task of their own, which the registry link may otherwise beat).
@@ -116,6 +116,11 @@ fn starts_are_refused_until_registered_and_under_another_lease() {
         let lease = registry.membership().await.unwrap().nodes[0].lease;
         let stale = agent.start_instance(start("b", PolicyType::Always, Some(lease + 1))).await.unwrap_err();
         assert_eq!(stale.error_code, ErrorCode::CommunicationFailure, "{stale}");
+        // Naming no lease would skip the fencing check: a registered node refuses it.
+        let unleased = agent.start_instance(start("d", PolicyType::Always, None)).await.unwrap_err();
+        assert_eq!(unleased.error_code, ErrorCode::InvalidRequest, "{unleased}");
+        assert!(unleased.message.contains("must name the lease"), "{unleased}");
+        assert!(agent.metadata("d").is_none());
         let facts = agent.start_instance(start("c", PolicyType::Always, Some(lease))).await.unwrap();
         assert_eq!(facts.lease, Some(lease));
     });

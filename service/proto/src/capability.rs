@@ -17,6 +17,8 @@ pub const MAX_OPERATION_LEN: usize = 64;
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Largest accepted KV value.
 pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// Most keys one KV `list` answers (and its default `limit`): a guest pages through more with `after`.
+pub const MAX_LIST_KEYS: u32 = 1000;
 
 /// One call from an instance to a provider.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,10 +124,15 @@ pub enum KvOperation {
         /// Key.
         key: String,
     },
-    /// List(prefix) -> keys, sorted.
+    /// List(prefix, after, limit) -> keys, sorted: those starting with `prefix` and after `after`, at most
+    /// `limit` ([`MAX_LIST_KEYS`] when unset). A page shorter than its limit is the last one.
     List {
         /// Key prefix; empty lists everything.
         prefix: String,
+        /// Only keys after this one (the last key of the previous page).
+        after: Option<String>,
+        /// Most keys wanted, 1 to [`MAX_LIST_KEYS`].
+        limit: Option<u32>,
     },
 }
 
@@ -142,9 +149,13 @@ struct SetParams {
 }
 
 #[derive(Deserialize)]
-struct PrefixParams {
+struct ListParams {
     #[serde(default)]
     prefix: String,
+    #[serde(default)]
+    after: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
 }
 
 impl KvOperation {
@@ -161,7 +172,10 @@ impl KvOperation {
                 KvOperation::Set { key: p.key, value: p.value }
             }
             "delete" => KvOperation::Delete { key: de::<KeyParams>(operation, params)?.key },
-            "list" => KvOperation::List { prefix: de::<PrefixParams>(operation, params)?.prefix },
+            "list" => {
+                let p: ListParams = de(operation, params)?;
+                KvOperation::List { prefix: p.prefix, after: p.after, limit: p.limit }
+            }
             other => {
                 return Err(ErrorResponse::invalid(format!(
                     "unknown kv operation {other:?}: expected get, set, delete or list"
@@ -185,13 +199,19 @@ impl KvOperation {
             value: &'a [u8],
         }
         #[derive(Serialize)]
-        struct Prefix<'a> {
+        struct List<'a> {
             prefix: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            after: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            limit: Option<u32>,
         }
         let params = match self {
             KvOperation::Get { key } | KvOperation::Delete { key } => rmp_serde::to_vec_named(&Key { key }),
             KvOperation::Set { key, value } => rmp_serde::to_vec_named(&Set { key, value }),
-            KvOperation::List { prefix } => rmp_serde::to_vec_named(&Prefix { prefix }),
+            KvOperation::List { prefix, after, limit } => {
+                rmp_serde::to_vec_named(&List { prefix, after: after.as_deref(), limit: *limit })
+            }
         };
         (self.name().to_string(), params.unwrap_or_default())
     }
@@ -206,6 +226,11 @@ impl KvOperation {
         }
     }
 
+    /// A first page of keys starting with `prefix`, as many as one list answers.
+    pub fn list(prefix: impl Into<String>) -> Self {
+        KvOperation::List { prefix: prefix.into(), after: None, limit: None }
+    }
+
     /// The permission this operation needs (`kv:read` covers Get and List).
     pub fn required_permission(&self) -> Permission {
         match self {
@@ -218,10 +243,18 @@ impl KvOperation {
     fn validate(&self) -> Result<(), ErrorResponse> {
         let key = match self {
             KvOperation::Get { key } | KvOperation::Delete { key } | KvOperation::Set { key, .. } => key,
-            KvOperation::List { prefix } => prefix,
+            KvOperation::List { prefix, .. } => prefix,
         };
         if key.len() > MAX_KEY_BYTES {
             return Err(ErrorResponse::invalid(format!("kv key longer than {MAX_KEY_BYTES} bytes")));
+        }
+        if let KvOperation::List { after, limit, .. } = self {
+            if after.as_ref().is_some_and(|a| a.len() > MAX_KEY_BYTES) {
+                return Err(ErrorResponse::invalid(format!("kv list `after` longer than {MAX_KEY_BYTES} bytes")));
+            }
+            if limit.is_some_and(|l| l == 0 || l > MAX_LIST_KEYS) {
+                return Err(ErrorResponse::invalid(format!("kv list `limit` must be 1 to {MAX_LIST_KEYS}")));
+            }
         }
         if matches!(self, KvOperation::Get { key } | KvOperation::Delete { key } if key.is_empty()) {
             return Err(ErrorResponse::invalid("empty kv key"));
@@ -435,7 +468,8 @@ mod tests {
             key.prop_map(|key| KvOperation::Get { key }),
             (key, prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(key, value)| KvOperation::Set { key, value }),
             key.prop_map(|key| KvOperation::Delete { key }),
-            "[a-z0-9/]{0,8}".prop_map(|prefix| KvOperation::List { prefix }),
+            ("[a-z0-9/]{0,8}", prop::option::of("[a-z0-9/]{0,8}"), prop::option::of(1..=MAX_LIST_KEYS))
+                .prop_map(|(prefix, after, limit)| KvOperation::List { prefix, after, limit }),
         ]
     }
 

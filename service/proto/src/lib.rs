@@ -4,18 +4,20 @@
 pub mod capability;
 pub mod error;
 pub mod permissions;
+pub mod principal;
 pub mod types;
 pub mod wire;
 
 pub use capability::{
     CapabilityInvocation, CapabilityResponse, GuestError, HttpRequest, HttpResponse, KvOperation, MessageEnvelope,
-    MsgOperation,
+    MsgOperation, MAX_LIST_KEYS,
 };
 pub use error::{ErrorCode, ErrorResponse};
 pub use permissions::Permission;
+pub use principal::Principal;
 pub use types::{
     validate_id, CapabilityAssignment, InstanceMetadata, InstanceStatus, PolicyType, ProviderMetadata, ProviderType,
-    RestartPolicy, MAX_ID_LEN,
+    RestartPolicy, BACKOFF_CAP, CRASH_LOOP_STREAK, MAX_ID_LEN, MIN_BACKOFF, STABLE_RUN,
 };
 pub use wire::*;
 

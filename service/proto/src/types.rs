@@ -67,6 +67,18 @@ pub struct InstanceMetadata {
     pub restarts: u32,
     /// Why it last crashed, if it did.
     pub last_error: Option<String>,
+    /// Restarts in a row, each after a run shorter than [`STABLE_RUN`]: what the backoff doubles on. A stable
+    /// run resets it; at [`CRASH_LOOP_STREAK`] or more the instance is in a crash loop.
+    pub restart_streak: u32,
+    /// While the instance waits out a restart backoff: that wait in milliseconds.
+    pub backoff_ms: Option<u64>,
+}
+
+impl InstanceMetadata {
+    /// Whether it keeps ending soon after each restart (Kubernetes' CrashLoopBackOff).
+    pub fn in_crash_loop(&self) -> bool {
+        self.restart_streak >= CRASH_LOOP_STREAK
+    }
 }
 
 /// The kind of capability provider (design §CapabilityAssignment).
@@ -201,20 +213,31 @@ impl std::fmt::Display for PolicyType {
 pub const MAX_BACKOFF_SECONDS: u32 = 3600;
 /// Largest accepted `max_retries`.
 pub const MAX_RETRIES_LIMIT: u32 = 1_000_000;
+/// The shortest wait before a restart, whatever the policy says: a guest that exits at once under `always`
+/// with no backoff would otherwise restart in a hot loop (Docker's restart delay starts here too).
+pub const MIN_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+/// Doubling stops here (Kubernetes' CrashLoopBackOff cap), unless the policy's own base is longer.
+pub const BACKOFF_CAP: std::time::Duration = std::time::Duration::from_secs(300);
+/// A run at least this long resets the restart streak, so the next restart waits only the base again.
+pub const STABLE_RUN: std::time::Duration = std::time::Duration::from_secs(10);
+/// Restarts in a row after short runs from which `factum ps` calls it a crash loop.
+pub const CRASH_LOOP_STREAK: u32 = 3;
+/// Jitter added to a backoff, in thousandths of it: restarts of instances that failed together spread out.
+const BACKOFF_JITTER_PER_MILLE: u64 = 100;
 
-/// Restart policy of one instance (design §RestartPolicy). Backoff doubles per consecutive restart:
-/// `backoff_seconds * 2^(n-1)`, capped at [`MAX_BACKOFF_SECONDS`].
+/// Restart policy of one instance (design §RestartPolicy). The wait before a restart doubles per restart in a
+/// row after a short run (see [`RestartPolicy::backoff`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct RestartPolicy {
     /// When to restart.
     pub policy_type: PolicyType,
     /// Restarts allowed in total; `None` means no limit.
     pub max_retries: Option<u32>,
-    /// Base delay before a restart; `None` means 0 (restart at once).
+    /// Base delay before a restart; `None` means 0 (the [`MIN_BACKOFF`] still applies).
     pub backoff_seconds: Option<u32>,
 }
 
-/// For people: `always, at most 3 restarts, backoff 1 s doubling (at most 3600 s)`.
+/// For people: `always, at most 3 restarts, backoff 1 s doubling (at most 300 s)`.
 impl std::fmt::Display for RestartPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.policy_type)?;
@@ -225,10 +248,11 @@ impl std::fmt::Display for RestartPolicy {
             Some(max) => write!(f, ", at most {max} restarts")?,
             None => f.write_str(", restarts without limit")?,
         }
-        match self.backoff_seconds.unwrap_or(0) {
-            0 => f.write_str(", no backoff"),
-            base => write!(f, ", backoff {base} s doubling (at most {MAX_BACKOFF_SECONDS} s)"),
-        }
+        let base = match self.backoff_seconds.unwrap_or(0) {
+            0 => format!("{} ms", MIN_BACKOFF.as_millis()),
+            base => format!("{base} s"),
+        };
+        write!(f, ", backoff {base} doubling (at most {} s)", self.cap().as_secs())
     }
 }
 
@@ -254,11 +278,23 @@ impl RestartPolicy {
         wants && self.max_retries.is_none_or(|max| restarts < max)
     }
 
-    /// Delay before restart number `restart` (1-based): exponential from `backoff_seconds`, capped.
-    pub fn backoff(&self, restart: u32) -> std::time::Duration {
-        let base = u64::from(self.backoff_seconds.unwrap_or(0));
-        let factor = 1u64 << restart.saturating_sub(1).min(20);
-        std::time::Duration::from_secs(base.saturating_mul(factor).min(u64::from(MAX_BACKOFF_SECONDS)))
+    fn base(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.backoff_seconds.unwrap_or(0).into()).max(MIN_BACKOFF)
+    }
+
+    fn cap(&self) -> std::time::Duration {
+        self.base().max(BACKOFF_CAP)
+    }
+
+    /// Wait before a restart that is the `streak`-th in a row after a short run (1-based): the base (at least
+    /// [`MIN_BACKOFF`]) doubled per earlier restart of the streak, at most [`BACKOFF_CAP`] or the base if longer,
+    /// plus up to 10 % jitter drawn from `random` (the env's rng, so simulated runs stay reproducible).
+    pub fn backoff(&self, streak: u32, random: u64) -> std::time::Duration {
+        let doubled = self.base().saturating_mul(1 << streak.saturating_sub(1).min(20));
+        let delay = doubled.min(self.cap());
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        let jitter_ms = delay_ms.saturating_mul(random % (BACKOFF_JITTER_PER_MILLE + 1)) / 1000;
+        delay.saturating_add(std::time::Duration::from_millis(jitter_ms))
     }
 }
 
@@ -273,11 +309,40 @@ mod tests {
         assert_eq!(policy(PolicyType::Never, Some(3), Some(1)).to_string(), "never");
         assert_eq!(
             policy(PolicyType::Always, Some(3), Some(1)).to_string(),
-            "always, at most 3 restarts, backoff 1 s doubling (at most 3600 s)"
+            "always, at most 3 restarts, backoff 1 s doubling (at most 300 s)"
         );
         assert_eq!(
             policy(PolicyType::OnFailure, None, None).to_string(),
-            "on_failure, restarts without limit, no backoff"
+            "on_failure, restarts without limit, backoff 100 ms doubling (at most 300 s)"
         );
+        assert_eq!(
+            policy(PolicyType::Always, None, Some(600)).to_string(),
+            "always, restarts without limit, backoff 600 s doubling (at most 600 s)"
+        );
+    }
+
+    #[test]
+    fn backoff_has_a_floor_doubles_to_a_cap_and_jitters_up_to_a_tenth() {
+        use std::time::Duration;
+        let policy =
+            |backoff_seconds| RestartPolicy { policy_type: PolicyType::Always, max_retries: None, backoff_seconds };
+        let none = policy(None);
+        assert_eq!(none.backoff(1, 0), MIN_BACKOFF);
+        assert_eq!(none.backoff(2, 0), Duration::from_millis(200));
+        assert_eq!(none.backoff(4, 0), Duration::from_millis(800));
+        assert_eq!(none.backoff(1_000, 0), BACKOFF_CAP);
+        assert_eq!(policy(Some(0)).backoff(1, 0), MIN_BACKOFF);
+        assert_eq!(none.backoff(1, 50), Duration::from_millis(105));
+        let one = policy(Some(1));
+        assert_eq!(one.backoff(3, 0), Duration::from_secs(4));
+        // Jitter: `random % 101` thousandths, so at most +10 %, never below the unjittered wait.
+        assert_eq!(one.backoff(3, 100), Duration::from_millis(4_400));
+        assert_eq!(one.backoff(3, 101), Duration::from_secs(4));
+        assert_eq!(one.backoff(3, u64::MAX).max(Duration::from_secs(4)), one.backoff(3, u64::MAX));
+        assert!(one.backoff(3, u64::MAX) <= Duration::from_millis(4_400));
+        // A base longer than the cap is the wait every time.
+        let long = policy(Some(MAX_BACKOFF_SECONDS));
+        assert_eq!(long.backoff(1, 0), long.backoff(9, 0));
+        assert_eq!(long.backoff(9, 0), Duration::from_secs(MAX_BACKOFF_SECONDS.into()));
     }
 }

@@ -8,9 +8,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::ErrorResponse;
 use crate::types::{CapabilityAssignment, InstanceMetadata, InstanceStatus, RestartPolicy};
 
-/// Version of the control plane ↔ agent protocol. An agent whose version differs is refused at registration
-/// with INVALID_REQUEST, so mixed versions fail loudly instead of misreading each other.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// Version of the protocol every factum connection speaks. Each connection opens with a hello carrying it
+/// (`factum_env::rpc::hello`), and a peer of another version is refused there, with both versions named, so
+/// mixed versions fail loudly instead of misreading each other. Agents also repeat it in every
+/// [`NodeReport`]. 4: the hello, with the peer's identity; list calls answer errors.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest accepted module, in bytes.
 pub const MAX_MODULE_BYTES: usize = 32 * 1024 * 1024;
@@ -116,6 +118,10 @@ pub struct StatusReport {
     pub last_error: Option<String>,
     /// Placement epoch of the instance on that node (see [`StartInstanceRequest::epoch`]).
     pub epoch: u64,
+    /// See [`InstanceMetadata::restart_streak`].
+    pub restart_streak: u32,
+    /// See [`InstanceMetadata::backoff_ms`].
+    pub backoff_ms: Option<u64>,
 }
 
 /// Everything an agent knows about one of its instances: the facts the control plane rebuilds from.
@@ -133,6 +139,27 @@ pub struct InstanceFacts {
     pub epoch: u64,
     /// The registry lease the agent held when it accepted the instance (none without a registry).
     pub lease: Option<i64>,
+    /// The agent's last snapshot before it accepted this placement: that snapshot and older ones of the same
+    /// run could not hold the instance, so their lacking it proves nothing.
+    pub accepted_after: SnapshotMark,
+}
+
+/// One snapshot of one run of an agent: `sequence` numbers the snapshots of run `boot` in the order they were
+/// taken (see [`NodeReport::sequence`]). Ordering by these numbers needs no clock: wall clocks jump, and a
+/// snapshot and a start's answer travel on different connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SnapshotMark {
+    /// The agent process run.
+    pub boot: u64,
+    /// The snapshot's number in that run (0: before the first).
+    pub sequence: u64,
+}
+
+impl SnapshotMark {
+    /// Whether this snapshot was taken before the placement accepted at `accepted` existed on its agent.
+    pub fn predates(self, accepted: SnapshotMark) -> bool {
+        self.boot == accepted.boot && self.sequence <= accepted.sequence
+    }
 }
 
 /// Agent → control plane, periodically and at start-up: who I am, where I listen, what I run. Idempotent;
@@ -150,9 +177,6 @@ pub struct NodeReport {
     pub max_instances: u32,
     /// Every instance the agent holds.
     pub instances: Vec<InstanceFacts>,
-    /// The agent's wall clock (ms) when it took this snapshot, on the clock of each fact's `created_at`: an
-    /// instance accepted later cannot be in it, so its absence proves nothing.
-    pub taken_at: u64,
     /// Identifies this run of the agent process (drawn when it starts): a snapshot of an earlier run is stale.
     pub boot: u64,
     /// Numbers this run's snapshots from 1, in the order they were taken: one older than a snapshot already
@@ -208,7 +232,7 @@ pub trait ControlPlane {
     /// QueryInstance.
     async fn query_instance(instance_id: String) -> Result<InstanceDetails, ErrorResponse>;
     /// ListInstances, ordered by instance id.
-    async fn list_instances() -> Vec<InstanceMetadata>;
+    async fn list_instances() -> Result<Vec<InstanceMetadata>, ErrorResponse>;
     /// AssignCapability: add or replace one capability of an instance; takes effect on its next call.
     async fn assign_capability(
         instance_id: String,
@@ -217,8 +241,12 @@ pub trait ControlPlane {
     ) -> Result<(), ErrorResponse>;
     /// RevokeCapability: takes effect on the instance's next call.
     async fn revoke_capability(instance_id: String, capability_id: String) -> Result<(), ErrorResponse>;
+    /// RemoveInstance: forget an ended instance (stopped, or crashed for good) on its node and here, with its
+    /// grants, and its module's bytes once no instance uses them. INVALID_REQUEST while it runs or waits to
+    /// restart: stop it first.
+    async fn remove_instance(instance_id: String) -> Result<(), ErrorResponse>;
     /// Nodes known to the control plane.
-    async fn list_nodes() -> Vec<NodeInfo>;
+    async fn list_nodes() -> Result<Vec<NodeInfo>, ErrorResponse>;
     /// Operator view of a KV store (capability id) on every node, keys starting with `prefix`.
     async fn inspect_kv(capability_id: String, prefix: String) -> Result<Vec<KvEntry>, ErrorResponse>;
     /// Agent → control plane: registration and heartbeat with a full snapshot of its facts.
@@ -246,6 +274,10 @@ pub trait NodeAgent {
     async fn revoke_capability(instance_id: String, capability_id: String) -> Result<InstanceFacts, ErrorResponse>;
     /// Operator view of the local KV store `capability_id`.
     async fn inspect_kv(capability_id: String, prefix: String) -> Result<Vec<KvEntry>, ErrorResponse>;
+    /// RemoveInstance: forget an ended instance (stopped, or crashed with no restart pending), its grants and
+    /// mailbox. Answers the agent's snapshot number at removal: snapshots numbered up to it may still hold the
+    /// instance. INVALID_REQUEST while it runs or waits to restart.
+    async fn remove_instance_local(instance_id: String) -> Result<SnapshotMark, ErrorResponse>;
     /// The bytes of a module this agent runs, by module hash: how a restarted control plane recovers what it
     /// needs to reschedule an instance elsewhere. INSTANCE_NOT_FOUND if the agent no longer holds them.
     async fn module_bytes(module_hash: String) -> Result<Vec<u8>, ErrorResponse>;

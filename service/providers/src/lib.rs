@@ -11,6 +11,8 @@ mod msg;
 use async_trait::async_trait;
 use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorResponse, Permission};
 
+/// TLS settings of a backend (Redis, NATS): one type for every backend, from the env crate.
+pub use factum_env::BackendTls;
 pub use factum_proto::ProviderMetadata;
 
 pub use http::{Hop, HopResponse, HttpBug, HttpLimits, HttpProvider, HttpTransport, ReqwestTransport};
@@ -19,7 +21,10 @@ pub use kv::RedisStore;
 pub use kv::{KvBackend, KvProvider, MemoryKv, MemoryStore, DEFAULT_MAX_KEYS_PER_STORE};
 #[cfg(feature = "nats")]
 pub use msg::NatsBus;
-pub use msg::{BusSubscription, DeliverFn, Delivery, MemoryBus, MessageBus, MessageSink, MessagingProvider};
+pub use msg::{
+    BusSubscription, DeliverFn, Delivery, MemoryBus, MessageBus, MessageSink, MessagingProvider,
+    MAX_SUBSCRIPTIONS_PER_INSTANCE,
+};
 
 /// A capability provider (design §Capability Provider, Base Interface). A provider implements
 /// [`Provider::handle`]; the provided [`Provider::invoke`] runs it behind the provider's [`Lifecycle`] gate, so

@@ -78,7 +78,8 @@ fn arb_op() -> impl Strategy<Value = KvOperation> {
         ("[a-c*?\\[]{1,2}", prop::collection::vec(any::<u8>(), 0..4))
             .prop_map(|(key, value)| KvOperation::Set { key, value }),
         "[a-c*?\\[]{1,2}".prop_map(|key| KvOperation::Delete { key }),
-        "[a-c*?\\[]{0,1}".prop_map(|prefix| KvOperation::List { prefix }),
+        ("[a-c*?\\[]{0,1}", prop::option::of("[a-c]{0,2}"), prop::option::of(1u32..4))
+            .prop_map(|(prefix, after, limit)| KvOperation::List { prefix, after, limit }),
     ]
 }
 
@@ -95,6 +96,87 @@ fn full_stores_are_resource_exhausted_on_every_backend() {
             let full = kv.invoke(&inv("s", &set("c")), &ALL).await;
             assert_eq!(full.error_code(), Some(ErrorCode::ResourceExhausted), "{name}");
             assert!(kv.invoke(&inv("other", &set("c")), &ALL).await.success, "{name}: the limit is per store");
+        }
+    });
+}
+
+/// Stores are bounded in bytes (keys and values) per store and all together, on every backend: overwriting
+/// counts the difference only, and a delete gives its bytes back.
+#[test]
+fn stores_are_bounded_in_bytes_per_store_and_together_on_every_backend() {
+    runtime().block_on(async {
+        let mut bounded: Vec<Arc<dyn KvBackend>> = vec![Arc::new(MemoryStore::with_limits(100, 100, 150))];
+        if let Some(redis) = redis() {
+            let namespace = format!("bytes{}", std::process::id());
+            let store = RedisStore::connect(&redis.url, &namespace, 100, Duration::from_secs(5)).await.unwrap();
+            bounded.push(Arc::new(store.with_byte_limits(100, 150)));
+        }
+        for kv in bounded {
+            let name = kv.name();
+            kv.set("a", "k1", &[0; 48]).await.unwrap(); // 50 bytes with its key
+            kv.set("a", "k2", &[0; 48]).await.unwrap();
+            let full = kv.set("a", "k3", &[0; 1]).await.unwrap_err();
+            assert_eq!(full.error_code, ErrorCode::ResourceExhausted, "{name}");
+            assert!(full.message.contains("100 bytes"), "{name}: {}", full.message);
+            // Overwriting counts the difference only; shrinking a value makes room.
+            kv.set("a", "k2", &[0; 10]).await.unwrap();
+            kv.set("a", "k3", &[0; 30]).await.unwrap();
+            // 50 + 12 + 32 = 94 in store a; 150 are allowed together.
+            let all_full = kv.set("b", "k", &[0; 60]).await.unwrap_err();
+            assert!(all_full.message.contains("150 bytes together"), "{name}: {}", all_full.message);
+            assert!(kv.delete("a", "k1").await.unwrap(), "{name}");
+            kv.set("b", "k", &[0; 60]).await.unwrap();
+            assert!(!kv.delete("a", "k1").await.unwrap(), "{name}");
+            assert!(!kv.delete("nope", "k1").await.unwrap(), "{name}");
+        }
+    });
+}
+
+/// A list answers at most 1,000 keys; a guest pages through a bigger store with `after`, each page picking up
+/// after the last key of the one before, until a short page. Bad page arguments are INVALID_REQUEST.
+#[test]
+fn listings_are_paged_on_every_backend() {
+    runtime().block_on(async {
+        for backend in backends(10_000).await {
+            let name = backend.name();
+            let kv = KvProvider::with_backend(backend);
+            for i in 0..2_500 {
+                let set = KvOperation::Set { key: format!("k/{i:05}"), value: vec![1] };
+                assert!(kv.invoke(&inv("paged", &set), &ALL).await.success, "{name}");
+            }
+            assert!(
+                kv.invoke(&inv("paged", &KvOperation::Set { key: "other".into(), value: vec![1] }), &ALL).await.success
+            );
+            let mut seen = Vec::new();
+            let mut pages = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let op = KvOperation::List { prefix: "k/".into(), after: after.clone(), limit: None };
+                let page: Vec<String> = kv.invoke(&inv("paged", &op), &ALL).await.result_as().unwrap();
+                pages.push(page.len());
+                after = page.last().cloned();
+                let last_page = page.len() < factum_proto::MAX_LIST_KEYS as usize;
+                seen.extend(page);
+                if last_page {
+                    break;
+                }
+            }
+            assert_eq!(pages, [1_000, 1_000, 500], "{name}");
+            let want: Vec<String> = (0..2_500).map(|i| format!("k/{i:05}")).collect();
+            assert_eq!(seen, want, "{name}: every key once, in order");
+            let small = KvOperation::List { prefix: String::new(), after: Some("k/02497".into()), limit: Some(2) };
+            let page: Vec<String> = kv.invoke(&inv("paged", &small), &ALL).await.result_as().unwrap();
+            assert_eq!(page, ["k/02498", "k/02499"], "{name}");
+            for limit in [0, factum_proto::MAX_LIST_KEYS + 1] {
+                let bad = KvOperation::List { prefix: String::new(), after: None, limit: Some(limit) };
+                let (operation, params) = bad.encode();
+                let invocation =
+                    CapabilityInvocation { instance_id: "i".into(), capability_id: "paged".into(), operation, params };
+                assert_eq!(
+                    kv.invoke(&invocation, &ALL).await.error_code(),
+                    Some(factum_proto::ErrorCode::InvalidRequest)
+                );
+            }
         }
     });
 }
@@ -137,8 +219,13 @@ proptest! {
                         KvOperation::Delete { key } => {
                             prop_assert_eq!(resp.result_as::<bool>().unwrap(), model.remove(&key).is_some());
                         }
-                        KvOperation::List { prefix } => {
-                            let want: Vec<String> = model.keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
+                        KvOperation::List { prefix, after, limit } => {
+                            let want: Vec<String> = model
+                                .keys()
+                                .filter(|k| k.starts_with(&prefix) && after.as_ref().is_none_or(|a| *k > a))
+                                .take(limit.unwrap_or(factum_proto::MAX_LIST_KEYS) as usize)
+                                .cloned()
+                                .collect();
                             prop_assert_eq!(resp.result_as::<Vec<String>>().unwrap(), want);
                         }
                     }
@@ -165,7 +252,7 @@ proptest! {
                     model.insert((store.clone(), key.clone()), value.clone());
                 }
                 for store in ["a", "b"] {
-                    let listed = kv.invoke(&inv(store, &KvOperation::List { prefix: String::new() }), &ALL).await;
+                    let listed = kv.invoke(&inv(store, &KvOperation::list("")), &ALL).await;
                     let want: Vec<String> = model.keys().filter(|(s, _)| s == store).map(|(_, k)| k.clone()).collect();
                     prop_assert_eq!(listed.result_as::<Vec<String>>().unwrap(), want);
                     let seen = kv.inspect(store, "").await.unwrap();
@@ -226,8 +313,14 @@ impl KvBackend for Gated {
     async fn delete(&self, store: &str, key: &str) -> Result<bool, factum_proto::ErrorResponse> {
         self.inner.delete(store, key).await
     }
-    async fn list(&self, store: &str, prefix: &str) -> Result<Vec<String>, factum_proto::ErrorResponse> {
-        self.inner.list(store, prefix).await
+    async fn list(
+        &self,
+        store: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, factum_proto::ErrorResponse> {
+        self.inner.list(store, prefix, after, limit).await
     }
     async fn entries(&self, store: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, factum_proto::ErrorResponse> {
         self.inner.entries(store, prefix).await

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use factum_proto::permissions::{pattern_covers, topic_matches};
 use factum_proto::{CapabilityInvocation, ErrorCode, MsgOperation, Permission};
-use factum_providers::{Delivery, MemoryBus, MessageBus, MessagingProvider, NatsBus, Provider};
+use factum_providers::{
+    Delivery, MemoryBus, MessageBus, MessageSink, MessagingProvider, NatsBus, Provider, MAX_SUBSCRIPTIONS_PER_INSTANCE,
+};
 use proptest::prelude::*;
 use tokio::sync::mpsc;
 
@@ -52,8 +54,8 @@ async fn buses() -> Vec<Arc<dyn MessageBus>> {
     let mut buses: Vec<Arc<dyn MessageBus>> = vec![Arc::new(MemoryBus::new())];
     if let Some(nats) = nats() {
         let prefix = format!("test{}_{}", std::process::id(), PREFIX.fetch_add(1, Ordering::SeqCst));
-        let spawner = factum_env::Env::tokio().spawner;
-        buses.push(Arc::new(NatsBus::connect(&nats.url, &prefix, Duration::from_secs(5), spawner).await.unwrap()));
+        let env = factum_env::Env::tokio();
+        buses.push(Arc::new(NatsBus::connect(&nats.url, &prefix, Duration::from_secs(5), env).await.unwrap()));
     }
     buses
 }
@@ -160,12 +162,91 @@ fn wildcards_unsubscribe_and_release_on_every_bus() {
 fn an_unreachable_nats_is_provider_unavailable_not_a_hang() {
     runtime().block_on(async {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let spawner = factum_env::Env::tokio().spawner;
+        let env = factum_env::Env::tokio();
         let url = format!("nats://127.0.0.1:{port}");
-        let err = NatsBus::connect(&url, "x", Duration::from_secs(1), spawner.clone()).await.err().unwrap();
+        let err = NatsBus::connect(&url, "x", Duration::from_secs(1), env.clone()).await.err().unwrap();
         assert_eq!(err.error_code, ErrorCode::ProviderUnavailable, "{err}");
-        let bad = NatsBus::connect(&url, "bad prefix", Duration::from_secs(1), spawner).await.err().unwrap();
+        let bad = NatsBus::connect(&url, "bad prefix", Duration::from_secs(1), env).await.err().unwrap();
         assert_eq!(bad.error_code, ErrorCode::InvalidRequest, "{bad}");
+    });
+}
+
+#[test]
+fn an_instance_holds_a_bounded_number_of_subscriptions() {
+    runtime().block_on(async {
+        for bus in buses().await {
+            let name = bus.name();
+            let (provider, _rx) = provider(bus);
+            let all = everything();
+            for n in 0..MAX_SUBSCRIPTIONS_PER_INSTANCE {
+                let answer = provider.invoke(&inv("greedy", "bus", &subscribe(&format!("t{n}"))), &all).await;
+                assert_eq!(answer.error_code(), None, "{name}: subscription {n}");
+            }
+            let over = provider.invoke(&inv("greedy", "bus", &subscribe("one.more")), &all).await;
+            assert_eq!(over.error_code(), Some(ErrorCode::ResourceExhausted), "{name}");
+            // Repeating a held one is no new subscription; another instance has its own allowance.
+            assert_eq!(provider.invoke(&inv("greedy", "bus", &subscribe("t0")), &all).await.error_code(), None);
+            assert_eq!(provider.invoke(&inv("other", "bus", &subscribe("t0")), &all).await.error_code(), None);
+            // Letting one go makes room.
+            let unsubscribe = MsgOperation::Unsubscribe { topic: "t0".into() };
+            provider.invoke(&inv("greedy", "bus", &unsubscribe), &all).await;
+            assert_eq!(provider.invoke(&inv("greedy", "bus", &subscribe("one.more")), &all).await.error_code(), None);
+        }
+    });
+}
+
+/// A nats-server of its own, frozen with SIGSTOP (as a paused or partitioned server looks to a client) and
+/// killed on drop.
+struct Frozen(Child);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0.id().to_string()]).status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_nats_server_that_stops_answering_is_provider_unavailable_not_a_hang() {
+    if nats().is_none() {
+        return; // said why above
+    }
+    runtime().block_on(async {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Frozen(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let url = format!("nats://127.0.0.1:{port}");
+        let bus = NatsBus::connect(&url, "stall", Duration::from_millis(500), factum_env::Env::tokio()).await.unwrap();
+        assert!(Command::new("kill").args(["-STOP", &server.0.id().to_string()]).status().unwrap().success());
+        // Publishes fill the socket buffers and then the client's command queue; unbounded, the next call would
+        // wait for the server for ever.
+        let payload = vec![7u8; 64 * 1024];
+        let calls = async {
+            for _ in 0..2_000 {
+                if let Err(e) = bus.publish("orders.eu", &payload).await {
+                    return e;
+                }
+            }
+            panic!("128 MiB published to a frozen server without a refusal");
+        };
+        let err = tokio::time::timeout(Duration::from_secs(20), calls).await.expect("a call to a frozen server hung");
+        assert_eq!(err.error_code, ErrorCode::ProviderUnavailable, "{err}");
+        assert!(err.message.contains("no answer from the NATS server within 500ms"), "{err}");
+        // And a subscribe, queued behind them, is refused the same way.
+        let sink: MessageSink = Arc::new(|_: &str, _: &[u8]| {});
+        let refused = tokio::time::timeout(Duration::from_secs(5), bus.subscribe("orders.>", sink)).await.unwrap();
+        assert_eq!(refused.err().map(|e| e.error_code), Some(ErrorCode::ProviderUnavailable));
     });
 }
 

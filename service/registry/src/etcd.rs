@@ -5,8 +5,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use etcd_client::{Client, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchOptions};
-use factum_env::Env;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+use factum_env::{BackendTls, Env};
 use tokio::sync::Mutex;
 
 use crate::{
@@ -40,7 +43,35 @@ impl EtcdRegistry {
         prefix: &str,
         timeout: Duration,
     ) -> Result<Self, RegistryError> {
-        let options = ConnectOptions::new().with_connect_timeout(timeout).with_timeout(timeout);
+        Self::connect_with(env, endpoints, prefix, timeout, &BackendTls::default(), None).await
+    }
+
+    /// [`EtcdRegistry::connect`] over TLS as `tls` says (endpoints without a scheme are dialled `https://`;
+    /// the server's certificate is checked against `tls.ca`, and `tls.client` shown to an etcd that verifies
+    /// clients), and as etcd user `user` (name, password) when given.
+    pub async fn connect_with(
+        env: Env,
+        endpoints: &[String],
+        prefix: &str,
+        timeout: Duration,
+        tls: &BackendTls,
+        user: Option<(String, String)>,
+    ) -> Result<Self, RegistryError> {
+        let mut options = ConnectOptions::new().with_connect_timeout(timeout).with_timeout(timeout);
+        if tls.enabled() {
+            let unreadable = |e: std::io::Error| unavailable(e);
+            let mut config = etcd_client::TlsOptions::new();
+            if let Some(ca) = tls.read_ca().map_err(unreadable)? {
+                config = config.ca_certificate(etcd_client::Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = tls.read_client().map_err(unreadable)? {
+                config = config.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(config);
+        }
+        if let Some((name, password)) = user {
+            options = options.with_user(name, password);
+        }
         let client = match env.timeout(timeout, Client::connect(endpoints, Some(options))).await {
             Some(Ok(client)) => client,
             Some(Err(e)) => return Err(unavailable(format!("cannot connect to {endpoints:?}: {e}"))),
@@ -141,7 +172,43 @@ impl Registry for EtcdRegistry {
     }
 
     async fn register_node(&self, node: &NodeRegistration, lease: LeaseId) -> Result<(), RegistryError> {
-        self.put(self.keys.node(&node.node_id)?, encode(node)?, Some(lease)).await
+        let key = self.keys.node(&node.node_id)?;
+        let value = encode(node)?;
+        // "Absent or ours": etcd compares the key's lease, an absent key comparing as lease 0. Expect absent
+        // first; if the key turns out to be ours (or to have just gone), expect that instead.
+        let mut expected = 0;
+        for _ in 0..3 {
+            let put = TxnOp::put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease)));
+            let txn = Txn::new()
+                .when([Compare::lease(key.clone(), CompareOp::Equal, expected)])
+                .and_then([put])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let mut client = self.client.clone();
+            let response = match self.env.timeout(self.timeout, client.txn(txn)).await {
+                Some(Ok(response)) => response,
+                Some(Err(e)) if e.to_string().contains("lease not found") => {
+                    return Err(RegistryError::LeaseExpired(lease))
+                }
+                Some(Err(e)) => return Err(unavailable(e)),
+                None => return Err(unavailable(format!("txn timed out after {:?}", self.timeout))),
+            };
+            if response.succeeded() {
+                return Ok(());
+            }
+            let held = response
+                .op_responses()
+                .iter()
+                .find_map(|op| match op {
+                    TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.lease()),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            if held != 0 && held != lease {
+                return Err(RegistryError::Taken { node_id: node.node_id.clone(), lease: held });
+            }
+            expected = held;
+        }
+        Err(unavailable(format!("the entry of node {} kept changing while it registered", node.node_id)))
     }
 
     async fn membership(&self) -> Result<Membership, RegistryError> {

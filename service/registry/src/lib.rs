@@ -79,12 +79,23 @@ pub enum RegistryError {
     /// The request itself is wrong (bad id, TTL out of range, undecodable entry).
     #[error("invalid registry request: {0}")]
     Invalid(String),
+    /// A node id is registered under another live lease: another agent runs under that id, or this node's
+    /// previous run, whose lease has not expired yet. Free again once that lease ends.
+    #[error("node {node_id} is registered under another live lease ({lease}): another agent with this id, or this node's previous run until its lease expires")]
+    Taken {
+        /// The node id asked for.
+        node_id: String,
+        /// The lease that holds it.
+        lease: LeaseId,
+    },
 }
 
 impl From<RegistryError> for ErrorResponse {
     fn from(e: RegistryError) -> Self {
         let code = match e {
-            RegistryError::Unavailable(_) | RegistryError::LeaseExpired(_) => ErrorCode::CommunicationFailure,
+            RegistryError::Unavailable(_) | RegistryError::LeaseExpired(_) | RegistryError::Taken { .. } => {
+                ErrorCode::CommunicationFailure
+            }
             RegistryError::Invalid(_) => ErrorCode::InvalidRequest,
         };
         ErrorResponse::new(code, e.to_string())
@@ -101,7 +112,9 @@ pub trait Registry: Send + Sync + 'static {
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), RegistryError>;
     /// Ends a lease now, deleting its keys (a node leaving on purpose).
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), RegistryError>;
-    /// Writes the node's entry under `lease`.
+    /// Writes the node's entry under `lease` if no other live lease holds that node id (create-if-absent, so
+    /// a second agent under the same id cannot take over the first one's entry); [`RegistryError::Taken`] if
+    /// one does. Writing it again under the same lease is allowed.
     async fn register_node(&self, node: &NodeRegistration, lease: LeaseId) -> Result<(), RegistryError>;
     /// The registered nodes now.
     async fn membership(&self) -> Result<Membership, RegistryError>;

@@ -97,12 +97,25 @@ impl MemoryRegistry {
     }
 
     fn put(&self, key: String, value: Vec<u8>, lease: Option<LeaseId>) -> Result<(), RegistryError> {
+        self.put_if(key, value, lease, |_| Ok(()))
+    }
+
+    /// Puts if `allowed` accepts the lease the key is held under now (`None`: absent or leaseless), checked
+    /// under the same lock as the write.
+    fn put_if(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+        allowed: impl FnOnce(Option<LeaseId>) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
         let mut state = self.lock();
         if let Some(lease) = lease {
             if !state.leases.contains_key(&lease) {
                 return Err(RegistryError::LeaseExpired(lease));
             }
         }
+        allowed(state.entries.get(&key).and_then(|e| e.lease))?;
         self.env.trace(|| format!("registry put {key} lease={lease:?} revision={}", state.revision + 1));
         state.entries.insert(key, Entry { value, lease });
         self.bump(&mut state);
@@ -167,7 +180,12 @@ impl Registry for MemoryRegistry {
     }
 
     async fn register_node(&self, node: &NodeRegistration, lease: LeaseId) -> Result<(), RegistryError> {
-        self.put(self.keys.node(&node.node_id)?, encode(node)?, Some(lease))
+        let key = self.keys.node(&node.node_id)?;
+        let taken = |held: Option<LeaseId>| match held {
+            Some(held) if held != lease => Err(RegistryError::Taken { node_id: node.node_id.clone(), lease: held }),
+            _ => Ok(()),
+        };
+        self.put_if(key, encode(node)?, Some(lease), taken)
     }
 
     async fn membership(&self) -> Result<Membership, RegistryError> {

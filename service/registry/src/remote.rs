@@ -78,7 +78,8 @@ impl RegistryApi for Server {
 
 /// Serves `registry` on `listener` until the listener fails, spawning on `env`.
 pub async fn serve(env: Env, registry: Arc<dyn Registry>, listener: Box<dyn Listener>) {
-    factum_env::serve_tarpc!(env, listener, "registry", Server(registry).serve());
+    // A stand-in for etcd (in simulation): its peers are whoever the cluster's components say they are.
+    factum_env::serve_tarpc!(env, listener, "registry", move |_: &rpc::Peer| Ok(Server(registry.clone()).serve()));
 }
 
 /// A [`Registry`] reached over the env's network. Connects lazily, reconnects after a failure, and bounds every
@@ -88,7 +89,9 @@ pub struct RemoteRegistry(rpc::Redial<RegistryApiClient>);
 impl RemoteRegistry {
     /// A client of the registry served at `addr`, with `timeout` per call.
     pub fn new(env: Env, addr: impl Into<String>, timeout: Duration) -> Self {
-        RemoteRegistry(rpc::Redial::new(env, addr, timeout, |env, stream| {
+        // The simulation's etcd holds no identity of its own (the simulator's network carries no TLS).
+        let server = factum_proto::Principal::Anonymous;
+        RemoteRegistry(rpc::Redial::new(env, addr, server, timeout, |env, stream| {
             rpc::start_client(env, RegistryApiClient::new(tarpc::client::Config::default(), rpc::transport(stream)))
         }))
     }

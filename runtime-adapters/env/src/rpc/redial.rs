@@ -15,26 +15,23 @@ type Open<C> = Box<dyn Fn(&Env, BoxStream) -> C + Send + Sync>;
 pub struct Redial<C> {
     env: Env,
     addr: String,
+    server: factum_proto::Principal,
     timeout: Duration,
     cached: Mutex<Option<C>>,
     open: Open<C>,
 }
 
 impl<C: Clone> Redial<C> {
-    /// A client of `addr` with `timeout` per dial and per call; `open` makes the tarpc client of a fresh
-    /// stream, e.g. `|env, s| rpc::start_client(env, MyClient::new(Config::default(), rpc::transport(s)))`.
+    /// A client of `server` at `addr` with `timeout` per dial and per call; `open` makes the tarpc client of a
+    /// fresh stream, e.g. `|env, s| rpc::start_client(env, MyClient::new(Config::default(), rpc::transport(s)))`.
     pub fn new(
         env: Env,
         addr: impl Into<String>,
+        server: factum_proto::Principal,
         timeout: Duration,
         open: impl Fn(&Env, BoxStream) -> C + Send + Sync + 'static,
     ) -> Self {
-        Self { env, addr: addr.into(), timeout, cached: Mutex::new(None), open: Box::new(open) }
-    }
-
-    /// The address dialled.
-    pub fn addr(&self) -> &str {
-        &self.addr
+        Self { env, addr: addr.into(), server, timeout, cached: Mutex::new(None), open: Box::new(open) }
     }
 
     /// Runs `call` on the client under the timeout plus `extra` (for calls that wait on purpose, like a long
@@ -59,7 +56,7 @@ impl<C: Clone> Redial<C> {
         if let Some(client) = self.lock().clone() {
             return Ok(client);
         }
-        let stream = match self.env.timeout(self.timeout, self.env.net.connect(&self.addr)).await {
+        let stream = match self.env.timeout(self.timeout, crate::rpc::dial(&self.env, &self.addr, &self.server)).await {
             Some(Ok(stream)) => stream,
             Some(Err(e)) => return Err(format!("cannot reach {}: {e}", self.addr)),
             None => return Err(format!("connecting to {} timed out", self.addr)),

@@ -109,36 +109,32 @@ impl KvBackend for MemoryStore {
         Ok(true)
     }
 
-    async fn list(&self, store: &str, prefix: &str) -> Result<Vec<String>, ErrorResponse> {
-        Ok(self.range(store, prefix).into_iter().map(|(k, _)| k).collect())
+    async fn list(
+        &self,
+        store: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, ErrorResponse> {
+        use std::ops::Bound;
+        let guard = self.lock();
+        let Some(entries) = guard.stores.get(store) else { return Ok(Vec::new()) };
+        // From the later of the prefix and `after` (excluded), so a page costs its own size, not the store's.
+        let from = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after.to_string()),
+            _ => Bound::Included(prefix.to_string()),
+        };
+        Ok(entries
+            .entries
+            .range::<String, _>((from, Bound::Unbounded))
+            .map(|(k, _)| k)
+            .take_while(|k| k.starts_with(prefix))
+            .take(limit)
+            .cloned()
+            .collect())
     }
 
     async fn entries(&self, store: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, ErrorResponse> {
         Ok(self.range(store, prefix))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn stores_are_bounded_in_bytes_per_store_and_together() {
-        let kv = MemoryStore::with_limits(100, 100, 150);
-        kv.set("a", "k1", &[0; 48]).await.unwrap(); // 50 bytes with its key
-        kv.set("a", "k2", &[0; 48]).await.unwrap();
-        let full = kv.set("a", "k3", &[0; 1]).await.unwrap_err();
-        assert_eq!(full.error_code, ErrorCode::ResourceExhausted);
-        assert!(full.message.contains("100 bytes"), "{}", full.message);
-        // Overwriting counts the difference only; shrinking a value makes room.
-        kv.set("a", "k2", &[0; 10]).await.unwrap();
-        kv.set("a", "k3", &[0; 30]).await.unwrap();
-        // 50 + 12 + 32 = 94 in store a; the node allows 150 together.
-        let node_full = kv.set("b", "k", &[0; 60]).await.unwrap_err();
-        assert!(node_full.message.contains("150 bytes together"), "{}", node_full.message);
-        assert!(kv.delete("a", "k1").await.unwrap());
-        kv.set("b", "k", &[0; 60]).await.unwrap();
-        assert!(!kv.delete("a", "k1").await.unwrap());
-        assert!(!kv.delete("nope", "k1").await.unwrap());
     }
 }

@@ -34,8 +34,14 @@ pub trait KvBackend: Send + Sync + 'static {
     async fn set(&self, store: &str, key: &str, value: &[u8]) -> Result<(), ErrorResponse>;
     /// Deletes `key`; whether it existed.
     async fn delete(&self, store: &str, key: &str) -> Result<bool, ErrorResponse>;
-    /// Keys starting with `prefix`, sorted.
-    async fn list(&self, store: &str, prefix: &str) -> Result<Vec<String>, ErrorResponse>;
+    /// Keys starting with `prefix` and after `after` (if set), sorted, at most `limit` of them.
+    async fn list(
+        &self,
+        store: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, ErrorResponse>;
     /// Entries whose key starts with `prefix`, sorted by key (the operator view).
     async fn entries(&self, store: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, ErrorResponse>;
 }
@@ -79,7 +85,10 @@ impl KvProvider {
                 CapabilityResponse::ok(&())
             }
             KvOperation::Delete { key } => CapabilityResponse::ok(&backend.delete(store, &key).await?),
-            KvOperation::List { prefix } => CapabilityResponse::ok(&backend.list(store, &prefix).await?),
+            KvOperation::List { prefix, after, limit } => {
+                let limit = limit.unwrap_or(factum_proto::MAX_LIST_KEYS) as usize;
+                CapabilityResponse::ok(&backend.list(store, &prefix, after.as_deref(), limit).await?)
+            }
         })
     }
 }
@@ -128,8 +137,6 @@ impl Provider for KvProvider {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use factum_proto::ErrorCode;
 
     use super::*;
@@ -151,7 +158,7 @@ mod tests {
         }
         let got = kv.invoke(&inv("s", &KvOperation::Get { key: "a/2".into() }), &ALL).await;
         assert_eq!(got.result_as::<Option<ByteBuf>>().unwrap().unwrap().as_ref(), b"y");
-        let keys = kv.invoke(&inv("s", &KvOperation::List { prefix: "a/".into() }), &ALL).await;
+        let keys = kv.invoke(&inv("s", &KvOperation::list("a/")), &ALL).await;
         assert_eq!(keys.result_as::<Vec<String>>().unwrap(), vec!["a/1", "a/2"]);
         let del = kv.invoke(&inv("s", &KvOperation::Delete { key: "a/1".into() }), &ALL).await;
         assert!(del.result_as::<bool>().unwrap());
@@ -179,66 +186,15 @@ mod tests {
             ("[a-c]{1,2}", prop::collection::vec(any::<u8>(), 0..4))
                 .prop_map(|(key, value)| KvOperation::Set { key, value }),
             "[a-c]{1,2}".prop_map(|key| KvOperation::Delete { key }),
-            "[a-c]{0,1}".prop_map(|prefix| KvOperation::List { prefix }),
+            ("[a-c]{0,1}", prop::option::of("[a-c]{0,2}"), prop::option::of(1u32..4))
+                .prop_map(|(prefix, after, limit)| KvOperation::List { prefix, after, limit }),
         ]
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
 
-        /// Feature: wasm-orchestrator, Property 4: Runtime Permission Enforcement
-        /// An operation succeeds exactly when its required permission was granted; a refused operation changes
-        /// nothing in the store.
-        #[test]
-        fn kv_enforces_permissions(
-            granted in prop::sample::subsequence(ALL.to_vec(), 0..=3),
-            ops in prop::collection::vec(arb_op(), 1..20),
-        ) {
-            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            rt.block_on(async {
-                let kv = MemoryKv::new();
-                for op in ops {
-                    let before = kv.inspect("s", "").await.unwrap();
-                    let resp = kv.invoke(&inv("s", &op), &granted).await;
-                    let allowed = granted.contains(&op.required_permission());
-                    prop_assert_eq!(resp.success, allowed);
-                    if !allowed {
-                        prop_assert_eq!(resp.error_code(), Some(ErrorCode::PermissionDenied));
-                        prop_assert_eq!(kv.inspect("s", "").await.unwrap(), before);
-                    }
-                }
-                Ok(())
-            })?;
-        }
-
-        /// Feature: wasm-orchestrator, Property 10: Capability Provider Invocation Execution
-        /// With full permissions the provider behaves like a sorted map: every operation returns what a model
-        /// BTreeMap says.
-        #[test]
-        fn kv_matches_a_model(ops in prop::collection::vec(arb_op(), 1..40)) {
-            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            rt.block_on(async {
-                let kv = MemoryKv::new();
-                let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-                for op in ops {
-                    let resp = kv.invoke(&inv("s", &op), &ALL).await;
-                    prop_assert!(resp.success);
-                    match op {
-                        KvOperation::Get { key } => prop_assert_eq!(
-                            resp.result_as::<Option<ByteBuf>>().unwrap().map(|b| b.into_vec()),
-                            model.get(&key).cloned()
-                        ),
-                        KvOperation::Set { key, value } => { model.insert(key, value); }
-                        KvOperation::Delete { key } => prop_assert_eq!(resp.result_as::<bool>().unwrap(), model.remove(&key).is_some()),
-                        KvOperation::List { prefix } => {
-                            let want: Vec<String> = model.keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
-                            prop_assert_eq!(resp.result_as::<Vec<String>>().unwrap(), want);
-                        }
-                    }
-                }
-                Ok(())
-            })?;
-        }
+        // The model and permission properties run on every backend, this one included: tests/kv_backends.rs.
 
         /// Feature: wasm-orchestrator, Property 20: Graceful Provider Shutdown Handling
         /// After shutdown every invocation, whatever it is, gets PROVIDER_UNAVAILABLE; nothing panics and the

@@ -68,6 +68,10 @@ pub trait MessageBus: Send + Sync + 'static {
 /// (instance id, capability id, pattern).
 type SubscriptionKey = (String, String, String);
 
+/// Subscriptions one instance may hold at once, over all its capabilities: each is a subscription on the bus
+/// (a NATS one, with its own task), so a guest must not make them without end.
+pub const MAX_SUBSCRIPTIONS_PER_INSTANCE: usize = 64;
+
 /// The messaging provider over one bus.
 pub struct MessagingProvider {
     bus: Arc<dyn MessageBus>,
@@ -131,8 +135,22 @@ impl MessagingProvider {
             }
             MsgOperation::Subscribe { topic } => {
                 let key = (invocation.instance_id.clone(), invocation.capability_id.clone(), topic.clone());
-                if self.lock().contains_key(&key) {
-                    return Ok(CapabilityResponse::ok(&()));
+                {
+                    let subscriptions = self.lock();
+                    if subscriptions.contains_key(&key) {
+                        return Ok(CapabilityResponse::ok(&()));
+                    }
+                    let first = (key.0.clone(), String::new(), String::new());
+                    let held = subscriptions.range(first..).take_while(|((i, _, _), _)| *i == key.0).count();
+                    if held >= MAX_SUBSCRIPTIONS_PER_INSTANCE {
+                        return Err(ErrorResponse::new(
+                            ErrorCode::ResourceExhausted,
+                            format!(
+                                "instance {} holds its maximum of {MAX_SUBSCRIPTIONS_PER_INSTANCE} subscriptions",
+                                key.0
+                            ),
+                        ));
+                    }
                 }
                 let deliver = self.deliver.get().cloned().ok_or_else(|| {
                     ErrorResponse::new(ErrorCode::ProviderUnavailable, "messaging provider has no agent to deliver to")

@@ -1,0 +1,146 @@
+//! Removing ended instances: on request (`RemoveInstance`, `factum rm`) and after the retention period. An
+//! instance goes from its agent first and then from the maps here, its module's bytes with it once no other
+//! instance uses them. A snapshot the agent took before the removal may still arrive and hold the instance;
+//! a tombstone (the agent's snapshot number at removal) keeps it from being learned back.
+
+use std::time::Duration;
+
+use factum_env::rpc;
+use factum_proto::{ErrorCode, ErrorResponse, InstanceFacts, NodeAgentClient, SnapshotMark};
+
+use crate::{ControlPlane, InstanceRecord, State};
+
+impl ControlPlane {
+    /// RemoveInstance: forgets an ended instance (stopped, or crashed with no restart pending) on its node and
+    /// here. INVALID_REQUEST while it runs, waits to restart or its node's word is unknown.
+    pub async fn remove_instance(&self, instance_id: &str) -> Result<(), ErrorResponse> {
+        self.remove(instance_id).await.map_err(|e| self.error(e))
+    }
+
+    async fn remove(&self, instance_id: &str) -> Result<(), ErrorResponse> {
+        let placement = {
+            let state = self.lock();
+            let record =
+                state.instances.get(instance_id).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))?;
+            ended(&state, instance_id).map_err(|why| {
+                let status = record.metadata.status;
+                ErrorResponse::invalid(format!(
+                    "instance {instance_id} {why} ({status}): stop it before removing it (`factum rm --force` does both)"
+                ))
+            })?;
+            (record.metadata.node_id.clone(), record.epoch)
+        };
+        let (node_id, client) = self.route(instance_id)?;
+        let id = instance_id.to_string();
+        let call = |c: NodeAgentClient| {
+            let id = id.clone();
+            async move { c.remove_instance_local(rpc::rpc_context(), id).await }
+        };
+        let removed_at = match self.call_agent_retrying(&node_id, client, "remove", call).await? {
+            Ok(mark) => Some(mark),
+            // Gone already (removed before, or the agent restarted since): nothing holds it there.
+            Err(e) if e.error_code == ErrorCode::InstanceNotFound => None,
+            Err(e) => return Err(e),
+        };
+        let mut state = self.lock();
+        // Meanwhile the instance may have been placed anew (rescheduled, or started again under its id).
+        let same = state.instances.get(instance_id).is_some_and(|r| (r.metadata.node_id.clone(), r.epoch) == placement);
+        if !same || ended(&state, instance_id).is_err() {
+            return Err(ErrorResponse::invalid(format!("instance {instance_id} was placed again while being removed")));
+        }
+        forget(&mut state, instance_id);
+        if let Some(mark) = removed_at.filter(|_| !self.inner.config.has_bug(crate::InjectedBug::NoTombstones)) {
+            state.removed.insert(instance_id.to_string(), (node_id.clone(), mark));
+        }
+        tracing::info!(instance_id, node = %node_id, "instance removed");
+        self.inner.env.trace(|| format!("removed {instance_id}"));
+        Ok(())
+    }
+
+    /// One retention pass: ended instances (no restart pending) older than the retention are removed, each
+    /// on a task of its own. An instance's age counts from the first pass that saw it ended; a removal that
+    /// fails is tried again a full retention later.
+    pub(crate) fn expire_ended(&self) {
+        let now = self.inner.env.clock.now();
+        let retention = self.inner.config.retention;
+        let mut expired = Vec::new();
+        let mut state = self.lock();
+        let State { instances, pending_starts, .. } = &mut *state;
+        for (id, record) in instances.iter_mut() {
+            let is_ended = ended_record(record, pending_starts.contains(id)).is_ok();
+            match (is_ended, record.ended_since) {
+                (false, _) => record.ended_since = None,
+                (true, None) => record.ended_since = Some(now),
+                (true, Some(since)) if now.saturating_sub(since) >= retention => {
+                    record.ended_since = None;
+                    expired.push(id.clone());
+                }
+                (true, Some(_)) => {}
+            }
+        }
+        drop(state);
+        for id in expired {
+            let cp = self.clone();
+            self.inner.env.spawn(async move {
+                if let Err(e) = cp.remove(&id).await {
+                    tracing::warn!(instance_id = %id, error = %e, "could not remove an instance past its retention");
+                }
+            });
+        }
+    }
+}
+
+/// Whether the instance ended for good as far as this control plane knows: stopped or crashed, with no restart
+/// pending on its node (a backoff) or here (a reschedule or a start in flight). If not, why not.
+fn ended(state: &State, instance_id: &str) -> Result<(), &'static str> {
+    match state.instances.get(instance_id) {
+        Some(record) => ended_record(record, state.pending_starts.contains(instance_id)),
+        None => Ok(()),
+    }
+}
+
+fn ended_record(record: &InstanceRecord, start_in_flight: bool) -> Result<(), &'static str> {
+    if !record.metadata.status.is_terminal() {
+        return Err("has not ended");
+    }
+    if record.metadata.backoff_ms.is_some() || record.retry.is_some() || start_in_flight {
+        return Err("waits to restart");
+    }
+    Ok(())
+}
+
+/// Drops an instance from the maps, and its module's bytes once no other instance uses them.
+fn forget(state: &mut State, instance_id: &str) {
+    let Some(record) = state.instances.remove(instance_id) else { return };
+    state.capabilities.remove(instance_id);
+    state.pending_starts.remove(instance_id);
+    let hash = record.metadata.module_hash;
+    if !state.instances.values().any(|r| r.metadata.module_hash == hash) {
+        state.modules.remove(&hash);
+    }
+}
+
+/// What of `snapshot` (numbered `mark`, from `node_id`) may be applied: not the instances removed from that
+/// node after it was taken. Tombstones that this snapshot postdates are dropped: no later snapshot of that node
+/// holds their instance.
+pub(crate) fn screen(
+    state: &mut State,
+    node_id: &str,
+    mark: SnapshotMark,
+    snapshot: Vec<InstanceFacts>,
+) -> Vec<InstanceFacts> {
+    let kept = snapshot
+        .into_iter()
+        .filter(|facts| {
+            !state
+                .removed
+                .get(&facts.metadata.instance_id)
+                .is_some_and(|(node, removed_at)| node == node_id && mark.predates(*removed_at))
+        })
+        .collect();
+    state.removed.retain(|_, (node, removed_at)| node != node_id || mark.predates(*removed_at));
+    kept
+}
+
+/// How long ended instances are kept by default.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(3600);
