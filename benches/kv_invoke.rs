@@ -59,6 +59,7 @@ async fn through_guest(name: &str, engine: Arc<dyn WasmEngine>, n: usize) {
         epoch: 1,
         node_lease: None,
         restarts: 0,
+        seal: Default::default(),
     };
     let started = Instant::now();
     agent.start_instance(request).await.expect("start");

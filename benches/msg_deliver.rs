@@ -55,6 +55,7 @@ async fn through_guest(name: &str, engine: Arc<dyn WasmEngine>, n: usize) {
         epoch: 1,
         node_lease: None,
         restarts: 0,
+        seal: Default::default(),
     };
     agent.start_instance(request).await.expect("start");
     while messaging.subscriptions_of("bench").is_empty() {

@@ -59,6 +59,7 @@ async fn agent_local(name: &str, engine: Arc<dyn WasmEngine>) {
             epoch: 1,
             node_lease: None,
             restarts: 0,
+            seal: Default::default(),
         };
         let t = Instant::now();
         agent.start_instance(req).await.expect("start");

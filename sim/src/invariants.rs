@@ -373,6 +373,7 @@ mod tests {
             epoch: 1,
             lease: None,
             accepted_after: Default::default(),
+            seal: Default::default(),
         }
     }
 

@@ -114,6 +114,8 @@ impl ClusterConfig {
                 watch_wait: Duration::from_secs(2),
                 // Longer than any run: scenario checks read ended instances to the end.
                 retention: factum_control_plane::DEFAULT_RETENTION,
+                // Every control-plane life of a run holds it, as a key file beside the binary would be.
+                placement_key: factum_control_plane::PlacementKey::plaintext(),
                 injected_bug: None,
             },
             heartbeat_interval: Duration::from_millis(500),

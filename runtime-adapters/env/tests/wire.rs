@@ -93,6 +93,7 @@ fn arb_facts() -> impl Strategy<Value = InstanceFacts> {
                 epoch,
                 lease: Some(7),
                 accepted_after: factum_proto::SnapshotMark { boot, sequence: seq / 2 },
+                seal: Default::default(),
             })
     })
 }
@@ -125,6 +126,7 @@ proptest! {
     ) {
         let report = StatusReport {
             instance_id, node_id, status, timestamp, seq, restarts, last_error, epoch, restart_streak, backoff_ms,
+            seal: Default::default(),
         };
         prop_assert_eq!(round_trip(report.clone()), report);
     }
@@ -139,7 +141,7 @@ proptest! {
         facts in prop::collection::vec(arb_facts(), 0..4),
     ) {
         let capabilities = facts.iter().flat_map(|f| f.capabilities.clone()).collect();
-        let start = StartInstanceRequest { instance_id: "i-1".into(), module_bytes, capabilities, restart_policy: policy, epoch, node_lease: Some(3), restarts: 2 };
+        let start = StartInstanceRequest { instance_id: "i-1".into(), module_bytes, capabilities, restart_policy: policy, epoch, node_lease: Some(3), restarts: 2, seal: factum_proto::PlacementSeal([9; 16]) };
         prop_assert_eq!(round_trip(start.clone()), start);
         let report = NodeReport { protocol_version: PROTOCOL_VERSION, node_id: "n".into(), agent_addr: "h:1".into(), max_instances: 9, instances: facts, boot: 11, sequence: 5 };
         prop_assert_eq!(round_trip(report.clone()), report);
@@ -176,6 +178,7 @@ fn valid_frames(module_bytes: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
         epoch: 1,
         node_lease: Some(3),
         restarts: 0,
+        seal: Default::default(),
     };
     let agent = tarpc::ClientMessage::Request(tarpc::Request {
         context: rpc::rpc_context(),

@@ -7,15 +7,22 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
+use factum_control_plane::PlacementKey;
 use factum_env::rpc::tls::{file_names, CA_FILE};
 use factum_env::Env;
 use factum_proto::Principal;
+use rand_core::TryRngCore as _;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 
 /// The CA's private key, beside `ca.pem`: whoever holds it can mint any identity, so keep it off the nodes.
 pub const CA_KEY_FILE: &str = "ca.key";
+
+/// The control plane's placement key (`factum_control_plane::PlacementKey`), beside its certificate. Written
+/// once, with the control plane's first certificate, and never replaced: a new key would make a restarted
+/// control plane refuse the facts of every placement the old one sealed.
+pub const PLACEMENT_KEY_FILE: &str = "placement.key";
 
 /// How long the CA is valid.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -54,8 +61,28 @@ pub fn issue(dir: &Path, identities: &[Principal]) -> Result<Vec<String>> {
         let (cert_file, key_file) = file_names(principal);
         leaf(dir, &issuer, &principal.to_string(), &[name], (&cert_file, &key_file))?;
         written.extend([cert_file, key_file]);
+        if *principal == Principal::ControlPlane && !dir.join(PLACEMENT_KEY_FILE).exists() {
+            let mut key = [0; PlacementKey::LEN];
+            rand_core::OsRng.try_fill_bytes(&mut key).context("the OS gave no random bytes for the placement key")?;
+            write(dir, PLACEMENT_KEY_FILE, &(PlacementKey::new(key).to_hex() + "\n"), true)?;
+            written.push(PLACEMENT_KEY_FILE.to_string());
+        }
     }
     Ok(written)
+}
+
+/// The control plane's placement key in `dir`.
+pub fn placement_key(dir: &Path) -> Result<PlacementKey> {
+    let path = dir.join(PLACEMENT_KEY_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {}: the control plane seals placements with it; `factum certs issue control-plane --dir {}` \
+             writes one",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    PlacementKey::from_hex(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// Issues a certificate for a backend server (etcd, Redis, NATS) called `name`, valid for `names` (host names

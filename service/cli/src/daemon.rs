@@ -96,6 +96,10 @@ async fn start_control_plane(
     tls: &TlsOpts,
 ) -> Result<(ControlPlane, String)> {
     let env = &secured(env, tls, Principal::ControlPlane)?;
+    let mut config = config;
+    if let Some(dir) = &tls.tls {
+        config.placement_key = crate::certs::placement_key(dir)?;
+    }
     let listener = env.net.bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     warn_if_exposed(env, "control plane", &addr);

@@ -348,13 +348,15 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum CertsAction {
     /// Create a cluster CA in DIR, and certificates for the control plane, node/node-1 and operator/local
-    /// (what `factum up --tls DIR` and the CLI's default identity need).
+    /// (what `factum up --tls DIR` and the CLI's default identity need), and the control plane's placement key
+    /// (`placement.key`: it seals the placements it issues; keep it with the control plane and never replace it).
     Init {
         /// Directory to write into (created if missing); refuses one that already holds a CA.
         #[arg(long, default_value = "certs")]
         dir: std::path::PathBuf,
     },
-    /// Issue certificates signed by the CA in DIR: `control-plane`, `node/ID`, `operator/NAME`, `reader/NAME`.
+    /// Issue certificates signed by the CA in DIR: `control-plane`, `node/ID`, `operator/NAME`, `reader/NAME`
+    /// (`control-plane` also writes `placement.key` if DIR has none).
     Issue {
         /// The identities, e.g. `node/n2 operator/alice reader/ci`.
         #[arg(required = true, value_parser = parse_principal)]

@@ -1,11 +1,14 @@
 //! How execution facts from agents update the control plane's maps. Facts only move forward: a fact is applied
 //! when its `(epoch, seq)` is newer than the one held (or equal, for full snapshots, which restate the truth),
 //! so duplicated or reordered reports never roll a status back (P13, P14), and facts from a node that ran an
-//! older placement of a rescheduled instance never overwrite those of its new node.
+//! older placement of a rescheduled instance never overwrite those of its new node. A fact counts only with
+//! its placement's seal (see [`crate::seal`]): the epochs that order facts are the ones this control plane
+//! issued.
 
 use std::collections::BTreeSet;
 
-use factum_proto::{InstanceFacts, InstanceStatus, SnapshotMark, StatusReport};
+use factum_env::rpc::hello::AUDIT;
+use factum_proto::{InstanceFacts, InstanceStatus, PlacementSeal, SnapshotMark, StatusReport};
 
 use crate::reschedule::{restartable, Retry};
 use crate::{InstanceRecord, State};
@@ -15,6 +18,9 @@ use crate::{InstanceRecord, State};
 /// sequence number.
 pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts, restating: bool, learn: bool) {
     let id = facts.metadata.instance_id.clone();
+    if !sealed(state, node_id, &id, facts.epoch, facts.seal) {
+        return;
+    }
     match state.instances.get_mut(&id) {
         Some(record) => {
             if facts.epoch < record.epoch || (facts.epoch == record.epoch && record.metadata.node_id != node_id) {
@@ -80,6 +86,9 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
 pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
     let sticky = state.injected == Some(crate::InjectedBug::StickyRunning);
     let stuck = state.injected == Some(crate::InjectedBug::StickyUnknown);
+    if !sealed(state, &report.node_id, &report.instance_id, report.epoch, report.seal) {
+        return;
+    }
     let Some(record) = state.instances.get_mut(&report.instance_id) else { return };
     let same_placement = report.epoch == record.epoch && record.metadata.node_id == report.node_id;
     if report.epoch < record.epoch || (report.epoch == record.epoch && !same_placement) {
@@ -103,6 +112,17 @@ pub(crate) fn apply_report(state: &mut State, report: StatusReport) {
     record.metadata.restart_streak = report.restart_streak;
     record.metadata.backoff_ms = report.backoff_ms;
     record.seq = report.seq;
+}
+
+/// Whether a fact from `node_id` about placement `epoch` of `instance_id` carries the seal this control plane
+/// gave that placement. One that does not is refused, and audited: no node sends one by mistake.
+fn sealed(state: &State, node_id: &str, instance_id: &str, epoch: u64, seal: PlacementSeal) -> bool {
+    let sealed = state.placement_key.verifies(instance_id, node_id, epoch, seal);
+    if !sealed {
+        tracing::warn!(target: AUDIT, node = node_id, instance_id, epoch, result = "PERMISSION_DENIED",
+            "fact refused: its placement (instance, node, epoch) was not issued by this control plane");
+    }
+    sealed
 }
 
 /// Where a snapshot came from, which decides what its lacking an instance means.
@@ -240,6 +260,7 @@ mod tests {
             epoch: 3,
             restart_streak: 0,
             backoff_ms: None,
+            seal: crate::PlacementKey::plaintext().seal("s1", "n1", 3),
         }
     }
 
@@ -296,6 +317,7 @@ mod tests {
             epoch: 3,
             lease: None,
             accepted_after: SnapshotMark { boot: 9, sequence: 2 },
+            seal: crate::PlacementKey::plaintext().seal("s1", "n1", 3),
         };
         // Another node's snapshot neither learns it (it is not that node's) nor clears the tombstone.
         merge_snapshot(&mut state, "n2", vec![], true, Source::Heartbeat(SnapshotMark { boot: 5, sequence: 99 }));
@@ -308,5 +330,39 @@ mod tests {
         // Any later snapshot of that node cannot hold it: the tombstone goes.
         merge_snapshot(&mut state, "n1", vec![], true, Source::Heartbeat(SnapshotMark { boot: 9, sequence: 21 }));
         assert!(state.removed.is_empty());
+    }
+
+    #[test]
+    fn facts_of_a_placement_the_control_plane_did_not_issue_are_refused() {
+        let mut state = placed();
+        apply_report(&mut state, report(InstanceStatus::Running, 2));
+        // A node that claims a later epoch, to take the instance over or freeze its facts: the seal it holds is
+        // epoch 3's, and it cannot make another.
+        let forged = StatusReport { epoch: u64::MAX, ..report(InstanceStatus::Crashed, 9) };
+        apply_report(&mut state, forged);
+        // Another node sending the seal it saw on the wire (it was not made for that node).
+        apply_report(&mut state, StatusReport { node_id: "n2".into(), epoch: 4, ..report(InstanceStatus::Stopped, 1) });
+        let record = &state.instances["s1"];
+        assert_eq!((record.epoch, record.seq, record.metadata.status), (3, 2, InstanceStatus::Running));
+        assert_eq!(record.metadata.node_id, "n1");
+
+        // A snapshot learning an instance under a forged seal, as after a control-plane restart: not learned.
+        let held = record.clone();
+        let facts = InstanceFacts {
+            metadata: InstanceMetadata { instance_id: "s2".into(), ..held.metadata },
+            capabilities: vec![],
+            restart_policy: held.restart_policy,
+            seq: 1,
+            epoch: 1,
+            lease: None,
+            accepted_after: SnapshotMark::default(),
+            seal: PlacementSeal([1; 16]),
+        };
+        merge_snapshot(&mut state, "n1", vec![facts.clone()], true, HEARTBEAT);
+        assert!(!state.instances.contains_key("s2"));
+        // With the seal its placement was given, it is.
+        let seal = crate::PlacementKey::plaintext().seal("s2", "n1", 1);
+        merge_snapshot(&mut state, "n1", vec![InstanceFacts { seal, ..facts }], true, HEARTBEAT);
+        assert!(state.instances.contains_key("s2"));
     }
 }

@@ -10,6 +10,7 @@ mod facts;
 mod membership;
 mod removal;
 mod reschedule;
+mod seal;
 mod server;
 mod snapshots;
 
@@ -27,6 +28,7 @@ use factum_proto::{
 use crate::snapshots::Snapshots;
 
 pub use removal::DEFAULT_RETENTION;
+pub use seal::PlacementKey;
 pub use server::serve;
 
 /// Control plane settings.
@@ -47,6 +49,9 @@ pub struct ControlPlaneConfig {
     /// How long an instance that ended for good (stopped, or crashed with no restart pending) is kept before it
     /// is removed, here and on its node.
     pub retention: Duration,
+    /// Seals every placement this control plane issues; facts about a placement whose seal does not match are
+    /// refused (see [`PlacementKey`]). The plaintext default is public.
+    pub placement_key: PlacementKey,
     /// A deliberate bug, for proving that the simulator catches it (`sim/tests/injected_bugs.rs`). Compiled
     /// only with the `injected-bugs` feature, which the simulator turns on and the `factum` binary does not.
     #[cfg(feature = "injected-bugs")]
@@ -123,6 +128,7 @@ impl Default for ControlPlaneConfig {
             reschedule: true,
             watch_wait: Duration::from_secs(5),
             retention: DEFAULT_RETENTION,
+            placement_key: PlacementKey::plaintext(),
             #[cfg(feature = "injected-bugs")]
             injected_bug: None,
         }
@@ -190,6 +196,8 @@ struct State {
     registry_mode: bool,
     /// The injected bug, for the fact-merging code that has no config (always `None` in real deployments).
     injected: Option<InjectedBug>,
+    /// What facts must be sealed with (the config's).
+    placement_key: PlacementKey,
 }
 
 struct Inner {
@@ -216,7 +224,8 @@ impl ControlPlane {
     /// An empty control plane. Start [`ControlPlane::run_failure_detector`] beside it.
     pub fn new(env: Env, config: ControlPlaneConfig) -> Self {
         let env = env.with_principal(factum_proto::Principal::ControlPlane);
-        let state = State { injected: config.injected(), ..State::default() };
+        let state =
+            State { injected: config.injected(), placement_key: config.placement_key.clone(), ..State::default() };
         let inner = Inner { env, config, state: Mutex::new(state), retrying: Default::default() };
         ControlPlane { inner: Arc::new(inner) }
     }
@@ -323,6 +332,7 @@ impl ControlPlane {
             epoch: 1,
             node_lease,
             restarts: 0,
+            seal: self.inner.config.placement_key.seal(&instance_id, &node_id, 1),
         };
         let result = self.call_start(&node_id, client, request).await;
         let mut state = self.lock();

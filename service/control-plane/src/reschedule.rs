@@ -290,6 +290,7 @@ fn start_request(state: &State, record: &InstanceRecord) -> Option<StartInstance
         epoch: record.epoch,
         node_lease: record.lease,
         restarts: record.metadata.restarts,
+        seal: state.placement_key.seal(id, &record.metadata.node_id, record.epoch),
     })
 }
 

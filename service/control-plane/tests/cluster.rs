@@ -491,6 +491,7 @@ fn a_node_cannot_report_for_another_node() {
             epoch: u64::MAX,
             restart_streak: 0,
             backoff_ms: None,
+            seal: Default::default(),
         };
         assert!(impostor.report_status(rpc::rpc_context(), status).await.unwrap().is_err());
         tokio::time::sleep(Duration::from_millis(300)).await; // heartbeats of the real node-1 go on
@@ -498,6 +499,48 @@ fn a_node_cannot_report_for_another_node() {
         assert_eq!(after.len(), 1);
         assert_eq!((&after[0].node_id, &after[0].agent_addr), (&before[0].node_id, &before[0].agent_addr));
         assert_eq!(cluster.cp.list_instances()[0].status, InstanceStatus::Running, "the forged crash was not applied");
+    });
+}
+
+#[test]
+fn a_node_cannot_claim_a_placement_epoch_the_control_plane_did_not_issue() {
+    let rt = runtime();
+    rt.block_on(async {
+        let cluster = cluster(1).await;
+        cluster.cp.start_instance(start_request(Some("web-1"), module(fixtures::SLEEPER), vec![])).await.unwrap();
+        eventually("web-1 runs", || cluster.cp.list_instances()[0].status == InstanceStatus::Running).await;
+        let held = cluster.cp.fact_position("web-1").unwrap();
+        // The node itself, with its own identity: it may report for node-1, but only about placements it was
+        // given. Epoch u64::MAX would have frozen web-1's facts (and overflowed the next reschedule's epoch).
+        let node = client_as(&cluster.cp_addr, Principal::Node("node-1".into())).await;
+        let forged = factum_proto::StatusReport {
+            instance_id: "web-1".into(),
+            node_id: "node-1".into(),
+            status: InstanceStatus::Crashed,
+            timestamp: 1,
+            seq: 1,
+            restarts: 0,
+            last_error: Some("forged".into()),
+            epoch: u64::MAX,
+            restart_streak: 0,
+            backoff_ms: None,
+            seal: factum_proto::PlacementSeal([0xAB; 16]),
+        };
+        node.report_status(rpc::rpc_context(), forged.clone()).await.unwrap().unwrap();
+        // The seal of epoch 1, replayed for an epoch it was not made for.
+        let mut snapshot = cluster.agents[0].node_report();
+        let replayed = snapshot.instances[0].seal;
+        node.report_status(rpc::rpc_context(), factum_proto::StatusReport { epoch: 2, seal: replayed, ..forged })
+            .await
+            .unwrap()
+            .unwrap();
+        snapshot.instances[0].epoch = u64::MAX;
+        snapshot.instances[0].metadata.status = InstanceStatus::Crashed;
+        snapshot.sequence += 1_000;
+        node.report_node(rpc::rpc_context(), snapshot).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(cluster.cp.fact_position("web-1"), Some(held), "epoch and sequence stay those issued");
+        assert_eq!(cluster.cp.list_instances()[0].status, InstanceStatus::Running, "no forged fact was applied");
     });
 }
 

@@ -311,6 +311,7 @@ mod tests {
             epoch: 1,
             node_lease: None,
             restarts: 0,
+            seal: Default::default(),
         };
         agent.start_instance(request).await.unwrap();
         let host = InstanceHost::new(Arc::downgrade(&agent.inner), "i".into());
@@ -444,6 +445,7 @@ mod tests {
                         epoch: 1,
                         node_lease: None,
                         restarts: 0,
+                        seal: Default::default(),
                     };
                     agent.start_instance(request).await.unwrap();
                 }
@@ -473,6 +475,7 @@ mod tests {
                         epoch: 1,
                         node_lease: None,
                         restarts: 0,
+                        seal: Default::default(),
                     };
                     agent.start_instance(request).await.unwrap();
                 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use factum_env::Env;
 use factum_proto::{
     CapabilityAssignment, ErrorCode, ErrorResponse, InstanceFacts, InstanceMetadata, InstanceStatus, KvEntry,
-    NodeReport, RestartPolicy, SnapshotMark, StartInstanceRequest, StatusReport, PROTOCOL_VERSION,
+    NodeReport, PlacementSeal, RestartPolicy, SnapshotMark, StartInstanceRequest, StatusReport, PROTOCOL_VERSION,
 };
 use factum_providers::{Delivery, KvProvider, MessagingProvider, Provider};
 use factum_wasm::{CachedModule, ExitReason, Instance, Limits, ModuleCache, WasmEngine};
@@ -198,6 +198,8 @@ struct LocalInstance {
     module: CachedModule,
     /// Placement epoch given by the control plane; orders facts across nodes.
     epoch: u64,
+    /// The control plane's seal over this placement, sent back with its facts.
+    seal: PlacementSeal,
     /// Registry lease held when the instance was accepted.
     lease: Option<i64>,
     /// The last snapshot taken before it was accepted.
@@ -221,6 +223,7 @@ impl LocalInstance {
             epoch: self.epoch,
             lease: self.lease,
             accepted_after: self.accepted_after,
+            seal: self.seal,
         }
     }
 }
@@ -341,6 +344,7 @@ impl Agent {
                 return if existing.metadata.module_hash == hash {
                     if existing.epoch < req.epoch {
                         existing.epoch = req.epoch;
+                        existing.seal = req.seal;
                         existing.metadata.restarts = existing.metadata.restarts.max(req.restarts);
                         existing.seq += 1;
                     }
@@ -412,6 +416,7 @@ impl Agent {
                 policy: req.restart_policy,
                 module,
                 epoch: req.epoch,
+                seal: req.seal,
                 lease: inner.lease(),
                 accepted_after,
                 seq: 0,
@@ -803,6 +808,7 @@ impl Inner {
             epoch: local.epoch,
             restart_streak: local.metadata.restart_streak,
             backoff_ms: local.metadata.backoff_ms,
+            seal: local.seal,
         };
         tracing::debug!(instance_id, %status, seq = local.seq, "status");
         self.env.trace(|| {

@@ -125,6 +125,7 @@ mod tests {
             epoch: 1,
             restart_streak: 0,
             backoff_ms: None,
+            seal: Default::default(),
         }
     }
 

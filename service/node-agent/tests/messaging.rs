@@ -79,6 +79,7 @@ fn subscriber_of(wat: &str, id: &str, subscribe: &str, policy: RestartPolicy) ->
         epoch: 1,
         node_lease: None,
         restarts: 0,
+        seal: Default::default(),
     }
 }
 

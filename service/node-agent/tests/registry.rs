@@ -36,6 +36,7 @@ fn start(id: &str, policy: PolicyType, node_lease: Option<i64>) -> StartInstance
         epoch: 1,
         node_lease,
         restarts: 0,
+        seal: Default::default(),
     }
 }
 

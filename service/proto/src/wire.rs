@@ -11,8 +11,8 @@ use crate::types::{CapabilityAssignment, InstanceMetadata, InstanceStatus, Resta
 /// Version of the protocol every factum connection speaks. Each connection opens with a hello carrying it
 /// (`factum_env::rpc::hello`), and a peer of another version is refused there, with both versions named, so
 /// mixed versions fail loudly instead of misreading each other. Agents also repeat it in every
-/// [`NodeReport`]. 4: the hello, with the peer's identity; list calls answer errors.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// [`NodeReport`]. 4: the hello, with the peer's identity; list calls answer errors. 5: placement seals.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest accepted module, in bytes.
 pub const MAX_MODULE_BYTES: usize = 32 * 1024 * 1024;
@@ -67,7 +67,17 @@ pub struct StartInstanceRequest {
     /// Restarts so far, over every placement: 0 for a first start. A rescheduled instance carries its count to
     /// the new node, so `max_retries` bounds restarts across the cluster, not per node.
     pub restarts: u32,
+    /// The control plane's seal over (instance, node, epoch). The agent keeps it and sends it back with every
+    /// fact of this placement, which is how the control plane knows the placement is one it issued.
+    pub seal: PlacementSeal,
 }
+
+/// A message authentication code the control plane computes over a placement (instance id, node id, epoch) with
+/// a key only it holds. A node can only send back seals it was given, so it cannot claim a placement epoch the
+/// control plane never issued (an epoch of `u64::MAX` would otherwise freeze an instance's facts), nor claim
+/// another node's placement, even after a control-plane restart, when the maps are rebuilt from what nodes say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PlacementSeal(pub [u8; 16]);
 
 /// Agent → control plane (design §StartInstanceResponse); `error` carries a code, not only text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +132,8 @@ pub struct StatusReport {
     pub restart_streak: u32,
     /// See [`InstanceMetadata::backoff_ms`].
     pub backoff_ms: Option<u64>,
+    /// The placement's seal (see [`StartInstanceRequest::seal`]).
+    pub seal: PlacementSeal,
 }
 
 /// Everything an agent knows about one of its instances: the facts the control plane rebuilds from.
@@ -142,6 +154,8 @@ pub struct InstanceFacts {
     /// The agent's last snapshot before it accepted this placement: that snapshot and older ones of the same
     /// run could not hold the instance, so their lacking it proves nothing.
     pub accepted_after: SnapshotMark,
+    /// The placement's seal (see [`StartInstanceRequest::seal`]).
+    pub seal: PlacementSeal,
 }
 
 /// One snapshot of one run of an agent: `sequence` numbers the snapshots of run `boot` in the order they were

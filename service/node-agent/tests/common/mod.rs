@@ -35,5 +35,6 @@ pub fn request_bytes(
         epoch: 1,
         node_lease: None,
         restarts: 0,
+        seal: Default::default(),
     }
 }
