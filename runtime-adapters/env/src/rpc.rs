@@ -75,16 +75,18 @@ where
 /// does not follow simulated time, so factum enforces its timeouts with the env clock instead and keeps
 /// tarpc's deadline out of the way.
 ///
-/// Why the two nondeterministic things tarpc puts in every request cannot reach a simulated run's behaviour:
+/// Why the nondeterministic things tarpc puts in every request cannot reach a simulated run's behaviour:
 /// - the trace and span ids come from tarpc's own thread-local generator, and the deadline from the OS clock.
 ///   Both only change the bytes of a frame and its length by a few bytes (bincode varints); turmoil's TCP makes
 ///   one segment of each write whatever its length, and draws latency and loss per segment, so delivery does
 ///   not depend on them; and nothing in factum reads a trace context.
-/// - the server drops a request whose deadline has passed, and this one is a day of real time away; no
-///   simulated run lasts that long.
+/// - a deadline a day away is never put on a timer: upstream tarpc keeps every in-flight request in a
+///   real-time `DelayQueue` whose inserts wake the connection task depending on how far the OS clock moved,
+///   which made the order of a simulated host's answers depend on CPU load; factum's tarpc is patched to leave
+///   deadlines an hour or more away untracked (`vendor/README.md`). No simulated run lasts a day of real time.
 ///
 /// `sim/tests/reference_hashes.rs` checks the consequence: the same seed gives the same trace hash in a fresh
-/// process, whatever ids tarpc drew.
+/// process, whatever ids tarpc drew, also while the CPU is busy.
 pub fn rpc_context() -> tarpc::context::Context {
     let mut ctx = tarpc::context::current();
     ctx.deadline = Instant::now() + Duration::from_secs(24 * 3600);

@@ -1,0 +1,9 @@
+#[tarpc::service(derive_serde = true)]
+trait Foo {
+    async fn foo();
+}
+
+fn main() {
+    let x = FooRequest::Foo {};
+    x.serialize();
+}

@@ -1,0 +1,9 @@
+#[tarpc::service]
+trait Foo {
+    async fn foo();
+}
+
+fn main() {
+    let x = FooRequest::Foo {};
+    x.serialize();
+}
