@@ -56,6 +56,7 @@ async fn through_guest(name: &str, engine: Arc<dyn WasmEngine>, n: usize) {
         module_bytes: guest(n),
         capabilities: vec![CapabilityAssignment::new("bench", "kv", &["kv:read".to_string()]).expect("assignment")],
         restart_policy: RestartPolicy::default(),
+        config: Default::default(),
         epoch: 1,
         node_lease: None,
         restarts: 0,

@@ -52,6 +52,7 @@ async fn through_guest(name: &str, engine: Arc<dyn WasmEngine>, n: usize) {
             CapabilityAssignment::new("bench", "bus", &["msg:subscribe:bench".to_string()]).expect("assignment")
         ],
         restart_policy: RestartPolicy::default(),
+        config: Default::default(),
         epoch: 1,
         node_lease: None,
         restarts: 0,

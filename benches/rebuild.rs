@@ -62,6 +62,7 @@ async fn run() {
             module_bytes: bytes.clone(),
             capabilities: vec![],
             restart_policy: policy,
+            config: Default::default(),
         };
         first.start_instance(req).await.expect("start");
     }

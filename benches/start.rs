@@ -56,6 +56,7 @@ async fn agent_local(name: &str, engine: Arc<dyn WasmEngine>) {
             module_bytes: bytes.clone(),
             capabilities: vec![],
             restart_policy: RestartPolicy::default(),
+            config: Default::default(),
             epoch: 1,
             node_lease: None,
             restarts: 0,
@@ -116,6 +117,7 @@ where
             module_bytes: bytes.clone(),
             capabilities: vec![],
             restart_policy: RestartPolicy::default(),
+            config: Default::default(),
         };
         let t = Instant::now();
         start(req).await;

@@ -187,3 +187,76 @@ fn refused_and_operator_calls_are_audited_as_json() {
     assert_ne!(started["fields"]["correlation"], "00", "the CLI sends a correlation id");
     let _ = std::fs::remove_file(&log_path);
 }
+
+/// A program of the public WASI test suite (see `runtime-adapters/wasm/tests/wasi-testsuite/`).
+fn wasi_suite(name: &str) -> String {
+    format!("{}/runtime-adapters/wasm/tests/wasi-testsuite/{name}.wasm", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn guests_get_their_arguments_and_environment() {
+    let up = up();
+    // Each program asserts what it reads (argv[0] then three arguments; three variables) and exits 0 only if
+    // it got exactly that; a missing or garbled one is an assertion failure, a crash.
+    let args = ok(
+        &up,
+        &[
+            "start",
+            &wasi_suite("args_get-multiple-arguments"),
+            "--arg",
+            "first",
+            "--arg",
+            "the \"second\" arg",
+            "--arg",
+            "3",
+        ],
+    );
+    let env = ok(
+        &up,
+        &[
+            "start",
+            &wasi_suite("environ_get-multiple-variables"),
+            "--env",
+            "a=text",
+            "--env",
+            "b=escap \" ing",
+            "--env",
+            "c=new\nline",
+        ],
+    );
+    let unconfigured = ok(&up, &["start", &wasi_suite("environ_get-multiple-variables")]);
+    for id in [&args, &env] {
+        wait_for_status(&up, id.trim(), "stopped");
+    }
+    wait_for_status(&up, unconfigured.trim(), "crashed");
+    let inspect: serde_json::Value = serde_json::from_str(&ok(&up, &["inspect", args.trim(), "-o", "json"])).unwrap();
+    assert_eq!(inspect["config"]["program"], "args_get-multiple-arguments.wasm");
+    assert_eq!(inspect["config"]["args"][1], "the \"second\" arg");
+    let human = ok(&up, &["inspect", env.trim()]);
+    assert!(human.contains("env c=\"new\\nline\""), "{human}");
+
+    // What a guest cannot be given is refused before anything starts.
+    let program = wasi_suite("args_sizes_get-no-arguments");
+    let huge = format!("A={}", "x".repeat(20_000));
+    for (bad, why) in [("NOEQUALS", "is not NAME=value"), ("=x", "is not NAME=value"), (huge.as_str(), "bytes")] {
+        let out = factum(&up, &["start", &program, "--env", bad]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(why), "--env {bad:?}: {stderr}");
+    }
+    fails_with(&up, &["start", &program, "--env", "A=1", "--env", "A=2"], "INVALID_REQUEST");
+    let ps: serde_json::Value = serde_json::from_str(&ok(&up, &["ps", "-o", "json"])).unwrap();
+    assert_eq!(ps.as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn shell_completions_name_every_command() {
+    let out = Command::new(env!("CARGO_BIN_EXE_factum")).args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).unwrap();
+    for command in ["start", "stop", "rm", "inspect", "certs", "completions"] {
+        assert!(script.contains(command), "bash completions lack {command}");
+    }
+    let bad = Command::new(env!("CARGO_BIN_EXE_factum")).args(["completions", "cmd.exe"]).output().unwrap();
+    assert!(!bad.status.success());
+}

@@ -369,6 +369,7 @@ mod tests {
             metadata: tests_support::metadata(id, InstanceStatus::Running),
             capabilities: Vec::new(),
             restart_policy: RestartPolicy::default(),
+            config: Default::default(),
             seq: 1,
             epoch: 1,
             lease: None,

@@ -552,6 +552,7 @@ impl SimClient {
             module_bytes: fixtures::module(wat),
             capabilities,
             restart_policy: policy,
+            config: Default::default(),
         };
         Ok(self.call(self.cp.start_instance(rpc::rpc_context(), request)).await??)
     }

@@ -52,6 +52,14 @@ pub trait GuestHost: Send + Sync + 'static {
     fn fill_random(&self, buf: &mut [u8]);
     /// Guest output on fd 1 or 2.
     fn write_output(&self, fd: u32, bytes: &[u8]);
+    /// The guest's `argv`, `argv[0]` first; asked once, when the instance is made.
+    fn argv(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// The guest's environment as `NAME=value` strings; asked once, when the instance is made.
+    fn environ(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// The next message for the guest's `factum_on_message` export (a MessagePack envelope), waiting for one;
     /// `None` once the instance holds no subscriptions, which ends the run cleanly. Asked only after `_start`
     /// returned; asking again means the previous message was handled.
@@ -66,12 +74,26 @@ pub struct GuestState {
     pub host: Arc<dyn GuestHost>,
     /// The response to the last `factum.invoke`, read back by `factum.response_read`.
     pub last_response: Vec<u8>,
+    /// `argv` as `args_get` copies it: C strings.
+    argv: Vec<Vec<u8>>,
+    /// The environment as `environ_get` copies it: C strings.
+    environ: Vec<Vec<u8>>,
 }
 
 impl GuestState {
     /// Fresh state for one instance.
     pub fn new(host: Arc<dyn GuestHost>) -> Self {
-        Self { host, last_response: Vec::new() }
+        let c_strings = |list: Vec<String>| {
+            list.into_iter()
+                .map(|s| {
+                    let mut bytes = s.into_bytes();
+                    bytes.push(0);
+                    bytes
+                })
+                .collect()
+        };
+        let (argv, environ) = (c_strings(host.argv()), c_strings(host.environ()));
+        Self { host, last_response: Vec::new(), argv, environ }
     }
 }
 
@@ -89,10 +111,14 @@ pub enum Ty {
 /// A host function the ABI provides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostFn {
-    /// `args_get`, `environ_get`: nothing to copy.
-    EmptyListGet,
-    /// `args_sizes_get`, `environ_sizes_get`: zero entries.
-    EmptyListSizes,
+    /// `args_get`.
+    ArgsGet,
+    /// `args_sizes_get`.
+    ArgsSizesGet,
+    /// `environ_get`.
+    EnvironGet,
+    /// `environ_sizes_get`.
+    EnvironSizesGet,
     /// `clock_res_get`.
     ClockResGet,
     /// `clock_time_get`.
@@ -130,8 +156,10 @@ pub enum HostFn {
 pub fn resolve_import(module: &str, name: &str, params: &[Ty], results: &[Ty]) -> Result<HostFn, String> {
     use Ty::{I32, I64};
     let (f, want_params, want_results): (HostFn, &[Ty], &[Ty]) = match (module, name) {
-        (WASI_MODULE, "args_get" | "environ_get") => (HostFn::EmptyListGet, &[I32, I32], &[I32]),
-        (WASI_MODULE, "args_sizes_get" | "environ_sizes_get") => (HostFn::EmptyListSizes, &[I32, I32], &[I32]),
+        (WASI_MODULE, "args_get") => (HostFn::ArgsGet, &[I32, I32], &[I32]),
+        (WASI_MODULE, "args_sizes_get") => (HostFn::ArgsSizesGet, &[I32, I32], &[I32]),
+        (WASI_MODULE, "environ_get") => (HostFn::EnvironGet, &[I32, I32], &[I32]),
+        (WASI_MODULE, "environ_sizes_get") => (HostFn::EnvironSizesGet, &[I32, I32], &[I32]),
         (WASI_MODULE, "clock_res_get") => (HostFn::ClockResGet, &[I32, I32], &[I32]),
         (WASI_MODULE, "clock_time_get") => (HostFn::ClockTimeGet, &[I32, I64, I32], &[I32]),
         (WASI_MODULE, "fd_write") => (HostFn::FdWrite, &[I32, I32, I32, I32], &[I32]),
@@ -231,6 +259,7 @@ pub async fn perform(host: &Arc<dyn GuestHost>, pending: Pending) -> Completed {
 }
 
 /// Memory-access failure: the guest passed a pointer or length outside its memory.
+#[derive(Debug)]
 struct Fault;
 
 fn slice(mem: &[u8], ptr: i64, len: i64) -> Result<&[u8], Fault> {
@@ -268,6 +297,26 @@ fn read_u8(mem: &[u8], ptr: i64) -> Result<u8, Fault> {
     slice(mem, ptr, 1)?.first().copied().ok_or(Fault)
 }
 
+/// `args_sizes_get` / `environ_sizes_get`: how many strings, and how many bytes they take with their NULs.
+fn list_sizes(mem: &mut [u8], list: &[Vec<u8>], count_ptr: i64, size_ptr: i64) -> Result<i32, Fault> {
+    let size: usize = list.iter().map(Vec::len).sum();
+    write_u32(mem, count_ptr, u32::try_from(list.len()).map_err(|_| Fault)?)?;
+    write_u32(mem, size_ptr, u32::try_from(size).map_err(|_| Fault)?)?;
+    Ok(errno::SUCCESS)
+}
+
+/// `args_get` / `environ_get`: the strings back to back from `buf_ptr`, a pointer to each from `ptrs_ptr`.
+fn list_get(mem: &mut [u8], list: &[Vec<u8>], ptrs_ptr: i64, buf_ptr: i64) -> Result<i32, Fault> {
+    let mut at = buf_ptr;
+    for (i, s) in list.iter().enumerate() {
+        let slot = ptrs_ptr.checked_add(i64::try_from(i * 4).map_err(|_| Fault)?).ok_or(Fault)?;
+        write_u32(mem, slot, u32::try_from(at).map_err(|_| Fault)?)?;
+        slice_mut(mem, at, s.len())?.copy_from_slice(s);
+        at = at.checked_add(i64::try_from(s.len()).map_err(|_| Fault)?).ok_or(Fault)?;
+    }
+    Ok(errno::SUCCESS)
+}
+
 fn arg(args: &[i64], i: usize) -> i64 {
     args.get(i).copied().unwrap_or(0)
 }
@@ -295,12 +344,10 @@ fn dispatch_inner(state: &mut GuestState, mem: &mut [u8], f: HostFn, args: &[i64
     let host = &state.host;
     let ready = |e: i32| Ok(Outcome::Ready(e));
     match f {
-        HostFn::EmptyListGet => ready(errno::SUCCESS),
-        HostFn::EmptyListSizes => {
-            write_u32(mem, arg(args, 0), 0)?;
-            write_u32(mem, arg(args, 1), 0)?;
-            ready(errno::SUCCESS)
-        }
+        HostFn::ArgsGet => ready(list_get(mem, &state.argv, arg(args, 0), arg(args, 1))?),
+        HostFn::ArgsSizesGet => ready(list_sizes(mem, &state.argv, arg(args, 0), arg(args, 1))?),
+        HostFn::EnvironGet => ready(list_get(mem, &state.environ, arg(args, 0), arg(args, 1))?),
+        HostFn::EnvironSizesGet => ready(list_sizes(mem, &state.environ, arg(args, 0), arg(args, 1))?),
         HostFn::ClockResGet => {
             write_u64(mem, arg(args, 1), 1_000)?;
             ready(errno::SUCCESS)
@@ -510,6 +557,73 @@ mod tests {
             prop_assert_eq!(call(HostFn::RandomGet, &[ptr, len.max(1)]), errno::FAULT);
             prop_assert_eq!(call(HostFn::Invoke, &[ptr, len.max(1), 0, 1, 0, 1]), -errno::FAULT);
             prop_assert_eq!(call(HostFn::ResponseRead, &[ptr, 0]), -errno::FAULT);
+        }
+    }
+
+    /// An idle host with a command line and environment.
+    struct Configured(Vec<String>, Vec<String>);
+
+    impl GuestHost for Configured {
+        fn invoke(&self, _: String, _: String, _: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+            Box::pin(async { Vec::new() })
+        }
+        fn sleep(&self, _: Duration) -> BoxFuture<'static, ()> {
+            Box::pin(async {})
+        }
+        fn wall_nanos(&self) -> u64 {
+            0
+        }
+        fn monotonic_nanos(&self) -> u64 {
+            0
+        }
+        fn fill_random(&self, _: &mut [u8]) {}
+        fn write_output(&self, _: u32, _: &[u8]) {}
+        fn argv(&self) -> Vec<String> {
+            self.0.clone()
+        }
+        fn environ(&self) -> Vec<String> {
+            self.1.clone()
+        }
+    }
+
+    /// Reads back what `*_sizes_get` and `*_get` wrote, the way wasi-libc does.
+    fn read_list(mem: &mut [u8], state: &mut GuestState, sizes: HostFn, get: HostFn, at: i64) -> Vec<String> {
+        assert_eq!(ready(dispatch(state, Some(mem), sizes, &[at, at + 4])), errno::SUCCESS);
+        let count = read_u32(mem, at).unwrap();
+        let size = read_u32(mem, at + 4).unwrap();
+        let (ptrs, buf) = (at + 8, at + 8 + 4 * i64::from(count));
+        assert_eq!(ready(dispatch(state, Some(mem), get, &[ptrs, buf])), errno::SUCCESS);
+        let strings: Vec<String> = (0..i64::from(count))
+            .map(|i| {
+                let start = usize::try_from(read_u32(mem, ptrs + 4 * i).unwrap()).unwrap();
+                let len = mem[start..].iter().position(|b| *b == 0).unwrap();
+                String::from_utf8(mem[start..start + len].to_vec()).unwrap()
+            })
+            .collect();
+        assert_eq!(strings.iter().map(|s| s.len() + 1).sum::<usize>(), size as usize);
+        strings
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// A guest reads back exactly the command line and environment it was started with, wherever in its
+        /// memory it asks for them; a buffer that does not fit is EFAULT, never a partial write past memory.
+        #[test]
+        fn args_and_environ_read_back_as_given(
+            argv in prop::collection::vec("[^\\x00]{0,12}", 0..6),
+            environ in prop::collection::vec("[A-Z]{1,4}=[^\\x00]{0,8}", 0..6),
+            at in 0i64..2048,
+        ) {
+            let mut state = GuestState::new(Arc::new(Configured(argv.clone(), environ.clone())));
+            let mut mem = vec![0u8; 4096];
+            prop_assert_eq!(read_list(&mut mem, &mut state, HostFn::ArgsSizesGet, HostFn::ArgsGet, at), argv);
+            prop_assert_eq!(read_list(&mut mem, &mut state, HostFn::EnvironSizesGet, HostFn::EnvironGet, at), environ);
+            let mut small = vec![0u8; 64];
+            let end = i64::try_from(small.len()).unwrap();
+            let total: usize = state.argv.iter().map(Vec::len).sum();
+            let fits = ready(dispatch(&mut state, Some(&mut small), HostFn::ArgsGet, &[0, end - 1]));
+            prop_assert_eq!(fits, if total <= 1 { errno::SUCCESS } else { errno::FAULT });
         }
     }
 

@@ -4,8 +4,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use factum_env::{rpc, Env};
+use factum_proto::guest_config::parse_env_var;
 use factum_proto::{
-    CapabilityGrant, ControlPlaneClient, ErrorResponse, InstanceMetadata, PolicyType, RestartPolicy, StartRequest,
+    CapabilityGrant, ControlPlaneClient, ErrorResponse, GuestConfig, InstanceMetadata, PolicyType, RestartPolicy,
+    StartRequest,
 };
 use serde::Serialize;
 
@@ -152,7 +154,7 @@ fn instances_table(instances: &[InstanceMetadata]) -> String {
 /// Runs one client command.
 pub async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Start { module, caps, restart, max_retries, backoff, id, client } => {
+        Command::Start { module, caps, restart, max_retries, backoff, id, env, args, client } => {
             let policy_type: PolicyType = restart.parse().map_err(|e: ErrorResponse| anyhow!("{e}"))?;
             let restart_policy = RestartPolicy {
                 policy_type,
@@ -160,11 +162,22 @@ pub async fn run(command: Command) -> Result<()> {
                 backoff_seconds: backoff.as_deref().map(parse_backoff).transpose()?,
             };
             let capabilities = caps.iter().map(|c| parse_cap(c)).collect::<Result<Vec<_>>>()?;
+            let config = GuestConfig {
+                program: module.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                args,
+                env: env
+                    .iter()
+                    .map(|e| parse_env_var(e))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| anyhow!("--env: {e}"))?,
+            };
+            config.validate().map_err(|e| anyhow!("{e}"))?;
             let module_bytes = read_module(&module)?;
             let (env, cp) = connect(&client).await?;
             // Drawn here rather than by the control plane, so the same start can be sent again.
             let id = id.unwrap_or_else(|| env.random_id("i-"));
-            let request = StartRequest { instance_id: Some(id.clone()), module_bytes, capabilities, restart_policy };
+            let request =
+                StartRequest { instance_id: Some(id.clone()), module_bytes, capabilities, restart_policy, config };
             let answer = start_retrying(&client, (env, cp), request).await.map_err(|e| {
                 anyhow!(
                     "{e}\ninstance {id} may or may not have started: `factum inspect {id}` tells, and the same \
@@ -198,6 +211,10 @@ pub async fn run(command: Command) -> Result<()> {
             print(client.output, &details, |d| {
                 let mut out = instances_table(std::slice::from_ref(&d.metadata));
                 out.push_str(&format!("restart policy: {}\n", d.restart_policy));
+                out.push_str(&format!("argv: {:?}\n", d.config.argv(&d.metadata.instance_id).collect::<Vec<_>>()));
+                for (name, value) in &d.config.env {
+                    out.push_str(&format!("env {name}={value:?}\n"));
+                }
                 for c in &d.capabilities {
                     out.push_str(&format!(
                         "capability {} ({}): {}\n",
@@ -261,7 +278,11 @@ pub async fn run(command: Command) -> Result<()> {
                     .collect()
             })
         }
-        Command::Up { .. } | Command::ControlPlane { .. } | Command::Agent { .. } | Command::Certs { .. } => {
+        Command::Up { .. }
+        | Command::ControlPlane { .. }
+        | Command::Agent { .. }
+        | Command::Certs { .. }
+        | Command::Completions { .. } => {
             bail!("not a client command")
         }
     }

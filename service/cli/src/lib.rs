@@ -244,6 +244,12 @@ pub enum Command {
         #[command(subcommand)]
         action: CertsAction,
     },
+    /// Print a shell completion script, e.g. `factum completions bash > /etc/bash_completion.d/factum`.
+    Completions {
+        /// Which shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Start an instance of a module (.wasm, or .wat text); prints its id.
     Start {
         /// Path to the module.
@@ -265,6 +271,12 @@ pub enum Command {
         /// same id (twice at most), and the control plane answers a repeated start instead of starting twice.
         #[arg(long)]
         id: Option<String>,
+        /// Environment variable `NAME=VALUE` for the guest; repeatable.
+        #[arg(long = "env", value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        /// Argument for the guest, after `argv[0]` (the module's file name); repeatable, in order.
+        #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
+        args: Vec<String>,
         /// Client options.
         #[command(flatten)]
         client: ClientOpts,
@@ -379,6 +391,13 @@ pub enum CertsAction {
     },
 }
 
+/// Writes the completion script for `shell` to stdout.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "factum", &mut std::io::stdout());
+    Ok(())
+}
+
 fn certs_command(action: CertsAction) -> anyhow::Result<()> {
     let (dir, written) = match action {
         CertsAction::Init { dir } => {
@@ -423,6 +442,7 @@ pub fn run() -> ExitCode {
                 daemon::agent(control_plane, agent, registry, tls).await
             }
             Command::Certs { action } => certs_command(action),
+            Command::Completions { shell } => completions(shell),
             other => client::run(other).await,
         }
     });

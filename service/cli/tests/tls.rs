@@ -89,6 +89,7 @@ fn sleeper(id: &str) -> StartRequest {
         module_bytes: module(fixtures::SLEEPER),
         capabilities: vec![],
         restart_policy: RestartPolicy::default(),
+        config: Default::default(),
     }
 }
 

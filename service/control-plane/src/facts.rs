@@ -66,6 +66,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
             let record = InstanceRecord {
                 metadata: facts.metadata,
                 restart_policy: facts.restart_policy,
+                config: facts.config,
                 seq: facts.seq,
                 caps_seq: facts.seq,
                 epoch: facts.epoch,
@@ -234,6 +235,7 @@ mod tests {
         let record = InstanceRecord {
             metadata,
             restart_policy: RestartPolicy { policy_type: PolicyType::Always, ..RestartPolicy::default() },
+            config: Default::default(),
             seq: 0,
             caps_seq: 0,
             epoch: 3,
@@ -313,6 +315,7 @@ mod tests {
             metadata: held.metadata.clone(),
             capabilities: vec![],
             restart_policy: held.restart_policy,
+            config: Default::default(),
             seq: 4,
             epoch: 3,
             lease: None,
@@ -352,6 +355,7 @@ mod tests {
             metadata: InstanceMetadata { instance_id: "s2".into(), ..held.metadata },
             capabilities: vec![],
             restart_policy: held.restart_policy,
+            config: Default::default(),
             seq: 1,
             epoch: 1,
             lease: None,

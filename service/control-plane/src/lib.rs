@@ -140,6 +140,8 @@ impl Default for ControlPlaneConfig {
 struct InstanceRecord {
     metadata: InstanceMetadata,
     restart_policy: RestartPolicy,
+    /// Arguments and environment, sent again with every placement.
+    config: factum_proto::GuestConfig,
     /// Sequence number of the newest applied status fact from `metadata.node_id`.
     seq: u64,
     /// Sequence number of the newest applied capability fact (the agent is the authority on assignments).
@@ -254,6 +256,7 @@ impl ControlPlane {
     async fn start_inner(&self, req: StartRequest) -> Result<String, ErrorResponse> {
         validate_module_bytes(&req.module_bytes)?;
         req.restart_policy.validate()?;
+        req.config.validate()?;
         let instance_id = match req.instance_id {
             Some(id) => id,
             None => self.inner.env.random_id("i-"),
@@ -274,13 +277,14 @@ impl ControlPlane {
                 // under a taken id is refused rather than answered as if it had happened.
                 let same = existing.metadata.module_hash == module_hash
                     && existing.restart_policy == req.restart_policy
+                    && existing.config == req.config
                     && state.capabilities.get(&instance_id).is_some_and(|held| *held == capabilities);
                 return if same {
                     Ok(instance_id)
                 } else {
                     Err(ErrorResponse::invalid(format!(
-                        "instance id {instance_id} is already used by another start (its module, restart policy or \
-                         capabilities differ)"
+                        "instance id {instance_id} is already used by another start (its module, restart policy, \
+                         capabilities, arguments or environment differ)"
                     )))
                 };
             }
@@ -303,6 +307,7 @@ impl ControlPlane {
                     backoff_ms: None,
                 },
                 restart_policy: req.restart_policy,
+                config: req.config.clone(),
                 seq: 0,
                 caps_seq: 0,
                 epoch: 1,
@@ -329,6 +334,7 @@ impl ControlPlane {
             module_bytes: req.module_bytes,
             capabilities: capabilities.into_values().collect(),
             restart_policy: req.restart_policy,
+            config: req.config,
             epoch: 1,
             node_lease,
             restarts: 0,
@@ -420,6 +426,7 @@ impl ControlPlane {
                 .map(|c| c.values().cloned().collect())
                 .unwrap_or_default(),
             restart_policy: record.restart_policy,
+            config: record.config.clone(),
         })
     }
 

@@ -287,6 +287,7 @@ fn start_request(state: &State, record: &InstanceRecord) -> Option<StartInstance
         module_bytes: state.modules.get(&record.metadata.module_hash)?.to_vec(),
         capabilities: state.capabilities.get(id).map(|c| c.values().cloned().collect()).unwrap_or_default(),
         restart_policy: record.restart_policy,
+        config: record.config.clone(),
         epoch: record.epoch,
         node_lease: record.lease,
         restarts: record.metadata.restarts,

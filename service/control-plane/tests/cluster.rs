@@ -69,6 +69,7 @@ fn start_request(id: Option<&str>, bytes: Vec<u8>, caps: Vec<CapabilityGrant>) -
         module_bytes: bytes,
         capabilities: caps,
         restart_policy: RestartPolicy::default(),
+        config: Default::default(),
     }
 }
 

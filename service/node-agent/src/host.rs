@@ -98,6 +98,14 @@ fn denied(agent: &Inner, log: &Mutex<LogWindows>, instance_id: &str, capability_
 }
 
 impl InstanceHost {
+    /// Reads the instance's configuration (empty once the instance is gone).
+    fn with_config(&self, f: impl FnOnce(&factum_proto::GuestConfig) -> Vec<String>) -> Vec<String> {
+        let Some(agent) = self.agent.upgrade() else { return Vec::new() };
+        // Unfenced: a read must not move when a lapsed lease fences the node (the simulator's timelines).
+        let instances = agent.lock_unfenced();
+        instances.get(&self.instance_id).map(|i| f(&i.config)).unwrap_or_default()
+    }
+
     /// Under [`crate::AgentBug::StaleGrants`] only: the grant as this run first saw it, never looked up again.
     fn stale_grant(&self, capability_id: &str) -> Option<GrantView> {
         let agent = self.agent.upgrade()?;
@@ -266,6 +274,14 @@ impl GuestHost for InstanceHost {
         })
     }
 
+    fn argv(&self) -> Vec<String> {
+        self.with_config(|c| c.argv(&self.instance_id).map(str::to_string).collect())
+    }
+
+    fn environ(&self) -> Vec<String> {
+        self.with_config(|c| c.environ().collect())
+    }
+
     fn write_output(&self, fd: u32, bytes: &[u8]) {
         let Some(agent) = self.agent.upgrade() else { return };
         let limits = agent.config.log_limits;
@@ -308,6 +324,7 @@ mod tests {
             module_bytes: fixtures::module(fixtures::SLEEPER),
             capabilities,
             restart_policy: RestartPolicy::default(),
+            config: Default::default(),
             epoch: 1,
             node_lease: None,
             restarts: 0,
@@ -442,6 +459,7 @@ mod tests {
                         module_bytes: fixtures::module(fixtures::SLEEPER),
                         capabilities: vec![CapabilityAssignment::new(id, cap, &["kv:write".to_string(), "kv:read".to_string()]).unwrap()],
                         restart_policy: RestartPolicy::default(),
+                        config: Default::default(),
                         epoch: 1,
                         node_lease: None,
                         restarts: 0,
@@ -472,6 +490,7 @@ mod tests {
                         module_bytes: fixtures::module(fixtures::REMEMBER),
                         capabilities: vec![],
                         restart_policy: RestartPolicy::default(),
+                        config: Default::default(),
                         epoch: 1,
                         node_lease: None,
                         restarts: 0,

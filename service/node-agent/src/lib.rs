@@ -195,6 +195,8 @@ struct LocalInstance {
     metadata: InstanceMetadata,
     capabilities: BTreeMap<String, Grant>,
     policy: RestartPolicy,
+    /// Arguments and environment of every run.
+    config: factum_proto::GuestConfig,
     module: CachedModule,
     /// Placement epoch given by the control plane; orders facts across nodes.
     epoch: u64,
@@ -219,6 +221,7 @@ impl LocalInstance {
             metadata: self.metadata.clone(),
             capabilities: self.capabilities.values().map(|grant| grant.assignment.clone()).collect(),
             restart_policy: self.policy,
+            config: self.config.clone(),
             seq: self.seq,
             epoch: self.epoch,
             lease: self.lease,
@@ -322,6 +325,7 @@ impl Agent {
         let inner = &self.inner;
         factum_proto::validate_id("instance_id", &req.instance_id)?;
         req.restart_policy.validate()?;
+        req.config.validate()?;
         let mut capabilities = BTreeMap::new();
         for assignment in req.capabilities {
             if assignment.instance_id != req.instance_id {
@@ -341,7 +345,7 @@ impl Agent {
                 inner.forget(&mut instances, &req.instance_id);
             }
             if let Some(existing) = instances.get_mut(&req.instance_id) {
-                return if existing.metadata.module_hash == hash {
+                return if existing.metadata.module_hash == hash && existing.config == req.config {
                     if existing.epoch < req.epoch {
                         existing.epoch = req.epoch;
                         existing.seal = req.seal;
@@ -351,7 +355,7 @@ impl Agent {
                     Ok(existing.facts())
                 } else {
                     Err(ErrorResponse::invalid(format!(
-                        "instance id {} is already used by another module",
+                        "instance id {} is already used by another module or configuration",
                         req.instance_id
                     )))
                 };
@@ -414,6 +418,7 @@ impl Agent {
                 metadata,
                 capabilities,
                 policy: req.restart_policy,
+                config: req.config,
                 module,
                 epoch: req.epoch,
                 seal: req.seal,

@@ -33,6 +33,7 @@ fn start(id: &str, policy: PolicyType, node_lease: Option<i64>) -> StartInstance
         module_bytes: module(fixtures::SLEEPER),
         capabilities: vec![],
         restart_policy: RestartPolicy { policy_type: policy, max_retries: None, backoff_seconds: None },
+        config: Default::default(),
         epoch: 1,
         node_lease,
         restarts: 0,

@@ -3,6 +3,7 @@
 
 pub mod capability;
 pub mod error;
+pub mod guest_config;
 pub mod permissions;
 pub mod principal;
 pub mod types;
@@ -13,6 +14,7 @@ pub use capability::{
     MsgOperation, MAX_LIST_KEYS,
 };
 pub use error::{ErrorCode, ErrorResponse};
+pub use guest_config::GuestConfig;
 pub use permissions::Permission;
 pub use principal::Principal;
 pub use types::{

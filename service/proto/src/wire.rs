@@ -6,13 +6,15 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorResponse;
+use crate::guest_config::GuestConfig;
 use crate::types::{CapabilityAssignment, InstanceMetadata, InstanceStatus, RestartPolicy};
 
 /// Version of the protocol every factum connection speaks. Each connection opens with a hello carrying it
 /// (`factum_env::rpc::hello`), and a peer of another version is refused there, with both versions named, so
 /// mixed versions fail loudly instead of misreading each other. Agents also repeat it in every
-/// [`NodeReport`]. 4: the hello, with the peer's identity; list calls answer errors. 5: placement seals.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// [`NodeReport`]. 4: the hello, with the peer's identity; list calls answer errors. 5: placement seals. 6: guest
+/// arguments and environment ([`GuestConfig`]) in starts and facts.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest accepted module, in bytes.
 pub const MAX_MODULE_BYTES: usize = 32 * 1024 * 1024;
@@ -43,6 +45,8 @@ pub struct StartRequest {
     pub capabilities: Vec<CapabilityGrant>,
     /// Restart policy.
     pub restart_policy: RestartPolicy,
+    /// The guest's arguments and environment.
+    pub config: GuestConfig,
 }
 
 /// Control plane → agent (design §StartInstanceRequest).
@@ -57,6 +61,8 @@ pub struct StartInstanceRequest {
     pub capabilities: Vec<CapabilityAssignment>,
     /// Restart policy, applied by the agent.
     pub restart_policy: RestartPolicy,
+    /// The guest's arguments and environment.
+    pub config: GuestConfig,
     /// Placement epoch: 1 for the first placement, one more for every rescheduling onto another node. Facts
     /// carry it back, so facts from an older placement can never overwrite those of a newer one.
     pub epoch: u64,
@@ -145,6 +151,8 @@ pub struct InstanceFacts {
     pub capabilities: Vec<CapabilityAssignment>,
     /// Restart policy the agent applies.
     pub restart_policy: RestartPolicy,
+    /// The guest's arguments and environment.
+    pub config: GuestConfig,
     /// Sequence number of the latest fact about the instance (a status change or a capability change).
     pub seq: u64,
     /// Placement epoch (see [`StartInstanceRequest::epoch`]); facts order by `(epoch, seq)`.
@@ -222,6 +230,8 @@ pub struct InstanceDetails {
     pub capabilities: Vec<CapabilityAssignment>,
     /// Restart policy.
     pub restart_policy: RestartPolicy,
+    /// The guest's arguments and environment.
+    pub config: GuestConfig,
 }
 
 /// One key-value pair read by the operator-facing KV inspection call.

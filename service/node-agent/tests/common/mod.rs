@@ -32,6 +32,7 @@ pub fn request_bytes(
             })
             .collect(),
         restart_policy: policy,
+        config: Default::default(),
         epoch: 1,
         node_lease: None,
         restarts: 0,
