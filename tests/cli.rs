@@ -260,3 +260,30 @@ fn shell_completions_name_every_command() {
     let bad = Command::new(env!("CARGO_BIN_EXE_factum")).args(["completions", "cmd.exe"]).output().unwrap();
     assert!(!bad.status.success());
 }
+
+#[test]
+fn restart_runs_an_instance_again_with_fresh_memory() {
+    let up = up();
+    let done = ok(&up, &["start", &fixture("exit_clean")]).trim().to_string();
+    wait_for_status(&up, &done, "stopped");
+    let sleeper = ok(&up, &["start", &fixture("sleeper")]).trim().to_string();
+    wait_for_status(&up, &sleeper, "running");
+    for id in [&done, &sleeper] {
+        assert_eq!(ok(&up, &["restart", id]).trim(), format!("restarted {id}"));
+    }
+    // The one that exits does so again; the sleeper runs again; each counts one restart.
+    wait_for_status(&up, &sleeper, "running");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for id in [&done, &sleeper] {
+        loop {
+            let inspect: serde_json::Value = serde_json::from_str(&ok(&up, &["inspect", id, "-o", "json"])).unwrap();
+            if inspect["metadata"]["restarts"] == 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{id}: {inspect}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    wait_for_status(&up, &done, "stopped");
+    fails_with(&up, &["restart", "no-such-instance"], "INSTANCE_NOT_FOUND");
+}

@@ -192,6 +192,13 @@ pub async fn run(command: Command) -> Result<()> {
             api(call(&env, cp.stop_instance(rpc::traced_context(&env), instance_id.clone())).await?)?;
             print(client.output, &serde_json::json!({ "stopped": instance_id }), |_| format!("stopped {instance_id}\n"))
         }
+        Command::Restart { instance_id, client } => {
+            let (env, cp) = connect(&client).await?;
+            api(call(&env, cp.restart_instance(rpc::traced_context(&env), instance_id.clone())).await?)?;
+            print(client.output, &serde_json::json!({ "restarted": instance_id }), |_| {
+                format!("restarted {instance_id}\n")
+            })
+        }
         Command::Rm { instance_id, force, client } => {
             let (env, cp) = connect(&client).await?;
             if force {

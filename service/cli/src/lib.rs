@@ -289,6 +289,15 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Restart an instance on its node: end its run, if any, and start it again with fresh memory (a stopped or
+    /// crashed instance runs again). Counts as a restart.
+    Restart {
+        /// Instance id.
+        instance_id: String,
+        /// Client options.
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Remove an ended instance (stopped, or crashed for good) from its node and the control plane, with its
     /// grants. Ended instances are removed by themselves after the control plane's retention (1 h).
     Rm {

@@ -411,6 +411,20 @@ impl ControlPlane {
         result.map_err(|e| self.error(e))
     }
 
+    /// RestartInstance: the node holding the instance ends its current run, if any, and starts a new one with
+    /// fresh memory. Sent once, not retried: a restart is not idempotent (each one counts). The new facts
+    /// (starting, then running) arrive as the agent's reports, like any other.
+    pub async fn restart_instance(&self, instance_id: &str) -> Result<(), ErrorResponse> {
+        let result = async {
+            let (node_id, client) = self.route(instance_id)?;
+            let id = instance_id.to_string();
+            let call = |c: NodeAgentClient| async move { c.restart_instance(rpc::rpc_context(), id).await };
+            self.call_agent(&node_id, client, "restart", call).await?
+        }
+        .await;
+        result.map_err(|e| self.error(e))
+    }
+
     /// QueryInstance: the latest fact, never an intention (P14).
     pub fn query_instance(&self, instance_id: &str) -> Result<InstanceDetails, ErrorResponse> {
         let state = self.lock();

@@ -77,6 +77,10 @@ impl factum_proto::ControlPlane for Session {
         self.operate(&ctx, "stop_instance", &instance_id, self.control_plane.stop_instance(&instance_id)).await
     }
 
+    async fn restart_instance(self, ctx: Context, instance_id: String) -> Result<(), ErrorResponse> {
+        self.operate(&ctx, "restart_instance", &instance_id, self.control_plane.restart_instance(&instance_id)).await
+    }
+
     async fn remove_instance(self, ctx: Context, instance_id: String) -> Result<(), ErrorResponse> {
         self.operate(&ctx, "remove_instance", &instance_id, self.control_plane.remove_instance(&instance_id)).await
     }

@@ -498,6 +498,13 @@ impl Agent {
         let generation = {
             let mut instances = inner.lock();
             let local = instances.get_mut(instance_id).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))?;
+            if inner.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+                // Its lease is gone, so the control plane may already run the instance elsewhere.
+                return Err(ErrorResponse::communication(format!(
+                    "node {} holds no registry lease and runs nothing until it has registered",
+                    inner.config.node_id
+                )));
+            }
             local.generation += 1;
             if let Some(abort) = local.abort.take() {
                 abort.abort();

@@ -174,6 +174,8 @@ fn a_lapsed_lease_fences_the_next_action_even_if_the_registry_link_never_runs() 
         assert_eq!(refused.error_code, ErrorCode::CommunicationFailure, "{refused}");
         assert!(agent.facts("moves").is_none() && agent.facts("early").is_none(), "the late start fenced the node");
         assert!(agent.facts("stays").is_some(), "a `never` instance is never rescheduled, so it keeps running");
+        let restart = agent.restart_instance("stays").await.unwrap_err();
+        assert_eq!(restart.error_code, ErrorCode::CommunicationFailure, "a fenced node restarts nothing: {restart}");
         assert!(!agent.renewed(Duration::from_secs(10)), "a renewal after the fence must not revive the lease");
     });
 }

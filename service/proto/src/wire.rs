@@ -253,6 +253,9 @@ pub trait ControlPlane {
     async fn start_instance(request: StartRequest) -> Result<String, ErrorResponse>;
     /// StopInstance.
     async fn stop_instance(instance_id: String) -> Result<(), ErrorResponse>;
+    /// RestartInstance: end the instance's current run, if any, and start a new one from its module with fresh
+    /// memory on the node that holds it (a stopped or crashed instance runs again). Counts as a restart.
+    async fn restart_instance(instance_id: String) -> Result<(), ErrorResponse>;
     /// QueryInstance.
     async fn query_instance(instance_id: String) -> Result<InstanceDetails, ErrorResponse>;
     /// ListInstances, ordered by instance id.
