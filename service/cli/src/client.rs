@@ -125,12 +125,21 @@ pub fn parse_backoff(text: &str) -> Result<u32> {
     u32::try_from(d.as_secs()).map_err(|_| anyhow!("INVALID_REQUEST: --backoff {text:?} is too long"))
 }
 
+/// A plain table (no borders, like `kubectl get`) whose columns are as wide as their longest cell, so long
+/// ids never push the other columns out of line.
+fn table<const N: usize>(header: [&str; N], rows: impl IntoIterator<Item = [String; N]>) -> String {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING).set_header(header);
+    for row in rows {
+        table.add_row(row);
+    }
+    // comfy-table pads every cell, the last one too; a line ends where its text does.
+    let lines: Vec<String> = table.lines().map(|l| l.trim().to_string()).collect();
+    lines.join("\n") + "\n"
+}
+
 fn instances_table(instances: &[InstanceMetadata]) -> String {
-    let mut out = format!(
-        "{:<24} {:<10} {:<10} {:>8}  {:<14} {}\n",
-        "INSTANCE", "NODE", "STATUS", "RESTARTS", "MODULE", "LAST ERROR"
-    );
-    for m in instances {
+    let rows = instances.iter().map(|m| {
         // Kubernetes' CrashLoopBackOff: the status alone would flicker between crashed, starting and running.
         let status = if m.in_crash_loop() { "crash-loop".to_string() } else { m.status.to_string() };
         let mut last_error = m.last_error.clone().unwrap_or_default();
@@ -138,17 +147,16 @@ fn instances_table(instances: &[InstanceMetadata]) -> String {
             let wait = humantime::format_duration(std::time::Duration::from_millis(ms));
             last_error = format!("restarts after {wait} ({} in a row): {last_error}", m.restart_streak);
         }
-        out.push_str(&format!(
-            "{:<24} {:<10} {:<10} {:>8}  {:<14} {}\n",
-            m.instance_id,
-            m.node_id,
+        [
+            m.instance_id.clone(),
+            m.node_id.clone(),
             status,
-            m.restarts,
-            m.module_hash.get(..12).unwrap_or(&m.module_hash),
-            last_error
-        ));
-    }
-    out
+            m.restarts.to_string(),
+            m.module_hash.get(..12).unwrap_or(&m.module_hash).to_string(),
+            last_error,
+        ]
+    });
+    table(["INSTANCE", "NODE", "STATUS", "RESTARTS", "MODULE", "LAST ERROR"], rows)
 }
 
 /// Runs one client command.
@@ -261,14 +269,11 @@ pub async fn run(command: Command) -> Result<()> {
             let (env, cp) = connect(&client).await?;
             let nodes = api(call(&env, cp.list_nodes(rpc::traced_context(&env))).await?)?;
             print(client.output, &nodes, |nodes| {
-                let mut out = format!("{:<12} {:<22} {:<10} {:>9}\n", "NODE", "ADDRESS", "AVAILABLE", "INSTANCES");
-                for n in nodes {
-                    out.push_str(&format!(
-                        "{:<12} {:<22} {:<10} {:>4}/{:<4}\n",
-                        n.node_id, n.agent_addr, n.available, n.instances, n.max_instances
-                    ));
-                }
-                out
+                let rows = nodes.iter().map(|n| {
+                    let load = format!("{}/{}", n.instances, n.max_instances);
+                    [n.node_id.clone(), n.agent_addr.clone(), n.available.to_string(), load]
+                });
+                table(["NODE", "ADDRESS", "AVAILABLE", "INSTANCES"], rows)
             })
         }
         Command::Kv { capability_id, prefix, client } => {
@@ -279,10 +284,10 @@ pub async fn run(command: Command) -> Result<()> {
                 .map(|e| serde_json::json!({ "node_id": e.node_id, "key": e.key, "value": String::from_utf8_lossy(&e.value) }))
                 .collect();
             print(client.output, &shown, |_| {
-                entries
+                let rows = entries
                     .iter()
-                    .map(|e| format!("{}\t{}\t{}\n", e.node_id, e.key, String::from_utf8_lossy(&e.value)))
-                    .collect()
+                    .map(|e| [e.node_id.clone(), e.key.clone(), String::from_utf8_lossy(&e.value).into_owned()]);
+                table(["NODE", "KEY", "VALUE"], rows)
             })
         }
         Command::Up { .. }
@@ -326,5 +331,26 @@ mod tests {
         assert!(rows[1].contains("crash-loop"), "{table}");
         assert!(rows[1].contains("restarts after 51s 200ms (10 in a row): trapped: unreachable"), "{table}");
         assert!(rows[2].contains("running") && !rows[2].contains("restarts after"), "{table}");
+    }
+
+    #[test]
+    fn a_long_id_widens_its_column_instead_of_shifting_the_others() {
+        let short = InstanceMetadata {
+            instance_id: "i-1".into(),
+            node_id: "n1".into(),
+            module_hash: "0123456789abcdef".into(),
+            created_at: 0,
+            status: InstanceStatus::Running,
+            restarts: 0,
+            last_error: None,
+            restart_streak: 0,
+            backoff_ms: None,
+        };
+        let long = InstanceMetadata { instance_id: "i-".to_string() + &"7".repeat(40), ..short.clone() };
+        let table = instances_table(&[short, long]);
+        let node_column: Vec<usize> =
+            table.lines().map(|l| l.find(" n1").or_else(|| l.find(" NODE")).unwrap()).collect();
+        assert!(node_column.windows(2).all(|w| w[0] == w[1]), "{table}");
+        assert!(table.lines().all(|l| l == l.trim()), "no padding at either end: {table:?}");
     }
 }
