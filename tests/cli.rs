@@ -287,3 +287,50 @@ fn restart_runs_an_instance_again_with_fresh_memory() {
     wait_for_status(&up, &done, "stopped");
     fails_with(&up, &["restart", "no-such-instance"], "INSTANCE_NOT_FOUND");
 }
+
+#[test]
+fn logs_show_each_runs_output_and_follow_keeps_printing() {
+    use std::io::BufRead;
+    let up = up();
+    // Prints "hello" and exits 0; `always` runs it three times in all.
+    let args = ["start", &wasi_suite("fd_write-to-stdout"), "--restart", "always", "--max-retries", "2"];
+    let id = ok(&up, &args).trim().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let lines = loop {
+        let out = ok(&up, &["logs", &id, "-o", "json"]);
+        let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        if lines.len() == 3 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "{out}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for (run, line) in lines.iter().enumerate() {
+        assert_eq!(
+            (line["text"].as_str(), line["stream"].as_str(), line["run"].as_u64()),
+            (Some("hello"), Some("stdout"), Some(run as u64))
+        );
+    }
+    let human = ok(&up, &["logs", &id]);
+    assert!(human.lines().nth(2).is_some_and(|l| l.ends_with(" run=2 stdout hello")), "{human}");
+    assert_eq!(ok(&up, &["logs", &id, "--since", "1h"]).lines().count(), 3);
+
+    // Following prints what is there, then keeps asking until interrupted.
+    let mut follower = Command::new(FACTUM)
+        .args(["logs", "-f", &id, "--control-plane", up.addr()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(follower.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.ends_with(" run=0 stdout hello\n"), "{first}");
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(follower.try_wait().unwrap().is_none(), "--follow must keep running");
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+
+    fails_with(&up, &["logs", "no-such-instance"], "INSTANCE_NOT_FOUND");
+    fails_with(&up, &["logs", &id, "--since", "a while"], "INVALID_REQUEST");
+    // Guest output is the instance's data: a reader may list instances but not read it.
+    fails_with(&up, &["logs", &id, "--as", "reader/bob"], "PERMISSION_DENIED");
+}

@@ -83,11 +83,23 @@ fn api<T>(result: Result<T, ErrorResponse>) -> Result<T> {
 }
 
 fn print<T: Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> String) -> Result<()> {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        Output::Table => print!("{}", table(value)),
+    let text = match output {
+        Output::Json => serde_json::to_string_pretty(value)? + "\n",
+        Output::Table => table(value),
+    };
+    emit(&text).map(|_| ())
+}
+
+/// Writes to stdout. A reader that went away (`factum logs -f | head -1`) is not an error: the answer is
+/// `false`, and the command ends quietly, as Unix tools do.
+fn emit(text: &str) -> Result<bool> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(anyhow!("cannot write to stdout: {e}")),
     }
-    Ok(())
 }
 
 /// Reads a module file; `.wat` text (or anything not starting with the Wasm magic) is parsed as WAT.
@@ -159,6 +171,22 @@ fn instances_table(instances: &[InstanceMetadata]) -> String {
     table(["INSTANCE", "NODE", "STATUS", "RESTARTS", "MODULE", "LAST ERROR"], rows)
 }
 
+/// How often `logs --follow` asks for new lines.
+const LOG_POLL: Duration = Duration::from_millis(500);
+
+/// One line of `factum logs`: time, run, stream and text, or one JSON object per line. `false` once nobody
+/// reads stdout any more.
+fn print_log_line(output: Output, line: &factum_proto::logs::LogLine) -> Result<bool> {
+    let text = match output {
+        Output::Json => serde_json::to_string(line)?,
+        Output::Table => {
+            let time = humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(line.time_ms));
+            format!("{time} run={} {} {}", line.run, line.stream, line.text)
+        }
+    };
+    emit(&(text + "\n"))
+}
+
 /// Runs one client command.
 pub async fn run(command: Command) -> Result<()> {
     match command {
@@ -206,6 +234,34 @@ pub async fn run(command: Command) -> Result<()> {
             print(client.output, &serde_json::json!({ "restarted": instance_id }), |_| {
                 format!("restarted {instance_id}\n")
             })
+        }
+        Command::Logs { instance_id, follow, since, client } => {
+            let since = since
+                .map(|s| humantime::parse_duration(&s).map_err(|e| anyhow!("INVALID_REQUEST: --since {s:?}: {e}")))
+                .transpose()?;
+            let (env, cp) = connect(&client).await?;
+            let from_ms = since.map(|d| env.wall_ms().saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
+            let mut after = 0;
+            loop {
+                let page =
+                    api(call(&env, cp.instance_logs(rpc::traced_context(&env), instance_id.clone(), after)).await?)?;
+                if page.evicted > 0 && from_ms.is_none() {
+                    eprintln!("({} earlier lines are no longer kept)", page.evicted);
+                }
+                for line in page.lines.iter().filter(|l| from_ms.is_none_or(|from| l.time_ms >= from)) {
+                    if !print_log_line(client.output, line)? {
+                        return Ok(());
+                    }
+                }
+                after = page.next;
+                if page.lines.len() == factum_proto::logs::MAX_LOG_PAGE {
+                    continue; // more are waiting
+                }
+                if !follow {
+                    return Ok(());
+                }
+                env.clock.sleep(LOG_POLL).await;
+            }
         }
         Command::Rm { instance_id, force, client } => {
             let (env, cp) = connect(&client).await?;

@@ -298,6 +298,21 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Print an instance's output (stdout and stderr), each line with its time, run number and stream, from the
+    /// buffer its node keeps (the last 1,000 lines or 128 KiB).
+    Logs {
+        /// Instance id.
+        instance_id: String,
+        /// Keep printing new lines as they come, until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only lines from this far back, e.g. `5m` or `1h 30m`.
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
+        /// Client options.
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Remove an ended instance (stopped, or crashed for good) from its node and the control plane, with its
     /// grants. Ended instances are removed by themselves after the control plane's retention (1 h).
     Rm {

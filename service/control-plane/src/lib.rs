@@ -530,6 +530,26 @@ impl ControlPlane {
             .collect()
     }
 
+    /// An instance's output after line `after`, from the buffer on the node that holds it (what an earlier
+    /// placement's node kept is not moved with it).
+    pub async fn instance_logs(
+        &self,
+        instance_id: &str,
+        after: u64,
+    ) -> Result<factum_proto::logs::LogPage, ErrorResponse> {
+        let result = async {
+            let (node_id, client) = self.route(instance_id)?;
+            let id = instance_id.to_string();
+            let call = |c: NodeAgentClient| {
+                let id = id.clone();
+                async move { c.instance_logs(rpc::rpc_context(), id, after).await }
+            };
+            self.call_agent_retrying(&node_id, client, "logs", call).await?
+        }
+        .await;
+        result.map_err(|e| self.error(e))
+    }
+
     /// Operator view of KV store `capability_id` on every available node.
     pub async fn inspect_kv(&self, capability_id: &str, prefix: &str) -> Result<Vec<KvEntry>, ErrorResponse> {
         factum_proto::validate_id("capability_id", capability_id).map_err(|e| self.error(e))?;

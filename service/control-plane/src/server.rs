@@ -123,6 +123,18 @@ impl factum_proto::ControlPlane for Session {
         Ok(self.control_plane.list_nodes())
     }
 
+    async fn instance_logs(
+        self,
+        ctx: Context,
+        instance_id: String,
+        after: u64,
+    ) -> Result<factum_proto::logs::LogPage, ErrorResponse> {
+        // Guest output is the instance's data, like its KV store: an operator's to read. Only a refusal is
+        // audited: a follower asks twice a second.
+        self.admitted(&ctx, "instance_logs", &instance_id, Principal::require_operator)?;
+        self.control_plane.instance_logs(&instance_id, after).await
+    }
+
     async fn inspect_kv(
         self,
         ctx: Context,

@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use factum_proto::logs::Stream;
 use factum_proto::permissions::allows;
 use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorCode, ErrorResponse, MessageEnvelope, Permission};
 use factum_wasm::GuestHost;
@@ -287,17 +288,31 @@ impl GuestHost for InstanceHost {
         let limits = agent.config.log_limits;
         let now = agent.env.clock.now();
         let (lines, cut) = guest_lines(bytes);
-        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        for line in lines {
-            let (fits, report) = log.output.admit(now, line.len(), limits.output_lines, limits.output_bytes);
-            if let Some(dropped) = report {
-                output_dropped(&self.instance_id, dropped);
+        let mut kept = Vec::new();
+        {
+            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            for line in lines {
+                let (fits, report) = log.output.admit(now, line.len(), limits.output_lines, limits.output_bytes);
+                if let Some(dropped) = report {
+                    output_dropped(&self.instance_id, dropped);
+                }
+                if fits {
+                    tracing::info!(target: "factum::guest", instance_id = %self.instance_id, fd, "{line}");
+                    kept.push(line);
+                }
             }
-            if fits {
-                tracing::info!(target: "factum::guest", instance_id = %self.instance_id, fd, "{line}");
+            log.output.count_dropped(cut);
+        }
+        // What the log budget admitted also goes to the instance's buffer, for `factum logs`.
+        let stream = if fd == 1 { Stream::Stdout } else { Stream::Stderr };
+        let time_ms = agent.env.wall_ms();
+        let mut instances = agent.lock_unfenced();
+        if let Some(local) = instances.get_mut(&self.instance_id) {
+            let run = local.metadata.restarts;
+            for line in kept {
+                local.logs.push(time_ms, run, stream, line);
             }
         }
-        log.output.count_dropped(cut);
     }
 }
 

@@ -9,6 +9,7 @@ mod compiler;
 mod host;
 mod link;
 mod log_budget;
+mod log_buffer;
 mod mailbox;
 mod registry_link;
 mod reports;
@@ -213,6 +214,8 @@ struct LocalInstance {
     abort: Option<AbortHandle>,
     /// Messages for its subscriptions, kept across restarts.
     mailbox: mailbox::Mailbox,
+    /// Its last lines of output, kept across restarts.
+    logs: log_buffer::LogBuffer,
 }
 
 impl LocalInstance {
@@ -428,6 +431,7 @@ impl Agent {
                 generation: 0,
                 abort: None,
                 mailbox: mailbox::Mailbox::default(),
+                logs: log_buffer::LogBuffer::default(),
             };
             inner.env.trace(|| {
                 let grants: Vec<String> = local.capabilities.values().map(Grant::describe).collect();
@@ -541,6 +545,13 @@ impl Agent {
     /// Metadata of one instance.
     pub fn metadata(&self, instance_id: &str) -> Option<InstanceMetadata> {
         self.inner.lock_unfenced().get(instance_id).map(|i| i.metadata.clone())
+    }
+
+    /// An instance's output after line `after` ([`factum_proto::logs::LogPage`]).
+    pub fn logs(&self, instance_id: &str, after: u64) -> Result<factum_proto::logs::LogPage, ErrorResponse> {
+        let instances = self.inner.lock_unfenced();
+        let local = instances.get(instance_id).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))?;
+        Ok(local.logs.page(after))
     }
 
     /// Facts of one instance.

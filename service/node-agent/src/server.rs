@@ -62,6 +62,15 @@ impl NodeAgent for Agent {
         Agent::inspect_kv(&self, &capability_id, &prefix).await
     }
 
+    async fn instance_logs(
+        self,
+        _: Context,
+        instance_id: String,
+        after: u64,
+    ) -> Result<factum_proto::logs::LogPage, ErrorResponse> {
+        self.logs(&instance_id, after)
+    }
+
     async fn remove_instance_local(self, _: Context, instance_id: String) -> Result<SnapshotMark, ErrorResponse> {
         self.remove_instance(&instance_id)
     }

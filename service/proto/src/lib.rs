@@ -4,6 +4,7 @@
 pub mod capability;
 pub mod error;
 pub mod guest_config;
+pub mod logs;
 pub mod permissions;
 pub mod principal;
 pub mod types;

@@ -7,13 +7,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorResponse;
 use crate::guest_config::GuestConfig;
+use crate::logs::LogPage;
 use crate::types::{CapabilityAssignment, InstanceMetadata, InstanceStatus, RestartPolicy};
 
 /// Version of the protocol every factum connection speaks. Each connection opens with a hello carrying it
 /// (`factum_env::rpc::hello`), and a peer of another version is refused there, with both versions named, so
 /// mixed versions fail loudly instead of misreading each other. Agents also repeat it in every
 /// [`NodeReport`]. 4: the hello, with the peer's identity; list calls answer errors. 5: placement seals. 6: guest
-/// arguments and environment ([`GuestConfig`]) in starts and facts.
+/// arguments and environment ([`GuestConfig`]) in starts and facts; restart and logs calls.
 pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest accepted module, in bytes.
@@ -272,6 +273,9 @@ pub trait ControlPlane {
     /// grants, and its module's bytes once no instance uses them. INVALID_REQUEST while it runs or waits to
     /// restart: stop it first.
     async fn remove_instance(instance_id: String) -> Result<(), ErrorResponse>;
+    /// An instance's output after line `after` (0: from the oldest held), from the buffer on its node
+    /// ([`LogPage`]).
+    async fn instance_logs(instance_id: String, after: u64) -> Result<LogPage, ErrorResponse>;
     /// Nodes known to the control plane.
     async fn list_nodes() -> Result<Vec<NodeInfo>, ErrorResponse>;
     /// Operator view of a KV store (capability id) on every node, keys starting with `prefix`.
@@ -301,6 +305,8 @@ pub trait NodeAgent {
     async fn revoke_capability(instance_id: String, capability_id: String) -> Result<InstanceFacts, ErrorResponse>;
     /// Operator view of the local KV store `capability_id`.
     async fn inspect_kv(capability_id: String, prefix: String) -> Result<Vec<KvEntry>, ErrorResponse>;
+    /// A local instance's output after line `after`.
+    async fn instance_logs(instance_id: String, after: u64) -> Result<LogPage, ErrorResponse>;
     /// RemoveInstance: forget an ended instance (stopped, or crashed with no restart pending), its grants and
     /// mailbox. Answers the agent's snapshot number at removal: snapshots numbered up to it may still hold the
     /// instance. INVALID_REQUEST while it runs or waits to restart.
