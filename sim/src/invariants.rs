@@ -357,32 +357,32 @@ pub(crate) mod tests_support {
             backoff_ms: None,
         }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use factum_proto::{InstanceFacts, RestartPolicy};
-
-    fn running(id: &str) -> InstanceFacts {
-        InstanceFacts {
-            metadata: tests_support::metadata(id, InstanceStatus::Running),
+    /// Facts of a running instance `id` on agent-1 in placement `epoch`, for checker tests.
+    pub(crate) fn running(id: &str, epoch: u64) -> factum_proto::InstanceFacts {
+        factum_proto::InstanceFacts {
+            metadata: metadata(id, InstanceStatus::Running),
             capabilities: Vec::new(),
-            restart_policy: RestartPolicy::default(),
+            restart_policy: Default::default(),
             config: Default::default(),
             seq: 1,
-            epoch: 1,
+            epoch,
             lease: None,
             accepted_after: Default::default(),
             seal: Default::default(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn with_registry(entries: &[(&str, &str)]) -> View {
         View {
             control_plane: None,
             control_plane_incarnation: 1,
-            agents: [("agent-1".to_string(), vec![running("s0-1")])].into_iter().collect(),
+            agents: [("agent-1".to_string(), vec![tests_support::running("s0-1", 1)])].into_iter().collect(),
             registry_entries: Some(entries.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()),
             paused: BTreeSet::new(),
             ago: BTreeMap::new(),

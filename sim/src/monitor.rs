@@ -49,8 +49,10 @@ pub struct Monitor {
     confirmed: (u64, BTreeSet<String>),
     /// Where each listed instance's facts stood at the last sample, and in which control-plane incarnation.
     positions: (u64, BTreeMap<String, Position>),
-    /// Instances the control plane removed (its `removed` trace events).
-    removed: BTreeSet<String>,
+    /// Instances the control plane removed (its `removed` trace events), each with the stale copies (node,
+    /// placement epoch) agents still held at the removal and have held at every sample since: a paused or cut-off
+    /// node keeps an older placement until it fences itself, and that is not holding it *again*.
+    removed: BTreeMap<String, BTreeSet<(String, u64)>>,
 }
 
 impl Monitor {
@@ -74,7 +76,8 @@ impl Monitor {
                 // A removal ends the instance's confirmation (P13): it is meant to go.
                 [_, "control-plane", "removed", instance] => {
                     self.confirmed.1.remove(*instance);
-                    self.removed.insert(instance.to_string());
+                    let stale = holders(view, instance).map(|(node, f)| (node.clone(), f.epoch)).collect();
+                    self.removed.insert(instance.to_string(), stale);
                 }
                 [_, node, "status", instance, status, seq, ..] => {
                     let Some(seq) = seq.strip_prefix("seq=").and_then(|n| n.parse().ok()) else { continue };
@@ -90,7 +93,7 @@ impl Monitor {
             .map_err(|e| format!("always-on P13 confirmed_instances_stay_listed: {e}"))?;
         facts_only_move_forward(&mut self.positions, view)
             .map_err(|e| format!("always-on P14 facts_only_move_forward: {e}"))?;
-        removed_instances_stay_removed(&self.removed, view)
+        removed_instances_stay_removed(&mut self.removed, view)
             .map_err(|e| format!("always-on removed_instances_stay_removed: {e}"))?;
         self.previous = view
             .agents
@@ -180,21 +183,34 @@ pub fn confirmed_instances_stay_listed(confirmed: &mut (u64, BTreeSet<String>), 
     Ok(())
 }
 
-/// Removal is for good: once the control plane removed an instance (it does so only after the agent did), neither
-/// the control plane nor any agent holds it again, whatever snapshots were still in flight (ids are never
-/// reused within a run).
-pub fn removed_instances_stay_removed(removed: &BTreeSet<String>, view: &View) -> Result<(), String> {
+/// Removal is for good: once the control plane removed an instance (it does so only after the agent holding its
+/// placement did), the control plane never lists it again, and no agent holds it again, whatever snapshots were
+/// still in flight (ids are never reused within a run). A stale copy of an older placement that a paused or
+/// cut-off node still held at the removal may stay until that node fences itself; once gone, it is gone.
+pub fn removed_instances_stay_removed(
+    removed: &mut BTreeMap<String, BTreeSet<(String, u64)>>,
+    view: &View,
+) -> Result<(), String> {
     if let Some(cp) = &view.control_plane {
-        if let Some(m) = cp.instances.iter().find(|m| removed.contains(&m.instance_id)) {
+        if let Some(m) = cp.instances.iter().find(|m| removed.contains_key(&m.instance_id)) {
             return Err(format!("{} was removed, and the control plane lists it again ({})", m.instance_id, m.status));
         }
     }
-    for (node, facts) in &view.agents {
-        if let Some(f) = facts.iter().find(|f| removed.contains(&f.metadata.instance_id)) {
-            return Err(format!("{} was removed, and {node} holds it again", f.metadata.instance_id));
+    for (id, stale) in removed.iter_mut() {
+        let held: BTreeSet<(String, u64)> = holders(view, id).map(|(node, f)| (node.clone(), f.epoch)).collect();
+        if let Some((node, epoch)) = held.difference(stale).next() {
+            return Err(format!("{id} was removed, and {node} holds it again (epoch {epoch})"));
         }
+        *stale = held;
     }
     Ok(())
+}
+
+/// Every agent holding instance `id`, with its facts.
+fn holders<'a>(view: &'a View, id: &'a str) -> impl Iterator<Item = (&'a String, &'a InstanceFacts)> + 'a {
+    view.agents.iter().flat_map(move |(node, facts)| {
+        facts.iter().filter(move |f| f.metadata.instance_id == id).map(move |f| (node, f))
+    })
 }
 
 /// The first instance some agent holds whose last crash is `reason`.
@@ -381,5 +397,32 @@ mod tests {
         assert!(no_application_data_in_the_control_plane(&bytes).is_err());
         let hidden = holding("{}".into(), vec![(hash, Arc::new(APPLICATION_DATA.as_bytes().to_vec()))]);
         assert!(no_application_data_in_the_control_plane(&hidden).is_err());
+    }
+
+    #[test]
+    fn a_removed_instance_may_linger_only_as_the_stale_copy_it_was() {
+        let on = |holders: &[(&str, u64)]| {
+            let mut view = holding(String::new(), Vec::new());
+            for (node, epoch) in holders {
+                view.agents
+                    .entry(node.to_string())
+                    .or_default()
+                    .push(crate::invariants::tests_support::running("i", *epoch));
+            }
+            view
+        };
+        // Removed while paused agent-1 still held placement 1: it may keep that copy until it fences.
+        let mut removed: BTreeMap<String, BTreeSet<(String, u64)>> =
+            [("i".to_string(), [("agent-1".to_string(), 1)].into())].into();
+        removed_instances_stay_removed(&mut removed, &on(&[("agent-1", 1)])).unwrap();
+        assert!(removed_instances_stay_removed(&mut removed.clone(), &on(&[("agent-2", 2)])).is_err());
+        assert!(removed_instances_stay_removed(&mut removed.clone(), &on(&[("agent-1", 3)])).is_err());
+        // Once let go, the stale copy may not come back.
+        removed_instances_stay_removed(&mut removed, &on(&[])).unwrap();
+        assert!(removed_instances_stay_removed(&mut removed, &on(&[("agent-1", 1)])).is_err());
+        let mut listed = holding(String::new(), Vec::new());
+        listed.control_plane.as_mut().unwrap().instances =
+            vec![crate::invariants::tests_support::metadata("i", InstanceStatus::Stopped)];
+        assert!(removed_instances_stay_removed(&mut removed, &listed).is_err());
     }
 }
