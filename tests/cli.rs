@@ -321,8 +321,10 @@ fn logs_show_each_runs_output_and_follow_keeps_printing() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    // Kept open: a follower whose reader went away ends quietly at its next line.
+    let mut follower_out = std::io::BufReader::new(follower.stdout.take().unwrap());
     let mut first = String::new();
-    std::io::BufReader::new(follower.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    follower_out.read_line(&mut first).unwrap();
     assert!(first.ends_with(" run=0 stdout hello\n"), "{first}");
     std::thread::sleep(Duration::from_millis(700));
     assert!(follower.try_wait().unwrap().is_none(), "--follow must keep running");
@@ -333,4 +335,59 @@ fn logs_show_each_runs_output_and_follow_keeps_printing() {
     fails_with(&up, &["logs", &id, "--since", "a while"], "INVALID_REQUEST");
     // Guest output is the instance's data: a reader may list instances but not read it.
     fails_with(&up, &["logs", &id, "--as", "reader/bob"], "PERMISSION_DENIED");
+}
+
+#[test]
+fn events_show_what_changed_and_follow_new_ones() {
+    use std::io::BufRead;
+    let up = up();
+    let mut follower = Command::new(FACTUM)
+        .args(["events", "--control-plane", up.addr(), "--as", "reader/bob"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut follower_out = std::io::BufReader::new(follower.stdout.take().unwrap());
+    let mut first = String::new();
+    follower_out.read_line(&mut first).unwrap();
+    assert!(first.contains(" #1 node ") && first.contains(" joined at "), "{first}");
+    let mut watcher = Command::new(FACTUM)
+        .args(["ps", "--watch", "-o", "json", "--control-plane", up.addr()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut watcher_out = std::io::BufReader::new(watcher.stdout.take().unwrap());
+    let mut table = String::new();
+    watcher_out.read_line(&mut table).unwrap();
+    assert_eq!(table, "[]\n");
+
+    let id = ok(&up, &["start", &wasi_suite("fd_write-to-stdout"), "--id", "hello"]).trim().to_string();
+    wait_for_status(&up, &id, "stopped");
+    let events: Vec<serde_json::Value> =
+        ok(&up, &["events", "--once", "-o", "json"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let statuses: Vec<&str> = events.iter().filter_map(|e| e["kind"]["instance"]["status"].as_str()).collect();
+    assert_eq!(statuses.first(), Some(&"starting"), "{events:?}");
+    assert_eq!(statuses.last(), Some(&"stopped"), "{events:?}");
+    assert!(events.iter().all(|e| e["time_ms"].as_u64().is_some_and(|t| t > 1_700_000_000_000)), "{events:?}");
+
+    // The follower, started before, saw the same instance go by.
+    let mut line = String::new();
+    while !line.contains("instance hello stopped on ") {
+        line.clear();
+        assert!(follower_out.read_line(&mut line).unwrap() > 0, "the follower ended");
+    }
+    assert!(follower.try_wait().unwrap().is_none(), "events keeps following");
+    // `ps --watch` printed the list again as it changed, down to the instance's end.
+    loop {
+        table.clear();
+        assert!(watcher_out.read_line(&mut table).unwrap() > 0, "the watcher ended");
+        let instances: serde_json::Value = serde_json::from_str(&table).unwrap();
+        if instances[0]["status"] == "stopped" {
+            break;
+        }
+    }
+    for mut child in [follower, watcher] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    fails_with(&up, &["events", "--once", "--as", "node/n1"], "PERMISSION_DENIED");
 }

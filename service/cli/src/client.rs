@@ -3,79 +3,21 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use factum_env::{rpc, Env};
+use factum_client::{Client, Credentials, Tls};
 use factum_proto::guest_config::parse_env_var;
 use factum_proto::{
-    CapabilityGrant, ControlPlaneClient, ErrorResponse, GuestConfig, InstanceMetadata, PolicyType, RestartPolicy,
-    StartRequest,
+    CapabilityGrant, ErrorCode, ErrorResponse, GuestConfig, InstanceMetadata, PolicyType, RestartPolicy, StartRequest,
 };
 use serde::Serialize;
 
 use crate::{ClientOpts, Command, Output};
 
-/// How long a client command waits for the control plane.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
-
-async fn connect(opts: &ClientOpts) -> Result<(Env, ControlPlaneClient)> {
+async fn connect(opts: &ClientOpts) -> Result<Client> {
     let credentials = match &opts.tls {
-        None => rpc::Credentials::claim(opts.identity.clone()),
-        Some(dir) => rpc::Credentials::tls(opts.identity.clone(), rpc::tls::Tls::from_dir(dir, &opts.identity)?),
+        None => Credentials::claim(opts.identity.clone()),
+        Some(dir) => Credentials::tls(opts.identity.clone(), Tls::from_dir(dir, &opts.identity)?),
     };
-    let env = Env::tokio().with_credentials(credentials);
-    let stream = env
-        .timeout(CLIENT_TIMEOUT, rpc::dial(&env, &opts.control_plane, &factum_proto::Principal::ControlPlane))
-        .await
-        .ok_or_else(|| anyhow!("COMMUNICATION_FAILURE: connecting to {} timed out", opts.control_plane))?
-        .map_err(|e| {
-            use std::io::ErrorKind::{ConnectionRefused, NotFound, PermissionDenied};
-            let addr = &opts.control_plane;
-            match e.kind() {
-                PermissionDenied => anyhow!("PERMISSION_DENIED: {e}"),
-                ConnectionRefused | NotFound => {
-                    anyhow!("COMMUNICATION_FAILURE: cannot reach the control plane at {addr} (is `factum up` running?): {e}")
-                }
-                _ => anyhow!("COMMUNICATION_FAILURE: the control plane at {addr} could not be called: {e}"),
-            }
-        })?;
-    let client =
-        rpc::start_client(&env, ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream)));
-    Ok((env, client))
-}
-
-/// Awaits one call with the client timeout, flattening transport and API errors.
-async fn call<T>(env: &Env, fut: impl std::future::Future<Output = Result<T, tarpc::client::RpcError>>) -> Result<T> {
-    match env.timeout(CLIENT_TIMEOUT, fut).await {
-        Some(Ok(v)) => Ok(v),
-        Some(Err(e)) => bail!("COMMUNICATION_FAILURE: {}", rpc::describe(&e)),
-        None => bail!("COMMUNICATION_FAILURE: the control plane did not answer within {CLIENT_TIMEOUT:?}"),
-    }
-}
-
-/// How many times `start` sends one start whose answer does not arrive.
-const START_ATTEMPTS: u32 = 3;
-
-/// Sends `request` (which names its instance id) and, while the answer is lost, sends it again on a new
-/// connection after a pause: the control plane answers a repeated start with the same id without starting it
-/// twice. The error is the last communication failure; the answer, success or API error, is final.
-async fn start_retrying(
-    opts: &ClientOpts,
-    (mut env, mut cp): (Env, ControlPlaneClient),
-    request: StartRequest,
-) -> Result<Result<String, ErrorResponse>> {
-    let mut attempt = 1;
-    let ctx = rpc::traced_context(&env); // every attempt under one correlation id
-    loop {
-        match call(&env, cp.start_instance(ctx, request.clone())).await {
-            Ok(answer) => return Ok(answer),
-            Err(e) if attempt < START_ATTEMPTS => {
-                eprintln!("{e}; sending the same start again");
-                env.clock.sleep(Duration::from_secs(u64::from(attempt))).await;
-                attempt += 1;
-                (env, cp) = connect(opts).await?;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    api(Client::connect(opts.control_plane.clone(), credentials).await)
 }
 
 fn api<T>(result: Result<T, ErrorResponse>) -> Result<T> {
@@ -171,18 +113,49 @@ fn instances_table(instances: &[InstanceMetadata]) -> String {
     table(["INSTANCE", "NODE", "STATUS", "RESTARTS", "MODULE", "LAST ERROR"], rows)
 }
 
-/// How often `logs --follow` asks for new lines.
-const LOG_POLL: Duration = Duration::from_millis(500);
+/// Prints the entries of `pages` (from [`Client::follow_events`] or [`Client::follow_logs`]) until they end or
+/// `print` returns `false` (nobody reads stdout any more). `evicted` hears how many entries were no longer
+/// held when asked for.
+async fn print_pages<T>(
+    pages: impl futures::Stream<Item = Result<factum_proto::journal::Page<T>, ErrorResponse>>,
+    mut evicted: impl FnMut(u64),
+    mut print: impl FnMut(&T) -> Result<bool>,
+) -> Result<()> {
+    use futures::StreamExt as _;
+    let mut pages = std::pin::pin!(pages);
+    while let Some(page) = pages.next().await {
+        let page = api(page)?;
+        if page.evicted > 0 {
+            evicted(page.evicted);
+        }
+        for entry in &page.entries {
+            if !print(entry)? {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
 
-/// One line of `factum logs`: time, run, stream and text, or one JSON object per line. `false` once nobody
-/// reads stdout any more.
+/// Time as RFC 3339 with milliseconds.
+fn timestamp(time_ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(time_ms)).to_string()
+}
+
+/// One line of `factum logs`: time, run, stream and text, or one JSON object per line.
 fn print_log_line(output: Output, line: &factum_proto::logs::LogLine) -> Result<bool> {
     let text = match output {
         Output::Json => serde_json::to_string(line)?,
-        Output::Table => {
-            let time = humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(line.time_ms));
-            format!("{time} run={} {} {}", line.run, line.stream, line.text)
-        }
+        Output::Table => format!("{} run={} {} {}", timestamp(line.time_ms), line.run, line.stream, line.text),
+    };
+    emit(&(text + "\n"))
+}
+
+/// One line of `factum events`: time, number and what changed, or one JSON object per line.
+fn print_event(output: Output, event: &factum_proto::events::Event) -> Result<bool> {
+    let text = match output {
+        Output::Json => serde_json::to_string(event)?,
+        Output::Table => format!("{} #{} {}", timestamp(event.time_ms), event.seq, event.kind),
     };
     emit(&(text + "\n"))
 }
@@ -209,28 +182,23 @@ pub async fn run(command: Command) -> Result<()> {
             };
             config.validate().map_err(|e| anyhow!("{e}"))?;
             let module_bytes = read_module(&module)?;
-            let (env, cp) = connect(&client).await?;
-            // Drawn here rather than by the control plane, so the same start can be sent again.
-            let id = id.unwrap_or_else(|| env.random_id("i-"));
-            let request =
-                StartRequest { instance_id: Some(id.clone()), module_bytes, capabilities, restart_policy, config };
-            let answer = start_retrying(&client, (env, cp), request).await.map_err(|e| {
-                anyhow!(
-                    "{e}\ninstance {id} may or may not have started: `factum inspect {id}` tells, and the same \
-                     `factum start --id {id}` is safe to repeat"
-                )
-            })?;
-            let instance_id = api(answer)?;
+            let cp = connect(&client).await?;
+            let request = StartRequest { instance_id: id, module_bytes, capabilities, restart_policy, config };
+            let instance_id =
+                cp.start(request).await.map_err(|e| match e.details.as_ref().and_then(|d| d.get("instance_id")) {
+                    Some(id) if e.error_code == ErrorCode::CommunicationFailure => anyhow!(
+                        "{e}\n`factum inspect {id}` tells, and the same `factum start --id {id}` is safe to repeat"
+                    ),
+                    _ => anyhow!("{e}"),
+                })?;
             print(client.output, &serde_json::json!({ "instance_id": instance_id }), |_| format!("{instance_id}\n"))
         }
         Command::Stop { instance_id, client } => {
-            let (env, cp) = connect(&client).await?;
-            api(call(&env, cp.stop_instance(rpc::traced_context(&env), instance_id.clone())).await?)?;
+            api(connect(&client).await?.stop(&instance_id).await)?;
             print(client.output, &serde_json::json!({ "stopped": instance_id }), |_| format!("stopped {instance_id}\n"))
         }
         Command::Restart { instance_id, client } => {
-            let (env, cp) = connect(&client).await?;
-            api(call(&env, cp.restart_instance(rpc::traced_context(&env), instance_id.clone())).await?)?;
+            api(connect(&client).await?.restart(&instance_id).await)?;
             print(client.output, &serde_json::json!({ "restarted": instance_id }), |_| {
                 format!("restarted {instance_id}\n")
             })
@@ -239,46 +207,65 @@ pub async fn run(command: Command) -> Result<()> {
             let since = since
                 .map(|s| humantime::parse_duration(&s).map_err(|e| anyhow!("INVALID_REQUEST: --since {s:?}: {e}")))
                 .transpose()?;
-            let (env, cp) = connect(&client).await?;
-            let from_ms = since.map(|d| env.wall_ms().saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
-            let mut after = 0;
-            loop {
-                let page =
-                    api(call(&env, cp.instance_logs(rpc::traced_context(&env), instance_id.clone(), after)).await?)?;
-                if page.evicted > 0 && from_ms.is_none() {
-                    eprintln!("({} earlier lines are no longer kept)", page.evicted);
+            let cp = connect(&client).await?;
+            let now_ms = factum_env::Env::tokio().wall_ms();
+            let from_ms = since.map(|d| now_ms.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
+            let evicted = |n| {
+                if from_ms.is_none() {
+                    eprintln!("({n} earlier lines are no longer kept)");
                 }
-                for line in page.lines.iter().filter(|l| from_ms.is_none_or(|from| l.time_ms >= from)) {
-                    if !print_log_line(client.output, line)? {
-                        return Ok(());
-                    }
+            };
+            print_pages(cp.follow_logs(&instance_id, 0, follow), evicted, |line| {
+                if from_ms.is_some_and(|from| line.time_ms < from) {
+                    return Ok(true);
                 }
-                after = page.next;
-                if page.lines.len() == factum_proto::logs::MAX_LOG_PAGE {
-                    continue; // more are waiting
-                }
-                if !follow {
-                    return Ok(());
-                }
-                env.clock.sleep(LOG_POLL).await;
-            }
+                print_log_line(client.output, line)
+            })
+            .await
+        }
+        Command::Events { once, client } => {
+            let cp = connect(&client).await?;
+            let evicted = |n| eprintln!("({n} earlier events are no longer kept)");
+            print_pages(cp.follow_events(0, !once), evicted, |event| print_event(client.output, event)).await
         }
         Command::Rm { instance_id, force, client } => {
-            let (env, cp) = connect(&client).await?;
+            let cp = connect(&client).await?;
             if force {
-                api(call(&env, cp.stop_instance(rpc::traced_context(&env), instance_id.clone())).await?)?;
+                api(cp.stop(&instance_id).await)?;
             }
-            api(call(&env, cp.remove_instance(rpc::traced_context(&env), instance_id.clone())).await?)?;
+            api(cp.remove(&instance_id).await)?;
             print(client.output, &serde_json::json!({ "removed": instance_id }), |_| format!("removed {instance_id}\n"))
         }
-        Command::Ps { client } => {
-            let (env, cp) = connect(&client).await?;
-            let instances = api(call(&env, cp.list_instances(rpc::traced_context(&env))).await?)?;
+        Command::Ps { watch: false, client } => {
+            let instances = api(connect(&client).await?.list().await)?;
             print(client.output, &instances, |i| instances_table(i))
         }
+        Command::Ps { watch: true, client } => {
+            let cp = connect(&client).await?;
+            let print_list = |instances: &[InstanceMetadata]| -> Result<bool> {
+                emit(&match client.output {
+                    Output::Json => serde_json::to_string(instances)? + "\n",
+                    Output::Table => instances_table(instances) + "\n",
+                })
+            };
+            // The list, then again after each event about an instance: the events say when it changed.
+            let after = api(cp.last_event().await)?;
+            if !print_list(&api(cp.list().await)?)? {
+                return Ok(());
+            }
+            let mut pages = std::pin::pin!(cp.follow_events(after, true));
+            while let Some(page) = futures::StreamExt::next(&mut pages).await {
+                let page = api(page)?;
+                if (page.evicted > 0 || page.entries.iter().any(|e| e.kind.instance_id().is_some()))
+                    && !print_list(&api(cp.list().await)?)?
+                {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        }
         Command::Inspect { instance_id, client } => {
-            let (env, cp) = connect(&client).await?;
-            let details = api(call(&env, cp.query_instance(rpc::traced_context(&env), instance_id)).await?)?;
+            let details = api(connect(&client).await?.query(&instance_id).await)?;
             print(client.output, &details, |d| {
                 let mut out = instances_table(std::slice::from_ref(&d.metadata));
                 out.push_str(&format!("restart policy: {}\n", d.restart_policy));
@@ -298,32 +285,19 @@ pub async fn run(command: Command) -> Result<()> {
             })
         }
         Command::Grant { instance_id, capability_id, permissions, client } => {
-            let (env, cp) = connect(&client).await?;
-            let call_ = cp.assign_capability(
-                rpc::traced_context(&env),
-                instance_id.clone(),
-                capability_id.clone(),
-                split_perms(&permissions),
-            );
-            api(call(&env, call_).await?)?;
+            api(connect(&client).await?.assign(&instance_id, &capability_id, &split_perms(&permissions)).await)?;
             print(client.output, &serde_json::json!({ "granted": capability_id, "instance_id": instance_id }), |_| {
                 format!("granted {capability_id} to {instance_id}\n")
             })
         }
         Command::Revoke { instance_id, capability_id, client } => {
-            let (env, cp) = connect(&client).await?;
-            api(call(
-                &env,
-                cp.revoke_capability(rpc::traced_context(&env), instance_id.clone(), capability_id.clone()),
-            )
-            .await?)?;
+            api(connect(&client).await?.revoke(&instance_id, &capability_id).await)?;
             print(client.output, &serde_json::json!({ "revoked": capability_id, "instance_id": instance_id }), |_| {
                 format!("revoked {capability_id} from {instance_id}\n")
             })
         }
         Command::Nodes { client } => {
-            let (env, cp) = connect(&client).await?;
-            let nodes = api(call(&env, cp.list_nodes(rpc::traced_context(&env))).await?)?;
+            let nodes = api(connect(&client).await?.nodes().await)?;
             print(client.output, &nodes, |nodes| {
                 let rows = nodes.iter().map(|n| {
                     let load = format!("{}/{}", n.instances, n.max_instances);
@@ -333,8 +307,7 @@ pub async fn run(command: Command) -> Result<()> {
             })
         }
         Command::Kv { capability_id, prefix, client } => {
-            let (env, cp) = connect(&client).await?;
-            let entries = api(call(&env, cp.inspect_kv(rpc::traced_context(&env), capability_id, prefix)).await?)?;
+            let entries = api(connect(&client).await?.inspect_kv(&capability_id, &prefix).await)?;
             let shown: Vec<serde_json::Value> = entries
                 .iter()
                 .map(|e| serde_json::json!({ "node_id": e.node_id, "key": e.key, "value": String::from_utf8_lossy(&e.value) }))

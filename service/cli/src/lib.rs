@@ -313,6 +313,18 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Print what changed in the cluster, as the control plane saw it: instances placed, running, stopped,
+    /// crashed (with why), rescheduled or removed; grants and revocations; nodes joining, leaving, going silent
+    /// and coming back. Keeps printing new events until interrupted. The control plane keeps the last 10,000 in
+    /// memory; a restarted one starts a new journal.
+    Events {
+        /// Print the events held now and exit.
+        #[arg(long)]
+        once: bool,
+        /// Client options.
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Remove an ended instance (stopped, or crashed for good) from its node and the control plane, with its
     /// grants. Ended instances are removed by themselves after the control plane's retention (1 h).
     Rm {
@@ -327,6 +339,10 @@ pub enum Command {
     },
     /// List instances.
     Ps {
+        /// Print the table again each time an instance changes (with `-o json`, one array per line), until
+        /// interrupted.
+        #[arg(long, short)]
+        watch: bool,
         /// Client options.
         #[command(flatten)]
         client: ClientOpts,

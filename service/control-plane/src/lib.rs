@@ -6,6 +6,7 @@
 //! (instance id → metadata, instance id → capability assignments) plus the node list and, per instance, the
 //! sequence number of the newest fact so reordered reports cannot roll a fact back.
 
+mod events;
 mod facts;
 mod membership;
 mod removal;
@@ -13,6 +14,7 @@ mod reschedule;
 mod seal;
 mod server;
 mod snapshots;
+mod tracked;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,6 +28,7 @@ use factum_proto::{
 };
 
 use crate::snapshots::Snapshots;
+use crate::tracked::Tracked;
 
 pub use removal::DEFAULT_RETENTION;
 pub use seal::PlacementKey;
@@ -182,9 +185,9 @@ struct NodeRecord {
 #[derive(Default)]
 struct State {
     /// instance id → metadata (design map 1).
-    instances: BTreeMap<String, InstanceRecord>,
+    instances: Tracked<InstanceRecord>,
     /// instance id → capability id → assignment (design map 2).
-    capabilities: BTreeMap<String, BTreeMap<String, CapabilityAssignment>>,
+    capabilities: Tracked<BTreeMap<String, CapabilityAssignment>>,
     nodes: BTreeMap<String, NodeRecord>,
     /// Starts sent to an agent and not yet answered: a snapshot that lacks them is not evidence of loss.
     pending_starts: BTreeSet<String>,
@@ -200,6 +203,34 @@ struct State {
     injected: Option<InjectedBug>,
     /// What facts must be sealed with (the config's).
     placement_key: PlacementKey,
+    /// What changed, for `factum events`: fed as each [`Locked`] guard is released.
+    events: events::Announcer,
+}
+
+/// The state, locked. Releasing it announces what changed under it (see [`events`]).
+struct Locked<'a> {
+    state: MutexGuard<'a, State>,
+    env: &'a Env,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let State { instances, capabilities, nodes, events, .. } = &mut *self.state;
+        events.publish(instances, capabilities, nodes, || self.env.wall_ms());
+    }
 }
 
 struct Inner {
@@ -232,8 +263,9 @@ impl ControlPlane {
         ControlPlane { inner: Arc::new(inner) }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> Locked<'_> {
+        let state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        Locked { state, env: &self.inner.env }
     }
 
     fn error(&self, e: ErrorResponse) -> ErrorResponse {
@@ -511,6 +543,11 @@ impl ControlPlane {
             state.instances, state.capabilities, state.nodes, state.pending_starts, state.fetching
         );
         (maps, state.modules.iter().map(|(hash, bytes)| (hash.clone(), bytes.clone())).collect())
+    }
+
+    /// What changed in the maps after event `after` (0: from the oldest held), oldest first.
+    pub fn events(&self, after: u64) -> factum_proto::events::EventPage {
+        self.lock().events.page(after)
     }
 
     /// Nodes and their availability.

@@ -135,6 +135,13 @@ impl factum_proto::ControlPlane for Session {
         self.control_plane.instance_logs(&instance_id, after).await
     }
 
+    async fn events(self, ctx: Context, after: u64) -> Result<factum_proto::events::EventPage, ErrorResponse> {
+        // Facts about instances and nodes, as `list` shows them: a reader's. A follower asks twice a second, so
+        // only a refusal is audited.
+        self.admitted(&ctx, "events", "", Principal::require_reader)?;
+        Ok(self.control_plane.events(after))
+    }
+
     async fn inspect_kv(
         self,
         ctx: Context,

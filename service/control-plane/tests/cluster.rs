@@ -561,3 +561,47 @@ fn agents_serve_only_the_control_plane() {
         }
     });
 }
+
+/// Every change to the maps is journaled once, in order, as the facts that made it: a node joins, an instance
+/// is placed, runs, gets and loses grants, ends and is removed. A reader may follow; a node may not.
+#[test]
+fn events_tell_what_changed_in_the_order_it_changed() {
+    use factum_proto::events::EventKind;
+    runtime().block_on(async {
+        let c = cluster(1).await;
+        let id = c.cp.start_instance(start_request(Some("web"), module(fixtures::SLEEPER), kv(&["kv:read"]))).await;
+        let id = id.unwrap();
+        eventually("web runs", || c.cp.query_instance(&id).unwrap().metadata.status == InstanceStatus::Running).await;
+        c.cp.assign_capability(&id, "kv", &["kv:read".into(), "kv:write".into()]).await.unwrap();
+        c.cp.revoke_capability(&id, "kv").await.unwrap();
+        c.cp.stop_instance(&id).await.unwrap();
+        c.cp.remove_instance(&id).await.unwrap();
+
+        let page = c.cp.events(0);
+        assert_eq!(page.evicted, 0);
+        let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "numbered from 1 without gaps");
+        let said: Vec<String> = page.entries.iter().map(|e| e.kind.to_string()).collect();
+        let expected = [
+            format!("node node-1 joined at {}", c.agent_addrs[0]),
+            "instance web starting on node-1".into(),
+            "granted kv to web: kv:read".into(),
+            "instance web running on node-1".into(),
+            "granted kv to web: kv:read,kv:write".into(),
+            "revoked kv from web".into(),
+            "instance web stopped on node-1".into(),
+            "instance web removed".into(),
+        ];
+        assert_eq!(said, expected);
+        assert!(matches!(&page.entries[1].kind, EventKind::Instance { status: InstanceStatus::Starting, .. }));
+        assert!(c.cp.events(page.next).entries.is_empty(), "nothing new after the last one");
+        assert_eq!(c.cp.events(3).entries.len(), expected.len() - 3);
+
+        let reader = client_as(&c.cp_addr, Principal::Reader("bob".into())).await;
+        let followed = reader.events(rpc::rpc_context(), 0).await.unwrap().unwrap();
+        assert_eq!(followed, page);
+        let node = client_as(&c.cp_addr, Principal::Node("node-1".into())).await;
+        let refused = node.events(rpc::rpc_context(), 0).await.unwrap().unwrap_err();
+        assert_eq!(refused.error_code, ErrorCode::PermissionDenied);
+    });
+}

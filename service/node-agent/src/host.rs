@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use factum_proto::logs::Stream;
+use factum_proto::logs::{LogLine, Stream};
 use factum_proto::permissions::allows;
 use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorCode, ErrorResponse, MessageEnvelope, Permission};
 use factum_wasm::GuestHost;
@@ -310,7 +310,7 @@ impl GuestHost for InstanceHost {
         if let Some(local) = instances.get_mut(&self.instance_id) {
             let run = local.metadata.restarts;
             for line in kept {
-                local.logs.push(time_ms, run, stream, line);
+                local.logs.push(|seq| LogLine { seq, time_ms, run, stream, text: line });
             }
         }
     }

@@ -9,7 +9,6 @@ mod compiler;
 mod host;
 mod link;
 mod log_budget;
-mod log_buffer;
 mod mailbox;
 mod registry_link;
 mod reports;
@@ -215,7 +214,7 @@ struct LocalInstance {
     /// Messages for its subscriptions, kept across restarts.
     mailbox: mailbox::Mailbox,
     /// Its last lines of output, kept across restarts.
-    logs: log_buffer::LogBuffer,
+    logs: factum_proto::journal::Journal<factum_proto::logs::LogLine>,
 }
 
 impl LocalInstance {
@@ -431,7 +430,7 @@ impl Agent {
                 generation: 0,
                 abort: None,
                 mailbox: mailbox::Mailbox::default(),
-                logs: log_buffer::LogBuffer::default(),
+                logs: factum_proto::logs::journal(),
             };
             inner.env.trace(|| {
                 let grants: Vec<String> = local.capabilities.values().map(Grant::describe).collect();
@@ -551,7 +550,7 @@ impl Agent {
     pub fn logs(&self, instance_id: &str, after: u64) -> Result<factum_proto::logs::LogPage, ErrorResponse> {
         let instances = self.inner.lock_unfenced();
         let local = instances.get(instance_id).ok_or_else(|| ErrorResponse::instance_not_found(instance_id))?;
-        Ok(local.logs.page(after))
+        Ok(local.logs.page(after, factum_proto::logs::MAX_LOG_PAGE))
     }
 
     /// Facts of one instance.

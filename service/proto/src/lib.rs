@@ -3,7 +3,9 @@
 
 pub mod capability;
 pub mod error;
+pub mod events;
 pub mod guest_config;
+pub mod journal;
 pub mod logs;
 pub mod permissions;
 pub mod principal;

@@ -37,16 +37,17 @@ pub struct LogLine {
     pub text: String,
 }
 
-/// Lines after a sequence number, oldest first.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogPage {
-    /// At most [`MAX_LOG_PAGE`] lines.
-    pub lines: Vec<LogLine>,
-    /// The sequence number to ask after next (the last line's, or the one asked after when there is none).
-    pub next: u64,
-    /// Lines after the one asked for that the buffer no longer holds (it keeps the newest).
-    pub evicted: u64,
+impl crate::journal::Entry for LogLine {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn weight(&self) -> usize {
+        self.text.len()
+    }
 }
+
+/// Lines after a sequence number, oldest first, at most [`MAX_LOG_PAGE`].
+pub type LogPage = crate::journal::Page<LogLine>;
 
 /// Most lines in one [`LogPage`].
 pub const MAX_LOG_PAGE: usize = 500;
@@ -56,3 +57,8 @@ pub const LOG_BUFFER_LINES: usize = 1_000;
 
 /// Most bytes of text an agent keeps per instance.
 pub const LOG_BUFFER_BYTES: usize = 128 * 1024;
+
+/// An empty journal with the bounds an agent keeps per instance.
+pub fn journal() -> crate::journal::Journal<LogLine> {
+    crate::journal::Journal::new(LOG_BUFFER_LINES, LOG_BUFFER_BYTES)
+}

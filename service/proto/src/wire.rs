@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorResponse;
+use crate::events::EventPage;
 use crate::guest_config::GuestConfig;
 use crate::logs::LogPage;
 use crate::types::{CapabilityAssignment, InstanceMetadata, InstanceStatus, RestartPolicy};
@@ -14,8 +15,8 @@ use crate::types::{CapabilityAssignment, InstanceMetadata, InstanceStatus, Resta
 /// (`factum_env::rpc::hello`), and a peer of another version is refused there, with both versions named, so
 /// mixed versions fail loudly instead of misreading each other. Agents also repeat it in every
 /// [`NodeReport`]. 4: the hello, with the peer's identity; list calls answer errors. 5: placement seals. 6: guest
-/// arguments and environment ([`GuestConfig`]) in starts and facts; restart and logs calls.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// arguments and environment ([`GuestConfig`]) in starts and facts; restart and logs calls. 7: the events call.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest accepted module, in bytes.
 pub const MAX_MODULE_BYTES: usize = 32 * 1024 * 1024;
@@ -34,7 +35,7 @@ pub struct CapabilityGrant {
 }
 
 /// Client → control plane: StartInstance(module_bytes, capabilities, restart_policy).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartRequest {
     /// Makes the call idempotent: a retry with the same id and module returns the same instance. `None` lets
     /// the control plane choose a fresh id.
@@ -276,6 +277,9 @@ pub trait ControlPlane {
     /// An instance's output after line `after` (0: from the oldest held), from the buffer on its node
     /// ([`LogPage`]).
     async fn instance_logs(instance_id: String, after: u64) -> Result<LogPage, ErrorResponse>;
+    /// What changed in the control plane's maps after event `after` (0: from the oldest held), from the journal
+    /// it keeps in memory ([`EventPage`]).
+    async fn events(after: u64) -> Result<EventPage, ErrorResponse>;
     /// Nodes known to the control plane.
     async fn list_nodes() -> Result<Vec<NodeInfo>, ErrorResponse>;
     /// Operator view of a KV store (capability id) on every node, keys starting with `prefix`.
