@@ -391,3 +391,42 @@ fn events_show_what_changed_and_follow_new_ones() {
     }
     fails_with(&up, &["events", "--once", "--as", "node/n1"], "PERMISSION_DENIED");
 }
+
+#[test]
+fn replicas_and_app_files_are_batches_of_checked_starts() {
+    let up = up();
+    let out = ok(&up, &["start", &fixture("sleeper"), "--replicas", "3", "--id", "web", "-o", "json"]);
+    let started: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(started["instance_ids"], serde_json::json!(["web-0", "web-1", "web-2"]));
+
+    let dir = std::env::temp_dir().join(format!("factum-app-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let app = dir.join("app.toml");
+    let text = format!(
+        "[instances.greeter]\nmodule = {:?}\ncaps = [\"kv=kv:write\"]\nrestart = \"on_failure\"\nreplicas = 2\n\n\
+         [instances.once]\nmodule = {:?}\nenv = [\"MODE=test\"]\n",
+        fixture("kv_greeter"),
+        fixture("exit_clean")
+    );
+    std::fs::write(&app, text).unwrap();
+    let app = app.to_str().unwrap();
+    assert_eq!(ok(&up, &["start", "-f", app]), "greeter-0\ngreeter-1\nonce\n");
+    // The same file again starts nothing new: each start is answered as the one already run.
+    assert_eq!(ok(&up, &["start", "-f", app]), "greeter-0\ngreeter-1\nonce\n");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&ok(&up, &["ps", "-o", "json"])).unwrap();
+    assert_eq!(listed.len(), 6, "{listed:?}");
+    let greeter: serde_json::Value = serde_json::from_str(&ok(&up, &["inspect", "greeter-1", "-o", "json"])).unwrap();
+    assert_eq!(greeter["capabilities"][0]["capability_id"], "kv");
+
+    // Bad input is refused before anything starts.
+    let bad = dir.join("bad.toml");
+    let text = format!("[instances.a]\nmodule = {:?}\n\n[instances.b]\nmodule = \"nowhere.wat\"\n", fixture("sleeper"));
+    std::fs::write(&bad, text).unwrap();
+    fails_with(&up, &["start", "-f", bad.to_str().unwrap()], "cannot read");
+    fails_with(&up, &["start", &fixture("sleeper"), "--replicas", "0"], "INVALID_REQUEST");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&ok(&up, &["ps", "-o", "json"])).unwrap();
+    assert_eq!(listed.len(), 6, "a refused batch started something: {listed:?}");
+    let both = factum(&up, &["start", &fixture("sleeper"), "-f", app]);
+    assert!(!both.status.success());
+    assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"), "{both:?}");
+}

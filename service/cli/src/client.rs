@@ -4,10 +4,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use factum_client::{Client, Credentials, Tls};
-use factum_proto::guest_config::parse_env_var;
-use factum_proto::{
-    CapabilityGrant, ErrorCode, ErrorResponse, GuestConfig, InstanceMetadata, PolicyType, RestartPolicy, StartRequest,
-};
+use factum_proto::{CapabilityGrant, ErrorCode, ErrorResponse, InstanceMetadata};
 use serde::Serialize;
 
 use crate::{ClientOpts, Command, Output};
@@ -113,6 +110,20 @@ fn instances_table(instances: &[InstanceMetadata]) -> String {
     table(["INSTANCE", "NODE", "STATUS", "RESTARTS", "MODULE", "LAST ERROR"], rows)
 }
 
+/// A start that failed, with what to do about it and what the same command started before it.
+fn start_failed(e: ErrorResponse, started: &[String]) -> anyhow::Error {
+    let mut message = e.to_string();
+    if let Some(id) = e.details.as_ref().and_then(|d| d.get("instance_id")) {
+        if e.error_code == ErrorCode::CommunicationFailure {
+            message += &format!("\n`factum inspect {id}` tells, and the same `factum start` is safe to repeat");
+        }
+    }
+    if !started.is_empty() {
+        message += &format!("\nstarted before it: {}", started.join(", "));
+    }
+    anyhow!(message)
+}
+
 /// Prints the entries of `pages` (from [`Client::follow_events`] or [`Client::follow_logs`]) until they end or
 /// `print` returns `false` (nobody reads stdout any more). `evicted` hears how many entries were no longer
 /// held when asked for.
@@ -163,35 +174,36 @@ fn print_event(output: Output, event: &factum_proto::events::Event) -> Result<bo
 /// Runs one client command.
 pub async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Start { module, caps, restart, max_retries, backoff, id, env, args, client } => {
-            let policy_type: PolicyType = restart.parse().map_err(|e: ErrorResponse| anyhow!("{e}"))?;
-            let restart_policy = RestartPolicy {
-                policy_type,
-                max_retries,
-                backoff_seconds: backoff.as_deref().map(parse_backoff).transpose()?,
+        Command::Start { module, file, replicas, caps, restart, max_retries, backoff, id, env, args, client } => {
+            // Every request is built and checked before the first is sent.
+            let requests = match (file, module) {
+                (Some(file), _) => crate::app::requests_from_file(&file)?,
+                (None, Some(module)) => {
+                    let spec = crate::app::Spec { module, caps, restart, max_retries, backoff, env, args, replicas };
+                    // Drawn here rather than by the control plane, so the same start can be sent again.
+                    let base = id.unwrap_or_else(|| factum_env::Env::tokio().random_id("i-"));
+                    crate::app::requests(&spec, &base)?
+                }
+                (None, None) => bail!("INVALID_REQUEST: name a module, or an app file with -f"),
             };
-            let capabilities = caps.iter().map(|c| parse_cap(c)).collect::<Result<Vec<_>>>()?;
-            let config = GuestConfig {
-                program: module.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                args,
-                env: env
-                    .iter()
-                    .map(|e| parse_env_var(e))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| anyhow!("--env: {e}"))?,
-            };
-            config.validate().map_err(|e| anyhow!("{e}"))?;
-            let module_bytes = read_module(&module)?;
             let cp = connect(&client).await?;
-            let request = StartRequest { instance_id: id, module_bytes, capabilities, restart_policy, config };
-            let instance_id =
-                cp.start(request).await.map_err(|e| match e.details.as_ref().and_then(|d| d.get("instance_id")) {
-                    Some(id) if e.error_code == ErrorCode::CommunicationFailure => anyhow!(
-                        "{e}\n`factum inspect {id}` tells, and the same `factum start --id {id}` is safe to repeat"
-                    ),
-                    _ => anyhow!("{e}"),
-                })?;
-            print(client.output, &serde_json::json!({ "instance_id": instance_id }), |_| format!("{instance_id}\n"))
+            let mut started = Vec::new();
+            for request in requests {
+                let instance_id = cp.start(request).await.map_err(|e| start_failed(e, &started))?;
+                if client.output == Output::Table && !emit(&format!("{instance_id}\n"))? {
+                    return Ok(());
+                }
+                started.push(instance_id);
+            }
+            match (client.output, started.as_slice()) {
+                (Output::Table, _) => Ok(()),
+                (Output::Json, [one]) => {
+                    print(client.output, &serde_json::json!({ "instance_id": one }), |_| String::new())
+                }
+                (Output::Json, all) => {
+                    print(client.output, &serde_json::json!({ "instance_ids": all }), |_| String::new())
+                }
+            }
         }
         Command::Stop { instance_id, client } => {
             api(connect(&client).await?.stop(&instance_id).await)?;

@@ -1,6 +1,7 @@
 //! The `factum` command line: run the orchestrator (`up`, `control-plane`, `agent`) and talk to it (`start`,
 //! `stop`, `ps`, `inspect`, `grant`, `revoke`, `nodes`, `kv`).
 
+mod app;
 pub mod certs;
 mod client;
 mod daemon;
@@ -250,10 +251,24 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Start an instance of a module (.wasm, or .wat text); prints its id.
+    /// Start an instance of a module (.wasm, or .wat text), N replicas of it, or the instances of an app file;
+    /// prints each id.
     Start {
-        /// Path to the module.
-        module: std::path::PathBuf,
+        /// Path to the module (a `.wasm` binary or `.wat` text).
+        #[arg(required_unless_present = "file")]
+        module: Option<std::path::PathBuf>,
+        /// Start every instance of an app file instead: `[instances.ID]` tables with `module` (relative to the
+        /// file), and optionally `caps`, `restart`, `max_retries`, `backoff`, `env`, `args` and `replicas`, as
+        /// the flags take them. Everything is checked before anything starts; the ids come from the file, so
+        /// the same file is safe to start again.
+        #[arg(long, short = 'f', value_name = "APP.toml", conflicts_with_all = [
+            "module", "caps", "max_retries", "backoff", "id", "env", "args", "replicas"
+        ])]
+        file: Option<std::path::PathBuf>,
+        /// Start this many instances of the module, with ids ID-0 … ID-(N-1) (ID: `--id`, or generated). The
+        /// control plane spreads them over the nodes with the fewest instances.
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        replicas: u32,
         /// Capability grant `ID=PERM[,PERM...]`, e.g. `kv=kv:read,kv:write`; repeatable.
         #[arg(long = "cap", value_name = "ID=PERMS")]
         caps: Vec<String>,
