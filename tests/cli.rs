@@ -430,3 +430,56 @@ fn replicas_and_app_files_are_batches_of_checked_starts() {
     assert!(!both.status.success());
     assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"), "{both:?}");
 }
+
+/// The value of the sample of `family` whose labels include every one of `labels`.
+fn sample(metrics: &str, family: &str, labels: &[&str]) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        let (metric, set) = name.split_once('{').unwrap_or((name, ""));
+        (metric == family && labels.iter().all(|l| set.contains(l))).then(|| value.parse().ok()).flatten()
+    })
+}
+
+#[test]
+fn metrics_count_what_the_daemons_do() {
+    let up = up_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let addr = up.metrics.clone().expect("up says where its metrics are");
+    let id = ok(&up, &["start", &fixture("kv_greeter"), "--cap", "kv=kv:write", "--id", "greeter"]).trim().to_string();
+    wait_for_status(&up, &id, "running");
+    fails_with(&up, &["stop", "nobody"], "INSTANCE_NOT_FOUND");
+    ok(&up, &["revoke", &id, "kv"]); // the greeter's next call is denied, and it exits 1
+    wait_for_status(&up, &id, "crashed");
+
+    let (status, metrics) = http_get(&addr, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{metrics}");
+    let at = |family: &str, labels: &[&str]| {
+        sample(&metrics, family, labels).unwrap_or_else(|| panic!("no {family} {labels:?} in\n{metrics}"))
+    };
+    // The control plane: its maps, its API calls, what it announced.
+    assert_eq!(at("factum_control_plane_instances", &[r#"status="crashed""#]), 1.0);
+    assert_eq!(at("factum_control_plane_instances", &[r#"status="running""#]), 0.0);
+    assert_eq!(at("factum_control_plane_nodes", &[r#"state="available""#]), 1.0);
+    assert_eq!(at("factum_control_plane_rpc_requests_total", &[r#"method="start_instance""#, r#"outcome="ok""#]), 1.0);
+    assert_eq!(
+        at(
+            "factum_control_plane_rpc_requests_total",
+            &[r#"method="stop_instance""#, r#"outcome="INSTANCE_NOT_FOUND""#]
+        ),
+        1.0
+    );
+    assert!(at("factum_control_plane_rpc_duration_seconds_count", &[r#"method="start_instance""#]) >= 1.0);
+    assert_eq!(at("factum_control_plane_events_total", &[r#"event="node_joined""#]), 1.0);
+    assert_eq!(at("factum_control_plane_events_total", &[r#"event="instance_crashed""#]), 1.0);
+    assert_eq!(at("factum_control_plane_events_total", &[r#"event="revoked""#]), 1.0);
+    // The agent: its instances, their status changes, their calls by outcome, its latency histogram.
+    let node = r#"node="node-1""#;
+    assert_eq!(at("factum_agent_instances", &[node, r#"status="crashed""#]), 1.0);
+    assert_eq!(at("factum_agent_instance_transitions_total", &[node, r#"status="running""#]), 1.0);
+    assert!(at("factum_agent_capability_calls_total", &[node, r#"provider="kv""#, r#"outcome="ok""#]) >= 1.0);
+    assert_eq!(at("factum_agent_capability_calls_total", &[node, r#"outcome="PERMISSION_DENIED""#]), 1.0);
+    assert!(at("factum_agent_capability_call_duration_seconds_count", &[node, r#"provider="kv""#]) >= 1.0);
+    assert!(at("factum_agent_capability_call_duration_seconds_bucket", &[node, r#"le="+Inf""#]) >= 1.0);
+    assert_eq!(http_get(&addr, "/").0, "HTTP/1.1 404 Not Found");
+    // Asked for no endpoint, a daemon serves none.
+    assert!(up_with(&[]).metrics.is_none());
+}

@@ -12,6 +12,8 @@ pub const FACTUM: &str = env!("CARGO_BIN_EXE_factum");
 pub struct Up {
     pub child: Child,
     pub control_plane: String,
+    /// Where it serves `/metrics`, if asked to (`--metrics-listen`).
+    pub metrics: Option<String>,
     /// Kept open: if it were dropped, `factum up`'s next print would hit a closed pipe.
     _stdout: std::io::Lines<BufReader<std::process::ChildStdout>>,
 }
@@ -59,15 +61,19 @@ pub fn up_logging(extra: &[&str], log: impl Into<Stdio>) -> Up {
         .spawn()
         .expect("factum up");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut metrics = None;
     let first = loop {
         let line = lines.next().unwrap().unwrap();
+        if let Some(url) = line.strip_prefix("metrics: http://") {
+            metrics = url.strip_suffix("/metrics").map(str::to_string);
+        }
         if line.starts_with("factum is up") {
             break line;
         }
     };
     let control_plane = first.rsplit(' ').next().unwrap().to_string();
     assert!(first.starts_with("factum is up"), "{first}");
-    Up { child, control_plane, _stdout: lines }
+    Up { child, control_plane, metrics, _stdout: lines }
 }
 
 pub fn factum(up: &impl ControlPlane, args: &[&str]) -> Output {
@@ -137,6 +143,17 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `GET path` on `addr` over plain HTTP/1.1: (status line, body).
+pub fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    (head.lines().next().unwrap_or_default().to_string(), body.to_string())
 }
 
 pub fn free_port() -> u16 {

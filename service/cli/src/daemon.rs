@@ -17,7 +17,7 @@ use factum_wasm::{Limits, NodeMemory, WasmEngine, WasmiEngine, WasmtimeEngine};
 
 use factum_registry::{EtcdRegistry, Registry};
 
-use crate::{AgentOpts, EngineKind, LogFormat, RegistryOpts, TlsOpts};
+use crate::{AgentOpts, EngineKind, LogFormat, MetricsOpts, RegistryOpts, TlsOpts};
 
 /// Prints a status line; a closed stdout (e.g. `factum up | head -1`) must not take the daemon down.
 fn say(line: String) {
@@ -63,6 +63,22 @@ fn default_node_memory_mib() -> Option<usize> {
     let kib: usize =
         meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().strip_suffix("kB")?.trim().parse().ok()?;
     Some(kib / 1024 * 3 / 4)
+}
+
+/// Serves `/metrics` where `opts` says, with what `register` puts in the registry (under `factum_`).
+async fn serve_metrics(
+    env: &Env,
+    opts: &MetricsOpts,
+    register: impl FnOnce(&mut prometheus_client::registry::Registry),
+) -> Result<()> {
+    let Some(listen) = &opts.metrics_listen else { return Ok(()) };
+    let listener = env.net.bind(listen).await.with_context(|| format!("cannot serve metrics on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let mut registry = prometheus_client::registry::Registry::with_prefix("factum");
+    register(&mut registry);
+    env.spawn(crate::metrics::serve(env.clone(), listener, Arc::new(registry)));
+    say(format!("metrics: http://{addr}/metrics"));
+    Ok(())
 }
 
 /// Connects to etcd if endpoints are given.
@@ -228,13 +244,24 @@ impl Shutdown {
 }
 
 /// `factum up`: control plane + one agent + in-memory KV in this process.
-pub async fn up(listen: String, retention: Duration, agent_opts: AgentOpts, tls: TlsOpts) -> Result<()> {
+pub async fn up(
+    listen: String,
+    retention: Duration,
+    agent_opts: AgentOpts,
+    tls: TlsOpts,
+    metrics: MetricsOpts,
+) -> Result<()> {
     let shutdown = Shutdown::listen()?;
     let env = Env::tokio();
     let config = ControlPlaneConfig { retention, ..ControlPlaneConfig::default() };
     let (cp, cp_addr) = start_control_plane(&env, &listen, config, None, &tls).await?;
     let engine = agent_opts.engine;
     let (agent, agent_addr) = start_agent(&env, cp_addr.clone(), agent_opts, None, &tls).await?;
+    serve_metrics(&env, &metrics, |registry| {
+        cp.register_metrics(registry);
+        agent.register_metrics(registry);
+    })
+    .await?;
     // Say "up" only once the node can take instances, so a `factum start` right after it is placed.
     for _ in 0..200 {
         if cp.list_nodes().iter().any(|n| n.available) {
@@ -261,22 +288,31 @@ pub async fn control_plane(
     retention: Duration,
     registry: RegistryOpts,
     tls: TlsOpts,
+    metrics: MetricsOpts,
 ) -> Result<()> {
     let shutdown = Shutdown::listen()?;
     let env = Env::tokio();
     let registry = connect_registry(&env, &registry).await?;
     let config = ControlPlaneConfig { reschedule, retention, ..ControlPlaneConfig::default() };
-    let (_, addr) = start_control_plane(&env, &listen, config, registry, &tls).await?;
+    let (cp, addr) = start_control_plane(&env, &listen, config, registry, &tls).await?;
+    serve_metrics(&env, &metrics, |registry| cp.register_metrics(registry)).await?;
     say(format!("control plane listening on {addr}"));
     shutdown.wait().await
 }
 
 /// `factum agent`.
-pub async fn agent(control_plane: String, opts: AgentOpts, registry: RegistryOpts, tls: TlsOpts) -> Result<()> {
+pub async fn agent(
+    control_plane: String,
+    opts: AgentOpts,
+    registry: RegistryOpts,
+    tls: TlsOpts,
+    metrics: MetricsOpts,
+) -> Result<()> {
     let shutdown = Shutdown::listen()?;
     let env = Env::tokio();
     let registry = connect_registry(&env, &registry).await?;
     let (agent, addr) = start_agent(&env, control_plane.clone(), opts, registry, &tls).await?;
+    serve_metrics(&env, &metrics, |registry| agent.register_metrics(registry)).await?;
     say(format!("node {} listening on {addr}, reporting to {control_plane}", agent.node_id()));
     let result = shutdown.wait().await;
     agent.stop_all();

@@ -5,6 +5,7 @@ mod app;
 pub mod certs;
 mod client;
 mod daemon;
+mod metrics;
 
 use std::process::ExitCode;
 
@@ -80,6 +81,15 @@ pub struct TlsOpts {
     /// peers are who they claim to be; keep that to loopback.
     #[arg(long, env = "FACTUM_TLS")]
     pub tls: Option<std::path::PathBuf>,
+}
+
+/// Where a daemon serves its Prometheus metrics.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MetricsOpts {
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (plaintext HTTP, counts and latencies only), e.g.
+    /// `127.0.0.1:9100`; port 0 picks a free port. Unset: no metrics endpoint.
+    #[arg(long, env = "FACTUM_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 fn parse_principal(s: &str) -> Result<factum_proto::Principal, String> {
@@ -204,6 +214,9 @@ pub enum Command {
         /// TLS options.
         #[command(flatten)]
         tls: TlsOpts,
+        /// Metrics options.
+        #[command(flatten)]
+        metrics: MetricsOpts,
     },
     /// Run a control plane only. With `--etcd` it follows node membership in etcd, rebuilds from the agents
     /// it finds there after a restart, and reschedules instances of nodes whose lease expires.
@@ -223,6 +236,9 @@ pub enum Command {
         /// TLS options.
         #[command(flatten)]
         tls: TlsOpts,
+        /// Metrics options.
+        #[command(flatten)]
+        metrics: MetricsOpts,
     },
     /// Run a node agent that reports to a control plane (and, with `--etcd`, registers under a lease).
     Agent {
@@ -238,6 +254,9 @@ pub enum Command {
         /// TLS options.
         #[command(flatten)]
         tls: TlsOpts,
+        /// Metrics options.
+        #[command(flatten)]
+        metrics: MetricsOpts,
     },
     /// Make the cluster's certificates: a CA, then one certificate per component and operator.
     Certs {
@@ -489,12 +508,14 @@ pub fn run() -> ExitCode {
     }
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Up { listen, retention, agent, tls } => daemon::up(listen, retention, agent, tls).await,
-            Command::ControlPlane { listen, no_reschedule, retention, registry, tls } => {
-                daemon::control_plane(listen, !no_reschedule, retention, registry, tls).await
+            Command::Up { listen, retention, agent, tls, metrics } => {
+                daemon::up(listen, retention, agent, tls, metrics).await
             }
-            Command::Agent { control_plane, agent, registry, tls } => {
-                daemon::agent(control_plane, agent, registry, tls).await
+            Command::ControlPlane { listen, no_reschedule, retention, registry, tls, metrics } => {
+                daemon::control_plane(listen, !no_reschedule, retention, registry, tls, metrics).await
+            }
+            Command::Agent { control_plane, agent, registry, tls, metrics } => {
+                daemon::agent(control_plane, agent, registry, tls, metrics).await
             }
             Command::Certs { action } => certs_command(action),
             Command::Completions { shell } => completions(shell),

@@ -40,12 +40,14 @@ impl Default for Announcer {
 impl Announcer {
     /// Announces what changed since the last call: the instances and capabilities written since (as the maps
     /// noted them), and every node (there are few). `now_ms` stamps them; it is read only when there is news.
+    /// `counted` sees each event as it is journaled.
     pub(crate) fn publish(
         &mut self,
         instances: &mut Tracked<InstanceRecord>,
         capabilities: &mut Tracked<BTreeMap<String, CapabilityAssignment>>,
         nodes: &BTreeMap<String, NodeRecord>,
         now_ms: impl FnOnce() -> u64,
+        mut counted: impl FnMut(&EventKind),
     ) {
         let mut news = Vec::new();
         self.nodes_changed(nodes, &mut news);
@@ -59,6 +61,7 @@ impl Announcer {
         }
         let time_ms = now_ms();
         for kind in news {
+            counted(&kind);
             self.journal.push(|seq| Event { seq, time_ms, kind });
         }
     }
@@ -171,9 +174,9 @@ mod tests {
             [(false, true), (true, true), (true, true), (true, false), (true, true), (false, false)]
         {
             let nodes = [("n1".to_string(), node(registered, available))].into();
-            announcer.publish(&mut Tracked::default(), &mut Tracked::default(), &nodes, || 7);
+            announcer.publish(&mut Tracked::default(), &mut Tracked::default(), &nodes, || 7, |_| {});
         }
-        announcer.publish(&mut Tracked::default(), &mut Tracked::default(), &BTreeMap::new(), || 7);
+        announcer.publish(&mut Tracked::default(), &mut Tracked::default(), &BTreeMap::new(), || 7, |_| {});
         said.extend(announcer.page(0).entries.iter().map(|e| e.kind.to_string()));
         assert_eq!(
             said,

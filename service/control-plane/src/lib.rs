@@ -9,6 +9,7 @@
 mod events;
 mod facts;
 mod membership;
+mod metrics;
 mod removal;
 mod reschedule;
 mod seal;
@@ -211,6 +212,7 @@ struct State {
 struct Locked<'a> {
     state: MutexGuard<'a, State>,
     env: &'a Env,
+    metrics: &'a metrics::ControlPlaneMetrics,
 }
 
 impl std::ops::Deref for Locked<'_> {
@@ -229,7 +231,7 @@ impl std::ops::DerefMut for Locked<'_> {
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
         let State { instances, capabilities, nodes, events, .. } = &mut *self.state;
-        events.publish(instances, capabilities, nodes, || self.env.wall_ms());
+        events.publish(instances, capabilities, nodes, || self.env.wall_ms(), |kind| self.metrics.event(kind));
     }
 }
 
@@ -239,6 +241,7 @@ struct Inner {
     state: Mutex<State>,
     /// Set while a pass of [`ControlPlane::retry_reschedules`] runs.
     retrying: std::sync::atomic::AtomicBool,
+    metrics: metrics::ControlPlaneMetrics,
 }
 
 /// The module map as [`ControlPlane::held_state`] returns it: (hash, bytes).
@@ -259,13 +262,20 @@ impl ControlPlane {
         let env = env.with_principal(factum_proto::Principal::ControlPlane);
         let state =
             State { injected: config.injected(), placement_key: config.placement_key.clone(), ..State::default() };
-        let inner = Inner { env, config, state: Mutex::new(state), retrying: Default::default() };
+        let inner =
+            Inner { env, config, state: Mutex::new(state), retrying: Default::default(), metrics: Default::default() };
         ControlPlane { inner: Arc::new(inner) }
     }
 
     fn lock(&self) -> Locked<'_> {
         let state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
-        Locked { state, env: &self.inner.env }
+        Locked { state, env: &self.inner.env, metrics: &self.inner.metrics }
+    }
+
+    /// Registers the control plane's metrics (API calls and their latency, events by kind, instances by status,
+    /// nodes by state) in `registry`, under `control_plane_`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.inner.metrics.register(registry, Arc::downgrade(&self.inner));
     }
 
     fn error(&self, e: ErrorResponse) -> ErrorResponse {

@@ -56,6 +56,20 @@ impl Session {
         allowed
     }
 
+    /// Runs `call`, counting it and its latency under `method`.
+    async fn measured<T>(
+        &self,
+        method: &str,
+        call: impl std::future::Future<Output = Result<T, ErrorResponse>>,
+    ) -> Result<T, ErrorResponse> {
+        let inner = &self.control_plane.inner;
+        let began = inner.env.clock.now();
+        let result = call.await;
+        let took = inner.env.clock.now().saturating_sub(began);
+        inner.metrics.call(method, result.as_ref().err().map(|e| e.error_code), took);
+        result
+    }
+
     fn audit<T>(&self, ctx: &Context, action: &str, target: &str, result: &Result<T, ErrorResponse>) {
         // The caller's trace id (the CLI draws one per command; 0 from a client that sets none).
         let (principal, peer, correlation) = (&self.peer.principal, &self.peer.addr, ctx.trace_id());
@@ -69,30 +83,49 @@ impl Session {
 
 impl factum_proto::ControlPlane for Session {
     async fn start_instance(self, ctx: Context, request: StartRequest) -> Result<String, ErrorResponse> {
-        let target = request.instance_id.clone().unwrap_or_default();
-        self.operate(&ctx, "start_instance", &target, self.control_plane.start_instance(request)).await
+        self.measured("start_instance", async {
+            let target = request.instance_id.clone().unwrap_or_default();
+            self.operate(&ctx, "start_instance", &target, self.control_plane.start_instance(request)).await
+        })
+        .await
     }
 
     async fn stop_instance(self, ctx: Context, instance_id: String) -> Result<(), ErrorResponse> {
-        self.operate(&ctx, "stop_instance", &instance_id, self.control_plane.stop_instance(&instance_id)).await
+        self.measured("stop_instance", async {
+            self.operate(&ctx, "stop_instance", &instance_id, self.control_plane.stop_instance(&instance_id)).await
+        })
+        .await
     }
 
     async fn restart_instance(self, ctx: Context, instance_id: String) -> Result<(), ErrorResponse> {
-        self.operate(&ctx, "restart_instance", &instance_id, self.control_plane.restart_instance(&instance_id)).await
+        self.measured("restart_instance", async {
+            self.operate(&ctx, "restart_instance", &instance_id, self.control_plane.restart_instance(&instance_id))
+                .await
+        })
+        .await
     }
 
     async fn remove_instance(self, ctx: Context, instance_id: String) -> Result<(), ErrorResponse> {
-        self.operate(&ctx, "remove_instance", &instance_id, self.control_plane.remove_instance(&instance_id)).await
+        self.measured("remove_instance", async {
+            self.operate(&ctx, "remove_instance", &instance_id, self.control_plane.remove_instance(&instance_id)).await
+        })
+        .await
     }
 
     async fn query_instance(self, ctx: Context, instance_id: String) -> Result<InstanceDetails, ErrorResponse> {
-        self.admitted(&ctx, "query_instance", &instance_id, Principal::require_reader)?;
-        self.control_plane.query_instance(&instance_id)
+        self.measured("query_instance", async {
+            self.admitted(&ctx, "query_instance", &instance_id, Principal::require_reader)?;
+            self.control_plane.query_instance(&instance_id)
+        })
+        .await
     }
 
     async fn list_instances(self, ctx: Context) -> Result<Vec<InstanceMetadata>, ErrorResponse> {
-        self.admitted(&ctx, "list_instances", "", Principal::require_reader)?;
-        Ok(self.control_plane.list_instances())
+        self.measured("list_instances", async {
+            self.admitted(&ctx, "list_instances", "", Principal::require_reader)?;
+            Ok(self.control_plane.list_instances())
+        })
+        .await
     }
 
     async fn assign_capability(
@@ -102,9 +135,12 @@ impl factum_proto::ControlPlane for Session {
         capability_id: String,
         permissions: Vec<String>,
     ) -> Result<(), ErrorResponse> {
-        let target = format!("{instance_id} {capability_id}");
-        let call = self.control_plane.assign_capability(&instance_id, &capability_id, &permissions);
-        self.operate(&ctx, "assign_capability", &target, call).await
+        self.measured("assign_capability", async {
+            let target = format!("{instance_id} {capability_id}");
+            let call = self.control_plane.assign_capability(&instance_id, &capability_id, &permissions);
+            self.operate(&ctx, "assign_capability", &target, call).await
+        })
+        .await
     }
 
     async fn revoke_capability(
@@ -113,14 +149,20 @@ impl factum_proto::ControlPlane for Session {
         instance_id: String,
         capability_id: String,
     ) -> Result<(), ErrorResponse> {
-        let target = format!("{instance_id} {capability_id}");
-        let call = self.control_plane.revoke_capability(&instance_id, &capability_id);
-        self.operate(&ctx, "revoke_capability", &target, call).await
+        self.measured("revoke_capability", async {
+            let target = format!("{instance_id} {capability_id}");
+            let call = self.control_plane.revoke_capability(&instance_id, &capability_id);
+            self.operate(&ctx, "revoke_capability", &target, call).await
+        })
+        .await
     }
 
     async fn list_nodes(self, ctx: Context) -> Result<Vec<NodeInfo>, ErrorResponse> {
-        self.admitted(&ctx, "list_nodes", "", Principal::require_reader)?;
-        Ok(self.control_plane.list_nodes())
+        self.measured("list_nodes", async {
+            self.admitted(&ctx, "list_nodes", "", Principal::require_reader)?;
+            Ok(self.control_plane.list_nodes())
+        })
+        .await
     }
 
     async fn instance_logs(
@@ -129,17 +171,23 @@ impl factum_proto::ControlPlane for Session {
         instance_id: String,
         after: u64,
     ) -> Result<factum_proto::logs::LogPage, ErrorResponse> {
-        // Guest output is the instance's data, like its KV store: an operator's to read. Only a refusal is
-        // audited: a follower asks twice a second.
-        self.admitted(&ctx, "instance_logs", &instance_id, Principal::require_operator)?;
-        self.control_plane.instance_logs(&instance_id, after).await
+        self.measured("instance_logs", async {
+            // Guest output is the instance's data, like its KV store: an operator's to read. Only a refusal is
+            // audited: a follower asks twice a second.
+            self.admitted(&ctx, "instance_logs", &instance_id, Principal::require_operator)?;
+            self.control_plane.instance_logs(&instance_id, after).await
+        })
+        .await
     }
 
     async fn events(self, ctx: Context, after: u64) -> Result<factum_proto::events::EventPage, ErrorResponse> {
-        // Facts about instances and nodes, as `list` shows them: a reader's. A follower asks twice a second, so
-        // only a refusal is audited.
-        self.admitted(&ctx, "events", "", Principal::require_reader)?;
-        Ok(self.control_plane.events(after))
+        self.measured("events", async {
+            // Facts about instances and nodes, as `list` shows them: a reader's. A follower asks twice a second, so
+            // only a refusal is audited.
+            self.admitted(&ctx, "events", "", Principal::require_reader)?;
+            Ok(self.control_plane.events(after))
+        })
+        .await
     }
 
     async fn inspect_kv(
@@ -148,19 +196,28 @@ impl factum_proto::ControlPlane for Session {
         capability_id: String,
         prefix: String,
     ) -> Result<Vec<KvEntry>, ErrorResponse> {
-        let call = self.control_plane.inspect_kv(&capability_id, &prefix);
-        self.operate(&ctx, "inspect_kv", &capability_id, call).await
+        self.measured("inspect_kv", async {
+            let call = self.control_plane.inspect_kv(&capability_id, &prefix);
+            self.operate(&ctx, "inspect_kv", &capability_id, call).await
+        })
+        .await
     }
 
     async fn report_node(self, ctx: Context, report: NodeReport) -> Result<(), ErrorResponse> {
-        self.admitted(&ctx, "report_node", &report.node_id, |p, action| p.require_node(action, &report.node_id))?;
-        self.control_plane.report_node(report)
+        self.measured("report_node", async {
+            self.admitted(&ctx, "report_node", &report.node_id, |p, action| p.require_node(action, &report.node_id))?;
+            self.control_plane.report_node(report)
+        })
+        .await
     }
 
     async fn report_status(self, ctx: Context, report: StatusReport) -> Result<(), ErrorResponse> {
-        self.admitted(&ctx, "report_status", &report.node_id, |p, action| p.require_node(action, &report.node_id))?;
-        self.control_plane.report_status(report);
-        Ok(())
+        self.measured("report_status", async {
+            self.admitted(&ctx, "report_status", &report.node_id, |p, action| p.require_node(action, &report.node_id))?;
+            self.control_plane.report_status(report);
+            Ok(())
+        })
+        .await
     }
 }
 

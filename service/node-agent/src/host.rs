@@ -140,6 +140,7 @@ impl GuestHost for InstanceHost {
                 .encode();
             };
             let call = agent.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let began = agent.env.clock.now();
             // Look the assignment up now, not at start: a revoke takes effect on the very next call (P4).
             let grant = {
                 let instances = agent.lock();
@@ -158,6 +159,7 @@ impl GuestHost for InstanceHost {
                 grant
             };
             let Some((provider_type, granted)) = grant else {
+                agent.metrics.call("none", ErrorCode::PermissionDenied.as_str(), Duration::ZERO);
                 return denied(
                     &agent,
                     &log,
@@ -191,6 +193,8 @@ impl GuestHost for InstanceHost {
                 let outcome = response.error_code().map_or("ok".to_string(), |code| code.to_string());
                 format!("{CALL} {call} {instance_id} {capability_id} {outcome}")
             });
+            let outcome = response.error_code().map_or("ok", |code| code.as_str());
+            agent.metrics.call(&provider_type.to_string(), outcome, agent.env.clock.now().saturating_sub(began));
             if agent.config.has_bug(crate::AgentBug::CallsInFacts) && response.success {
                 if let Some(local) = agent.lock().get_mut(&instance_id) {
                     local.metadata.last_error = Some(String::from_utf8_lossy(&invocation.params).into_owned());

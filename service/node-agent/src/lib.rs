@@ -10,6 +10,7 @@ mod host;
 mod link;
 mod log_budget;
 mod mailbox;
+mod metrics;
 mod registry_link;
 mod reports;
 mod server;
@@ -255,6 +256,7 @@ pub(crate) struct Inner {
     boot: u64,
     /// The last snapshot's number in this run.
     snapshots: std::sync::atomic::AtomicU64,
+    metrics: metrics::AgentMetrics,
 }
 
 /// A node agent. Cheap to clone; clones share state.
@@ -292,6 +294,7 @@ impl Agent {
             calls: std::sync::atomic::AtomicU64::new(0),
             boot,
             snapshots: std::sync::atomic::AtomicU64::new(0),
+            metrics: metrics::AgentMetrics::default(),
         };
         let inner = Arc::new(inner);
         inner.env.trace(|| trace_events::BOOT.to_string());
@@ -309,6 +312,12 @@ impl Agent {
     /// This agent's node id.
     pub fn node_id(&self) -> &str {
         &self.inner.config.node_id
+    }
+
+    /// Registers the agent's metrics (instances by status, status changes, restarts, capability calls and
+    /// their latency, lease renewals, fencing) in `registry`, under `agent_` with a `node` label.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.inner.metrics.register(registry, &self.inner.config.node_id, Arc::downgrade(&self.inner));
     }
 
     /// StartInstanceLocal: compile (cached by hash), instantiate with fresh memory, run under the restart
@@ -787,6 +796,7 @@ impl Inner {
         }
         let dropped = fenced.len();
         if !was_fenced || dropped > 0 {
+            self.metrics.fenced(dropped);
             tracing::warn!(node = %self.config.node_id, dropped, "registry lease lost: fenced reschedulable instances");
             self.env.trace(|| format!("fence {} dropped={dropped}", self.config.node_id));
         }
@@ -833,6 +843,7 @@ impl Inner {
             seal: local.seal,
         };
         tracing::debug!(instance_id, %status, seq = local.seq, "status");
+        self.metrics.transition(status);
         self.env.trace(|| {
             let (seq, restarts, policy) = (local.seq, local.metadata.restarts, local.policy.policy_type);
             format!("status {instance_id} {status} seq={seq} restarts={restarts} policy={policy}")
@@ -928,6 +939,7 @@ impl Inner {
                 match instances.get_mut(&instance_id) {
                     Some(local) if local.generation == generation => {
                         local.metadata.restarts = local.metadata.restarts.saturating_add(1);
+                        self.metrics.restarted();
                         if self.config.has_bug(AgentBug::RestartRestamps) {
                             local.metadata.created_at = self.env.wall_ms();
                         }

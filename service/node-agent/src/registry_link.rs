@@ -56,7 +56,14 @@ async fn registry_link(agent: Agent, registry: Arc<dyn Registry>) {
                 agent.fence();
                 break;
             }
-            match env.timeout(fence_at - sent, registry.keep_alive(lease)).await {
+            let renewal = env.timeout(fence_at - sent, registry.keep_alive(lease)).await;
+            let result = match &renewal {
+                Some(Ok(())) => "ok",
+                Some(Err(RegistryError::LeaseExpired(_))) => "expired",
+                _ => "failed",
+            };
+            agent.inner.metrics.renewal(result);
+            match renewal {
                 Some(Ok(())) => {
                     fence_at = sent + fence_after;
                     if !agent.renewed(fence_at) {
