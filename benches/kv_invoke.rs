@@ -57,6 +57,7 @@ async fn through_guest(name: &str, engine: Arc<dyn WasmEngine>, n: usize) {
         capabilities: vec![CapabilityAssignment::new("bench", "kv", &["kv:read".to_string()]).expect("assignment")],
         restart_policy: RestartPolicy::default(),
         config: Default::default(),
+        constraints: Default::default(),
         epoch: 1,
         node_lease: None,
         restarts: 0,

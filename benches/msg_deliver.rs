@@ -53,6 +53,7 @@ async fn through_guest(name: &str, engine: Arc<dyn WasmEngine>, n: usize) {
         ],
         restart_policy: RestartPolicy::default(),
         config: Default::default(),
+        constraints: Default::default(),
         epoch: 1,
         node_lease: None,
         restarts: 0,

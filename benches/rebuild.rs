@@ -63,6 +63,7 @@ async fn run() {
             capabilities: vec![],
             restart_policy: policy,
             config: Default::default(),
+            constraints: Default::default(),
         };
         first.start_instance(req).await.expect("start");
     }

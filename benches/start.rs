@@ -57,6 +57,7 @@ async fn agent_local(name: &str, engine: Arc<dyn WasmEngine>) {
             capabilities: vec![],
             restart_policy: RestartPolicy::default(),
             config: Default::default(),
+            constraints: Default::default(),
             epoch: 1,
             node_lease: None,
             restarts: 0,
@@ -118,6 +119,7 @@ where
             capabilities: vec![],
             restart_policy: RestartPolicy::default(),
             config: Default::default(),
+            constraints: Default::default(),
         };
         let t = Instant::now();
         start(req).await;

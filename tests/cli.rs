@@ -398,6 +398,14 @@ fn replicas_and_app_files_are_batches_of_checked_starts() {
     let out = ok(&up, &["start", &fixture("sleeper"), "--replicas", "3", "--id", "web", "-o", "json"]);
     let started: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(started["instance_ids"], serde_json::json!(["web-0", "web-1", "web-2"]));
+    // Scale down removes the highest; scale up copies the lowest, given its module.
+    assert_eq!(ok(&up, &["scale", "web", "1"]), "removed web-2\nremoved web-1\n");
+    fails_with(&up, &["scale", "web", "3"], "needs the module");
+    fails_with(&up, &["scale", "web", "3", &fixture("trap")], "is not the module web-0 runs");
+    fails_with(&up, &["scale", "nothing", "2", &fixture("sleeper")], "INSTANCE_NOT_FOUND");
+    assert_eq!(ok(&up, &["scale", "web", "3", &fixture("sleeper")]), "started web-1\nstarted web-2\n");
+    assert_eq!(ok(&up, &["scale", "web", "3"]), "web has 3 replicas\n");
+    wait_for_status(&up, "web-2", "running");
 
     let dir = std::env::temp_dir().join(format!("factum-app-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -429,6 +437,95 @@ fn replicas_and_app_files_are_batches_of_checked_starts() {
     let both = factum(&up, &["start", &fixture("sleeper"), "-f", app]);
     assert!(!both.status.success());
     assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"), "{both:?}");
+}
+
+#[test]
+fn constraints_place_on_labelled_nodes_only() {
+    let (_control_plane, cp) = control_plane();
+    let _agents =
+        [agent("n1", &cp, &["--label", "zone=a", "--label", "tier=web"]), agent("n2", &cp, &["--label", "zone=b"])];
+    wait_for_nodes(&cp, 2);
+    let nodes = ok(&cp, &["nodes"]);
+    assert!(nodes.contains("LABELS") && nodes.contains("tier=web,zone=a") && nodes.contains("zone=b"), "{nodes}");
+
+    let node_of = |id: &str| {
+        let inspect: serde_json::Value = serde_json::from_str(&ok(&cp, &["inspect", id, "-o", "json"])).unwrap();
+        inspect["metadata"]["node_id"].as_str().unwrap().to_string()
+    };
+    ok(&cp, &["start", &fixture("sleeper"), "--replicas", "3", "--id", "pinned", "--constraint", "zone=b"]);
+    for id in ["pinned-0", "pinned-1", "pinned-2"] {
+        assert_eq!(node_of(id), "n2", "{id} ignored its constraint");
+    }
+    assert!(ok(&cp, &["inspect", "pinned-0"]).contains("constraints: zone=b"));
+    // Unconstrained replicas spread: n1 holds fewer, so it takes them.
+    ok(&cp, &["start", &fixture("sleeper"), "--replicas", "2", "--id", "free"]);
+    assert_eq!((node_of("free-0"), node_of("free-1")), ("n1".into(), "n1".into()));
+    // Both constraints must hold.
+    ok(&cp, &["start", &fixture("sleeper"), "--id", "both", "--constraint", "zone=a", "--constraint", "tier=web"]);
+    assert_eq!(node_of("both"), "n1");
+
+    let out = factum(&cp, &["start", &fixture("sleeper"), "--id", "nowhere", "--constraint", "zone=c"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("RESOURCE_EXHAUSTED") && stderr.contains("zone=c"), "{stderr}");
+    fails_with(&cp, &["inspect", "nowhere"], "INSTANCE_NOT_FOUND");
+    fails_with(&cp, &["start", &fixture("sleeper"), "--constraint", "zone"], "INVALID_REQUEST");
+    fails_with(&cp, &["start", &fixture("sleeper"), "--constraint", "zone=a", "--constraint", "zone=b"], "given twice");
+
+    // An agent with a malformed label does not start.
+    let bad = std::process::Command::new(FACTUM)
+        .args(["agent", "--control-plane", &cp, "--agent-listen", "127.0.0.1:0", "--label", "zone=a b"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad label"), "{bad:?}");
+}
+
+#[test]
+fn drain_moves_what_may_run_again_and_places_nothing_new_there() {
+    let (_control_plane, cp) = control_plane();
+    let _agents = [agent("n1", &cp, &[]), agent("n2", &cp, &[])];
+    wait_for_nodes(&cp, 2);
+    let node_of = |id: &str| {
+        let inspect: serde_json::Value = serde_json::from_str(&ok(&cp, &["inspect", id, "-o", "json"])).unwrap();
+        inspect["metadata"]["node_id"].as_str().unwrap().to_string()
+    };
+    ok(&cp, &["start", &fixture("sleeper"), "--replicas", "4", "--id", "keep", "--restart", "always"]);
+    ok(&cp, &["start", &fixture("sleeper"), "--id", "once"]);
+    assert_eq!(node_of("keep-0"), "n1");
+    assert_eq!(node_of("once"), "n1");
+    for id in ["keep-0", "keep-1", "keep-2", "keep-3", "once"] {
+        wait_for_status(&cp, id, "running");
+    }
+
+    let drained = ok(&cp, &["drain", "n1"]);
+    assert_eq!(
+        drained,
+        "drained n1\nmoved keep-0 to n2\nmoved keep-2 to n2\n\
+         kept once on n1: its restart policy is never: it runs here until it ends\n"
+    );
+    for id in ["keep-0", "keep-2"] {
+        assert_eq!(node_of(id), "n2");
+        wait_for_status(&cp, id, "running");
+    }
+    assert_eq!(node_of("once"), "n1");
+    let nodes: serde_json::Value = serde_json::from_str(&ok(&cp, &["nodes", "-o", "json"])).unwrap();
+    assert_eq!(nodes[0]["drained"], true, "{nodes}");
+    // n1 holds one instance and n2 five, but n1 takes nothing new.
+    ok(&cp, &["start", &fixture("sleeper"), "--id", "fresh"]);
+    assert_eq!(node_of("fresh"), "n2");
+    let events = ok(&cp, &["events", "--once"]);
+    assert!(events.contains("node n1 drained") && events.contains("keep-0 rescheduled from n1 to n2"), "{events}");
+    // Again: nothing left to move.
+    assert_eq!(
+        ok(&cp, &["drain", "n1"]),
+        "drained n1\nkept once on n1: its restart policy is never: it runs here until it ends\n"
+    );
+
+    assert_eq!(ok(&cp, &["drain", "n1", "--undo"]), "n1 takes new instances again\n");
+    ok(&cp, &["start", &fixture("sleeper"), "--id", "back"]);
+    assert_eq!(node_of("back"), "n1");
+    fails_with(&cp, &["drain", "n9"], "INVALID_REQUEST");
 }
 
 /// The value of the sample of `family` whose labels include every one of `labels`.

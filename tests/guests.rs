@@ -173,22 +173,9 @@ fn messages_cross_nodes_through_nats() {
         return;
     }
     let Some((_nats, url)) = nats_server() else { return };
-    let cp = format!("127.0.0.1:{}", free_port());
-    let _control_plane = factum_daemon(&["control-plane", "--listen", &cp], "control plane listening");
-    let agent = |node: &str| {
-        let args = ["agent", "--node-id", node, "--control-plane", &cp, "--agent-listen", "127.0.0.1:0"];
-        factum_daemon(&[&args[..], &["--msg-nats", &url]].concat(), "listening")
-    };
-    let _agents = [agent("n1"), agent("n2")];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let nodes: serde_json::Value = serde_json::from_str(&ok(&cp, &["nodes", "-o", "json"])).unwrap();
-        if nodes.as_array().unwrap().iter().filter(|n| n["available"] == true).count() == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "two nodes never became available: {nodes}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_control_plane, cp) = control_plane();
+    let _agents = [agent("n1", &cp, &["--msg-nats", &url]), agent("n2", &cp, &["--msg-nats", &url])];
+    wait_for_nodes(&cp, 2);
     let subscriber = start(&cp, &guest("subscriber"), &["in=msg:subscribe:greetings.*", "store=kv:read,kv:write"]);
     wait_for_status(&cp, &subscriber, "running");
     let publisher = start(&cp, &guest("publisher"), &["out=msg:publish:greetings.>"]);

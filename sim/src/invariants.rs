@@ -35,6 +35,8 @@ pub struct View {
     pub control_plane_incarnation: u64,
     /// Facts of every running agent, by node.
     pub agents: BTreeMap<String, Vec<InstanceFacts>>,
+    /// Labels of every running agent, by node.
+    pub labels: BTreeMap<String, factum_proto::Labels>,
     /// Every key of the simulated registry, when the cluster runs one and it is up.
     pub registry_entries: Option<Vec<(String, Vec<u8>)>>,
     /// Hosts frozen by a `pause` fault now.
@@ -365,6 +367,7 @@ pub(crate) mod tests_support {
             capabilities: Vec::new(),
             restart_policy: Default::default(),
             config: Default::default(),
+            constraints: Default::default(),
             seq: 1,
             epoch,
             lease: None,
@@ -383,6 +386,7 @@ mod tests {
             control_plane: None,
             control_plane_incarnation: 1,
             agents: [("agent-1".to_string(), vec![tests_support::running("s0-1", 1)])].into_iter().collect(),
+            labels: BTreeMap::new(),
             registry_entries: Some(entries.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()),
             paused: BTreeSet::new(),
             ago: BTreeMap::new(),

@@ -257,6 +257,7 @@ impl Observed {
                 nodes: cp.list_nodes(),
             }),
             agents: agents.iter().map(|(name, agent)| (name.clone(), agent.snapshot())).collect(),
+            labels: agents.iter().map(|(name, agent)| (name.clone(), agent.labels().clone())).collect(),
             registry_entries: self.registry.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|r| r.entries_now()),
             paused: self
                 .pauses
@@ -416,6 +417,7 @@ pub fn build_observed_cluster(
             agent_config.heartbeat_interval = heartbeat;
             agent_config.rpc_timeout = Duration::from_secs(2);
             agent_config.lease_ttl = lease_ttl;
+            agent_config.labels = agent_labels(i);
             agent_config.injected_bug = agent_bug;
             // Fuel makes guest execution and its yield points a function of the module alone.
             agent_config.limits = Limits { fuel_yield_interval: 10_000, ..Limits::default() };
@@ -458,6 +460,12 @@ pub fn build_observed_cluster(
         });
     }
     sim
+}
+
+/// The labels of agent `i` (from 1): `zone=a` when odd, `zone=b` when even, so a scenario can constrain starts
+/// to a zone that one crash does not empty.
+pub fn agent_labels(i: usize) -> factum_proto::Labels {
+    [("zone".to_string(), if i % 2 == 1 { "a" } else { "b" }.to_string())].into()
 }
 
 fn remote_registry(env: &Env) -> Arc<dyn factum_registry::Registry> {
@@ -536,16 +544,17 @@ impl SimClient {
 
     /// StartInstance of a fixture with an explicit id.
     pub async fn start(&self, id: &str, wat: &str, policy: RestartPolicy) -> Result<String, SimError> {
-        self.start_with(id, wat, policy, Vec::new()).await
+        self.start_with(id, wat, policy, Vec::new(), Default::default()).await
     }
 
-    /// StartInstance of a fixture with an explicit id and capabilities.
+    /// StartInstance of a fixture with an explicit id, capabilities and placement constraints.
     pub async fn start_with(
         &self,
         id: &str,
         wat: &str,
         policy: RestartPolicy,
         capabilities: Vec<CapabilityGrant>,
+        constraints: factum_proto::Labels,
     ) -> Result<String, SimError> {
         let request = StartRequest {
             instance_id: Some(id.to_string()),
@@ -553,6 +562,7 @@ impl SimClient {
             capabilities,
             restart_policy: policy,
             config: Default::default(),
+            constraints,
         };
         Ok(self.call(self.cp.start_instance(rpc::rpc_context(), request)).await??)
     }

@@ -25,7 +25,7 @@ type Check = fn(&BTreeMap<Key, InstanceFacts>, &View) -> Result<(), String>;
 type Key = (String, String, u64);
 
 /// Every always-on check, named as failures report them.
-pub const ALWAYS_ON: [(&str, Check); 8] = [
+pub const ALWAYS_ON: [(&str, Check); 9] = [
     ("single_placement", |_, view| single_placement(view)),
     ("P1 no_memory_survives_a_restart", |_, view| no_memory_survives_a_restart(view)),
     ("P3 no_side_effect_bypasses_capabilities", |_, view| no_side_effect_bypasses_capabilities(view)),
@@ -34,6 +34,7 @@ pub const ALWAYS_ON: [(&str, Check); 8] = [
     ("P7 no_application_data_in_the_control_plane", |_, view| no_application_data_in_the_control_plane(view)),
     ("P8 restart_policies_are_respected", |_, view| restart_policies_are_respected(view)),
     ("P19 capabilities_are_scoped_to_their_instance", |_, view| capabilities_are_scoped_to_their_instance(view)),
+    ("placements_satisfy_constraints", |_, view| placements_satisfy_constraints(view)),
 ];
 
 /// Runs [`ALWAYS_ON`] over successive views, the grant ledger (P4) and [`statuses_come_from_agents`] over
@@ -274,6 +275,24 @@ pub fn instances_live_on_known_nodes(view: &View) -> Result<(), String> {
     }
 }
 
+/// Every instance an agent holds satisfies its placement constraints with that agent's labels: the first
+/// placement, every reschedule and every restart in place honour them (labels do not change while a node runs).
+pub fn placements_satisfy_constraints(view: &View) -> Result<(), String> {
+    for (node, facts) in &view.agents {
+        let labels = view.labels.get(node).cloned().unwrap_or_default();
+        if let Some(f) = facts.iter().find(|f| !factum_proto::labels::satisfies(&labels, &f.constraints)) {
+            return Err(format!(
+                "{} (epoch {}, constraints {}) is on {node}, labelled {}",
+                f.metadata.instance_id,
+                f.epoch,
+                factum_proto::labels::display(&f.constraints),
+                factum_proto::labels::display(&labels)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Property 7: what guests store through their capabilities never shows up in the control plane's state: not
 /// in any of its maps, as text or as bytes, and nothing but modules, each under its own hash, in its module map
 /// (module bytes are user code and may carry any string, so that map is checked by hash instead).
@@ -354,10 +373,25 @@ mod tests {
             control_plane: Some(cp),
             control_plane_incarnation: 1,
             agents: BTreeMap::new(),
+            labels: BTreeMap::new(),
             registry_entries: None,
             paused: BTreeSet::new(),
             ago: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn a_placement_on_a_node_without_the_constrained_label_is_caught() {
+        let mut facts = crate::invariants::tests_support::running("i-1", 2);
+        facts.constraints = [("zone".to_string(), "a".to_string())].into();
+        let mut view = holding(String::new(), Vec::new());
+        view.agents.insert("agent-1".into(), vec![facts.clone()]);
+        view.labels.insert("agent-1".into(), crate::agent_labels(1));
+        assert_eq!(placements_satisfy_constraints(&view), Ok(()));
+        view.agents.insert("agent-2".into(), vec![facts]);
+        view.labels.insert("agent-2".into(), crate::agent_labels(2));
+        let err = placements_satisfy_constraints(&view).unwrap_err();
+        assert!(err.contains("i-1 (epoch 2, constraints zone=a) is on agent-2, labelled zone=b"), "{err}");
     }
 
     #[test]

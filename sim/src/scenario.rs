@@ -165,6 +165,10 @@ pub struct Step {
     /// `jump`: how far the host's wall clock is set, forward or (with a leading `-`) back, e.g. `"-30s"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+    /// `start`: placement constraints `NAME=VALUE`. Agent N is labelled `zone=a` when N is odd and `zone=b`
+    /// when it is even (see [`crate::agent_labels`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<String>,
     /// `start`: the run fails if a start does not succeed within a few attempts (a healthy cluster must take
     /// new work); by default a failed start is one of the faults' effects and is ignored.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -176,12 +180,26 @@ impl Step {
     /// misunderstanding, so it is refused).
     fn stray_field(&self) -> Option<&'static str> {
         let takes: &[&str] = match self.action {
-            Action::Start => {
-                &["instances", "guest", "policy", "max_retries", "backoff", "capability", "permissions", "must_succeed"]
-            }
+            Action::Start => &[
+                "instances",
+                "guest",
+                "policy",
+                "max_retries",
+                "backoff",
+                "capability",
+                "permissions",
+                "constraints",
+                "must_succeed",
+            ],
             Action::Grant => &["capability", "permissions"],
             Action::Revoke => &["capability"],
-            Action::Crash | Action::Restart | Action::Recover | Action::Pause | Action::Resume => &["node"],
+            Action::Crash
+            | Action::Restart
+            | Action::Recover
+            | Action::Pause
+            | Action::Resume
+            | Action::Drain
+            | Action::Undrain => &["node"],
             Action::Drift => &["node", "rate"],
             Action::Jump => &["node", "by"],
             Action::Partition | Action::Hold => &["a", "b"],
@@ -201,6 +219,7 @@ impl Step {
             ("b", self.b.is_some()),
             ("rate", self.rate.is_some()),
             ("by", self.by.is_some()),
+            ("constraints", !self.constraints.is_empty()),
             ("must_succeed", self.must_succeed),
         ];
         set.into_iter().find(|(field, set)| *set && !takes.contains(field)).map(|(field, _)| field)
@@ -222,6 +241,10 @@ pub enum Action {
     Grant,
     /// RevokeCapability `capability` from every instance started so far.
     Revoke,
+    /// DrainNode `node`: it takes no new instances and its reschedulable instances move (stop first).
+    Drain,
+    /// Undo a drain of `node`.
+    Undrain,
     /// Crash host `node`.
     Crash,
     /// Restart host `node` (after a crash, or kill-and-restart).
@@ -253,7 +276,16 @@ pub enum Action {
 
 impl Action {
     fn is_fault(self) -> bool {
-        !matches!(self, Action::Start | Action::StopAll | Action::RemoveEnded | Action::Grant | Action::Revoke)
+        !matches!(
+            self,
+            Action::Start
+                | Action::StopAll
+                | Action::RemoveEnded
+                | Action::Grant
+                | Action::Revoke
+                | Action::Drain
+                | Action::Undrain
+        )
     }
 
     /// Every fault a scenario can inject, for coverage reports.
@@ -348,10 +380,16 @@ impl Scenario {
                     if let Some(p) = &step.policy {
                         p.parse::<PolicyType>().map_err(|e| e.message)?;
                     }
+                    factum_proto::labels::parse_labels("constraint", step.constraints.iter().map(String::as_str))
+                        .map_err(|e| format!("step at {:?} (start): {}", step.at, e.message))?;
                 }
-                Action::Crash | Action::Restart | Action::Recover | Action::Pause | Action::Resume => {
-                    host(&step.node, "node", step)?
-                }
+                Action::Crash
+                | Action::Restart
+                | Action::Recover
+                | Action::Pause
+                | Action::Resume
+                | Action::Drain
+                | Action::Undrain => host(&step.node, "node", step)?,
                 Action::Partition | Action::Hold => {
                     host(&step.a, "a", step)?;
                     host(&step.b, "b", step)?;
@@ -391,6 +429,7 @@ impl Scenario {
             control_plane: None,
             control_plane_incarnation: 0,
             agents: Default::default(),
+            labels: Default::default(),
             registry_entries: None,
             paused: Default::default(),
             ago: Default::default(),
@@ -444,6 +483,7 @@ impl Scenario {
             b: None,
             rate: None,
             by: None,
+            constraints: Vec::new(),
             must_succeed: false,
         };
         // Every host, etcd too (it keeps its data across a crash).
@@ -586,6 +626,27 @@ impl Scenario {
             };
             steps.push(step);
         }
+        // A quarter of the starts are constrained to one zone, drawn from a stream of their own so the other
+        // runs are the same as before constraints existed.
+        let mut zones = ChaCha8Rng::seed_from_u64(seed ^ 0x20e5);
+        for step in steps.iter_mut().filter(|s| s.action == Action::Start && s.capability.is_none()) {
+            if zones.next_u64() % 4 == 0 {
+                step.constraints = vec![format!("zone={}", nth(&["a", "b"], zones.next_u64()))];
+            }
+        }
+        // A quarter drain an agent mid-chaos, undrained once the cluster is whole again (a drained node of the
+        // only zone some instances may run in would keep them from running); their own stream too.
+        let mut drains = ChaCha8Rng::seed_from_u64(seed ^ 0xd4a1);
+        if agents > 1 && drains.next_u64() % 4 == 0 {
+            let node = crate::agent_name(1 + (drains.next_u64() % agents as u64) as usize);
+            let at = Duration::from_millis(1_000 + drains.next_u64() % chaos_end.as_millis().max(1) as u64);
+            let mut drain = blank(at.min(chaos_end), Action::Drain);
+            drain.node = Some(node.clone());
+            steps.push(drain);
+            let mut undrain = blank(chaos_end + Duration::from_secs(1), Action::Undrain);
+            undrain.node = Some(node);
+            steps.push(undrain);
+        }
         // A third remove what has ended, once or twice, drawn from a stream of their own so the other runs are
         // the same as before removal existed.
         let mut removals = ChaCha8Rng::seed_from_u64(seed ^ 0x4e4d);
@@ -647,7 +708,7 @@ impl Scenario {
     pub fn shrink_with(&self, config: &dyn Fn() -> ClusterConfig) -> Scenario {
         let mut current = self.clone();
         // The settle steps (heal, recover, the liveness probe) stay: without them a run fails for want of them.
-        let settles = |s: &Step| matches!(s.action, Action::Heal | Action::Recover) || s.must_succeed;
+        let settles = |s: &Step| matches!(s.action, Action::Heal | Action::Recover | Action::Undrain) || s.must_succeed;
         loop {
             let mut shrunk = false;
             for i in 0..current.steps.len() {
@@ -707,6 +768,9 @@ async fn drive_api(
                     .iter()
                     .map(|c| CapabilityGrant { capability_id: c.clone(), permissions: step.permissions.clone() })
                     .collect();
+                let constraints =
+                    factum_proto::labels::parse_labels("constraint", step.constraints.iter().map(String::as_str))
+                        .map_err(|e| e.message)?;
                 for k in 0..step.instances.unwrap_or(1) {
                     if client.is_broken() {
                         client = SimClient::connect(seed).await?;
@@ -716,7 +780,7 @@ async fn drive_api(
                     // succeed gets a few attempts (a start is idempotent by id), as a careful client would make.
                     let attempts = if step.must_succeed { START_ATTEMPTS } else { 1 };
                     for attempt in 1..=attempts {
-                        match client.start_with(&id, wat, policy, caps.clone()).await {
+                        match client.start_with(&id, wat, policy, caps.clone(), constraints.clone()).await {
                             Ok(_) => {
                                 started.push(id.clone());
                                 break;
@@ -761,6 +825,22 @@ async fn drive_api(
                     // Refused when a restart turned out pending, or lost to a fault: both are fine.
                     let result = client.call(client.cp.remove_instance(rpc::rpc_context(), id.clone())).await;
                     tracing::debug!(%id, ?result, "remove");
+                }
+            }
+            Action::Drain | Action::Undrain => {
+                let node = step.node.clone().unwrap_or_default();
+                let drained = step.action == Action::Drain;
+                // The mark lives on the agent, which may be down or cut off for a while: a few attempts.
+                for _ in 0..START_ATTEMPTS {
+                    if client.is_broken() {
+                        client = SimClient::connect(seed).await?;
+                    }
+                    let result = client.call(client.cp.drain_node(rpc::rpc_context(), node.clone(), drained)).await;
+                    tracing::debug!(%node, drained, ?result, "drain");
+                    if matches!(result, Ok(Ok(_))) {
+                        break;
+                    }
+                    client.sleep(Duration::from_secs(1)).await;
                 }
             }
             Action::Grant | Action::Revoke => {
@@ -1020,7 +1100,13 @@ fn inject(
             }
             sim.set_fail_rate(0.0);
         }
-        Action::Start | Action::StopAll | Action::RemoveEnded | Action::Grant | Action::Revoke => {}
+        Action::Start
+        | Action::StopAll
+        | Action::RemoveEnded
+        | Action::Grant
+        | Action::Revoke
+        | Action::Drain
+        | Action::Undrain => {}
     }
 }
 

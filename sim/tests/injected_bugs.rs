@@ -128,6 +128,10 @@ caught! {
         "backoff_storm.toml", cp(InjectedBug::UnknownEndedRuns) => ["P14 facts_only_move_forward"];
     an_http_provider_that_follows_redirects_unchecked_is_caught_by_the_always_on_monitor:
         "http.toml", http(HttpBug::UncheckedRedirects) => ["no grant ever named intranet"];
+    a_drain_that_starts_before_it_stops_is_caught_by_single_placement:
+        "drain.toml", cp(InjectedBug::DrainStartsFirst) => ["single_placement"];
+    a_control_plane_that_reschedules_without_constraints_is_caught_by_the_always_on_monitor:
+        "constraints.toml", cp(InjectedBug::RescheduleIgnoresConstraints) => ["placements_satisfy_constraints"];
     // Either the node acted after its lease expired, or a sample saw it still running what moved elsewhere.
     an_agent_that_fences_at_the_full_ttl_is_caught_under_clock_drift:
         "clock_drift.toml", agent(AgentBug::FenceAtTtl) => ["P12 nodes_act_only_under_their_lease", "single_placement"];

@@ -160,6 +160,31 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A `factum control-plane` on a free port, and its address.
+pub fn control_plane() -> (Proc, String) {
+    let cp = format!("127.0.0.1:{}", free_port());
+    (factum_daemon(&["control-plane", "--listen", &cp], "control plane listening"), cp)
+}
+
+/// A `factum agent` for node `node` reporting to `cp`, with `extra` flags.
+pub fn agent(node: &str, cp: &str, extra: &[&str]) -> Proc {
+    let args = ["agent", "--node-id", node, "--control-plane", cp, "--agent-listen", "127.0.0.1:0"];
+    factum_daemon(&[&args[..], extra].concat(), "listening")
+}
+
+/// Waits until `cp` lists `n` available nodes.
+pub fn wait_for_nodes(cp: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let nodes: serde_json::Value = serde_json::from_str(&ok(&cp.to_string(), &["nodes", "-o", "json"])).unwrap();
+        if nodes.as_array().unwrap().iter().filter(|n| n["available"] == true).count() == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{n} nodes never became available: {nodes}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Starts `factum <args>` and waits for a stdout line containing `ready`.
 pub fn factum_daemon(args: &[&str], ready: &str) -> Proc {
     let mut child = Command::new(FACTUM)

@@ -86,16 +86,21 @@ fn arb_config() -> impl Strategy<Value = factum_proto::GuestConfig> {
         .prop_map(|(program, args, env)| factum_proto::GuestConfig { program, args, env })
 }
 
+fn arb_labels() -> impl Strategy<Value = factum_proto::Labels> {
+    prop::collection::btree_map("[a-z/.]{1,6}", "[a-z0-9-]{0,6}", 0..3)
+}
+
 fn arb_facts() -> impl Strategy<Value = InstanceFacts> {
     arb_metadata().prop_flat_map(|metadata| {
         let id = metadata.instance_id.clone();
-        let state = (arb_policy(), arb_config(), any::<(u64, u64, u64)>());
+        let state = (arb_policy(), (arb_config(), arb_labels()), any::<(u64, u64, u64)>());
         (Just(metadata), prop::collection::vec(arb_assignment(id), 0..3), state).prop_map(
-            |(metadata, capabilities, (restart_policy, config, (seq, epoch, boot)))| InstanceFacts {
+            |(metadata, capabilities, (restart_policy, (config, constraints), (seq, epoch, boot)))| InstanceFacts {
                 metadata,
                 capabilities,
                 restart_policy,
                 config,
+                constraints,
                 seq,
                 epoch,
                 lease: Some(7),
@@ -149,9 +154,9 @@ proptest! {
         facts in prop::collection::vec(arb_facts(), 0..4),
     ) {
         let capabilities = facts.iter().flat_map(|f| f.capabilities.clone()).collect();
-        let start = StartInstanceRequest { instance_id: "i-1".into(), module_bytes, capabilities, restart_policy: policy, config: Default::default(), epoch, node_lease: Some(3), restarts: 2, seal: factum_proto::PlacementSeal([9; 16]) };
+        let start = StartInstanceRequest { instance_id: "i-1".into(), module_bytes, capabilities, restart_policy: policy, config: Default::default(), constraints: Default::default(), epoch, node_lease: Some(3), restarts: 2, seal: factum_proto::PlacementSeal([9; 16]) };
         prop_assert_eq!(round_trip(start.clone()), start);
-        let report = NodeReport { protocol_version: PROTOCOL_VERSION, node_id: "n".into(), agent_addr: "h:1".into(), max_instances: 9, instances: facts, boot: 11, sequence: 5 };
+        let report = NodeReport { protocol_version: PROTOCOL_VERSION, node_id: "n".into(), agent_addr: "h:1".into(), max_instances: 9, labels: Default::default(), drained: false, instances: facts, boot: 11, sequence: 5 };
         prop_assert_eq!(round_trip(report.clone()), report);
     }
 }
@@ -184,6 +189,7 @@ fn valid_frames(module_bytes: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
         capabilities: vec![],
         restart_policy: RestartPolicy::default(),
         config: Default::default(),
+        constraints: Default::default(),
         epoch: 1,
         node_lease: Some(3),
         restarts: 0,

@@ -40,6 +40,9 @@ pub struct Spec {
     /// How many instances: ids `ID-0` … `ID-(N-1)` when more than one.
     #[serde(default = "one")]
     pub replicas: u32,
+    /// Placement constraints `NAME=VALUE`: only nodes with these labels.
+    #[serde(default)]
+    pub constraints: Vec<String>,
 }
 
 fn never() -> String {
@@ -110,8 +113,10 @@ fn request(spec: &Spec) -> Result<StartRequest> {
         env: spec.env.iter().map(|e| parse_env_var(e)).collect::<Result<_, _>>().map_err(|e| anyhow!("env: {e}"))?,
     };
     config.validate().map_err(|e| anyhow!("{e}"))?;
+    let constraints = factum_proto::labels::parse_labels("constraint", spec.constraints.iter().map(String::as_str))
+        .map_err(|e| anyhow!("{e}"))?;
     let module_bytes = read_module(&spec.module)?;
-    Ok(StartRequest { instance_id: None, module_bytes, capabilities, restart_policy, config })
+    Ok(StartRequest { instance_id: None, module_bytes, capabilities, restart_policy, config, constraints })
 }
 
 #[cfg(test)]

@@ -174,12 +174,35 @@ fn print_event(output: Output, event: &factum_proto::events::Event) -> Result<bo
 /// Runs one client command.
 pub async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Start { module, file, replicas, caps, restart, max_retries, backoff, id, env, args, client } => {
+        Command::Start {
+            module,
+            file,
+            replicas,
+            caps,
+            restart,
+            max_retries,
+            backoff,
+            id,
+            env,
+            args,
+            constraints,
+            client,
+        } => {
             // Every request is built and checked before the first is sent.
             let requests = match (file, module) {
                 (Some(file), _) => crate::app::requests_from_file(&file)?,
                 (None, Some(module)) => {
-                    let spec = crate::app::Spec { module, caps, restart, max_retries, backoff, env, args, replicas };
+                    let spec = crate::app::Spec {
+                        module,
+                        caps,
+                        restart,
+                        max_retries,
+                        backoff,
+                        env,
+                        args,
+                        replicas,
+                        constraints,
+                    };
                     // Drawn here rather than by the control plane, so the same start can be sent again.
                     let base = id.unwrap_or_else(|| factum_env::Env::tokio().random_id("i-"));
                     crate::app::requests(&spec, &base)?
@@ -204,6 +227,23 @@ pub async fn run(command: Command) -> Result<()> {
                     print(client.output, &serde_json::json!({ "instance_ids": all }), |_| String::new())
                 }
             }
+        }
+        Command::Scale { base, replicas, module, client } => {
+            let cp = connect(&client).await?;
+            let done = crate::scale::scale(&cp, &base, replicas, module.as_deref()).await?;
+            print(client.output, &done, |done| {
+                let mut out = String::new();
+                for id in &done.started {
+                    out += &format!("started {id}\n");
+                }
+                for id in &done.removed {
+                    out += &format!("removed {id}\n");
+                }
+                if out.is_empty() {
+                    out = format!("{base} has {replicas} replicas\n");
+                }
+                out
+            })
         }
         Command::Stop { instance_id, client } => {
             api(connect(&client).await?.stop(&instance_id).await)?;
@@ -285,6 +325,9 @@ pub async fn run(command: Command) -> Result<()> {
                 for (name, value) in &d.config.env {
                     out.push_str(&format!("env {name}={value:?}\n"));
                 }
+                if !d.constraints.is_empty() {
+                    out.push_str(&format!("constraints: {}\n", factum_proto::labels::display(&d.constraints)));
+                }
                 for c in &d.capabilities {
                     out.push_str(&format!(
                         "capability {} ({}): {}\n",
@@ -308,14 +351,33 @@ pub async fn run(command: Command) -> Result<()> {
                 format!("revoked {capability_id} from {instance_id}\n")
             })
         }
+        Command::Drain { node_id, undo, client } => {
+            let report = api(connect(&client).await?.drain(&node_id, !undo).await)?;
+            print(client.output, &report, |report| {
+                let mut out = if undo {
+                    format!("{node_id} takes new instances again\n")
+                } else {
+                    format!("drained {node_id}\n")
+                };
+                for (id, to) in &report.moved {
+                    out += &format!("moved {id} to {to}\n");
+                }
+                for (id, why) in &report.stayed {
+                    out += &format!("kept {id} on {node_id}: {why}\n");
+                }
+                out
+            })
+        }
         Command::Nodes { client } => {
             let nodes = api(connect(&client).await?.nodes().await)?;
             print(client.output, &nodes, |nodes| {
                 let rows = nodes.iter().map(|n| {
                     let load = format!("{}/{}", n.instances, n.max_instances);
-                    [n.node_id.clone(), n.agent_addr.clone(), n.available.to_string(), load]
+                    let labels = factum_proto::labels::display(&n.labels);
+                    let (available, drained) = (n.available.to_string(), n.drained.to_string());
+                    [n.node_id.clone(), n.agent_addr.clone(), available, drained, load, labels]
                 });
-                table(["NODE", "ADDRESS", "AVAILABLE", "INSTANCES"], rows)
+                table(["NODE", "ADDRESS", "AVAILABLE", "DRAINED", "INSTANCES", "LABELS"], rows)
             })
         }
         Command::Kv { capability_id, prefix, client } => {

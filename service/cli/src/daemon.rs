@@ -155,6 +155,8 @@ async fn start_agent(
     };
     let mut config = AgentConfig::new(opts.node_id, addr.clone());
     config.max_instances = opts.max_instances;
+    config.labels = factum_proto::labels::parse_labels("label", opts.labels.iter().map(String::as_str))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     config.lease_ttl = opts.lease_ttl;
     config.compile_limits = CompileLimits { concurrency: opts.compile_concurrency, budget: opts.compile_budget };
     config.limits = Limits {

@@ -6,6 +6,7 @@ pub mod certs;
 mod client;
 mod daemon;
 mod metrics;
+mod scale;
 
 use std::process::ExitCode;
 
@@ -111,6 +112,10 @@ pub struct AgentOpts {
     /// Most instances starting or running on this node at once.
     #[arg(long, default_value_t = 1000)]
     pub max_instances: u32,
+    /// Node label `NAME=VALUE`, e.g. `zone=a`; repeatable. A start with `--constraint zone=a` is placed only
+    /// on nodes labelled so. Names and values take `[A-Za-z0-9._/-]`.
+    #[arg(long = "label", value_name = "NAME=VALUE")]
+    pub labels: Vec<String>,
     /// Memory budget per instance, in MiB: all its linear memories and tables together (a table element
     /// counts 8 bytes). A growth beyond fails; a module that does not fit is refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 64)]
@@ -281,7 +286,7 @@ pub enum Command {
         /// the flags take them. Everything is checked before anything starts; the ids come from the file, so
         /// the same file is safe to start again.
         #[arg(long, short = 'f', value_name = "APP.toml", conflicts_with_all = [
-            "module", "caps", "max_retries", "backoff", "id", "env", "args", "replicas"
+            "module", "caps", "max_retries", "backoff", "id", "env", "args", "replicas", "constraints"
         ])]
         file: Option<std::path::PathBuf>,
         /// Start this many instances of the module, with ids ID-0 … ID-(N-1) (ID: `--id`, or generated). The
@@ -311,6 +316,25 @@ pub enum Command {
         /// Argument for the guest, after `argv[0]` (the module's file name); repeatable, in order.
         #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
         args: Vec<String>,
+        /// Place only on a node labelled `NAME=VALUE` (see `agent --label`); repeatable, all must hold. Kept
+        /// when the instance is rescheduled. No such node: RESOURCE_EXHAUSTED naming the constraint.
+        #[arg(long = "constraint", value_name = "NAME=VALUE")]
+        constraints: Vec<String>,
+        /// Client options.
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Set how many replicas of BASE run: its replicas are BASE-0, BASE-1, … (as `start --replicas N --id BASE`
+    /// names them), and afterwards exactly BASE-0 … BASE-(N-1) exist. The highest-numbered above N are stopped
+    /// and removed; missing ones are started as copies of the lowest-numbered replica (its capabilities,
+    /// restart policy, arguments, environment and constraints) from MODULE, which must be the module it runs.
+    Scale {
+        /// The replicas' base id.
+        base: String,
+        /// How many replicas to keep (0 removes them all).
+        replicas: u32,
+        /// The module the replicas run (`.wasm` or `.wat`); needed only to start more.
+        module: Option<std::path::PathBuf>,
         /// Client options.
         #[command(flatten)]
         client: ClientOpts,
@@ -407,6 +431,20 @@ pub enum Command {
         instance_id: String,
         /// Capability id.
         capability_id: String,
+        /// Client options.
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Drain a node: it takes no new instances, and each of its instances whose restart policy is `always` or
+    /// `on_failure` (with retries left) is stopped there, then started on another node (one at a time, never
+    /// running twice; a move counts as a restart). Instances under `never` run on where they are until they
+    /// end. Safe to repeat. The agent keeps the mark until `--undo` or until it restarts.
+    Drain {
+        /// Node id.
+        node_id: String,
+        /// Undrain: the node takes new instances again.
+        #[arg(long)]
+        undo: bool,
         /// Client options.
         #[command(flatten)]
         client: ClientOpts,

@@ -90,6 +90,7 @@ fn sleeper(id: &str) -> StartRequest {
         capabilities: vec![],
         restart_policy: RestartPolicy::default(),
         config: Default::default(),
+        constraints: Default::default(),
     }
 }
 

@@ -146,6 +146,12 @@ impl Client {
         self.call(|c, ctx| c.list_nodes(ctx)).await
     }
 
+    /// Drains a node (`drained: false` undoes it): it takes no new instances, and its instances that a failure
+    /// would restart are stopped there and started elsewhere, one at a time. Answers what moved and what stayed.
+    pub async fn drain(&self, node_id: &str, drained: bool) -> Result<factum_proto::DrainReport, ErrorResponse> {
+        self.call(|c, ctx| c.drain_node(ctx, node_id.to_string(), drained)).await
+    }
+
     /// An operator's view of a KV store on every node: keys starting with `prefix`.
     pub async fn inspect_kv(&self, capability_id: &str, prefix: &str) -> Result<Vec<KvEntry>, ErrorResponse> {
         self.call(|c, ctx| c.inspect_kv(ctx, capability_id.into(), prefix.into())).await

@@ -28,8 +28,8 @@ struct Announced {
     capabilities: BTreeMap<String, Vec<String>>,
 }
 
-/// A node as last announced: (registered, available).
-type NodeSeen = (bool, bool);
+/// A node as last announced: (registered, available, drained).
+type NodeSeen = (bool, bool, bool);
 
 impl Default for Announcer {
     fn default() -> Self {
@@ -125,7 +125,8 @@ impl Announcer {
 
     fn nodes_changed(&mut self, nodes: &BTreeMap<String, NodeRecord>, news: &mut Vec<EventKind>) {
         for (node_id, node) in nodes {
-            let (was_registered, was_available) = self.nodes.get(node_id).copied().unwrap_or((false, false));
+            let (was_registered, was_available, was_drained) =
+                self.nodes.get(node_id).copied().unwrap_or((false, false, false));
             let node_id = node_id.clone();
             if node.registered && !was_registered {
                 news.push(EventKind::NodeJoined { node_id: node_id.clone(), agent_addr: node.agent_addr.clone() });
@@ -138,11 +139,14 @@ impl Announcer {
                     EventKind::NodeUnavailable { node_id: node_id.clone() }
                 });
             }
-            self.nodes.insert(node_id, (node.registered, node.available));
+            if node.drained != was_drained {
+                news.push(EventKind::NodeDrained { node_id: node_id.clone(), drained: node.drained });
+            }
+            self.nodes.insert(node_id, (node.registered, node.available, node.drained));
         }
         let gone: Vec<String> = self.nodes.keys().filter(|id| !nodes.contains_key(*id)).cloned().collect();
         for node_id in gone {
-            if self.nodes.remove(&node_id).is_some_and(|(registered, _)| registered) {
+            if self.nodes.remove(&node_id).is_some_and(|(registered, ..)| registered) {
                 news.push(EventKind::NodeLeft { node_id });
             }
         }
@@ -153,27 +157,25 @@ impl Announcer {
 mod tests {
     use super::*;
 
-    fn node(registered: bool, available: bool) -> NodeRecord {
-        NodeRecord {
-            agent_addr: "10.0.0.1:7700".into(),
-            max_instances: 8,
-            last_seen: Default::default(),
-            available,
-            registered,
-            lease: None,
-            client: None,
-            snapshots: Default::default(),
-        }
+    fn node(registered: bool, available: bool, drained: bool) -> NodeRecord {
+        NodeRecord { drained, available, registered, ..NodeRecord::new("10.0.0.1:7700".into(), 8, Default::default()) }
     }
 
     #[test]
     fn a_node_is_announced_as_its_membership_and_availability_change() {
         let mut announcer = Announcer::default();
         let mut said = Vec::new();
-        for (registered, available) in
-            [(false, true), (true, true), (true, true), (true, false), (true, true), (false, false)]
-        {
-            let nodes = [("n1".to_string(), node(registered, available))].into();
+        for (registered, available, drained) in [
+            (false, true, false),
+            (true, true, false),
+            (true, true, false),
+            (true, true, true),
+            (true, true, false),
+            (true, false, false),
+            (true, true, false),
+            (false, false, false),
+        ] {
+            let nodes = [("n1".to_string(), node(registered, available, drained))].into();
             announcer.publish(&mut Tracked::default(), &mut Tracked::default(), &nodes, || 7, |_| {});
         }
         announcer.publish(&mut Tracked::default(), &mut Tracked::default(), &BTreeMap::new(), || 7, |_| {});
@@ -182,6 +184,8 @@ mod tests {
             said,
             [
                 "node n1 joined at 10.0.0.1:7700",
+                "node n1 drained",
+                "node n1 takes instances again",
                 "node n1 unavailable (missed its heartbeats)",
                 "node n1 available again",
                 "node n1 left (its registry lease ended)",

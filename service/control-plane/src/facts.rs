@@ -67,6 +67,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 metadata: facts.metadata,
                 restart_policy: facts.restart_policy,
                 config: facts.config,
+                constraints: facts.constraints,
                 seq: facts.seq,
                 caps_seq: facts.seq,
                 epoch: facts.epoch,
@@ -159,6 +160,7 @@ pub(crate) fn merge_snapshot(
 ) {
     let (Source::Heartbeat(numbered) | Source::Listing(numbered)) = source;
     let snapshot = crate::removal::screen(state, node_id, numbered, snapshot);
+    crate::removal::note_stale_copies(state, node_id, &snapshot);
     let present: BTreeSet<String> = snapshot.iter().map(|f| f.metadata.instance_id.clone()).collect();
     for facts in snapshot {
         apply_facts(state, node_id, facts, true, learn);
@@ -236,6 +238,7 @@ mod tests {
             metadata,
             restart_policy: RestartPolicy { policy_type: PolicyType::Always, ..RestartPolicy::default() },
             config: Default::default(),
+            constraints: Default::default(),
             seq: 0,
             caps_seq: 0,
             epoch: 3,
@@ -316,6 +319,7 @@ mod tests {
             capabilities: vec![],
             restart_policy: held.restart_policy,
             config: Default::default(),
+            constraints: Default::default(),
             seq: 4,
             epoch: 3,
             lease: None,
@@ -356,6 +360,7 @@ mod tests {
             capabilities: vec![],
             restart_policy: held.restart_policy,
             config: Default::default(),
+            constraints: Default::default(),
             seq: 1,
             epoch: 1,
             lease: None,

@@ -6,6 +6,7 @@
 //! (instance id → metadata, instance id → capability assignments) plus the node list and, per instance, the
 //! sequence number of the newest fact so reordered reports cannot roll a fact back.
 
+mod drain;
 mod events;
 mod facts;
 mod membership;
@@ -121,6 +122,12 @@ pub enum InjectedBug {
     /// A removed instance leaves no tombstone, so a snapshot its agent took before the removal, arriving after
     /// it, brings the instance back (breaks removed_instances_stay_removed).
     NoTombstones,
+    /// A drain starts an instance on its new node before it has stopped on the drained one, so for a while it
+    /// runs twice (breaks `single_placement`).
+    DrainStartsFirst,
+    /// A rescheduled instance goes to any node, whatever its placement constraints say (breaks
+    /// `placements_satisfy_constraints`).
+    RescheduleIgnoresConstraints,
 }
 
 impl Default for ControlPlaneConfig {
@@ -146,6 +153,8 @@ struct InstanceRecord {
     restart_policy: RestartPolicy,
     /// Arguments and environment, sent again with every placement.
     config: factum_proto::GuestConfig,
+    /// Placement constraints, honoured by every placement of it.
+    constraints: factum_proto::Labels,
     /// Sequence number of the newest applied status fact from `metadata.node_id`.
     seq: u64,
     /// Sequence number of the newest applied capability fact (the agent is the authority on assignments).
@@ -171,6 +180,10 @@ struct InstanceRecord {
 struct NodeRecord {
     agent_addr: String,
     max_instances: u32,
+    /// As its last applied snapshot said.
+    labels: factum_proto::Labels,
+    /// Drained: it takes no new instances. The agent holds the mark; this is what it last said (or answered).
+    drained: bool,
     last_seen: Duration,
     available: bool,
     /// Whether the registry lists the node (always true without a registry). Only registered nodes get new
@@ -181,6 +194,24 @@ struct NodeRecord {
     client: Option<NodeAgentClient>,
     /// Which snapshots of the node are still news: see [`Snapshots`].
     snapshots: Snapshots,
+}
+
+impl NodeRecord {
+    /// A node first heard of at `now`: available, not (yet) registered, no labels, not drained.
+    fn new(agent_addr: String, max_instances: u32, now: Duration) -> Self {
+        NodeRecord {
+            agent_addr,
+            max_instances,
+            labels: Default::default(),
+            drained: false,
+            last_seen: now,
+            available: true,
+            registered: false,
+            lease: None,
+            client: None,
+            snapshots: Snapshots::default(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -196,6 +227,11 @@ struct State {
     modules: BTreeMap<String, Arc<Vec<u8>>>,
     /// Module hashes being fetched from agents now.
     fetching: BTreeSet<String>,
+    /// Instances a drain has stopped on their node and is about to start elsewhere; a stop by a user takes an
+    /// instance out, so the drain does not start it again.
+    moving: BTreeSet<String>,
+    /// (node, instance) → whether its removal is in flight: ended copies of instances that now run elsewhere.
+    stale_copies: BTreeMap<(String, String), bool>,
     /// Removed instances → (node, that node's snapshot number at removal): older snapshots still hold them.
     removed: BTreeMap<String, (String, factum_proto::SnapshotMark)>,
     /// Whether a registry decides membership (set when [`ControlPlane::run_membership`] starts).
@@ -299,6 +335,7 @@ impl ControlPlane {
         validate_module_bytes(&req.module_bytes)?;
         req.restart_policy.validate()?;
         req.config.validate()?;
+        factum_proto::labels::validate("constraints", &req.constraints)?;
         let instance_id = match req.instance_id {
             Some(id) => id,
             None => self.inner.env.random_id("i-"),
@@ -320,17 +357,18 @@ impl ControlPlane {
                 let same = existing.metadata.module_hash == module_hash
                     && existing.restart_policy == req.restart_policy
                     && existing.config == req.config
+                    && existing.constraints == req.constraints
                     && state.capabilities.get(&instance_id).is_some_and(|held| *held == capabilities);
                 return if same {
                     Ok(instance_id)
                 } else {
                     Err(ErrorResponse::invalid(format!(
                         "instance id {instance_id} is already used by another start (its module, restart policy, \
-                         capabilities, arguments or environment differ)"
+                         capabilities, arguments, environment or constraints differ)"
                     )))
                 };
             }
-            let node_id = place(&state)?;
+            let node_id = place(&state, &req.constraints)?;
             let node_lease = state.nodes.get(&node_id).and_then(|n| n.lease);
             let record = InstanceRecord {
                 metadata: InstanceMetadata {
@@ -350,6 +388,7 @@ impl ControlPlane {
                 },
                 restart_policy: req.restart_policy,
                 config: req.config.clone(),
+                constraints: req.constraints.clone(),
                 seq: 0,
                 caps_seq: 0,
                 epoch: 1,
@@ -377,6 +416,7 @@ impl ControlPlane {
             capabilities: capabilities.into_values().collect(),
             restart_policy: req.restart_policy,
             config: req.config,
+            constraints: req.constraints,
             epoch: 1,
             node_lease,
             restarts: 0,
@@ -433,6 +473,7 @@ impl ControlPlane {
 
     /// StopInstance. Stopping a stopped instance succeeds.
     pub async fn stop_instance(&self, instance_id: &str) -> Result<(), ErrorResponse> {
+        self.lock().moving.remove(instance_id);
         let result = async {
             let (node_id, client) = self.route(instance_id)?;
             let req = StopInstanceRequest { instance_id: instance_id.to_string() };
@@ -483,6 +524,7 @@ impl ControlPlane {
                 .unwrap_or_default(),
             restart_policy: record.restart_policy,
             config: record.config.clone(),
+            constraints: record.constraints.clone(),
         })
     }
 
@@ -573,6 +615,8 @@ impl ControlPlane {
                 available: n.available && n.registered,
                 instances: state.instances.values().filter(|r| r.metadata.node_id == *node_id).count() as u32,
                 max_instances: n.max_instances,
+                labels: n.labels.clone(),
+                drained: n.drained,
             })
             .collect()
     }
@@ -628,21 +672,13 @@ impl ControlPlane {
             ))));
         }
         factum_proto::validate_id("node_id", &report.node_id).map_err(|e| self.error(e))?;
+        factum_proto::labels::validate("node labels", &report.labels).map_err(|e| self.error(e))?;
         let now = self.inner.env.clock.now();
         let mut state = self.lock();
         let registry_mode = state.registry_mode;
         let node = state.nodes.entry(report.node_id.clone()).or_insert_with(|| {
             tracing::info!(node = %report.node_id, addr = %report.agent_addr, "node registered");
-            NodeRecord {
-                agent_addr: report.agent_addr.clone(),
-                max_instances: report.max_instances,
-                last_seen: now,
-                available: true,
-                registered: false,
-                lease: None,
-                client: None,
-                snapshots: Snapshots::default(),
-            }
+            NodeRecord::new(report.agent_addr.clone(), report.max_instances, now)
         });
         let stale_ok = self.inner.config.has_bug(InjectedBug::AcceptStaleSnapshots);
         if !node.snapshots.admit(report.boot, report.sequence) && !stale_ok {
@@ -666,6 +702,8 @@ impl ControlPlane {
         node.available = true;
         node.last_seen = now;
         node.max_instances = report.max_instances;
+        node.labels = report.labels;
+        node.drained = report.drained;
         let count = report.instances.len();
         let learn = !self.inner.config.has_bug(InjectedBug::NoRebuildFromSnapshots);
         let mark = if stale_ok {
@@ -680,6 +718,8 @@ impl ControlPlane {
             self.inner.env.spawn(self.clone().fetch_modules(report.node_id.clone(), missing));
         }
         self.inner.env.trace(|| format!("snapshot {} instances={count}", report.node_id));
+        drop(state);
+        self.discard_stale_copies(&report.node_id);
         Ok(())
     }
 
@@ -860,9 +900,9 @@ fn validate_module_bytes(bytes: &[u8]) -> Result<(), ErrorResponse> {
     Ok(())
 }
 
-/// Placement: the available node with the fewest active (starting/running) instances below its quota; ties go
-/// to the lowest node id, so placement is deterministic.
-fn place(state: &State) -> Result<String, ErrorResponse> {
+/// Placement: among the available nodes whose labels satisfy `constraints`, the one with the fewest active
+/// (starting/running) instances below its quota; ties go to the lowest node id, so placement is deterministic.
+fn place(state: &State, constraints: &factum_proto::Labels) -> Result<String, ErrorResponse> {
     // One pass over the instances, then one over the nodes.
     let mut active: BTreeMap<&str, usize> = BTreeMap::new();
     for record in state.instances.values() {
@@ -870,20 +910,33 @@ fn place(state: &State) -> Result<String, ErrorResponse> {
             *active.entry(record.metadata.node_id.as_str()).or_default() += 1;
         }
     }
+    let up = |n: &&NodeRecord| n.available && n.registered && !n.drained;
+    let fits = |n: &&NodeRecord| factum_proto::labels::satisfies(&n.labels, constraints);
     state
         .nodes
         .iter()
-        .filter(|(_, n)| n.available && n.registered)
+        .filter(|(_, n)| up(n) && fits(n))
         .map(|(id, n)| (active.get(id.as_str()).copied().unwrap_or(0), id, n.max_instances as usize))
         .filter(|(count, _, max)| count < max)
         .min_by_key(|(count, id, _)| (*count, (*id).clone()))
         .map(|(_, id, _)| id.clone())
         .ok_or_else(|| {
-            let why = if state.nodes.values().any(|n| n.available && n.registered) {
-                "every available node is full"
+            let wanted = factum_proto::labels::display(constraints);
+            let why =
+                match (state.nodes.values().filter(up).count(), state.nodes.values().filter(up).filter(fits).count()) {
+                    (0, _) if state.nodes.values().any(|n| n.drained) => {
+                        "no node is available (drained nodes take no new instances)".to_string()
+                    }
+                    (0, _) => "no node is available".to_string(),
+                    (_, 0) => format!("no available node satisfies the constraints {wanted}"),
+                    _ if constraints.is_empty() => "every available node is full".to_string(),
+                    _ => format!("every available node that satisfies the constraints {wanted} is full"),
+                };
+            let error = ErrorResponse::new(ErrorCode::ResourceExhausted, format!("cannot place instance: {why}"));
+            if constraints.is_empty() {
+                error
             } else {
-                "no node is available"
-            };
-            ErrorResponse::new(ErrorCode::ResourceExhausted, format!("cannot place instance: {why}"))
+                error.with_detail("constraints", wanted)
+            }
         })
 }

@@ -86,14 +86,9 @@ impl ControlPlane {
         {
             let mut state = self.lock();
             let node = state.nodes.entry(node_id.clone()).or_insert_with(|| NodeRecord {
-                agent_addr: registration.agent_addr.clone(),
-                max_instances: registration.max_instances,
-                last_seen: now,
-                available: true,
                 registered: true,
                 lease: Some(registration.lease),
-                client: None,
-                snapshots: crate::snapshots::Snapshots::default(),
+                ..NodeRecord::new(registration.agent_addr.clone(), registration.max_instances, now)
             });
             if node.agent_addr != registration.agent_addr {
                 node.agent_addr = registration.agent_addr.clone();

@@ -80,6 +80,8 @@ pub(crate) fn event_label(kind: &EventKind) -> String {
         EventKind::NodeAvailable { .. } => "node_available".into(),
         EventKind::NodeUnavailable { .. } => "node_unavailable".into(),
         EventKind::NodeLeft { .. } => "node_left".into(),
+        EventKind::NodeDrained { drained: true, .. } => "node_drained".into(),
+        EventKind::NodeDrained { drained: false, .. } => "node_undrained".into(),
     }
 }
 
@@ -142,7 +144,7 @@ impl Collector for Maps {
             let _ = instances.get_or_create(&StatusLabels { status: status.to_string() });
             // every one, zero or not
         }
-        for state in ["available", "unavailable", "left"] {
+        for state in ["available", "drained", "unavailable", "left"] {
             let _ = nodes.get_or_create(&StateLabels { state: state.into() });
         }
         if let Some(inner) = self.0.upgrade() {
@@ -152,10 +154,11 @@ impl Collector for Maps {
                 instances.get_or_create(&StatusLabels { status: record.metadata.status.to_string() }).inc();
             }
             for node in state.nodes.values() {
-                let label = match (node.registered, node.available) {
-                    (false, _) => "left",
-                    (true, true) => "available",
-                    (true, false) => "unavailable",
+                let label = match (node.registered, node.available, node.drained) {
+                    (false, ..) => "left",
+                    (true, true, false) => "available",
+                    (true, true, true) => "drained",
+                    (true, false, _) => "unavailable",
                 };
                 nodes.get_or_create(&StateLabels { state: label.into() }).inc();
             }

@@ -142,5 +142,73 @@ pub(crate) fn screen(
     kept
 }
 
+/// Notes the ended copies in `snapshot` (from `node_id`) of instances whose current placement is elsewhere: a
+/// drain stops an instance on its node before starting it on another, and what it leaves behind is a stale
+/// fact to discard (see [`ControlPlane::discard_stale_copies`]). A copy that still runs is not touched: ending
+/// it is fencing's work.
+pub(crate) fn note_stale_copies(state: &mut State, node_id: &str, snapshot: &[InstanceFacts]) {
+    for facts in snapshot {
+        let id = &facts.metadata.instance_id;
+        let elsewhere = state.instances.get(id).is_some_and(|r| r.metadata.node_id != node_id && facts.epoch < r.epoch);
+        if elsewhere && facts.metadata.status.is_terminal() && facts.metadata.backoff_ms.is_none() {
+            state.stale_copies.entry((node_id.to_string(), id.clone())).or_insert(false);
+        }
+    }
+}
+
+impl ControlPlane {
+    /// Removes from `node_id` the stale copies noted for it and not already being removed, on a task of its
+    /// own. One that fails stays noted as not in flight, for the node's next snapshot to try again.
+    pub(crate) fn discard_stale_copies(&self, node_id: &str) {
+        let ids: Vec<String> = self
+            .lock()
+            .stale_copies
+            .iter_mut()
+            .filter(|((node, _), in_flight)| node == node_id && !**in_flight)
+            .map(|((_, id), in_flight)| {
+                *in_flight = true;
+                id.clone()
+            })
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        let (cp, node_id) = (self.clone(), node_id.to_string());
+        self.inner.env.spawn(async move {
+            for id in ids {
+                let key = (node_id.clone(), id.clone());
+                let client = {
+                    let state = cp.lock();
+                    // Placed back on that node since: the copy there may be the current one.
+                    if state.instances.get(&id).is_some_and(|r| r.metadata.node_id == node_id) {
+                        None
+                    } else {
+                        Some(state.nodes.get(&node_id).and_then(|n| n.client.clone()))
+                    }
+                };
+                let mut done = client.is_none();
+                if let Some(client) = client {
+                    let call = |c: NodeAgentClient| {
+                        let id = id.clone();
+                        async move { c.remove_instance_local(rpc::rpc_context(), id).await }
+                    };
+                    let result = cp.call_agent(&node_id, client, "discard a stale copy", call).await;
+                    done = matches!(
+                        &result,
+                        Ok(Ok(_)) | Ok(Err(ErrorResponse { error_code: ErrorCode::InstanceNotFound, .. }))
+                    );
+                    cp.inner.env.trace(|| format!("discard {id} on {node_id}: {}", if done { "ok" } else { "failed" }));
+                }
+                let mut state = cp.lock();
+                if done {
+                    state.stale_copies.remove(&key);
+                } else if let Some(in_flight) = state.stale_copies.get_mut(&key) {
+                    *in_flight = false;
+                }
+            }
+        });
+    }
+}
+
 /// How long ended instances are kept by default.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(3600);

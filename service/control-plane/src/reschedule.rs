@@ -152,7 +152,13 @@ impl ControlPlane {
     }
 
     /// Records the outcome of a (re)scheduled start of placement `epoch` on `node_id`.
-    fn settle(&self, instance_id: &str, node_id: &str, epoch: u64, result: Result<InstanceFacts, ErrorResponse>) {
+    pub(crate) fn settle(
+        &self,
+        instance_id: &str,
+        node_id: &str,
+        epoch: u64,
+        result: Result<InstanceFacts, ErrorResponse>,
+    ) {
         let now = self.inner.env.clock.now();
         let mut guard = self.lock();
         let state = &mut *guard;
@@ -216,7 +222,13 @@ impl ControlPlane {
         if !state.modules.contains_key(&record.metadata.module_hash) {
             return Err("the control plane no longer has its module bytes".into());
         }
-        let node_id = place(state).map_err(|e: ErrorResponse| e.message)?;
+        let unconstrained = factum_proto::Labels::new();
+        let constraints = if self.inner.config.has_bug(crate::InjectedBug::RescheduleIgnoresConstraints) {
+            &unconstrained
+        } else {
+            &record.constraints
+        };
+        let node_id = place(state, constraints).map_err(|e: ErrorResponse| e.message)?;
         Ok(begin_placement(state, instance_id, &node_id).map(|(client, request)| (node_id, client, request)))
     }
 
@@ -230,6 +242,13 @@ impl ControlPlane {
                 && !state.pending_starts.contains(instance_id)
                 && restartable(record);
             let node_up = state.nodes.get(&node_id).is_some_and(|n| n.available && n.registered);
+            if wanted && state.nodes.get(&node_id).is_some_and(|n| n.drained) {
+                // Its node takes nothing new: place it anew, elsewhere.
+                if let Some(record) = state.instances.get_mut(instance_id) {
+                    record.retry = Some((Duration::ZERO, Retry::Place));
+                }
+                return;
+            }
             if !wanted || !node_up {
                 return; // stopped, out of retries or placed meanwhile; or wait for the node
             }
@@ -253,7 +272,7 @@ impl ControlPlane {
 
 /// Moves the record to a new placement on `node_id` (next epoch, one more restart) and marks its start
 /// pending; the start to send, or `None` without module bytes.
-fn begin_placement(
+pub(crate) fn begin_placement(
     state: &mut State,
     instance_id: &str,
     node_id: &str,
@@ -288,6 +307,7 @@ fn start_request(state: &State, record: &InstanceRecord) -> Option<StartInstance
         capabilities: state.capabilities.get(id).map(|c| c.values().cloned().collect()).unwrap_or_default(),
         restart_policy: record.restart_policy,
         config: record.config.clone(),
+        constraints: record.constraints.clone(),
         epoch: record.epoch,
         node_lease: record.lease,
         restarts: record.metadata.restarts,

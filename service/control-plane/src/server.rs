@@ -165,6 +165,19 @@ impl factum_proto::ControlPlane for Session {
         .await
     }
 
+    async fn drain_node(
+        self,
+        ctx: Context,
+        node_id: String,
+        drained: bool,
+    ) -> Result<factum_proto::DrainReport, ErrorResponse> {
+        self.measured("drain_node", async {
+            let action = if drained { "drain_node" } else { "undrain_node" };
+            self.operate(&ctx, action, &node_id, self.control_plane.drain_node(&node_id, drained)).await
+        })
+        .await
+    }
+
     async fn instance_logs(
         self,
         ctx: Context,

@@ -70,6 +70,7 @@ fn start_request(id: Option<&str>, bytes: Vec<u8>, caps: Vec<CapabilityGrant>) -
         capabilities: caps,
         restart_policy: RestartPolicy::default(),
         config: Default::default(),
+        constraints: Default::default(),
     }
 }
 
@@ -329,6 +330,8 @@ fn an_agent_speaking_another_protocol_version_is_refused() {
         node_id: "n".into(),
         agent_addr: "127.0.0.1:1".into(),
         max_instances: 1,
+        labels: Default::default(),
+        drained: false,
         instances: vec![],
         boot: 1,
         sequence: 1,

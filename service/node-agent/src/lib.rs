@@ -81,6 +81,8 @@ pub struct AgentConfig {
     pub advertise_addr: String,
     /// Most instances in `starting` or `running` at once; more is RESOURCE_EXHAUSTED.
     pub max_instances: u32,
+    /// The node's labels, reported with every snapshot; placement constraints are matched against them.
+    pub labels: factum_proto::Labels,
     /// Per-instance limits.
     pub limits: Limits,
     /// Per-instance log limits: guest output and audit lines.
@@ -157,6 +159,7 @@ impl AgentConfig {
             node_id: node_id.into(),
             advertise_addr: advertise_addr.into(),
             max_instances: 1000,
+            labels: Default::default(),
             limits: Limits::default(),
             log_limits: LogLimits::default(),
             module_cache_capacity: 256,
@@ -198,6 +201,8 @@ struct LocalInstance {
     policy: RestartPolicy,
     /// Arguments and environment of every run.
     config: factum_proto::GuestConfig,
+    /// Placement constraints, kept only to report them back (the control plane rebuilds from facts).
+    constraints: factum_proto::Labels,
     module: CachedModule,
     /// Placement epoch given by the control plane; orders facts across nodes.
     epoch: u64,
@@ -225,6 +230,7 @@ impl LocalInstance {
             capabilities: self.capabilities.values().map(|grant| grant.assignment.clone()).collect(),
             restart_policy: self.policy,
             config: self.config.clone(),
+            constraints: self.constraints.clone(),
             seq: self.seq,
             epoch: self.epoch,
             lease: self.lease,
@@ -245,6 +251,8 @@ pub(crate) struct Inner {
     /// Set while the node has lost its registry lease and not yet re-registered: starts are refused, since the
     /// control plane may be rescheduling elsewhere what would run here.
     fenced: std::sync::atomic::AtomicBool,
+    /// Drained by the control plane: new starts are refused (see [`Agent::set_drained`]).
+    drained: std::sync::atomic::AtomicBool,
     /// While registered: the env-clock instant by which the lease must have been renewed. Whoever takes the
     /// instance lock after it fences the node first (see [`Inner::lock`]).
     lease_deadline: Mutex<Option<Duration>>,
@@ -289,6 +297,7 @@ impl Agent {
             instances: Mutex::new(BTreeMap::new()),
             reports: tx,
             fenced: std::sync::atomic::AtomicBool::new(false),
+            drained: std::sync::atomic::AtomicBool::new(false),
             lease_deadline: Mutex::new(None),
             lease: std::sync::atomic::AtomicI64::new(0),
             calls: std::sync::atomic::AtomicU64::new(0),
@@ -337,6 +346,7 @@ impl Agent {
         factum_proto::validate_id("instance_id", &req.instance_id)?;
         req.restart_policy.validate()?;
         req.config.validate()?;
+        factum_proto::labels::validate("constraints", &req.constraints)?;
         let mut capabilities = BTreeMap::new();
         for assignment in req.capabilities {
             if assignment.instance_id != req.instance_id {
@@ -407,6 +417,12 @@ impl Agent {
                     inner.config.node_id
                 )));
             }
+            if inner.drained.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(ErrorResponse::new(
+                    factum_proto::ErrorCode::ResourceExhausted,
+                    format!("node {} is drained and takes no new instances", inner.config.node_id),
+                ));
+            }
             let held = inner.lease();
             if let (None, Some(held)) = (req.node_lease, held) {
                 // A node in a registry takes only placements made under its lease: without one, a start would
@@ -430,6 +446,7 @@ impl Agent {
                 capabilities,
                 policy: req.restart_policy,
                 config: req.config,
+                constraints: req.constraints,
                 module,
                 epoch: req.epoch,
                 seal: req.seal,
@@ -572,6 +589,18 @@ impl Agent {
         self.inner.lock_unfenced().values().map(LocalInstance::facts).collect()
     }
 
+    /// Marks the node drained (new starts are refused) or not; every snapshot from now on says so. What runs
+    /// here goes on running: moving it is the control plane's work.
+    pub fn set_drained(&self, drained: bool) {
+        self.inner.drained.store(drained, std::sync::atomic::Ordering::SeqCst);
+        self.inner.env.trace(|| format!("drained {drained}"));
+    }
+
+    /// The node's labels.
+    pub fn labels(&self) -> &factum_proto::Labels {
+        &self.inner.config.labels
+    }
+
     /// The registration / heartbeat message for the control plane.
     pub fn node_report(&self) -> NodeReport {
         let (instances, sequence) = {
@@ -586,6 +615,8 @@ impl Agent {
             node_id: self.inner.config.node_id.clone(),
             agent_addr: self.inner.config.advertise_addr.clone(),
             max_instances: self.inner.config.max_instances,
+            labels: self.inner.config.labels.clone(),
+            drained: self.inner.drained.load(std::sync::atomic::Ordering::SeqCst),
             instances,
             boot: self.inner.boot,
             sequence,

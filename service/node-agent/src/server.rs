@@ -71,6 +71,10 @@ impl NodeAgent for Agent {
         self.logs(&instance_id, after)
     }
 
+    async fn set_drained(self, _: Context, drained: bool) {
+        Agent::set_drained(&self, drained)
+    }
+
     async fn remove_instance_local(self, _: Context, instance_id: String) -> Result<SnapshotMark, ErrorResponse> {
         self.remove_instance(&instance_id)
     }

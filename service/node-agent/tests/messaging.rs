@@ -77,6 +77,7 @@ fn subscriber_of(wat: &str, id: &str, subscribe: &str, policy: RestartPolicy) ->
         capabilities: vec![cap("bus", &[format!("msg:subscribe:{subscribe}")]), cap("kv", &["kv:write".into()])],
         restart_policy: policy,
         config: Default::default(),
+        constraints: Default::default(),
         epoch: 1,
         node_lease: None,
         restarts: 0,

@@ -34,6 +34,7 @@ fn start(id: &str, policy: PolicyType, node_lease: Option<i64>) -> StartInstance
         capabilities: vec![],
         restart_policy: RestartPolicy { policy_type: policy, max_retries: None, backoff_seconds: None },
         config: Default::default(),
+        constraints: Default::default(),
         epoch: 1,
         node_lease,
         restarts: 0,

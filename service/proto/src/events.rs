@@ -88,6 +88,13 @@ pub enum EventKind {
         /// The node.
         node_id: String,
     },
+    /// A node was drained (it takes no new instances), or undrained (it takes them again).
+    NodeDrained {
+        /// The node.
+        node_id: String,
+        /// Drained now, or no longer.
+        drained: bool,
+    },
 }
 
 impl crate::journal::Entry for Event {
@@ -109,7 +116,8 @@ impl crate::journal::Entry for Event {
             EventKind::NodeJoined { node_id, agent_addr } => node_id.len() + agent_addr.len(),
             EventKind::NodeAvailable { node_id }
             | EventKind::NodeUnavailable { node_id }
-            | EventKind::NodeLeft { node_id } => node_id.len(),
+            | EventKind::NodeLeft { node_id }
+            | EventKind::NodeDrained { node_id, .. } => node_id.len(),
         }
     }
 }
@@ -126,7 +134,8 @@ impl EventKind {
             EventKind::NodeJoined { .. }
             | EventKind::NodeAvailable { .. }
             | EventKind::NodeUnavailable { .. }
-            | EventKind::NodeLeft { .. } => None,
+            | EventKind::NodeLeft { .. }
+            | EventKind::NodeDrained { .. } => None,
         }
     }
 }
@@ -158,6 +167,8 @@ impl std::fmt::Display for EventKind {
             EventKind::NodeAvailable { node_id } => write!(f, "node {node_id} available again"),
             EventKind::NodeUnavailable { node_id } => write!(f, "node {node_id} unavailable (missed its heartbeats)"),
             EventKind::NodeLeft { node_id } => write!(f, "node {node_id} left (its registry lease ended)"),
+            EventKind::NodeDrained { node_id, drained: true } => write!(f, "node {node_id} drained"),
+            EventKind::NodeDrained { node_id, drained: false } => write!(f, "node {node_id} takes instances again"),
         }
     }
 }

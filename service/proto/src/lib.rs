@@ -6,6 +6,7 @@ pub mod error;
 pub mod events;
 pub mod guest_config;
 pub mod journal;
+pub mod labels;
 pub mod logs;
 pub mod permissions;
 pub mod principal;
@@ -18,6 +19,7 @@ pub use capability::{
 };
 pub use error::{ErrorCode, ErrorResponse};
 pub use guest_config::GuestConfig;
+pub use labels::Labels;
 pub use permissions::Permission;
 pub use principal::Principal;
 pub use types::{

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ErrorResponse;
 use crate::events::EventPage;
 use crate::guest_config::GuestConfig;
+use crate::labels::Labels;
 use crate::logs::LogPage;
 use crate::types::{CapabilityAssignment, InstanceMetadata, InstanceStatus, RestartPolicy};
 
@@ -16,7 +17,8 @@ use crate::types::{CapabilityAssignment, InstanceMetadata, InstanceStatus, Resta
 /// mixed versions fail loudly instead of misreading each other. Agents also repeat it in every
 /// [`NodeReport`]. 4: the hello, with the peer's identity; list calls answer errors. 5: placement seals. 6: guest
 /// arguments and environment ([`GuestConfig`]) in starts and facts; restart and logs calls. 7: the events call.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: node labels in reports and listings, placement constraints in starts and facts; draining nodes.
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Largest accepted module, in bytes.
 pub const MAX_MODULE_BYTES: usize = 32 * 1024 * 1024;
@@ -49,6 +51,8 @@ pub struct StartRequest {
     pub restart_policy: RestartPolicy,
     /// The guest's arguments and environment.
     pub config: GuestConfig,
+    /// Placement constraints: only a node whose labels hold every one may run it ([`crate::labels`]).
+    pub constraints: Labels,
 }
 
 /// Control plane → agent (design §StartInstanceRequest).
@@ -65,6 +69,8 @@ pub struct StartInstanceRequest {
     pub restart_policy: RestartPolicy,
     /// The guest's arguments and environment.
     pub config: GuestConfig,
+    /// Its placement constraints, kept by the agent and reported back in its facts.
+    pub constraints: Labels,
     /// Placement epoch: 1 for the first placement, one more for every rescheduling onto another node. Facts
     /// carry it back, so facts from an older placement can never overwrite those of a newer one.
     pub epoch: u64,
@@ -155,6 +161,8 @@ pub struct InstanceFacts {
     pub restart_policy: RestartPolicy,
     /// The guest's arguments and environment.
     pub config: GuestConfig,
+    /// Its placement constraints (see [`StartRequest::constraints`]).
+    pub constraints: Labels,
     /// Sequence number of the latest fact about the instance (a status change or a capability change).
     pub seq: u64,
     /// Placement epoch (see [`StartInstanceRequest::epoch`]); facts order by `(epoch, seq)`.
@@ -199,6 +207,10 @@ pub struct NodeReport {
     pub agent_addr: String,
     /// Most instances this node accepts.
     pub max_instances: u32,
+    /// The node's labels, which placement constraints are matched against.
+    pub labels: Labels,
+    /// Whether the node is drained: it takes no new instances (see [`ControlPlane::drain_node`]).
+    pub drained: bool,
     /// Every instance the agent holds.
     pub instances: Vec<InstanceFacts>,
     /// Identifies this run of the agent process (drawn when it starts): a snapshot of an earlier run is stale.
@@ -221,6 +233,20 @@ pub struct NodeInfo {
     pub instances: u32,
     /// Its quota.
     pub max_instances: u32,
+    /// Its labels.
+    pub labels: Labels,
+    /// Whether it is drained: available, but placing nothing new there.
+    pub drained: bool,
+}
+
+/// What a drain did: which instances moved where, and which stayed and why.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainReport {
+    /// (instance, the node it now runs on), in instance order.
+    pub moved: Vec<(String, String)>,
+    /// (instance, why it was not moved): a `never` instance runs on where it is until it ends; one whose
+    /// placement is in flight, or that no node can take, is left for a later drain.
+    pub stayed: Vec<(String, String)>,
 }
 
 /// Control plane answer to QueryInstance: metadata plus assignments.
@@ -234,6 +260,8 @@ pub struct InstanceDetails {
     pub restart_policy: RestartPolicy,
     /// The guest's arguments and environment.
     pub config: GuestConfig,
+    /// Placement constraints.
+    pub constraints: Labels,
 }
 
 /// One key-value pair read by the operator-facing KV inspection call.
@@ -282,6 +310,11 @@ pub trait ControlPlane {
     async fn events(after: u64) -> Result<EventPage, ErrorResponse>;
     /// Nodes known to the control plane.
     async fn list_nodes() -> Result<Vec<NodeInfo>, ErrorResponse>;
+    /// DrainNode: the node takes no new instances, and each of its instances whose restart policy would run it
+    /// again after a failure is moved: stopped there first, then started on another node under the next
+    /// placement epoch (never two runs at once). `drained: false` undoes it. Safe to repeat. The agent keeps the
+    /// mark, and reports it, until it is undrained or restarts.
+    async fn drain_node(node_id: String, drained: bool) -> Result<DrainReport, ErrorResponse>;
     /// Operator view of a KV store (capability id) on every node, keys starting with `prefix`.
     async fn inspect_kv(capability_id: String, prefix: String) -> Result<Vec<KvEntry>, ErrorResponse>;
     /// Agent → control plane: registration and heartbeat with a full snapshot of its facts.
@@ -311,6 +344,9 @@ pub trait NodeAgent {
     async fn inspect_kv(capability_id: String, prefix: String) -> Result<Vec<KvEntry>, ErrorResponse>;
     /// A local instance's output after line `after`.
     async fn instance_logs(instance_id: String, after: u64) -> Result<LogPage, ErrorResponse>;
+    /// Marks the node drained (new starts are refused with RESOURCE_EXHAUSTED) or not; reported in every
+    /// snapshot from then on.
+    async fn set_drained(drained: bool);
     /// RemoveInstance: forget an ended instance (stopped, or crashed with no restart pending), its grants and
     /// mailbox. Answers the agent's snapshot number at removal: snapshots numbered up to it may still hold the
     /// instance. INVALID_REQUEST while it runs or waits to restart.

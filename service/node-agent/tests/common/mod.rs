@@ -33,6 +33,7 @@ pub fn request_bytes(
             .collect(),
         restart_policy: policy,
         config: Default::default(),
+        constraints: Default::default(),
         epoch: 1,
         node_lease: None,
         restarts: 0,
