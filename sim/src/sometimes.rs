@@ -41,6 +41,8 @@ pub const GOALS: &[Goal] = &[
     Goal { name: "message delivered", reached_by: |l| l.split_whitespace().nth(2) == Some("deliver") },
     Goal { name: "HTTP request served", reached_by: |l| l.split_whitespace().nth(2) == Some("served") },
     Goal { name: "ended instance removed", reached_by: |l| l.split_whitespace().nth(2) == Some("removed") },
+    Goal { name: "instance moved off a drained node", reached_by: |l| l.split_whitespace().nth(2) == Some("move") },
+    Goal { name: "stale copy discarded", reached_by: |l| l.contains(" discard ") && l.ends_with(": ok") },
 ];
 
 /// The goals one run's timeline reached.

@@ -159,7 +159,7 @@ impl GuestHost for InstanceHost {
                 grant
             };
             let Some((provider_type, granted)) = grant else {
-                agent.metrics.call("none", ErrorCode::PermissionDenied.as_str(), Duration::ZERO);
+                agent.metrics.ungranted_call();
                 return denied(
                     &agent,
                     &log,
@@ -194,7 +194,7 @@ impl GuestHost for InstanceHost {
                 format!("{CALL} {call} {instance_id} {capability_id} {outcome}")
             });
             let outcome = response.error_code().map_or("ok", |code| code.as_str());
-            agent.metrics.call(&provider_type.to_string(), outcome, agent.env.clock.now().saturating_sub(began));
+            agent.metrics.call(provider_type, outcome, agent.env.clock.now().saturating_sub(began));
             if agent.config.has_bug(crate::AgentBug::CallsInFacts) && response.success {
                 if let Some(local) = agent.lock().get_mut(&instance_id) {
                     local.metadata.last_error = Some(String::from_utf8_lossy(&invocation.params).into_owned());

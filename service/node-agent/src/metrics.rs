@@ -22,16 +22,17 @@ struct StatusLabels {
     status: String,
 }
 
+// Static strings: a capability call is a hot path, and these labels cost it no allocation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
-    provider: String,
+    provider: &'static str,
     /// `ok`, or the call's error code (`PERMISSION_DENIED` for a denial).
-    outcome: String,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProviderLabels {
-    provider: String,
+    provider: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,11 +82,18 @@ impl AgentMetrics {
         self.restarts.inc();
     }
 
-    /// A capability call ended with `outcome` after `took`; `provider` is `none` when no grant named one.
-    pub(crate) fn call(&self, provider: &str, outcome: &str, took: Duration) {
-        let labels = CallLabels { provider: provider.to_string(), outcome: outcome.to_string() };
-        self.calls.get_or_create(&labels).inc();
-        self.call_seconds.get_or_create(&ProviderLabels { provider: provider.to_string() }).observe(took.as_secs_f64());
+    /// A capability call reached `provider` and ended with `outcome` after `took`.
+    pub(crate) fn call(&self, provider: factum_proto::ProviderType, outcome: &'static str, took: Duration) {
+        let provider = provider.as_str();
+        self.calls.get_or_create(&CallLabels { provider, outcome }).inc();
+        self.call_seconds.get_or_create(&ProviderLabels { provider }).observe(took.as_secs_f64());
+    }
+
+    /// A capability call named a capability the instance does not hold: denied before any provider (counted as
+    /// provider `none`, with no latency: there was no call to time).
+    pub(crate) fn ungranted_call(&self) {
+        let outcome = factum_proto::ErrorCode::PermissionDenied.as_str();
+        self.calls.get_or_create(&CallLabels { provider: "none", outcome }).inc();
     }
 
     /// A lease renewal was answered (`ok`), refused as expired (`expired`) or failed (`failed`).

@@ -93,13 +93,20 @@ pub enum ProviderType {
     Messaging,
 }
 
-impl fmt::Display for ProviderType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl ProviderType {
+    /// Lower-case name as used in metrics and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
             ProviderType::Kv => "kv",
             ProviderType::Http => "http",
             ProviderType::Messaging => "messaging",
-        })
+        }
+    }
+}
+
+impl fmt::Display for ProviderType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
