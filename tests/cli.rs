@@ -528,6 +528,18 @@ fn drain_moves_what_may_run_again_and_places_nothing_new_there() {
     fails_with(&cp, &["drain", "n9"], "INVALID_REQUEST");
 }
 
+#[test]
+fn a_start_without_an_answer_is_sent_again_and_says_so() {
+    let (_control_plane, cp) = control_plane();
+    let mut node = agent("n1", &cp, &[]);
+    wait_for_nodes(&cp, 1);
+    // The control plane still counts the node in until it misses its heartbeats: the start reaches no agent.
+    node.kill();
+    let out = factum(&cp, &["start", &fixture("sleeper"), "--id", "lost"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("sending the same start again") && stderr.contains("instance_id=lost"), "{stderr}");
+}
+
 /// The value of the sample of `family` whose labels include every one of `labels`.
 fn sample(metrics: &str, family: &str, labels: &[&str]) -> Option<f64> {
     metrics.lines().find_map(|line| {

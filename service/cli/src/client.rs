@@ -9,6 +9,19 @@ use serde::Serialize;
 
 use crate::{ClientOpts, Command, Output};
 
+/// Client commands print the client library's warnings (a start sent again after a lost answer) to stderr as
+/// plain lines; `RUST_LOG` widens or narrows what is shown.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "factum_client=warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .with_ansi(false)
+        .try_init();
+}
+
 async fn connect(opts: &ClientOpts) -> Result<Client> {
     let credentials = match &opts.tls {
         None => Credentials::claim(opts.identity.clone()),

@@ -543,6 +543,8 @@ pub fn run() -> ExitCode {
     };
     if matches!(cli.command, Command::Up { .. } | Command::ControlPlane { .. } | Command::Agent { .. }) {
         daemon::init_logging(cli.log_format);
+    } else {
+        client::init_logging();
     }
     let result = runtime.block_on(async move {
         match cli.command {

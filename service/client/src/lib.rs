@@ -85,6 +85,7 @@ impl Client {
             let answer = self.answer(rpc.start_instance(ctx, request.clone())).await;
             match answer {
                 Err(e) if e.error_code == factum_proto::ErrorCode::CommunicationFailure && attempt < START_ATTEMPTS => {
+                    tracing::warn!(instance_id = %id, attempt, "no answer to the start ({}); sending the same start again", e.message);
                     self.env.clock.sleep(Duration::from_secs(u64::from(attempt))).await;
                     attempt += 1;
                     rpc = match dial(&self.env, &self.addr, self.timeout).await {
