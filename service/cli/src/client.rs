@@ -124,7 +124,7 @@ fn instances_table(instances: &[InstanceMetadata]) -> String {
 }
 
 /// A start that failed, with what to do about it and what the same command started before it.
-fn start_failed(e: ErrorResponse, started: &[String]) -> anyhow::Error {
+pub(crate) fn start_failed(e: ErrorResponse, started: &[String]) -> anyhow::Error {
     let mut message = e.to_string();
     if let Some(id) = e.details.as_ref().and_then(|d| d.get("instance_id")) {
         if e.error_code == ErrorCode::CommunicationFailure {

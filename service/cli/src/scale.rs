@@ -61,12 +61,7 @@ pub async fn scale(cp: &Client, base: &str, replicas: u32, module: Option<&Path>
         let template = copy_of(cp, &model, module).await?;
         for id in missing {
             let request = StartRequest { instance_id: Some(id.clone()), ..template.clone() };
-            cp.start(request).await.map_err(|e| {
-                anyhow!(
-                    "{e}\nstarted before it: {}",
-                    if done.started.is_empty() { "none".into() } else { done.started.join(", ") }
-                )
-            })?;
+            cp.start(request).await.map_err(|e| crate::client::start_failed(e, &done.started))?;
             done.started.push(id);
         }
     }
