@@ -128,6 +128,8 @@ caught! {
         "backoff_storm.toml", cp(InjectedBug::UnknownEndedRuns) => ["P14 facts_only_move_forward"];
     an_http_provider_that_follows_redirects_unchecked_is_caught_by_the_always_on_monitor:
         "http.toml", http(HttpBug::UncheckedRedirects) => ["no grant ever named intranet"];
+    a_removal_that_forgets_copies_left_elsewhere_is_caught_by_the_always_on_monitor:
+        "drain_remove_lossy.toml", cp(InjectedBug::TombstoneOnlyWhereRemoved) => ["removed_instances_stay_removed"];
     a_drain_that_starts_before_it_stops_is_caught_by_single_placement:
         "drain.toml", cp(InjectedBug::DrainStartsFirst) => ["single_placement"];
     a_control_plane_that_reschedules_without_constraints_is_caught_by_the_always_on_monitor:

@@ -8,8 +8,9 @@
 //! control plane rebuilt after a restart knows it; an agent process that restarts comes back undrained.
 
 use factum_env::rpc;
-use factum_proto::{DrainReport, ErrorResponse, NodeAgentClient, PolicyType, StopInstanceRequest};
+use factum_proto::{DrainReport, ErrorResponse, InstanceFacts, NodeAgentClient, PolicyType};
 
+use crate::facts::apply_facts;
 use crate::reschedule::{begin_placement, restartable};
 use crate::{place, ControlPlane, InjectedBug};
 
@@ -108,39 +109,31 @@ impl ControlPlane {
             (epoch, to, state.nodes.get(from).and_then(|n| n.client.clone()))
         };
         if self.inner.config.has_bug(InjectedBug::DrainStartsFirst) {
-            let started = self.start_moved(instance_id, from, epoch, &to).await;
-            self.stop_on(instance_id, from, from_client).await.ok();
+            let started = self.start_moved(instance_id, from, epoch, &to, None).await;
+            self.stop_on(instance_id, from, from_client, "stop for a drain").await.ok();
             return started;
         }
-        if let Err(e) = self.stop_on(instance_id, from, from_client).await {
-            self.lock().moving.remove(instance_id);
-            return Err(format!("stopping it on {from} failed, so it runs there still: {}", e.message));
-        }
-        self.start_moved(instance_id, from, epoch, &to).await
+        let stopped = match self.stop_on(instance_id, from, from_client, "stop for a drain").await {
+            Ok(facts) => facts,
+            Err(e) => {
+                self.lock().moving.remove(instance_id);
+                return Err(format!("stopping it on {from} failed, so it runs there still: {}", e.message));
+            }
+        };
+        self.start_moved(instance_id, from, epoch, &to, stopped).await
     }
 
-    /// Stops the instance on `from`, where it is stopped as a user's stop would (no local restart follows).
-    async fn stop_on(
+    /// Places the instance stopped on `from` (placement `epoch`; `stopped`: its facts there after the stop) on
+    /// `to` and starts it there, unless a user stopped it meanwhile, it moved on, or it has no retries left. A
+    /// start that does not take is retried as any reschedule is.
+    async fn start_moved(
         &self,
         instance_id: &str,
         from: &str,
-        client: Option<NodeAgentClient>,
-    ) -> Result<(), ErrorResponse> {
-        let request = StopInstanceRequest { instance_id: instance_id.to_string() };
-        let call = |c: NodeAgentClient| {
-            let request = request.clone();
-            async move { c.stop_instance_local(rpc::rpc_context(), request).await }
-        };
-        let response = self.call_agent_retrying(from, client, "stop for a drain", call).await?;
-        match response.success {
-            true => Ok(()),
-            false => Err(response.error.unwrap_or_else(|| ErrorResponse::internal("agent refused without a reason"))),
-        }
-    }
-
-    /// Places the instance stopped on `from` (placement `epoch`) on `to` and starts it there, unless a user
-    /// stopped it meanwhile or it moved on. A start that does not take is retried as any reschedule is.
-    async fn start_moved(&self, instance_id: &str, from: &str, epoch: u64, to: &str) -> Result<Option<String>, String> {
+        epoch: u64,
+        to: &str,
+        stopped: Option<InstanceFacts>,
+    ) -> Result<Option<String>, String> {
         let prepared = {
             let mut state = self.lock();
             let wanted = state.moving.remove(instance_id);
@@ -148,6 +141,23 @@ impl ControlPlane {
                 state.instances.get(instance_id).is_some_and(|r| r.epoch == epoch && r.metadata.node_id == from);
             if !wanted || !unmoved {
                 return Ok(None); // stopped by a user, or rescheduled, or removed meanwhile
+            }
+            // The agent may have restarted it after the check above, using up its last retry (seed 19 of
+            // drain_remove_lossy): its count after the stop decides, or the move would break P8.
+            if let Some(facts) = stopped {
+                apply_facts(&mut state, from, facts, false, true);
+            }
+            let policy = state.instances.get(instance_id).map(|r| (r.restart_policy, r.metadata.restarts));
+            if let Some((policy, restarts)) = policy.filter(|(p, n)| !p.should_restart(true, *n)) {
+                let max = policy.max_retries.unwrap_or_default();
+                return Err(format!(
+                    "it restarted on {from} meanwhile and has used its retries ({restarts} of {max}): stopped there"
+                ));
+            }
+            // What the stop left on `from` is now a stale copy: discarded below, not waiting for a snapshot
+            // (which may be lost, and the instance removed meanwhile).
+            if !self.inner.config.has_bug(InjectedBug::TombstoneOnlyWhereRemoved) {
+                state.stale_copies.entry((from.to_string(), instance_id.to_string())).or_insert(false);
             }
             begin_placement(&mut state, instance_id, to)
         };
@@ -162,6 +172,7 @@ impl ControlPlane {
             Err(e) => Err(format!("starting it on {to} failed ({}); it will be placed again", e.message)),
         };
         self.settle(instance_id, to, new_epoch, result);
+        self.discard_stale_copies(from);
         outcome
     }
 }

@@ -313,7 +313,8 @@ mod tests {
         let mut state = placed();
         let held = state.instances.remove("s1").unwrap();
         let removed_at = SnapshotMark { boot: 9, sequence: 20 };
-        state.removed.insert("s1".into(), ("n1".into(), removed_at));
+        let nodes = [("n1".to_string(), Some(removed_at))].into();
+        state.removed.insert("s1".into(), crate::removal::Tombstone { epoch: 3, nodes });
         let facts = InstanceFacts {
             metadata: held.metadata.clone(),
             capabilities: vec![],
@@ -337,6 +338,42 @@ mod tests {
         // Any later snapshot of that node cannot hold it: the tombstone goes.
         merge_snapshot(&mut state, "n1", vec![], true, Source::Heartbeat(SnapshotMark { boot: 9, sequence: 21 }));
         assert!(state.removed.is_empty());
+    }
+
+    #[test]
+    fn a_stale_copy_elsewhere_of_a_removed_instance_is_not_learned_back_but_discarded() {
+        let mut state = placed();
+        let held = state.instances.remove("s1").unwrap();
+        let nodes = [("n1".to_string(), Some(SnapshotMark { boot: 9, sequence: 20 }))].into();
+        state.removed.insert("s1".into(), crate::removal::Tombstone { epoch: 3, nodes });
+        let copy = |epoch| InstanceFacts {
+            metadata: InstanceMetadata {
+                node_id: "n2".into(),
+                status: InstanceStatus::Stopped,
+                ..held.metadata.clone()
+            },
+            capabilities: vec![],
+            restart_policy: held.restart_policy,
+            config: Default::default(),
+            constraints: Default::default(),
+            seq: 4,
+            epoch,
+            lease: None,
+            accepted_after: SnapshotMark { boot: 5, sequence: 2 },
+            seal: crate::PlacementKey::plaintext().seal("s1", "n2", epoch),
+        };
+        // n2 kept the copy of placement 2 (a drain moved it on, its discard was lost): screened, to discard.
+        merge_snapshot(&mut state, "n2", vec![copy(2)], true, Source::Heartbeat(SnapshotMark { boot: 5, sequence: 7 }));
+        assert!(!state.instances.contains_key("s1"), "a stale copy brought the removed instance back");
+        assert!(state.stale_copies.contains_key(&("n2".to_string(), "s1".to_string())));
+        assert_eq!(state.removed["s1"].nodes["n2"], None);
+        // Until discarded, n2's later snapshots still hold it: screened still.
+        merge_snapshot(&mut state, "n2", vec![copy(2)], true, Source::Heartbeat(SnapshotMark { boot: 5, sequence: 8 }));
+        assert!(!state.instances.contains_key("s1"));
+        // Discarded there, answered with n2's snapshot number 8: a snapshot after that cannot hold it.
+        state.removed.get_mut("s1").unwrap().nodes.insert("n2".into(), Some(SnapshotMark { boot: 5, sequence: 8 }));
+        merge_snapshot(&mut state, "n2", vec![], true, Source::Heartbeat(SnapshotMark { boot: 5, sequence: 9 }));
+        assert_eq!(state.removed["s1"].nodes.len(), 1, "n2's entry goes once a snapshot postdates its discard");
     }
 
     #[test]

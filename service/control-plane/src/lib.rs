@@ -122,6 +122,10 @@ pub enum InjectedBug {
     /// A removed instance leaves no tombstone, so a snapshot its agent took before the removal, arriving after
     /// it, brings the instance back (breaks removed_instances_stay_removed).
     NoTombstones,
+    /// A removal's tombstone covers only the node the instance was removed from, and a drain leaves its stopped
+    /// copies for a snapshot to show: a copy whose discard was lost brings a removed instance back (breaks
+    /// removed_instances_stay_removed; a real bug, found at swarm seed 9402395).
+    TombstoneOnlyWhereRemoved,
     /// A drain starts an instance on its new node before it has stopped on the drained one, so for a while it
     /// runs twice (breaks `single_placement`).
     DrainStartsFirst,
@@ -232,8 +236,8 @@ struct State {
     moving: BTreeSet<String>,
     /// (node, instance) → whether its removal is in flight: ended copies of instances that now run elsewhere.
     stale_copies: BTreeMap<(String, String), bool>,
-    /// Removed instances → (node, that node's snapshot number at removal): older snapshots still hold them.
-    removed: BTreeMap<String, (String, factum_proto::SnapshotMark)>,
+    /// Removed instances → where copies of them may still show up in snapshots (see [`removal::Tombstone`]).
+    removed: BTreeMap<String, removal::Tombstone>,
     /// Whether a registry decides membership (set when [`ControlPlane::run_membership`] starts).
     registry_mode: bool,
     /// The injected bug, for the fact-merging code that has no config (always `None` in real deployments).
@@ -476,22 +480,34 @@ impl ControlPlane {
         self.lock().moving.remove(instance_id);
         let result = async {
             let (node_id, client) = self.route(instance_id)?;
-            let req = StopInstanceRequest { instance_id: instance_id.to_string() };
-            let call = |c: NodeAgentClient| {
-                let req = req.clone();
-                async move { c.stop_instance_local(rpc::rpc_context(), req).await }
-            };
-            let resp = self.call_agent_retrying(&node_id, client, "stop", call).await?;
-            if !resp.success {
-                return Err(resp.error.unwrap_or_else(|| ErrorResponse::internal("agent refused without a reason")));
-            }
-            if let Some(facts) = resp.facts {
+            if let Some(facts) = self.stop_on(instance_id, &node_id, client, "stop").await? {
                 facts::apply_facts(&mut self.lock(), &node_id, facts, false, true);
             }
             Ok(())
         }
         .await;
         result.map_err(|e| self.error(e))
+    }
+
+    /// Stops the instance on `node_id` as a user's stop does (no local restart follows); its facts after, if the
+    /// agent holds it. `what` names the call in logs.
+    async fn stop_on(
+        &self,
+        instance_id: &str,
+        node_id: &str,
+        client: Option<NodeAgentClient>,
+        what: &str,
+    ) -> Result<Option<InstanceFacts>, ErrorResponse> {
+        let req = StopInstanceRequest { instance_id: instance_id.to_string() };
+        let call = |c: NodeAgentClient| {
+            let req = req.clone();
+            async move { c.stop_instance_local(rpc::rpc_context(), req).await }
+        };
+        let resp = self.call_agent_retrying(node_id, client, what, call).await?;
+        match resp.success {
+            true => Ok(resp.facts),
+            false => Err(resp.error.unwrap_or_else(|| ErrorResponse::internal("agent refused without a reason"))),
+        }
     }
 
     /// RestartInstance: the node holding the instance ends its current run, if any, and starts a new one with

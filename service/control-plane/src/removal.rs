@@ -1,8 +1,11 @@
 //! Removing ended instances: on request (`RemoveInstance`, `factum rm`) and after the retention period. An
 //! instance goes from its agent first and then from the maps here, its module's bytes with it once no other
 //! instance uses them. A snapshot the agent took before the removal may still arrive and hold the instance;
-//! a tombstone (the agent's snapshot number at removal) keeps it from being learned back.
+//! a tombstone (the agent's snapshot number at removal) keeps it from being learned back. The same holds for
+//! the ended copies a drain or a reschedule left on other nodes: until each is discarded there, its node's
+//! snapshots hold it (swarm seed 9402395: a drained node's copy, its discard lost, relearned after removal).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use factum_env::rpc;
@@ -30,6 +33,7 @@ impl ControlPlane {
             })?;
             (record.metadata.node_id.clone(), record.epoch)
         };
+        let epoch = placement.1;
         let (node_id, client) = self.route(instance_id)?;
         let id = instance_id.to_string();
         let call = |c: NodeAgentClient| {
@@ -49,8 +53,19 @@ impl ControlPlane {
             return Err(ErrorResponse::invalid(format!("instance {instance_id} was placed again while being removed")));
         }
         forget(&mut state, instance_id);
-        if let Some(mark) = removed_at.filter(|_| !self.inner.config.has_bug(crate::InjectedBug::NoTombstones)) {
-            state.removed.insert(instance_id.to_string(), (node_id.clone(), mark));
+        if !self.inner.config.has_bug(crate::InjectedBug::NoTombstones) {
+            let mut tombstone = Tombstone { epoch, nodes: BTreeMap::new() };
+            if let Some(mark) = removed_at {
+                tombstone.nodes.insert(node_id.clone(), Some(mark));
+            }
+            // Copies left elsewhere and not yet discarded: their discard goes on, screened meanwhile.
+            let elsewhere = !self.inner.config.has_bug(crate::InjectedBug::TombstoneOnlyWhereRemoved);
+            for (node, _) in state.stale_copies.keys().filter(|(_, id)| elsewhere && id == instance_id) {
+                tombstone.nodes.insert(node.clone(), None);
+            }
+            if !tombstone.nodes.is_empty() {
+                state.removed.insert(instance_id.to_string(), tombstone);
+            }
         }
         tracing::info!(instance_id, node = %node_id, "instance removed");
         self.inner.env.trace(|| format!("removed {instance_id}"));
@@ -120,25 +135,57 @@ fn forget(state: &mut State, instance_id: &str) {
     }
 }
 
+/// Where a removed instance may still show up in snapshots, so they do not bring it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Tombstone {
+    /// Placement epoch of the removed instance: a fact of an older one, from any node, is a stale copy.
+    pub(crate) epoch: u64,
+    /// Node → its snapshot number once it no longer held the instance (removed there, or its stale copy
+    /// discarded); `None` while a stale copy there waits to be discarded. A snapshot postdating the number
+    /// cannot hold the instance, so the node's entry goes with it; the tombstone goes with its last entry.
+    pub(crate) nodes: BTreeMap<String, Option<SnapshotMark>>,
+}
+
+impl Tombstone {
+    /// Whether a fact of the removed instance in snapshot `mark` of `node_id` is one the removal left behind.
+    fn holds(&self, node_id: &str, mark: SnapshotMark, facts: &InstanceFacts) -> bool {
+        match self.nodes.get(node_id) {
+            Some(Some(gone_at)) => mark.predates(*gone_at),
+            Some(None) => true,
+            None => facts.epoch < self.epoch,
+        }
+    }
+}
+
 /// What of `snapshot` (numbered `mark`, from `node_id`) may be applied: not the instances removed from that
-/// node after it was taken. Tombstones that this snapshot postdates are dropped: no later snapshot of that node
-/// holds their instance.
+/// node after it was taken, nor stale copies of removed instances (those are noted for discard). Tombstone
+/// entries of that node that this snapshot postdates are dropped: no later snapshot of it holds their instance.
 pub(crate) fn screen(
     state: &mut State,
     node_id: &str,
     mark: SnapshotMark,
     snapshot: Vec<InstanceFacts>,
 ) -> Vec<InstanceFacts> {
-    let kept = snapshot
-        .into_iter()
-        .filter(|facts| {
-            !state
-                .removed
-                .get(&facts.metadata.instance_id)
-                .is_some_and(|(node, removed_at)| node == node_id && mark.predates(*removed_at))
-        })
-        .collect();
-    state.removed.retain(|_, (node, removed_at)| node != node_id || mark.predates(*removed_at));
+    let by_epoch = state.injected != Some(crate::InjectedBug::TombstoneOnlyWhereRemoved);
+    let mut kept = Vec::with_capacity(snapshot.len());
+    for facts in snapshot {
+        let id = &facts.metadata.instance_id;
+        let Some(tombstone) = state.removed.get_mut(id) else {
+            kept.push(facts);
+            continue;
+        };
+        if !tombstone.holds(node_id, mark, &facts) || (!by_epoch && !tombstone.nodes.contains_key(node_id)) {
+            kept.push(facts);
+        } else if !tombstone.nodes.contains_key(node_id) {
+            // A copy nobody knew of (its node was away when the instance moved): discard it too.
+            tombstone.nodes.insert(node_id.to_string(), None);
+            state.stale_copies.entry((node_id.to_string(), id.clone())).or_insert(false);
+        }
+    }
+    state.removed.retain(|_, tombstone| {
+        tombstone.nodes.retain(|node, gone_at| node != node_id || gone_at.is_none_or(|at| mark.predates(at)));
+        !tombstone.nodes.is_empty()
+    });
     kept
 }
 
@@ -187,6 +234,7 @@ impl ControlPlane {
                     }
                 };
                 let mut done = client.is_none();
+                let mut result_mark = None;
                 if let Some(client) = client {
                     let call = |c: NodeAgentClient| {
                         let id = id.clone();
@@ -197,11 +245,22 @@ impl ControlPlane {
                         &result,
                         Ok(Ok(_)) | Ok(Err(ErrorResponse { error_code: ErrorCode::InstanceNotFound, .. }))
                     );
+                    result_mark = result.ok().and_then(|r| r.ok());
                     cp.inner.env.trace(|| format!("discard {id} on {node_id}: {}", if done { "ok" } else { "failed" }));
                 }
                 let mut state = cp.lock();
                 if done {
                     state.stale_copies.remove(&key);
+                    // Of a removed instance: the node's snapshots from now on cannot hold it.
+                    if let Some(tombstone) = state.removed.get_mut(&id) {
+                        match result_mark {
+                            Some(mark) => tombstone.nodes.insert(node_id.clone(), Some(mark)),
+                            None => tombstone.nodes.remove(&node_id),
+                        };
+                        if tombstone.nodes.is_empty() {
+                            state.removed.remove(&id);
+                        }
+                    }
                 } else if let Some(in_flight) = state.stale_copies.get_mut(&key) {
                     *in_flight = false;
                 }
