@@ -43,9 +43,15 @@ fn guest(n: usize) -> Vec<u8> {
 
 async fn through_guest(name: &str, engine: Arc<dyn WasmEngine>, n: usize) {
     let messaging = Arc::new(MessagingProvider::in_memory());
-    let providers = Providers { kv: Arc::new(KvProvider::new()), http: None, messaging: Some(messaging.clone()) };
+    let providers = Providers {
+        kv: Arc::new(KvProvider::new()),
+        http: None,
+        messaging: Some(messaging.clone()),
+        remote: Default::default(),
+    };
     let (agent, mut reports) = Agent::new(Env::tokio(), AgentConfig::new("node-1", "127.0.0.1:0"), engine, providers);
     let request = StartInstanceRequest {
+        grant_seals: Default::default(),
         instance_id: "bench".into(),
         module_bytes: guest(n),
         capabilities: vec![

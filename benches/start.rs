@@ -52,6 +52,7 @@ async fn agent_local(name: &str, engine: Arc<dyn WasmEngine>) {
     let started = Instant::now();
     for i in 0..iterations() {
         let req = StartInstanceRequest {
+            grant_seals: Default::default(),
             instance_id: format!("i-{i}"),
             module_bytes: bytes.clone(),
             capabilities: vec![],

@@ -540,15 +540,6 @@ fn a_start_without_an_answer_is_sent_again_and_says_so() {
     assert!(stderr.contains("sending the same start again") && stderr.contains("instance_id=lost"), "{stderr}");
 }
 
-/// The value of the sample of `family` whose labels include every one of `labels`.
-fn sample(metrics: &str, family: &str, labels: &[&str]) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        let (name, value) = line.rsplit_once(' ')?;
-        let (metric, set) = name.split_once('{').unwrap_or((name, ""));
-        (metric == family && labels.iter().all(|l| set.contains(l))).then(|| value.parse().ok()).flatten()
-    })
-}
-
 #[test]
 fn metrics_count_what_the_daemons_do() {
     let up = up_with(&["--metrics-listen", "127.0.0.1:0"]);

@@ -116,6 +116,7 @@ impl ClusterConfig {
                 retention: factum_control_plane::DEFAULT_RETENTION,
                 // Every control-plane life of a run holds it, as a key file beside the binary would be.
                 placement_key: factum_control_plane::PlacementKey::plaintext(),
+                grant_key: factum_proto::GrantKey::plaintext(),
                 injected_bug: None,
             },
             heartbeat_interval: Duration::from_millis(500),
@@ -447,6 +448,7 @@ pub fn build_observed_cluster(
                         let bus = bus::RemoteBus::new(env.clone(), format!("{BUS}:{PORT}"));
                         Arc::new(MessagingProvider::new(Arc::new(bus)))
                     }),
+                    remote: Default::default(),
                 };
                 let (agent, reports) = Agent::new(env.clone(), agent_config, engine, providers);
                 observed.set_agent(&name, Some(agent.clone()));

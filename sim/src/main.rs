@@ -36,7 +36,7 @@ enum Command {
         #[arg(long)]
         seed: u64,
     },
-    /// Run every scenario in a directory over many seeds; prints failures with their seeds.
+    /// Run every scenario in a directory over many seeds; prints failures with their seeds, and progress on stderr.
     Sweep {
         /// Directory of `*.toml` scenarios.
         #[arg(default_value = "scenarios")]
@@ -135,6 +135,7 @@ fn run_parallel(
     jobs: &[Job],
     workers: usize,
     deadline: Option<Instant>,
+    progress: Option<&Progress>,
 ) -> Vec<Result<factum_sim::Outcome, scenario::Failure>> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: std::sync::Mutex<Vec<Option<Result<factum_sim::Outcome, scenario::Failure>>>> =
@@ -151,6 +152,9 @@ fn run_parallel(
                 if let Err(e) = &result {
                     eprintln!("FAILED: {e}\n  replay: {}", job.replay);
                 }
+                if let Some(progress) = progress {
+                    progress.ran(result.is_err());
+                }
                 if let Some(slot) = results.lock().unwrap_or_else(|p| p.into_inner()).get_mut(i) {
                     *slot = Some(result);
                 }
@@ -158,6 +162,32 @@ fn run_parallel(
         }
     });
     results.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().flatten().collect()
+}
+
+/// A long run's progress on stderr: a line each time another twentieth of the runs is done, so an hour-long
+/// sweep shows it is moving and how it fares.
+struct Progress {
+    total: usize,
+    began: Instant,
+    done: std::sync::atomic::AtomicUsize,
+    failed: std::sync::atomic::AtomicUsize,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        Progress { total, began: Instant::now(), done: Default::default(), failed: Default::default() }
+    }
+
+    /// One run ended.
+    fn ran(&self, failed: bool) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let failed = self.failed.fetch_add(usize::from(failed), SeqCst) + usize::from(failed);
+        let done = self.done.fetch_add(1, SeqCst) + 1;
+        if done.is_multiple_of((self.total / 20).max(1)) || done == self.total {
+            let secs = self.began.elapsed().as_secs_f64();
+            eprintln!("{done}/{} runs, {failed} failed, {secs:.0} s, {:.1} runs/s", self.total, done as f64 / secs);
+        }
+    }
 }
 
 /// Throughput, failures, fault-point coverage and the sometimes-goals reached by a finished sweep (`results`
@@ -295,7 +325,7 @@ fn main() -> ExitCode {
                 })
                 .collect();
             let began = Instant::now();
-            let results = run_parallel(&work, jobs, None);
+            let results = run_parallel(&work, jobs, None, Some(&Progress::new(work.len())));
             report(&summarize(&work, &results, began.elapsed().as_secs_f64()), output)
         }
         Command::Swarm { seeds, time_box, start, agents, duration, jobs, output } => {
@@ -318,7 +348,7 @@ fn main() -> ExitCode {
                         seed,
                     })
                     .collect();
-                let ran = run_parallel(&chunk, jobs, deadline);
+                let ran = run_parallel(&chunk, jobs, deadline, None);
                 work.extend(chunk.into_iter().take(ran.len()));
                 results.extend(ran);
                 next = end;

@@ -156,6 +156,15 @@ pub fn http_get(addr: &str, path: &str) -> (String, String) {
     (head.lines().next().unwrap_or_default().to_string(), body.to_string())
 }
 
+/// The value of the sample of `family` whose labels include every one of `labels`.
+pub fn sample(metrics: &str, family: &str, labels: &[&str]) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        let (metric, set) = name.split_once('{').unwrap_or((name, ""));
+        (metric == family && labels.iter().all(|l| set.contains(l))).then(|| value.parse().ok()).flatten()
+    })
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _, Result};
 use factum_control_plane::PlacementKey;
 use factum_env::rpc::tls::{file_names, CA_FILE};
 use factum_env::Env;
-use factum_proto::Principal;
+use factum_proto::{GrantKey, Principal};
 use rand_core::TryRngCore as _;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
@@ -23,6 +23,10 @@ pub const CA_KEY_FILE: &str = "ca.key";
 /// once, with the control plane's first certificate, and never replaced: a new key would make a restarted
 /// control plane refuse the facts of every placement the old one sealed.
 pub const PLACEMENT_KEY_FILE: &str = "placement.key";
+
+/// The key provider hosts check grants with (`factum_proto::GrantKey`), derived from the placement key, so a
+/// provider host given it can check grants but not seal placements. Written with a provider's certificate.
+pub const GRANT_KEY_FILE: &str = "grant.key";
 
 /// How long the CA is valid.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -67,8 +71,27 @@ pub fn issue(dir: &Path, identities: &[Principal]) -> Result<Vec<String>> {
             write(dir, PLACEMENT_KEY_FILE, &(PlacementKey::new(key).to_hex() + "\n"), true)?;
             written.push(PLACEMENT_KEY_FILE.to_string());
         }
+        if matches!(principal, Principal::Provider(_)) && !dir.join(GRANT_KEY_FILE).exists() {
+            let key = placement_key(dir).context("a provider checks grants with a key derived from it")?.grant_key();
+            write(dir, GRANT_KEY_FILE, &(key.to_hex() + "\n"), true)?;
+            written.push(GRANT_KEY_FILE.to_string());
+        }
     }
     Ok(written)
+}
+
+/// The provider hosts' grant key in `dir`.
+pub fn grant_key(dir: &Path) -> Result<GrantKey> {
+    let path = dir.join(GRANT_KEY_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {}: a provider host checks grants with it; `factum certs issue provider/ID --dir {}` \
+             writes one",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    GrantKey::from_hex(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// The control plane's placement key in `dir`.

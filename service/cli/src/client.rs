@@ -409,6 +409,7 @@ pub async fn run(command: Command) -> Result<()> {
         Command::Up { .. }
         | Command::ControlPlane { .. }
         | Command::Agent { .. }
+        | Command::Provider { .. }
         | Command::Certs { .. }
         | Command::Completions { .. } => {
             bail!("not a client command")

@@ -1,5 +1,6 @@
-//! The long-running commands: `up`, `control-plane`, `agent`.
+//! The long-running commands: `up`, `control-plane`, `agent`, `provider`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,16 +9,16 @@ use factum_control_plane::{ControlPlane, ControlPlaneConfig};
 use factum_env::rpc::{self, tls::Tls};
 use factum_env::Env;
 use factum_node_agent::{Agent, AgentConfig, CompileLimits, Providers};
-use factum_proto::Principal;
+use factum_proto::{GrantKey, Principal, ProviderType};
 use factum_providers::{
-    BackendTls, HttpLimits, HttpProvider, KvProvider, MessagingProvider, NatsBus, RedisStore,
+    BackendTls, HttpLimits, HttpProvider, KvProvider, MessagingProvider, NatsBus, Provider, RedisStore, RemoteProvider,
     DEFAULT_MAX_KEYS_PER_STORE,
 };
 use factum_wasm::{Limits, NodeMemory, WasmEngine, WasmiEngine, WasmtimeEngine};
 
 use factum_registry::{EtcdRegistry, Registry};
 
-use crate::{AgentOpts, EngineKind, LogFormat, MetricsOpts, RegistryOpts, TlsOpts};
+use crate::{AgentOpts, EngineKind, KvOpts, LogFormat, MetricsOpts, ProviderKind, RegistryOpts, TlsOpts};
 
 /// Prints a status line; a closed stdout (e.g. `factum up | head -1`) must not take the daemon down.
 fn say(line: String) {
@@ -115,6 +116,7 @@ async fn start_control_plane(
     let mut config = config;
     if let Some(dir) = &tls.tls {
         config.placement_key = crate::certs::placement_key(dir)?;
+        config.grant_key = config.placement_key.grant_key();
     }
     let listener = env.net.bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
@@ -126,6 +128,50 @@ async fn start_control_plane(
     }
     env.spawn(factum_control_plane::serve(cp.clone(), listener));
     Ok((cp, addr))
+}
+
+/// A KV provider keeping its data where `opts` says.
+async fn kv_provider(opts: &KvOpts) -> Result<KvProvider> {
+    let Some(url) = &opts.kv_redis else { return Ok(KvProvider::new()) };
+    let tls = BackendTls::from_files(&opts.kv_redis_ca, &opts.kv_redis_cert, &opts.kv_redis_key);
+    let store =
+        RedisStore::connect_with(url, &opts.kv_namespace, DEFAULT_MAX_KEYS_PER_STORE, Duration::from_secs(5), &tls)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("cannot use Redis at {url} for KV"))?;
+    say(format!("kv: redis at {url} (namespace {})", opts.kv_namespace));
+    Ok(KvProvider::with_backend(Arc::new(store)))
+}
+
+/// How long an agent waits for a provider host: to connect, and for one call's answer.
+const PROVIDER_HOST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The provider hosts of `--provider-host KIND=ID@ADDR` flags, by kind.
+fn provider_hosts(env: &Env, flags: &[String]) -> Result<BTreeMap<ProviderType, Arc<RemoteProvider>>> {
+    let mut hosts = BTreeMap::new();
+    for flag in flags {
+        let bad = |why: &str| {
+            anyhow::anyhow!("--provider-host {flag:?}: {why} (expected KIND=ID@ADDR, e.g. kv=kv-1@10.0.0.5:7801)")
+        };
+        let (kind, rest) = flag.split_once('=').ok_or_else(|| bad("no `=`"))?;
+        let (id, addr) = rest.split_once('@').ok_or_else(|| bad("no `@`"))?;
+        let kind = match kind {
+            "kv" => ProviderType::Kv,
+            "http" => ProviderType::Http,
+            _ => return Err(bad("KIND is kv or http")),
+        };
+        let principal: Principal =
+            format!("provider/{id}").parse().map_err(|e: factum_proto::ErrorResponse| bad(&e.message))?;
+        if addr.is_empty() {
+            return Err(bad("no address after `@`"));
+        }
+        say(format!("{kind} calls go to {principal} at {addr}"));
+        let remote = RemoteProvider::new(env.clone(), addr, principal, PROVIDER_HOST_TIMEOUT);
+        if hosts.insert(kind, Arc::new(remote)).is_some() {
+            return Err(bad(&format!("a second provider host for {kind}")));
+        }
+    }
+    Ok(hosts)
 }
 
 /// Binds and serves an agent linked to `control_plane`; returns the address it listens on.
@@ -165,24 +211,10 @@ async fn start_agent(
         fuel: opts.fuel,
         ..Limits::default()
     };
-    let kv = match &opts.kv_redis {
-        None => KvProvider::new(),
-        Some(url) => {
-            let tls = BackendTls::from_files(&opts.kv_redis_ca, &opts.kv_redis_cert, &opts.kv_redis_key);
-            let store = RedisStore::connect_with(
-                url,
-                &opts.kv_namespace,
-                DEFAULT_MAX_KEYS_PER_STORE,
-                Duration::from_secs(5),
-                &tls,
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| format!("cannot use Redis at {url} for KV"))?;
-            say(format!("kv: redis at {url} (namespace {})", opts.kv_namespace));
-            KvProvider::with_backend(Arc::new(store))
-        }
-    };
+    let kv = kv_provider(&opts.kv).await?;
+    // The agent's own env says who it is only once the agent exists; its provider hosts must hear it first.
+    let remote =
+        provider_hosts(&env.clone().with_principal(Principal::Node(config.node_id.clone())), &opts.provider_hosts)?;
     let http = HttpProvider::new(HttpLimits::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let messaging = match &opts.msg_nats {
         None => MessagingProvider::in_memory(),
@@ -196,7 +228,8 @@ async fn start_agent(
             MessagingProvider::new(Arc::new(bus))
         }
     };
-    let providers = Providers { kv: Arc::new(kv), http: Some(Arc::new(http)), messaging: Some(Arc::new(messaging)) };
+    let providers =
+        Providers { kv: Arc::new(kv), http: Some(Arc::new(http)), messaging: Some(Arc::new(messaging)), remote };
     let (agent, reports) = Agent::new(env.clone(), config, engine, providers);
     if let Some(registry) = registry {
         env.spawn(factum_node_agent::run_registry_link(agent.clone(), registry));
@@ -319,5 +352,31 @@ pub async fn agent(
     let result = shutdown.wait().await;
     agent.stop_all();
     agent.shutdown_providers().await;
+    result
+}
+
+/// `factum provider`: one capability provider as a process of its own, serving node agents.
+pub async fn provider(kind: ProviderKind, id: String, listen: String, kv: KvOpts, tls: TlsOpts) -> Result<()> {
+    let shutdown = Shutdown::listen()?;
+    let principal: Principal = format!("provider/{id}")
+        .parse()
+        .map_err(|e: factum_proto::ErrorResponse| anyhow::anyhow!("--id: {}", e.message))?;
+    let env = &secured(&Env::tokio(), &tls, principal.clone())?;
+    let key = match &tls.tls {
+        Some(dir) => crate::certs::grant_key(dir)?,
+        None => GrantKey::plaintext(),
+    };
+    let provider: Arc<dyn Provider> = match kind {
+        ProviderKind::Kv => Arc::new(kv_provider(&kv).await?),
+        ProviderKind::Http => Arc::new(HttpProvider::new(HttpLimits::default()).map_err(|e| anyhow::anyhow!("{e}"))?),
+    };
+    let listener = env.net.bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    warn_if_exposed(env, "provider", &addr);
+    let name = provider.metadata().name;
+    env.spawn(factum_providers::remote::serve(env.clone(), provider.clone(), key, listener));
+    say(format!("{principal} ({name}) listening on {addr}"));
+    let result = shutdown.wait().await;
+    let _ = provider.shutdown().await; // calls in flight finish first (P20)
     result
 }

@@ -141,22 +141,15 @@ pub struct AgentOpts {
     /// this stops its reschedulable instances; the control plane reschedules them once the lease expires.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub lease_ttl: std::time::Duration,
-    /// Keep KV data in Redis at this URL (e.g. `redis://127.0.0.1:6379`) instead of in memory.
-    #[arg(long, env = "FACTUM_KV_REDIS")]
-    pub kv_redis: Option<String>,
-    /// Namespace of this cluster's keys in Redis (clusters sharing a Redis must differ).
-    #[arg(long, default_value = "factum")]
-    pub kv_namespace: String,
-    /// Reach Redis over TLS (a `rediss://` URL), trusting this CA (PEM) for the server's certificate. User and
-    /// password go in the URL: `rediss://user:password@host:6380`.
-    #[arg(long, env = "FACTUM_KV_REDIS_CA")]
-    pub kv_redis_ca: Option<std::path::PathBuf>,
-    /// Client certificate (PEM) to show a Redis server that verifies its clients; with `--kv-redis-key`.
-    #[arg(long, requires = "kv_redis_key")]
-    pub kv_redis_cert: Option<std::path::PathBuf>,
-    /// Private key (PEM) of `--kv-redis-cert`.
-    #[arg(long, requires = "kv_redis_cert")]
-    pub kv_redis_key: Option<std::path::PathBuf>,
+    /// Where the node's own KV provider keeps its data.
+    #[command(flatten)]
+    pub kv: KvOpts,
+    /// Send the calls of one capability kind to a provider host instead of this agent's own provider:
+    /// `KIND=ID@ADDR`, e.g. `kv=kv-1@10.0.0.5:7801`, where KIND is kv or http and `factum provider KIND --id
+    /// ID` runs at ADDR. The host checks each call's grant against the control plane's seal; over TLS its
+    /// certificate must name `provider/ID`. Repeatable, once per kind.
+    #[arg(long = "provider-host", value_name = "KIND=ID@ADDR")]
+    pub provider_hosts: Vec<String>,
     /// Carry messages through the NATS server at this URL (e.g. `nats://127.0.0.1:4222`), so instances on
     /// different nodes hear each other. Unset: an in-process bus (this node only).
     #[arg(long, env = "FACTUM_MSG_NATS")]
@@ -174,6 +167,36 @@ pub struct AgentOpts {
     /// Private key (PEM) of `--msg-nats-cert`.
     #[arg(long, requires = "msg_nats_cert")]
     pub msg_nats_key: Option<std::path::PathBuf>,
+}
+
+/// Where a KV provider keeps its data.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KvOpts {
+    /// Keep KV data in Redis at this URL (e.g. `redis://127.0.0.1:6379`) instead of in memory.
+    #[arg(long, env = "FACTUM_KV_REDIS")]
+    pub kv_redis: Option<String>,
+    /// Namespace of this cluster's keys in Redis (clusters sharing a Redis must differ).
+    #[arg(long, default_value = "factum")]
+    pub kv_namespace: String,
+    /// Reach Redis over TLS (a `rediss://` URL), trusting this CA (PEM) for the server's certificate. User and
+    /// password go in the URL: `rediss://user:password@host:6380`.
+    #[arg(long, env = "FACTUM_KV_REDIS_CA")]
+    pub kv_redis_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) to show a Redis server that verifies its clients; with `--kv-redis-key`.
+    #[arg(long, requires = "kv_redis_key")]
+    pub kv_redis_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of `--kv-redis-cert`.
+    #[arg(long, requires = "kv_redis_cert")]
+    pub kv_redis_key: Option<std::path::PathBuf>,
+}
+
+/// The capability providers `factum provider` runs as a process of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProviderKind {
+    /// Key-value (in memory, or Redis with `--kv-redis`).
+    Kv,
+    /// Outbound HTTP.
+    Http,
 }
 
 /// Where node membership and provider metadata live.
@@ -262,6 +285,26 @@ pub enum Command {
         /// Metrics options.
         #[command(flatten)]
         metrics: MetricsOpts,
+    },
+    /// Run one capability provider as a process of its own, for agents started with `--provider-host
+    /// KIND=ID@ADDR`. It serves node agents only and checks every call's grant against the control plane's
+    /// seal before it runs it (over TLS with the `grant.key` that `factum certs issue provider/ID` writes).
+    Provider {
+        /// Which provider.
+        #[arg(value_enum)]
+        kind: ProviderKind,
+        /// Its id, unique in the cluster: its identity is `provider/ID`.
+        #[arg(long, default_value = "kv-1")]
+        id: String,
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:7801")]
+        listen: String,
+        /// Where a KV provider keeps its data.
+        #[command(flatten)]
+        kv: KvOpts,
+        /// TLS options.
+        #[command(flatten)]
+        tls: TlsOpts,
     },
     /// Make the cluster's certificates: a CA, then one certificate per component and operator.
     Certs {
@@ -479,8 +522,9 @@ pub enum CertsAction {
         #[arg(long, default_value = "certs")]
         dir: std::path::PathBuf,
     },
-    /// Issue certificates signed by the CA in DIR: `control-plane`, `node/ID`, `operator/NAME`, `reader/NAME`
-    /// (`control-plane` also writes `placement.key` if DIR has none).
+    /// Issue certificates signed by the CA in DIR: `control-plane`, `node/ID`, `operator/NAME`, `reader/NAME`,
+    /// `provider/ID` (`control-plane` also writes `placement.key` if DIR has none, and `provider/ID` writes
+    /// `grant.key`, derived from it, which provider hosts check grants with).
     Issue {
         /// The identities, e.g. `node/n2 operator/alice reader/ci`.
         #[arg(required = true, value_parser = parse_principal)]
@@ -541,7 +585,10 @@ pub fn run() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if matches!(cli.command, Command::Up { .. } | Command::ControlPlane { .. } | Command::Agent { .. }) {
+    if matches!(
+        cli.command,
+        Command::Up { .. } | Command::ControlPlane { .. } | Command::Agent { .. } | Command::Provider { .. }
+    ) {
         daemon::init_logging(cli.log_format);
     } else {
         client::init_logging();
@@ -557,6 +604,7 @@ pub fn run() -> ExitCode {
             Command::Agent { control_plane, agent, registry, tls, metrics } => {
                 daemon::agent(control_plane, agent, registry, tls, metrics).await
             }
+            Command::Provider { kind, id, listen, kv, tls } => daemon::provider(kind, id, listen, kv, tls).await,
             Command::Certs { action } => certs_command(action),
             Command::Completions { shell } => completions(shell),
             other => client::run(other).await,

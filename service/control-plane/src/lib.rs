@@ -24,9 +24,9 @@ use std::time::Duration;
 
 use factum_env::{rpc, Env};
 use factum_proto::{
-    CapabilityAssignment, ErrorCode, ErrorResponse, InstanceDetails, InstanceFacts, InstanceMetadata, InstanceStatus,
-    KvEntry, NodeAgentClient, NodeInfo, NodeReport, RestartPolicy, StartInstanceRequest, StartRequest, StatusReport,
-    StopInstanceRequest, MAX_MODULE_BYTES, PROTOCOL_VERSION,
+    CapabilityAssignment, ErrorCode, ErrorResponse, GrantKey, InstanceDetails, InstanceFacts, InstanceMetadata,
+    InstanceStatus, KvEntry, NodeAgentClient, NodeInfo, NodeReport, RestartPolicy, StartInstanceRequest, StartRequest,
+    StatusReport, StopInstanceRequest, MAX_MODULE_BYTES, PROTOCOL_VERSION,
 };
 
 use crate::snapshots::Snapshots;
@@ -57,6 +57,10 @@ pub struct ControlPlaneConfig {
     /// Seals every placement this control plane issues; facts about a placement whose seal does not match are
     /// refused (see [`PlacementKey`]). The plaintext default is public.
     pub placement_key: PlacementKey,
+    /// Seals every grant this control plane sends a node, for providers on other hosts to check (P17, see
+    /// [`factum_proto::GrantKey`]). The plaintext default is public; a TLS cluster uses
+    /// [`PlacementKey::grant_key`].
+    pub grant_key: GrantKey,
     /// A deliberate bug, for proving that the simulator catches it (`sim/tests/injected_bugs.rs`). Compiled
     /// only with the `injected-bugs` feature, which the simulator turns on and the `factum` binary does not.
     #[cfg(feature = "injected-bugs")]
@@ -144,6 +148,7 @@ impl Default for ControlPlaneConfig {
             watch_wait: Duration::from_secs(5),
             retention: DEFAULT_RETENTION,
             placement_key: PlacementKey::plaintext(),
+            grant_key: GrantKey::plaintext(),
             #[cfg(feature = "injected-bugs")]
             injected_bug: None,
         }
@@ -244,6 +249,8 @@ struct State {
     injected: Option<InjectedBug>,
     /// What facts must be sealed with (the config's).
     placement_key: PlacementKey,
+    /// What grants are sealed with (the config's).
+    grant_key: GrantKey,
     /// What changed, for `factum events`: fed as each [`Locked`] guard is released.
     events: events::Announcer,
 }
@@ -300,8 +307,12 @@ impl ControlPlane {
     /// An empty control plane. Start [`ControlPlane::run_failure_detector`] beside it.
     pub fn new(env: Env, config: ControlPlaneConfig) -> Self {
         let env = env.with_principal(factum_proto::Principal::ControlPlane);
-        let state =
-            State { injected: config.injected(), placement_key: config.placement_key.clone(), ..State::default() };
+        let state = State {
+            injected: config.injected(),
+            placement_key: config.placement_key.clone(),
+            grant_key: config.grant_key.clone(),
+            ..State::default()
+        };
         let inner =
             Inner { env, config, state: Mutex::new(state), retrying: Default::default(), metrics: Default::default() };
         ControlPlane { inner: Arc::new(inner) }
@@ -417,6 +428,7 @@ impl ControlPlane {
         let request = StartInstanceRequest {
             instance_id: instance_id.clone(),
             module_bytes: req.module_bytes,
+            grant_seals: grant_seals(&self.inner.config.grant_key, &node_id, capabilities.values()),
             capabilities: capabilities.into_values().collect(),
             restart_policy: req.restart_policy,
             config: req.config,
@@ -573,9 +585,10 @@ impl ControlPlane {
             let (node_id, client) = self.route(instance_id)?;
             // Assigning replaces: safe to retry. (Revoking is not retried: a second revoke of an applied one
             // would report that the capability is not held.)
+            let seal = self.inner.config.grant_key.seal(&assignment, &node_id).seal;
             let call = |c: NodeAgentClient| {
                 let assignment = assignment.clone();
-                async move { c.assign_capability(rpc::rpc_context(), assignment).await }
+                async move { c.assign_capability(rpc::rpc_context(), assignment, seal).await }
             };
             let facts = self.call_agent_retrying(&node_id, client, "assign", call).await??;
             facts::apply_facts(&mut self.lock(), &node_id, facts, false, true);
@@ -955,4 +968,13 @@ fn place(state: &State, constraints: &factum_proto::Labels) -> Result<String, Er
                 error.with_detail("constraints", wanted)
             }
         })
+}
+
+/// The seal of each of `capabilities` for `node_id`, by capability id (see [`StartInstanceRequest::grant_seals`]).
+pub(crate) fn grant_seals<'a>(
+    key: &GrantKey,
+    node_id: &str,
+    capabilities: impl IntoIterator<Item = &'a CapabilityAssignment>,
+) -> BTreeMap<String, factum_proto::GrantSeal> {
+    capabilities.into_iter().map(|a| (a.capability_id.clone(), key.seal(a, node_id).seal)).collect()
 }

@@ -305,6 +305,11 @@ fn start_request(state: &State, record: &InstanceRecord) -> Option<StartInstance
         instance_id: id.clone(),
         module_bytes: state.modules.get(&record.metadata.module_hash)?.to_vec(),
         capabilities: state.capabilities.get(id).map(|c| c.values().cloned().collect()).unwrap_or_default(),
+        grant_seals: crate::grant_seals(
+            &state.grant_key,
+            &record.metadata.node_id,
+            state.capabilities.get(id).into_iter().flat_map(|c| c.values()),
+        ),
         restart_policy: record.restart_policy,
         config: record.config.clone(),
         constraints: record.constraints.clone(),

@@ -46,6 +46,12 @@ impl PlacementKey {
         PlacementKey(*b"factum plaintext placement key!!")
     }
 
+    /// The key that seals grants for provider hosts, derived from this one: a provider host given it cannot seal
+    /// placements.
+    pub fn grant_key(&self) -> factum_proto::GrantKey {
+        factum_proto::GrantKey::derive(&self.0)
+    }
+
     /// The seal of the placement of `instance_id` on `node_id` under `epoch`.
     pub fn seal(&self, instance_id: &str, node_id: &str, epoch: u64) -> PlacementSeal {
         let tag = self.mac(instance_id, node_id, epoch).finalize().into_bytes();

@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 
 use crate::log_budget::{guest_lines, Dropped, Window};
 use crate::trace_events::{AUTH, CALL, DELIVER};
-use crate::Inner;
+use crate::{Inner, Route};
 
 /// What a call's permission depends on beyond its operation, for the `auth` trace event: the topic of a
 /// messaging call, `-` otherwise (KV needs only the operation; HTTP hosts are checked per hop by the provider).
@@ -25,8 +25,19 @@ fn call_target(operation: &str, params: &[u8]) -> String {
     }
 }
 
-/// What one grant allows: its provider, and its permissions parsed.
-type GrantView = (factum_proto::ProviderType, std::sync::Arc<[Permission]>);
+/// What one grant allows: its provider, its permissions parsed, and its sealed form when a provider host
+/// serves its kind (the host checks the seal itself).
+type GrantView = (factum_proto::ProviderType, std::sync::Arc<[Permission]>, Option<factum_proto::SealedGrant>);
+
+impl Inner {
+    /// The [`GrantView`] of `grant`; sealed only for a kind that goes to a provider host, so a local call clones
+    /// nothing but an `Arc`.
+    fn grant_view(&self, grant: &crate::Grant) -> GrantView {
+        let kind = grant.assignment.provider_type;
+        let sealed = self.providers.remote.contains_key(&kind).then(|| grant.sealed(&self.config.node_id));
+        (kind, grant.permissions.clone(), sealed)
+    }
+}
 
 pub(crate) struct InstanceHost {
     agent: Weak<Inner>,
@@ -119,7 +130,7 @@ impl InstanceHost {
         }
         let instances = agent.lock();
         let grant = instances.get(&self.instance_id)?.capabilities.get(capability_id)?;
-        let view = (grant.assignment.provider_type, grant.permissions.clone());
+        let view = agent.grant_view(grant);
         stale.insert(capability_id.to_string(), view.clone());
         Some(view)
     }
@@ -145,9 +156,10 @@ impl GuestHost for InstanceHost {
             let grant = {
                 let instances = agent.lock();
                 let grant = stale.or_else(|| {
-                    instances.get(&instance_id).and_then(|i| {
-                        i.capabilities.get(&capability_id).map(|g| (g.assignment.provider_type, g.permissions.clone()))
-                    })
+                    instances
+                        .get(&instance_id)
+                        .and_then(|i| i.capabilities.get(&capability_id))
+                        .map(|g| agent.grant_view(g))
                 });
                 // Traced under the lock, so the simulator orders it exactly against grants and revokes.
                 if grant.is_some() {
@@ -158,7 +170,7 @@ impl GuestHost for InstanceHost {
                 }
                 grant
             };
-            let Some((provider_type, granted)) = grant else {
+            let Some((provider_type, granted, sealed)) = grant else {
                 agent.metrics.ungranted_call();
                 return denied(
                     &agent,
@@ -177,8 +189,13 @@ impl GuestHost for InstanceHost {
             // An injected outage is decided after the grant check and traced as the call's outcome, so a timeline
             // shows why a guest saw PROVIDER_UNAVAILABLE.
             let outage = agent.env.buggify("host.provider_unavailable");
-            let response = match agent.providers.get(provider_type).filter(|_| !outage) {
-                Some(provider) => provider.invoke(&invocation, &granted).await,
+            let response = match agent.providers.route(provider_type).filter(|_| !outage) {
+                Some(Route::Local(provider)) => provider.invoke(&invocation, &granted).await,
+                // `sealed` is there whenever the route is remote: both follow `providers.remote`.
+                Some(Route::Remote(remote)) => match sealed {
+                    Some(sealed) => remote.invoke(invocation.clone(), sealed).await,
+                    None => CapabilityResponse::err(&ErrorResponse::internal("a remote call without its grant")),
+                },
                 None if outage => CapabilityResponse::err(&ErrorResponse::new(
                     ErrorCode::ProviderUnavailable,
                     "provider unavailable (injected fault)",
@@ -339,6 +356,7 @@ mod tests {
         let capabilities =
             perms.iter().map(|(cap, perm)| CapabilityAssignment::new("i", cap, &[perm.to_string()]).unwrap()).collect();
         let request = StartInstanceRequest {
+            grant_seals: Default::default(),
             instance_id: "i".into(),
             module_bytes: fixtures::module(fixtures::SLEEPER),
             capabilities,
@@ -475,6 +493,7 @@ mod tests {
                 let (agent, _reports) = Agent::new(Env::tokio(), config, Arc::new(WasmiEngine::new()), Arc::new(MemoryKv::new()));
                 for (id, cap) in [("a", &a_cap), ("b", &b_cap)] {
                     let request = StartInstanceRequest {
+                        grant_seals: Default::default(),
                         instance_id: id.into(),
                         module_bytes: fixtures::module(fixtures::SLEEPER),
                         capabilities: vec![CapabilityAssignment::new(id, cap, &["kv:write".to_string(), "kv:read".to_string()]).unwrap()],
@@ -507,6 +526,7 @@ mod tests {
                 // Memory: two probes side by side; each must crash on its own trap, not exit 7 on the other's marker.
                 for id in ["p1", "p2"] {
                     let request = StartInstanceRequest {
+                        grant_seals: Default::default(),
                         instance_id: id.into(),
                         module_bytes: fixtures::module(fixtures::REMEMBER),
                         capabilities: vec![],

@@ -22,10 +22,11 @@ use std::time::Duration;
 
 use factum_env::Env;
 use factum_proto::{
-    CapabilityAssignment, ErrorCode, ErrorResponse, InstanceFacts, InstanceMetadata, InstanceStatus, KvEntry,
-    NodeReport, PlacementSeal, RestartPolicy, SnapshotMark, StartInstanceRequest, StatusReport, PROTOCOL_VERSION,
+    CapabilityAssignment, ErrorCode, ErrorResponse, GrantSeal, InstanceFacts, InstanceMetadata, InstanceStatus,
+    KvEntry, NodeReport, PlacementSeal, RestartPolicy, SealedGrant, SnapshotMark, StartInstanceRequest, StatusReport,
+    PROTOCOL_VERSION,
 };
-use factum_providers::{Delivery, KvProvider, MessagingProvider, Provider};
+use factum_providers::{Delivery, KvProvider, MessagingProvider, Provider, RemoteProvider};
 use factum_wasm::{CachedModule, ExitReason, Instance, Limits, ModuleCache, WasmEngine};
 use futures::future::AbortHandle;
 
@@ -36,8 +37,10 @@ pub use registry_link::run_registry_link;
 pub use reports::StatusReports;
 pub use server::serve;
 
-/// The capability providers a node hosts: KV always, HTTP and messaging when configured. A call for a kind
-/// this node does not host is PROVIDER_UNAVAILABLE.
+/// The capability providers a node's instances call: its own KV always, its own HTTP and messaging when
+/// configured, and providers on other hosts (P17). A kind served by a provider host goes there; the agent's own
+/// provider of that kind, if any, serves nothing but operator reads. A call for a kind served nowhere is
+/// PROVIDER_UNAVAILABLE.
 #[derive(Clone)]
 pub struct Providers {
     /// Key-value.
@@ -46,6 +49,17 @@ pub struct Providers {
     pub http: Option<Arc<dyn Provider>>,
     /// Publish/subscribe messaging.
     pub messaging: Option<Arc<MessagingProvider>>,
+    /// Providers on other hosts, by kind (KV and HTTP: calls that answer once; messaging delivers to its
+    /// subscribers and runs beside them).
+    pub remote: BTreeMap<factum_proto::ProviderType, Arc<RemoteProvider>>,
+}
+
+/// Where a capability call goes.
+pub(crate) enum Route {
+    /// A provider in this agent.
+    Local(Arc<dyn Provider>),
+    /// A provider host, which checks the grant's seal itself.
+    Remote(Arc<RemoteProvider>),
 }
 
 impl Providers {
@@ -54,6 +68,14 @@ impl Providers {
         let kv: Arc<dyn Provider> = self.kv.clone();
         let messaging = self.messaging.clone().map(|m| m as Arc<dyn Provider>);
         std::iter::once(kv).chain(self.http.clone()).chain(messaging).collect()
+    }
+
+    /// Where calls of `kind` go, if anywhere.
+    pub(crate) fn route(&self, kind: factum_proto::ProviderType) -> Option<Route> {
+        match self.remote.get(&kind) {
+            Some(remote) => Some(Route::Remote(remote.clone())),
+            None => self.get(kind).map(Route::Local),
+        }
     }
 
     /// The provider of `kind`, if hosted here.
@@ -68,7 +90,7 @@ impl Providers {
 
 impl From<Arc<KvProvider>> for Providers {
     fn from(kv: Arc<KvProvider>) -> Self {
-        Providers { kv, http: None, messaging: None }
+        Providers { kv, http: None, messaging: None, remote: BTreeMap::new() }
     }
 }
 
@@ -178,13 +200,27 @@ impl AgentConfig {
 struct Grant {
     assignment: CapabilityAssignment,
     permissions: Arc<[factum_proto::Permission]>,
+    /// The control plane's seal of it for this node, which a provider on another host checks.
+    seal: GrantSeal,
 }
 
 impl Grant {
     /// Validates `assignment` (it may come off the wire) and parses its permissions.
-    fn new(assignment: CapabilityAssignment) -> Result<Self, ErrorResponse> {
+    fn new(assignment: CapabilityAssignment, seal: GrantSeal) -> Result<Self, ErrorResponse> {
         let permissions = assignment.parsed_permissions()?.into();
-        Ok(Grant { assignment, permissions })
+        Ok(Grant { assignment, permissions, seal })
+    }
+
+    /// The grant as a provider on another host checks it: on `node_id`, under the control plane's seal.
+    fn sealed(&self, node_id: &str) -> SealedGrant {
+        SealedGrant {
+            instance_id: self.assignment.instance_id.clone(),
+            capability_id: self.assignment.capability_id.clone(),
+            node_id: node_id.to_string(),
+            provider_type: self.assignment.provider_type,
+            permissions: self.assignment.permissions.clone(),
+            seal: self.seal,
+        }
     }
 
     /// `capability=perm,perm` for the trace (see [`trace_events`]).
@@ -352,7 +388,8 @@ impl Agent {
             if assignment.instance_id != req.instance_id {
                 return Err(ErrorResponse::invalid("capability assigned to another instance"));
             }
-            capabilities.insert(assignment.capability_id.clone(), Grant::new(assignment)?);
+            let seal = req.grant_seals.get(&assignment.capability_id).copied().unwrap_or_default();
+            capabilities.insert(assignment.capability_id.clone(), Grant::new(assignment, seal)?);
         }
         let hash = factum_proto::module_hash(&req.module_bytes);
         {
@@ -623,10 +660,15 @@ impl Agent {
         }
     }
 
-    /// Adds or replaces one assignment; the instance's next capability call sees it. A capability change is a
-    /// fact like a status change: it takes the next sequence number, so the control plane can order it.
-    pub fn assign_capability(&self, assignment: CapabilityAssignment) -> Result<InstanceFacts, ErrorResponse> {
-        let grant = Grant::new(assignment)?;
+    /// Adds or replaces one assignment, with the control plane's `seal` of it for this node; the instance's next
+    /// capability call sees it. A capability change is a fact like a status change: it takes the next sequence
+    /// number, so the control plane can order it.
+    pub fn assign_capability(
+        &self,
+        assignment: CapabilityAssignment,
+        seal: GrantSeal,
+    ) -> Result<InstanceFacts, ErrorResponse> {
+        let grant = Grant::new(assignment, seal)?;
         let (instance_id, capability_id) =
             (grant.assignment.instance_id.clone(), grant.assignment.capability_id.clone());
         let mut instances = self.inner.lock();
@@ -638,7 +680,11 @@ impl Agent {
         self.inner.env.trace(|| format!("{} {instance_id} {}", trace_events::GRANT, grant.describe()));
         if self.inner.config.has_bug(AgentBug::SharedGrants) {
             for other in instances.values_mut() {
-                let copy = Grant { assignment: grant.assignment.clone(), permissions: grant.permissions.clone() };
+                let copy = Grant {
+                    assignment: grant.assignment.clone(),
+                    permissions: grant.permissions.clone(),
+                    seal: grant.seal,
+                };
                 other.capabilities.entry(capability_id.clone()).or_insert(copy);
             }
         }

@@ -2,8 +2,8 @@
 
 use factum_env::Listener;
 use factum_proto::{
-    CapabilityAssignment, ErrorResponse, InstanceFacts, InstanceStatus, KvEntry, NodeAgent, NodeReport, SnapshotMark,
-    StartInstanceRequest, StartInstanceResponse, StopInstanceRequest, StopInstanceResponse,
+    CapabilityAssignment, ErrorResponse, GrantSeal, InstanceFacts, InstanceStatus, KvEntry, NodeAgent, NodeReport,
+    SnapshotMark, StartInstanceRequest, StartInstanceResponse, StopInstanceRequest, StopInstanceResponse,
 };
 use tarpc::context::Context;
 
@@ -40,8 +40,9 @@ impl NodeAgent for Agent {
         self,
         _: Context,
         assignment: CapabilityAssignment,
+        seal: GrantSeal,
     ) -> Result<InstanceFacts, ErrorResponse> {
-        Agent::assign_capability(&self, assignment)
+        Agent::assign_capability(&self, assignment, seal)
     }
 
     async fn revoke_capability(

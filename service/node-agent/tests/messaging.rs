@@ -42,7 +42,8 @@ fn node_with(engine: Arc<dyn WasmEngine>, config: AgentConfig) -> Node {
     };
     let kv = Arc::new(MemoryKv::new());
     let messaging = Arc::new(MessagingProvider::in_memory());
-    let providers = Providers { kv: kv.clone(), http: None, messaging: Some(messaging.clone()) };
+    let providers =
+        Providers { kv: kv.clone(), http: None, messaging: Some(messaging.clone()), remote: Default::default() };
     let (agent, _reports) = Agent::new(env, config, engine, providers);
     Node { agent, kv, messaging }
 }
@@ -72,6 +73,7 @@ fn hostile_subscriber(first: &str) -> String {
 fn subscriber_of(wat: &str, id: &str, subscribe: &str, policy: RestartPolicy) -> StartInstanceRequest {
     let cap = |name: &str, perms: &[String]| CapabilityAssignment::new(id, name, perms).unwrap();
     StartInstanceRequest {
+        grant_seals: Default::default(),
         instance_id: id.into(),
         module_bytes: module(wat),
         capabilities: vec![cap("bus", &[format!("msg:subscribe:{subscribe}")]), cap("kv", &["kv:write".into()])],

@@ -4,6 +4,7 @@
 pub mod capability;
 pub mod error;
 pub mod events;
+pub mod grant;
 pub mod guest_config;
 pub mod journal;
 pub mod labels;
@@ -18,6 +19,7 @@ pub use capability::{
     MsgOperation, MAX_LIST_KEYS,
 };
 pub use error::{ErrorCode, ErrorResponse};
+pub use grant::{GrantKey, GrantSeal, SealedGrant};
 pub use guest_config::GuestConfig;
 pub use labels::Labels;
 pub use permissions::Permission;

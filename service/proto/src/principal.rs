@@ -20,6 +20,9 @@ pub enum Principal {
     Operator(String),
     /// A read-only operator: list, query and the node list.
     Reader(String),
+    /// A capability provider host of this id: it serves invocations agents forward to it (P17) and calls
+    /// nothing.
+    Provider(String),
 }
 
 impl Principal {
@@ -67,7 +70,7 @@ impl Principal {
 
     /// The DNS name a certificate for this principal carries as its subject alternative name (what
     /// `factum certs` writes): `control-plane.factum`, `ID.node.factum`, `NAME.operator.factum`,
-    /// `NAME.reader.factum`; none for anonymous, which no certificate names.
+    /// `NAME.reader.factum`, `ID.provider.factum`; none for anonymous, which no certificate names.
     pub fn dns_name(&self) -> Option<String> {
         match self {
             Principal::Anonymous => None,
@@ -75,6 +78,7 @@ impl Principal {
             Principal::Node(id) => Some(format!("{id}.node.factum")),
             Principal::Operator(name) => Some(format!("{name}.operator.factum")),
             Principal::Reader(name) => Some(format!("{name}.reader.factum")),
+            Principal::Provider(id) => Some(format!("{id}.provider.factum")),
         }
     }
 
@@ -92,6 +96,7 @@ impl fmt::Display for Principal {
             Principal::Node(id) => write!(f, "node/{id}"),
             Principal::Operator(name) => write!(f, "operator/{name}"),
             Principal::Reader(name) => write!(f, "reader/{name}"),
+            Principal::Provider(id) => write!(f, "provider/{id}"),
         }
     }
 }
@@ -99,7 +104,8 @@ impl fmt::Display for Principal {
 impl std::str::FromStr for Principal {
     type Err = ErrorResponse;
 
-    /// Parses the [`fmt::Display`] form: `control-plane`, `node/ID`, `operator/NAME`, `reader/NAME`.
+    /// Parses the [`fmt::Display`] form: `control-plane`, `node/ID`, `operator/NAME`, `reader/NAME`,
+    /// `provider/ID`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let principal = match s.split_once('/') {
             None if s == "control-plane" => Principal::ControlPlane,
@@ -107,13 +113,16 @@ impl std::str::FromStr for Principal {
             Some(("node", id)) => Principal::Node(id.to_string()),
             Some(("operator", name)) => Principal::Operator(name.to_string()),
             Some(("reader", name)) => Principal::Reader(name.to_string()),
+            Some(("provider", id)) => Principal::Provider(id.to_string()),
             _ => {
                 return Err(ErrorResponse::invalid(format!(
-                    "bad identity {s:?}: use control-plane, node/ID, operator/NAME or reader/NAME"
+                    "bad identity {s:?}: use control-plane, node/ID, operator/NAME, reader/NAME or provider/ID"
                 )))
             }
         };
-        if let Principal::Node(name) | Principal::Operator(name) | Principal::Reader(name) = &principal {
+        if let Principal::Node(name) | Principal::Operator(name) | Principal::Reader(name) | Principal::Provider(name) =
+            &principal
+        {
             crate::validate_id("identity name", name)?;
         }
         Ok(principal)
@@ -151,6 +160,7 @@ mod tests {
             Principal::Node("n-2".into()),
             Principal::Operator("alice".into()),
             Principal::Reader("ci.bot".into()),
+            Principal::Provider("kv-1".into()),
         ] {
             assert_eq!(p.to_string().parse::<Principal>().unwrap(), p);
         }

@@ -3,10 +3,13 @@
 //! Client → control plane and control plane → agent use tarpc over a length-delimited bincode transport
 //! ([`crate::transport`]). Guest → provider invocations are MessagePack ([`crate::capability`]).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorResponse;
 use crate::events::EventPage;
+use crate::grant::GrantSeal;
 use crate::guest_config::GuestConfig;
 use crate::labels::Labels;
 use crate::logs::LogPage;
@@ -17,8 +20,9 @@ use crate::types::{CapabilityAssignment, InstanceMetadata, InstanceStatus, Resta
 /// mixed versions fail loudly instead of misreading each other. Agents also repeat it in every
 /// [`NodeReport`]. 4: the hello, with the peer's identity; list calls answer errors. 5: placement seals. 6: guest
 /// arguments and environment ([`GuestConfig`]) in starts and facts; restart and logs calls. 7: the events call.
-/// 8: node labels in reports and listings, placement constraints in starts and facts; draining nodes.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// 8: node labels in reports and listings, placement constraints in starts and facts; draining nodes. 9: grant
+/// seals in starts and grants, for providers on other hosts ([`crate::SealedGrant`]).
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Largest accepted module, in bytes.
 pub const MAX_MODULE_BYTES: usize = 32 * 1024 * 1024;
@@ -65,6 +69,10 @@ pub struct StartInstanceRequest {
     pub module_bytes: Vec<u8>,
     /// Validated assignments.
     pub capabilities: Vec<CapabilityAssignment>,
+    /// The control plane's seal of each assignment for this node, by capability id: what a provider on another
+    /// host checks before it serves the instance ([`crate::SealedGrant`]). A capability without one is served
+    /// only by providers on the node itself.
+    pub grant_seals: BTreeMap<String, GrantSeal>,
     /// Restart policy, applied by the agent.
     pub restart_policy: RestartPolicy,
     /// The guest's arguments and environment.
@@ -336,8 +344,12 @@ pub trait NodeAgent {
     async fn get_instance_status(instance_id: String) -> Result<InstanceStatus, ErrorResponse>;
     /// Every instance this agent holds, as a numbered snapshot (the same message as its heartbeat).
     async fn list_local_instances() -> NodeReport;
-    /// Replace (or add) one capability assignment of a local instance; returns its facts after the change.
-    async fn assign_capability(assignment: CapabilityAssignment) -> Result<InstanceFacts, ErrorResponse>;
+    /// Replace (or add) one capability assignment of a local instance, with the control plane's seal of it for
+    /// this node (see [`StartInstanceRequest::grant_seals`]); returns its facts after the change.
+    async fn assign_capability(
+        assignment: CapabilityAssignment,
+        seal: GrantSeal,
+    ) -> Result<InstanceFacts, ErrorResponse>;
     /// Remove one capability assignment of a local instance; returns its facts after the change.
     async fn revoke_capability(instance_id: String, capability_id: String) -> Result<InstanceFacts, ErrorResponse>;
     /// Operator view of the local KV store `capability_id`.

@@ -7,6 +7,7 @@
 mod http;
 mod kv;
 mod msg;
+pub mod remote;
 
 use async_trait::async_trait;
 use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorResponse, Permission};
@@ -25,6 +26,7 @@ pub use msg::{
     BusSubscription, DeliverFn, Delivery, MemoryBus, MessageBus, MessageSink, MessagingProvider,
     MAX_SUBSCRIPTIONS_PER_INSTANCE,
 };
+pub use remote::RemoteProvider;
 
 /// A capability provider (design §Capability Provider, Base Interface). A provider implements
 /// [`Provider::handle`]; the provided [`Provider::invoke`] runs it behind the provider's [`Lifecycle`] gate, so
