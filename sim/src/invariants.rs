@@ -22,8 +22,9 @@ pub struct ControlPlaneView {
     pub policies: BTreeMap<String, RestartPolicy>,
     /// Placement epoch of each listed instance, and the sequence number of the agent fact its status comes from.
     pub fact_positions: BTreeMap<String, (u64, u64)>,
-    /// Everything the control plane holds: its maps rendered with `Debug`, and its module map (hash, bytes).
-    pub held: (String, factum_control_plane::HeldModules),
+    /// Everything the control plane holds: its maps rendered with `Debug` (`None` in a view that skipped the
+    /// rendering, see [`crate::Observed::view_of`]), and its module map (hash, bytes).
+    pub held: (Option<String>, factum_control_plane::HeldModules),
 }
 
 /// The cluster at one moment: the control plane's view (if it is up) and the truth of every running agent.
@@ -110,11 +111,12 @@ pub fn registry_only_membership(view: &View) -> Result<(), String> {
     let instance_ids: BTreeSet<&str> =
         view.agents.values().flatten().map(|f| f.metadata.instance_id.as_str()).collect();
     for id in instance_ids {
-        if let Some((key, _)) = entries.iter().find(|(k, _)| k.ends_with(&format!("/{id}"))) {
+        let last = format!("/{id}");
+        if let Some((key, _)) = entries.iter().find(|(k, _)| k.ends_with(&last)) {
             return Err(format!("registry key {key:?} names instance {id}"));
         }
-        let named = |value: &[u8]| value.windows(id.len()).any(|w| w == id.as_bytes());
-        if let Some((key, _)) = entries.iter().find(|(_, value)| named(value)) {
+        let finder = memchr::memmem::Finder::new(id);
+        if let Some((key, _)) = entries.iter().find(|(_, value)| finder.find(value).is_some()) {
             return Err(format!("registry value under {key:?} names instance {id}"));
         }
     }

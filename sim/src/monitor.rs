@@ -302,7 +302,7 @@ pub fn no_application_data_in_the_control_plane(view: &View) -> Result<(), Strin
     // `Debug` renders a byte string as a list of numbers.
     let as_bytes = format!("{:?}", APPLICATION_DATA.as_bytes());
     let as_bytes = as_bytes.trim_start_matches('[').trim_end_matches(']');
-    if maps.contains(APPLICATION_DATA) || maps.contains(as_bytes) {
+    if maps.as_ref().is_some_and(|maps| maps.contains(APPLICATION_DATA) || maps.contains(as_bytes)) {
         return Err(format!("the control plane's state holds application data {APPLICATION_DATA:?}"));
     }
     if let Some((hash, _)) = modules.iter().find(|(hash, bytes)| factum_proto::module_hash(bytes) != *hash) {
@@ -367,7 +367,7 @@ mod tests {
             nodes: Vec::new(),
             policies: BTreeMap::new(),
             fact_positions: BTreeMap::new(),
-            held: (maps, modules),
+            held: (Some(maps), modules),
         };
         View {
             control_plane: Some(cp),

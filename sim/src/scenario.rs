@@ -41,13 +41,18 @@ use factum_wasm::fixtures;
 use serde::{Deserialize, Serialize};
 
 use crate::convergence::Convergence;
-use crate::{build_observed_cluster, invariants, ClusterConfig, Observed, Outcome, SimClient, SimError, TraceLog};
+use crate::{
+    build_observed_cluster, invariants, ClusterConfig, Observed, Outcome, Render, SimClient, SimError, TraceLog,
+};
 
 /// Attempts a `must_succeed` start gets, a second apart.
 const START_ATTEMPTS: u32 = 3;
 
 /// How often checks sample the cluster, in simulated time.
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+/// Every how many samples the control plane's maps are rendered for P7 (every 500 ms): application data that
+/// reached them would stay there, so a slower look loses nothing, and rendering is most of a view's cost.
+const RENDER_MAPS_EVERY: u64 = 10;
 
 /// A parsed scenario file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -938,6 +943,7 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     let mut last_seen: std::collections::BTreeMap<&'static str, Duration> = Default::default();
     let mut crashed: BTreeSet<String> = BTreeSet::new();
     let mut next_sample = Duration::ZERO;
+    let mut samples: u64 = 0;
     loop {
         let done = sim.step().map_err(|e| fail(sim.elapsed(), e.to_string()))?;
         let now = sim.elapsed();
@@ -952,7 +958,9 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
         // judged after its first step, once its overdue timers have fired (and fenced it if its lease lapsed).
         if now >= next_sample && !thawed {
             next_sample = now + SAMPLE_EVERY;
-            let mut view = observed.view();
+            let render = if samples.is_multiple_of(RENDER_MAPS_EVERY) { Render::Maps } else { Render::ModulesOnly };
+            samples += 1;
+            let mut view = observed.view_of(render);
             let fresh = trace.lines_from(traced);
             traced += fresh.len();
             for line in &fresh {

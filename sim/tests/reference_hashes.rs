@@ -10,15 +10,15 @@ use std::process::Command;
 
 /// (scenario file, seed, trace hash).
 const REFERENCE: &[(&str, u64, &str)] = &[
-    ("agent_crash.toml", 7, "bb1d0fd440202b5412140a060ca0b2feab42d07f33af79244a3448b5855b1920"),
-    ("lease_expiry.toml", 3, "f1d2634af56f1a832d34e722ee786aefb3e7874e0be74801f2fb606868cb6ec8"),
-    ("revoke_during_kv_use.toml", 5, "3e51c76c35423c1c6eb18ec5b5368d22794682ef5cd9b29456f27c65a19052ef"),
-    ("reschedule_in_doubt.toml", 2, "0c0edad24f9c4d88485e317663a5740c17255d81b2a4a80694774b0cdb5d83d2"),
-    ("agent_pause.toml", 4, "228d0d6712ae0fb44d48ce394b19ed27db71e06fd074e78350d83bb1376664ca"),
-    ("clock_drift.toml", 2, "0c529e2364fa8cc3d6b4bcb64eb9080556f3c8ce0f294c1b093b9e487334ea17"),
-    ("control_plane_restart.toml", 11, "25112c118eee7b7a5830e204e871bf312ecdee77035b49d9b4983a1634e14bf3"),
-    ("messaging.toml", 3, "a107ba5f05720eaa8737af02ce4bf1c75c30e75b3dc1d403b576d3c52dd397b5"),
-    ("http.toml", 2, "bcc861f794c4175605f116c88956477c14bc483e3835f1c71877cd5dfe9916df"),
+    ("agent_crash.toml", 7, "9d77d813c99d4deadaf82998eb51aa3d3a6df9bdacc6e4ac5f236ec323a97b11"),
+    ("lease_expiry.toml", 3, "cd2273010b116b43649c3fc486f173d9df8c247f089cc8398b4437bd1ef79e2b"),
+    ("revoke_during_kv_use.toml", 5, "358a13ea419465e0d346038c8c426340fdfcb6be4d85a4378b162fd05f51c8b5"),
+    ("reschedule_in_doubt.toml", 2, "ab694ff136ea58e92db80ab761a9692bbadce7e747688b4acbc9b0ef3a7279c2"),
+    ("agent_pause.toml", 4, "3cac98aed2adc27e860f9d1c15009a8ef84580efc05fbed8fe97bf115f8d3206"),
+    ("clock_drift.toml", 2, "e3e9648ff9541686f07a87a9ab133f33949bfdbed68ca13eb752336a91ce2a7f"),
+    ("control_plane_restart.toml", 11, "aaca5b1eb9958d42526030c9a49c92e715434f231d92bee7c8b99c7a3fb06509"),
+    ("messaging.toml", 3, "469f52dd6ea02efff1e15c69d15fdc303f3a5e697a4d2c0a50d1fc147ea80b83"),
+    ("http.toml", 2, "cdf7e97e83413d2d517f94392222a220fbb43df4b1710a11fe78a1dce4ca8551"),
 ];
 
 /// The trace hash of one run of `file` at `seed`, in a fresh `factum-sim` process.

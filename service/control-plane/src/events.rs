@@ -125,8 +125,13 @@ impl Announcer {
 
     fn nodes_changed(&mut self, nodes: &BTreeMap<String, NodeRecord>, news: &mut Vec<EventKind>) {
         for (node_id, node) in nodes {
-            let (was_registered, was_available, was_drained) =
-                self.nodes.get(node_id).copied().unwrap_or((false, false, false));
+            let seen = (node.registered, node.available, node.drained);
+            // Runs at every release of the lock: the common case, nothing new, must not allocate.
+            let was = self.nodes.get(node_id).copied().unwrap_or_default();
+            if was == seen {
+                continue;
+            }
+            let (was_registered, was_available, was_drained) = was;
             let node_id = node_id.clone();
             if node.registered && !was_registered {
                 news.push(EventKind::NodeJoined { node_id: node_id.clone(), agent_addr: node.agent_addr.clone() });
@@ -142,7 +147,7 @@ impl Announcer {
             if node.drained != was_drained {
                 news.push(EventKind::NodeDrained { node_id: node_id.clone(), drained: node.drained });
             }
-            self.nodes.insert(node_id, (node.registered, node.available, node.drained));
+            self.nodes.insert(node_id, seen);
         }
         let gone: Vec<String> = self.nodes.keys().filter(|id| !nodes.contains_key(*id)).cloned().collect();
         for node_id in gone {

@@ -623,7 +623,16 @@ impl ControlPlane {
             "{:?} {:?} {:?} {:?} {:?}",
             state.instances, state.capabilities, state.nodes, state.pending_starts, state.fetching
         );
-        (maps, state.modules.iter().map(|(hash, bytes)| (hash.clone(), bytes.clone())).collect())
+        (maps, Self::modules_of(&state))
+    }
+
+    /// The module map of [`ControlPlane::held_state`] alone, without rendering the other maps (cheap).
+    pub fn held_modules(&self) -> HeldModules {
+        Self::modules_of(&self.lock())
+    }
+
+    fn modules_of(state: &State) -> HeldModules {
+        state.modules.iter().map(|(hash, bytes)| (hash.clone(), bytes.clone())).collect()
     }
 
     /// What changed in the maps after event `after` (0: from the oldest held), oldest first.
