@@ -55,8 +55,8 @@ type NamedCheck = fn(&View, &str) -> Vec<Break>;
 /// dispatch on and error messages print, so they cannot drift apart.
 pub const CHECKS: [(&str, &str, NamedCheck); 13] = [
     ("single_placement", "", |v, _| whole(single_placement(v))),
-    ("facts_match_agents", "", |v, _| whole(facts_match_agents(v))),
-    ("registry_matches_agents", "", |v, _| whole(registry_matches_agents(v))),
+    ("facts_match_agents", "", |v, _| facts_breaks(v)),
+    ("registry_matches_agents", "", |v, _| registry_breaks(v)),
     ("all_running", "", |v, _| whole(all_running(v))),
     ("no_unknown", "", |v, _| whole(no_unknown(v))),
     ("node_unknown", "<node>", |v, node| whole(node_unknown(v, node))),
@@ -76,10 +76,7 @@ fn whole(result: Result<(), String>) -> Vec<Break> {
 
 /// Runs the check named `spec` (`name` or `name:argument`) on `view`: the first thing it finds broken.
 pub fn check(spec: &str, view: &View) -> Result<(), String> {
-    match breaks(spec, view).into_iter().next() {
-        Some(broken) => Err(broken.why),
-        None => Ok(()),
-    }
+    first(breaks(spec, view))
 }
 
 /// What the check named `spec` finds broken in `view`, for [`crate::convergence`].
@@ -145,50 +142,80 @@ pub fn single_placement(view: &View) -> Result<(), String> {
 /// Properties 13 and 14: the control plane's facts are the agents' facts. Every instance a running agent holds
 /// is listed with the same status and node, and every instance listed on a running agent's node exists there.
 pub fn facts_match_agents(view: &View) -> Result<(), String> {
-    let cp = cp(view)?;
+    first(facts_breaks(view))
+}
+
+/// [`facts_match_agents`], each instance on its own.
+fn facts_breaks(view: &View) -> Vec<Break> {
+    let cp = match cp(view) {
+        Ok(cp) => cp,
+        Err(why) => return vec![Break::whole(why)],
+    };
     let listed: BTreeMap<&str, &InstanceMetadata> = cp.instances.iter().map(|m| (m.instance_id.as_str(), m)).collect();
+    let mut breaks = Vec::new();
     for (node, facts) in &view.agents {
         for f in facts {
             let id = f.metadata.instance_id.as_str();
             match listed.get(id) {
-                None => return Err(format!("{id} runs on {node} but the control plane does not list it")),
-                Some(m) if m.node_id != *node || m.status != f.metadata.status => {
-                    return Err(format!(
+                None => {
+                    breaks.push(instance(id, format!("{id} runs on {node} but the control plane does not list it")))
+                }
+                Some(m) if m.node_id != *node || m.status != f.metadata.status => breaks.push(instance(
+                    id,
+                    format!(
                         "{id}: control plane says {} on {}, agent {node} says {}",
                         m.status, m.node_id, f.metadata.status
-                    ))
-                }
+                    ),
+                )),
                 Some(_) => {}
             }
         }
-        let held: Vec<&str> = facts.iter().map(|f| f.metadata.instance_id.as_str()).collect();
-        if let Some(m) = cp
-            .instances
-            .iter()
-            .find(|m| m.node_id == *node && !m.status.is_terminal() && !held.contains(&m.instance_id.as_str()))
-        {
-            return Err(format!(
-                "control plane says {} is {} on {node}, which does not hold it",
-                m.instance_id, m.status
-            ));
+        let held: BTreeSet<&str> = facts.iter().map(|f| f.metadata.instance_id.as_str()).collect();
+        for m in cp.instances.iter().filter(|m| m.node_id == *node && !m.status.is_terminal()) {
+            if !held.contains(m.instance_id.as_str()) {
+                breaks.push(instance(
+                    &m.instance_id,
+                    format!("control plane says {} is {} on {node}, which does not hold it", m.instance_id, m.status),
+                ));
+            }
         }
     }
-    Ok(())
+    breaks
 }
 
 /// Property 5: the control plane's capability registry equals what the agents enforce.
 pub fn registry_matches_agents(view: &View) -> Result<(), String> {
-    let cp = cp(view)?;
+    first(registry_breaks(view))
+}
+
+/// [`registry_matches_agents`], each instance on its own.
+fn registry_breaks(view: &View) -> Vec<Break> {
+    let cp = match cp(view) {
+        Ok(cp) => cp,
+        Err(why) => return vec![Break::whole(why)],
+    };
+    let mut breaks = Vec::new();
     for (node, facts) in &view.agents {
         for f in facts {
             let id = &f.metadata.instance_id;
             let registry = cp.capabilities.get(id).cloned().unwrap_or_default();
             if registry != f.capabilities {
-                return Err(format!("{id} on {node}: registry {registry:?}, agent enforces {:?}", f.capabilities));
+                let why = format!("{id} on {node}: registry {registry:?}, agent enforces {:?}", f.capabilities);
+                breaks.push(instance(id, why));
             }
         }
     }
-    Ok(())
+    breaks
+}
+
+/// A break of one instance, repaired in the time any fact takes to travel.
+fn instance(id: &str, why: String) -> Break {
+    Break { subject: id.to_string(), why, grace: std::time::Duration::ZERO }
+}
+
+/// The first break, as a check's verdict.
+fn first(breaks: Vec<Break>) -> Result<(), String> {
+    breaks.into_iter().next().map_or(Ok(()), |b| Err(b.why))
 }
 
 /// Liveness: every listed instance is running.

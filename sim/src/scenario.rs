@@ -935,6 +935,8 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     };
     let settle_from = scenario.last_step_at();
     let mut convergence = vec![Convergence::default(); scenario.eventually.len()];
+    // The latest break of each eventually check, for the message when it never settles.
+    let mut last_broken: Vec<Option<(Duration, String)>> = vec![None; scenario.eventually.len()];
     let mut network = Network::default();
     let mut monitor = crate::monitor::Monitor::default();
     let mut traced = 0;
@@ -981,19 +983,31 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
             // From the last step on (the API steps done too, not only their start times), every eventually
             // check must settle and stay settled (see `convergence`).
             if now >= settle_from && api_done.load(std::sync::atomic::Ordering::SeqCst) {
-                for (eventually, state) in scenario.eventually.iter().zip(convergence.iter_mut()) {
+                for ((eventually, state), last) in
+                    scenario.eventually.iter().zip(convergence.iter_mut()).zip(last_broken.iter_mut())
+                {
+                    let breaks = invariants::breaks(&eventually.check, &view);
+                    if let Some(b) = breaks.first() {
+                        *last = Some((now, b.why.clone()));
+                    }
                     state
-                        .sample(now, &invariants::breaks(&eventually.check, &view))
+                        .sample(now, &breaks)
                         .map_err(|e| fail(now, format!("eventually {}: {e}", eventually.check)))?;
                 }
             }
         }
-        for (eventually, state) in scenario.eventually.iter().zip(&convergence) {
+        for ((eventually, state), last) in scenario.eventually.iter().zip(&convergence).zip(&last_broken) {
             if !state.settled() && now > eventually.by {
-                let why = invariants::check(&eventually.check, &observed.view()).err().unwrap_or_default();
+                let why = if !api_done.load(std::sync::atomic::Ordering::SeqCst) {
+                    "the scenario's API steps were still under way".to_string()
+                } else if let Some((at, why)) = last {
+                    format!("last broken at {:.3}s: {why}", at.as_secs_f64())
+                } else {
+                    format!("never sampled (the last step is at {settle_from:?})")
+                };
                 return Err(fail(
                     now,
-                    format!("eventually {} by {:?} never settled: {why}", eventually.check, eventually.by),
+                    format!("eventually {} by {:?} never settled; {why}", eventually.check, eventually.by),
                 ));
             }
         }
