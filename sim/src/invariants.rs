@@ -53,7 +53,7 @@ type NamedCheck = fn(&View, &str) -> Vec<Break>;
 
 /// Every check a scenario can name: (name, argument it takes, check). The one list [`check`] and [`breaks`]
 /// dispatch on and error messages print, so they cannot drift apart.
-pub const CHECKS: [(&str, &str, NamedCheck); 13] = [
+pub const CHECKS: [(&str, &str, NamedCheck); 14] = [
     ("single_placement", "", |v, _| whole(single_placement(v))),
     ("facts_match_agents", "", |v, _| facts_breaks(v)),
     ("registry_matches_agents", "", |v, _| registry_breaks(v)),
@@ -67,6 +67,9 @@ pub const CHECKS: [(&str, &str, NamedCheck); 13] = [
     ("dead_nodes_unknown", "", |v, _| whole(dead_nodes_unknown(v))),
     ("messages_flow", "", |v, _| whole(flowing(v, factum_node_agent::trace_events::DELIVER, "message delivered"))),
     ("requests_flow", "", |v, _| whole(flowing(v, crate::web::SERVED, "HTTP request served"))),
+    ("provider_host_answers", "", |v, _| {
+        whole(flowing(v, factum_providers::remote::PROVIDED, "call answered `ok` by the provider host"))
+    }),
 ];
 
 /// A check judged as a whole: broken once, or not.

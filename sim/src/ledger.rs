@@ -3,12 +3,23 @@
 //! allowed by the grant in force at the instant the agent let it through; and its counterpart at the far end of
 //! HTTP: a web host serves nothing that no grant ever named (the provider checks every redirect hop too).
 //!
+//! Property 17 at a provider host: every call it answered `ok` came from a node that held that very grant (the
+//! same instance, capability and permissions) at some time, and the grant allows the operation. "At some
+//! time", not "now": a host checks the seal, not the control plane's current registry, so a call let through
+//! before a revoke may land after it. And no rogue call (`crate::rogue`) ever succeeds.
+//!
 //! The oracle is written apart from the product's permission code on purpose (its own topic matcher, its own
 //! operation → permission table): a change to the product's rules must disagree with it, not follow it.
 
 use std::collections::BTreeMap;
 
 use factum_node_agent::trace_events::{AUTH, BOOT, CALL, DELIVER, FORGET, GRANT, GRANTS, REVOKE};
+use factum_providers::remote::PROVIDED;
+
+use crate::rogue::ROGUE;
+
+/// The name of the ledger's P17 check; its other failures are P4's.
+pub const P17: &str = "P17 provider_hosts_check_grants";
 
 /// (node, instance) → capability → permission strings, as the agent applied them.
 type Held = BTreeMap<(String, String), BTreeMap<String, Vec<String>>>;
@@ -21,6 +32,8 @@ pub struct GrantLedger {
     pending: BTreeMap<(String, String), Option<String>>,
     /// Every `http:domain:` a grant has named so far, on any node.
     domains_ever: std::collections::BTreeSet<String>,
+    /// (node, instance, capability) → every permission set a grant of it has had on that node, sorted.
+    grants_ever: BTreeMap<(String, String, String), std::collections::BTreeSet<Vec<String>>>,
 }
 
 impl GrantLedger {
@@ -34,11 +47,15 @@ impl GrantLedger {
             (GRANTS, [instance, grants @ ..]) => {
                 let set: BTreeMap<String, Vec<String>> = grants.iter().filter_map(|g| parse_grant(g)).collect();
                 self.note_domains(set.values().flatten());
+                for (cap, perms) in &set {
+                    self.note_grant(&node, instance, cap, perms);
+                }
                 self.held.insert((node, instance.to_string()), set);
             }
             (GRANT, [instance, grant]) => {
                 if let Some((cap, perms)) = parse_grant(grant) {
                     self.note_domains(perms.iter());
+                    self.note_grant(&node, instance, &cap, &perms);
                     self.held.entry((node, instance.to_string())).or_default().insert(cap, perms);
                 }
             }
@@ -81,9 +98,32 @@ impl GrantLedger {
                     return Err(format!("{node} served {method} {path}, but no grant ever named {node}"));
                 }
             }
+            (PROVIDED, [caller, "ok", instance, cap, operation, perms]) => {
+                let perms = sorted_perms(perms);
+                let key = (caller.to_string(), instance.to_string(), cap.to_string());
+                if !self.grants_ever.get(&key).is_some_and(|sets| sets.contains(&perms)) {
+                    return Err(format!(
+                        "{P17}: {node} answered {operation} for {instance} from {caller}, which never held {cap} \
+                         as [{}]: {line}",
+                        perms.join(",")
+                    ));
+                }
+                if let Err(why) = permits(&perms, operation, "-") {
+                    return Err(format!("{P17}: {node} answered {operation} for {instance} from {caller} but {why}"));
+                }
+            }
+            (ROGUE, [how, claimed, "ok"]) => {
+                return Err(format!("{P17}: a rogue call claiming {claimed} succeeded with a {how} grant: {line}"));
+            }
             _ => {}
         }
         Ok(())
+    }
+
+    fn note_grant(&mut self, node: &str, instance: &str, cap: &str, perms: &[String]) {
+        let mut perms = perms.to_vec();
+        perms.sort();
+        self.grants_ever.entry((node.to_string(), instance.to_string(), cap.to_string())).or_default().insert(perms);
     }
 
     fn note_domains<'a>(&mut self, perms: impl Iterator<Item = &'a String>) {
@@ -98,28 +138,40 @@ impl GrantLedger {
             .get(&(node.to_string(), instance.to_string()))
             .and_then(|caps| caps.get(cap))
             .ok_or_else(|| format!("it held no {cap} then"))?;
-        let has = |p: &str| perms.iter().any(|g| g == p);
-        let pattern_of = |kind: &str| {
-            let prefix = format!("msg:{kind}:");
-            perms.iter().filter_map(move |g| g.strip_prefix(&prefix).map(str::to_string)).collect::<Vec<_>>()
-        };
-        let ok = match operation {
-            "get" | "list" => has("kv:read"),
-            "set" => has("kv:write"),
-            "delete" => has("kv:delete"),
-            "request" => has("http:request"),
-            "publish" => pattern_of("publish").iter().any(|p| covers(p, target)),
-            "subscribe" => pattern_of("subscribe").iter().any(|p| covers(p, target)),
-            "deliver" => pattern_of("subscribe").iter().any(|p| covers(p, target)),
-            "unsubscribe" => true,
-            _ => false,
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(format!("its {cap} grant [{}] does not allow {operation} {target}", perms.join(",")))
-        }
+        permits(perms, operation, target).map_err(|why| format!("its {cap} grant {why}"))
     }
+}
+
+/// Whether permission strings `perms` allow `operation` on `target`.
+fn permits(perms: &[String], operation: &str, target: &str) -> Result<(), String> {
+    let has = |p: &str| perms.iter().any(|g| g == p);
+    let pattern_of = |kind: &str| {
+        let prefix = format!("msg:{kind}:");
+        perms.iter().filter_map(move |g| g.strip_prefix(&prefix).map(str::to_string)).collect::<Vec<_>>()
+    };
+    let ok = match operation {
+        "get" | "list" => has("kv:read"),
+        "set" => has("kv:write"),
+        "delete" => has("kv:delete"),
+        "request" => has("http:request"),
+        "publish" => pattern_of("publish").iter().any(|p| covers(p, target)),
+        "subscribe" => pattern_of("subscribe").iter().any(|p| covers(p, target)),
+        "deliver" => pattern_of("subscribe").iter().any(|p| covers(p, target)),
+        "unsubscribe" => true,
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("[{}] does not allow {operation} {target}", perms.join(",")))
+    }
+}
+
+/// A `provided` event's permissions (`-`: none), sorted.
+fn sorted_perms(word: &str) -> Vec<String> {
+    let mut perms: Vec<String> = word.split(',').filter(|p| !p.is_empty() && *p != "-").map(str::to_string).collect();
+    perms.sort();
+    perms
 }
 
 /// `cap=perm,perm` (no permissions: `cap=`).
@@ -162,6 +214,26 @@ mod tests {
         run(&["n grants i web=http:request,http:domain:web", "web served GET /hello"]).unwrap();
         // Revoked since, but it was named: a request authorised before the revoke may arrive after it.
         run(&["n grant i w=http:request,http:domain:*.corp", "n revoke i w", "api.corp served GET /"]).unwrap();
+    }
+
+    #[test]
+    fn a_provider_host_answers_only_grants_their_node_held() {
+        let held = "n grants i kv=kv:write,kv:read";
+        // Permissions in any order; a revoke since does not matter (the host checks the seal, not the registry).
+        run(&[held, "n revoke i kv", "kv-host provided n ok i kv set kv:read,kv:write"]).unwrap();
+        run(&[held, "kv-host provided m PermissionDenied i kv set kv:write,kv:read"]).unwrap();
+        for (bent, why) in [
+            ("kv-host provided m ok i kv set kv:write,kv:read", "which never held kv"),
+            ("kv-host provided n ok j kv set kv:write,kv:read", "which never held kv"),
+            ("kv-host provided n ok i kv set kv:write,kv:read,kv:delete", "which never held kv"),
+            ("kv-host provided n ok i kv delete kv:write,kv:read", "does not allow delete"),
+        ] {
+            let e = run(&[held, bent]).unwrap_err();
+            assert!(e.starts_with(P17) && e.contains(why), "{bent}: {e}");
+        }
+        let e = run(&["rogue rogue widened n ok"]).unwrap_err();
+        assert!(e.starts_with(P17), "{e}");
+        run(&["rogue rogue widened n PermissionDenied"]).unwrap();
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod fencing;
 pub mod invariants;
 pub mod ledger;
 pub mod monitor;
+pub mod rogue;
 pub mod scenario;
 pub mod sometimes;
 mod trace;
@@ -29,7 +30,7 @@ use factum_proto::{
     CapabilityGrant, ControlPlaneClient, InstanceMetadata, InstanceStatus, NodeInfo, Principal, RestartPolicy,
     StartRequest,
 };
-use factum_providers::{HttpLimits, HttpProvider, MemoryKv, MessagingProvider};
+use factum_providers::{HttpLimits, HttpProvider, MemoryKv, MessagingProvider, RemoteProvider};
 use factum_registry::{MemoryRegistry, RemoteRegistry};
 use factum_wasm::{fixtures, Limits, WasmiEngine, WasmtimeEngine};
 
@@ -43,6 +44,12 @@ pub const CONTROL_PLANE: &str = "control-plane";
 pub const REGISTRY: &str = "etcd";
 /// Host name of the simulated message bus ([`bus`]), when the cluster runs one.
 pub const BUS: &str = "nats";
+/// Host name of the KV provider host, when the cluster has one.
+pub const KV_HOST: &str = "kv-host";
+/// The provider id the KV provider host answers as.
+pub const KV_PROVIDER: &str = "kv-1";
+/// Host name of the rogue caller of the KV provider host ([`rogue`]).
+pub const ROGUE: &str = "rogue";
 /// Key prefix of the simulated registry.
 pub const REGISTRY_PREFIX: &str = "/factum";
 
@@ -105,6 +112,11 @@ pub struct ClusterConfig {
     pub http: bool,
     /// A bug injected into every agent's HTTP provider, to prove the simulator catches it.
     pub http_bug: Option<factum_providers::HttpBug>,
+    /// Run a KV provider host ([`KV_HOST`]) that every agent sends its KV calls to with the sealed grant, and a
+    /// rogue caller ([`ROGUE`]) that tries bent grants on it (P17).
+    pub provider_host: bool,
+    /// A bug injected into the KV provider host, to prove the simulator catches it.
+    pub host_bug: Option<factum_providers::remote::HostBug>,
     /// Check the always-on monitor at every sample (default). Off only to show that a scenario's own check
     /// catches a bug by itself, without the monitor catching it first.
     pub monitor: bool,
@@ -126,7 +138,14 @@ impl ClusterConfig {
                 retention: factum_control_plane::DEFAULT_RETENTION,
                 // Every control-plane life of a run holds it, as a key file beside the binary would be.
                 placement_key: factum_control_plane::PlacementKey::plaintext(),
-                grant_key: factum_proto::GrantKey::plaintext(),
+                // Secret from everything but the control plane and the provider host: the rogue must not seal.
+                grant_key: factum_proto::GrantKey::derive(&{
+                    let mut secret = [0u8; 32];
+                    for (i, chunk) in secret.chunks_mut(8).enumerate() {
+                        chunk.copy_from_slice(&(seed ^ 0x9a17 ^ ((i as u64) << 40)).to_le_bytes());
+                    }
+                    secret
+                }),
                 injected_bug: None,
             },
             heartbeat_interval: Duration::from_millis(500),
@@ -144,6 +163,8 @@ impl ClusterConfig {
             messaging: false,
             http: false,
             http_bug: None,
+            provider_host: false,
+            host_bug: None,
             monitor: true,
         }
     }
@@ -398,6 +419,44 @@ pub fn build_observed_cluster(
             });
         }
     }
+    let provider_host = config.provider_host;
+    if provider_host {
+        let pause = observed.pause(KV_HOST, seed);
+        let machine = observed.machine(KV_HOST, config, 0x4b05);
+        let host_trace = trace.clone();
+        let key = config.control_plane.grant_key.clone();
+        let bug = config.host_bug;
+        // Its store outlives a crash of the host, as a Redis behind it would.
+        let store = Arc::new(MemoryKv::new());
+        sim.host(KV_HOST, move || {
+            let env = Env::turmoil(seed ^ 0x4b05, sim_epoch())
+                .with_machine_clock(&machine)
+                .with_principal(Principal::Provider(KV_PROVIDER.into()))
+                .with_trace(KV_HOST, host_trace.clone())
+                .with_pause(pause.clone());
+            let (key, provider) = (key.clone(), store.clone() as Arc<dyn factum_providers::Provider>);
+            pause.gate(async move {
+                let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
+                match bug {
+                    Some(bug) => factum_providers::remote::serve_with_bug(env, provider, key, bug, listener).await,
+                    None => factum_providers::remote::serve(env, provider, key, listener).await,
+                }
+                Ok(())
+            })
+        });
+        let rogue_trace = trace.clone();
+        let rogue_observed = observed.clone();
+        let key = config.control_plane.grant_key.clone();
+        sim.host(ROGUE, move || {
+            let env = Env::turmoil(seed ^ 0x7063, sim_epoch()).with_trace(ROGUE, rogue_trace.clone());
+            let (observed, key) = (rogue_observed.clone(), key.clone());
+            async move {
+                let addr = format!("{KV_HOST}:{PORT}");
+                rogue::run(env, observed, key, addr, Principal::Provider(KV_PROVIDER.into())).await;
+                Ok(())
+            }
+        });
+    }
     let (http, http_bug) = (config.http, config.http_bug);
     sim.host(CONTROL_PLANE, move || {
         let incarnation = cp_incarnations.fetch_add(1, Ordering::SeqCst);
@@ -432,6 +491,7 @@ pub fn build_observed_cluster(
         let lease_ttl = config.lease_ttl;
         let machine = observed.machine(&name, config, i as u64);
         let agent_bug = config.agent_bug;
+        let host_bug = config.host_bug;
         let engine_bug = config.engine_bug;
         let wasmtime = config.wasmtime && i % 2 == 0;
         let pause = observed.pause(&name, seed);
@@ -480,7 +540,19 @@ pub fn build_observed_cluster(
                         let bus = bus::RemoteBus::new(env.clone(), format!("{BUS}:{PORT}"));
                         Arc::new(MessagingProvider::new(Arc::new(bus)))
                     }),
-                    remote: Default::default(),
+                    remote: if provider_host {
+                        let as_node = env.clone().with_principal(Principal::Node(name.clone()));
+                        let host = Principal::Provider(KV_PROVIDER.into());
+                        let kv =
+                            RemoteProvider::new(as_node, format!("{KV_HOST}:{PORT}"), host, Duration::from_secs(2));
+                        let kv = match host_bug {
+                            Some(bug) => kv.with_injected_bug(bug),
+                            None => kv,
+                        };
+                        [(factum_proto::ProviderType::Kv, Arc::new(kv))].into()
+                    } else {
+                        Default::default()
+                    },
                 };
                 let (agent, reports) = Agent::new(env.clone(), agent_config, engine, providers);
                 observed.set_agent(&name, Some(agent.clone()));

@@ -64,7 +64,10 @@ impl Monitor {
             check(&self.previous, view).map_err(|e| format!("always-on {name}: {e}"))?;
         }
         for line in fresh_trace {
-            self.grants.apply(line).map_err(|e| format!("always-on P4 calls_were_granted: {e}"))?;
+            self.grants.apply(line).map_err(|e| match e.starts_with(crate::ledger::P17) {
+                true => format!("always-on {e}"),
+                false => format!("always-on P4 calls_were_granted: {e}"),
+            })?;
             self.leases.apply(line).map_err(|e| format!("always-on P12 nodes_act_only_under_their_lease: {e}"))?;
         }
         for line in fresh_trace {

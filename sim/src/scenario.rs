@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use factum_env::rpc;
 use factum_proto::{CapabilityGrant, PolicyType, RestartPolicy};
+use factum_providers::remote::PROVIDED;
 use factum_wasm::fixtures;
 use serde::{Deserialize, Serialize};
 
@@ -102,6 +103,10 @@ pub struct Scenario {
     /// (default false), for `http_getter` instances.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub http: bool,
+    /// Run a KV provider host (host `kv-host`) that every agent's KV calls go to with their sealed grants, and a
+    /// rogue caller that tries bent grants on it (default false): Property 17.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub provider_host: bool,
 }
 
 fn yes() -> bool {
@@ -354,9 +359,11 @@ impl Scenario {
         }
         let registry = self.registry.then(|| crate::REGISTRY.to_string());
         let bus = self.messaging.then(|| crate::BUS.to_string());
+        let kv_host = self.provider_host.then(|| crate::KV_HOST.to_string());
         let hosts: BTreeSet<String> = std::iter::once(crate::CONTROL_PLANE.to_string())
             .chain(registry)
             .chain(bus)
+            .chain(kv_host)
             .chain(
                 self.http
                     .then(|| [crate::web::WEB.to_string(), crate::web::INTRANET.to_string()])
@@ -470,6 +477,8 @@ impl Scenario {
         let messaging = ChaCha8Rng::seed_from_u64(seed ^ 0xb05).next_u64() % 3 == 0;
         // A quarter have web hosts and HTTP clients, drawn the same way.
         let http = ChaCha8Rng::seed_from_u64(seed ^ 0x3eb).next_u64() % 4 == 0;
+        // A quarter send their KV calls to a provider host (and have a rogue caller try it), drawn the same way.
+        let provider_host = ChaCha8Rng::seed_from_u64(seed ^ 0x4b05).next_u64() % 4 == 0;
         let chaos_end = duration.saturating_sub(Duration::from_secs(15)).max(Duration::from_secs(2));
         let hosts: Vec<String> =
             std::iter::once(crate::CONTROL_PLANE.to_string()).chain((1..=agents).map(crate::agent_name)).collect();
@@ -498,14 +507,17 @@ impl Scenario {
             .chain(registry.then(|| crate::REGISTRY.to_string()))
             .chain(messaging.then(|| crate::BUS.to_string()))
             .chain(http.then(|| crate::web::WEB.to_string()))
+            .chain(provider_host.then(|| crate::KV_HOST.to_string()))
             .collect();
         let mut steps = Vec::new();
-        // Subscribers, publishers and HTTP clients from the start, so traffic is in flight when the faults come.
+        // Subscribers, publishers, HTTP clients and KV greeters from the start, so traffic is in flight when the
+        // faults come.
         let web = ["http:request", "http:domain:web"];
         let workloads = [
             (messaging, "subscriber", "bus", &["msg:subscribe:greetings.*"][..]),
             (messaging, "publisher", "bus", &["msg:publish:greetings.*"][..]),
             (http, "http_getter", "web", &web[..]),
+            (provider_host, "kv_greeter", "kv", &["kv:write"][..]),
         ];
         for (_, guest, capability, permissions) in workloads.into_iter().filter(|w| w.0) {
             let mut s = blank(Duration::from_millis(300), Action::Start);
@@ -700,6 +712,8 @@ impl Scenario {
             wasmtime: pick(4) == 0,
             messaging,
             http,
+            // A quarter send their KV calls to a provider host, with a rogue caller beside it.
+            provider_host,
         }
     }
 
@@ -917,6 +931,7 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     config.wasmtime = scenario.wasmtime;
     config.messaging = scenario.messaging;
     config.http = scenario.http;
+    config.provider_host = scenario.provider_host;
     let monitor_on = config.monitor;
     let buggify = config.faults.clone();
     let trace = Arc::new(TraceLog::default());
@@ -941,7 +956,7 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     let mut monitor = crate::monitor::Monitor::default();
     let mut traced = 0;
     // When each event a liveness check watches was last seen.
-    let watched = [factum_node_agent::trace_events::DELIVER, crate::web::SERVED];
+    let watched = [factum_node_agent::trace_events::DELIVER, crate::web::SERVED, PROVIDED];
     let mut last_seen: std::collections::BTreeMap<&'static str, Duration> = Default::default();
     let mut crashed: BTreeSet<String> = BTreeSet::new();
     let mut next_sample = Duration::ZERO;
@@ -966,8 +981,10 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
             let fresh = trace.lines_from(traced);
             traced += fresh.len();
             for line in &fresh {
-                if let Some(event) =
-                    crate::trace::event_words(line).and_then(|(_, e, _)| watched.iter().find(|w| **w == e))
+                // The provider host's answers count only when `ok`: it refuses the rogue whatever agents do.
+                let counts = |e: &str, args: &[&str]| e != PROVIDED || args.get(1) == Some(&"ok");
+                if let Some(event) = crate::trace::event_words(line)
+                    .and_then(|(_, e, args)| watched.iter().find(|w| **w == e && counts(e, &args)))
                 {
                     last_seen.insert(event, now);
                 }

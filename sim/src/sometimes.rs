@@ -43,6 +43,17 @@ pub const GOALS: &[Goal] = &[
     Goal { name: "ended instance removed", reached_by: |l| l.split_whitespace().nth(2) == Some("removed") },
     Goal { name: "instance moved off a drained node", reached_by: |l| l.split_whitespace().nth(2) == Some("move") },
     Goal { name: "stale copy discarded", reached_by: |l| l.contains(" discard ") && l.ends_with(": ok") },
+    Goal {
+        name: "provider host answered a node",
+        reached_by: |l| {
+            let mut words = l.split_whitespace().skip(2);
+            words.next() == Some(factum_providers::remote::PROVIDED) && words.nth(1) == Some("ok")
+        },
+    },
+    Goal {
+        name: "provider host refused a rogue call",
+        reached_by: |l| l.split_whitespace().nth(2) == Some(crate::ROGUE) && !l.ends_with(" ok"),
+    },
 ];
 
 /// The goals one run's timeline reached.

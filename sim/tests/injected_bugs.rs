@@ -6,6 +6,7 @@ use std::path::Path;
 
 use factum_control_plane::InjectedBug;
 use factum_node_agent::AgentBug;
+use factum_providers::remote::HostBug;
 use factum_providers::HttpBug;
 use factum_sim::scenario::{self, Scenario};
 use factum_sim::ClusterConfig;
@@ -63,6 +64,11 @@ fn agent(bug: AgentBug) -> impl Fn(&mut ClusterConfig) {
 /// Injects an engine bug.
 fn engine(bug: EngineBug) -> impl Fn(&mut ClusterConfig) {
     move |config| config.engine_bug = Some(bug)
+}
+
+/// Injects a provider host bug.
+fn host(bug: HostBug) -> impl Fn(&mut ClusterConfig) {
+    move |config| config.host_bug = Some(bug)
 }
 
 /// Injects an HTTP provider bug.
@@ -128,6 +134,10 @@ caught! {
         "backoff_storm.toml", cp(InjectedBug::UnknownEndedRuns) => ["P14 facts_only_move_forward"];
     an_http_provider_that_follows_redirects_unchecked_is_caught_by_the_always_on_monitor:
         "http.toml", http(HttpBug::UncheckedRedirects) => ["no grant ever named intranet"];
+    a_provider_host_that_skips_the_seal_check_is_caught_by_the_always_on_monitor:
+        "provider_host.toml", host(HostBug::UncheckedSeals) => ["P17 provider_hosts_check_grants"];
+    a_provider_host_that_ignores_sealed_permissions_is_caught_by_the_always_on_monitor:
+        "provider_host.toml", host(HostBug::IgnoredPermissions) => ["P17 provider_hosts_check_grants"];
     a_removal_that_forgets_copies_left_elsewhere_is_caught_by_the_always_on_monitor:
         "drain_remove_lossy.toml", cp(InjectedBug::TombstoneOnlyWhereRemoved) => ["removed_instances_stay_removed"];
     a_drain_that_starts_before_it_stops_is_caught_by_single_placement:
@@ -172,7 +182,7 @@ type Inject = Box<dyn Fn(&mut ClusterConfig)>;
 /// Scenario checks that the always-on monitor would beat to a bug, each shown to catch one by itself.
 #[test]
 fn every_scenario_check_catches_a_bug_by_itself() {
-    let cases: [(&str, &str, Inject); 8] = [
+    let cases: [(&str, &str, Inject); 9] = [
         ("revoke_during_kv_use.toml", "none_running", Box::new(agent(AgentBug::StaleGrants))),
         ("backoff_storm.toml", "restarts", Box::new(agent(AgentBug::IgnoreMaxRetries))),
         ("agent_crash.toml", "dead_nodes_unknown", Box::new(cp(InjectedBug::NoFailureDetection))),
@@ -181,6 +191,7 @@ fn every_scenario_check_catches_a_bug_by_itself() {
         ("agent_crash.toml", "node_unknown", Box::new(cp(InjectedBug::NoFailureDetection))),
         ("messaging.toml", "messages_flow", Box::new(agent(AgentBug::LostWakeups))),
         ("http.toml", "requests_flow", Box::new(http(HttpBug::LatchedFailure))),
+        ("provider_host.toml", "provider_host_answers", Box::new(host(HostBug::LatchedClient))),
     ];
     for (file, check, inject) in cases {
         let (seed, failure) =
