@@ -1,20 +1,22 @@
 //! Per-invocation overhead of a KV `get` (memory backend), from the cheapest to the full guest path:
 //! a direct `BTreeMap` lookup, the provider alone (MessagePack decode, permission check, encode), and a guest
 //! calling `factum.invoke` + `factum.response_read` in a loop on each engine (ABI, assignment lookup at call
-//! time, async host call). Run with `cargo bench --bench kv_invoke`; `FACTUM_BENCH_CALLS` sets the count.
+//! time, async host call), and the same provider on a provider host over loopback tarpc (P17: the sealed grant
+//! travels with the call and the host checks it), one call at a time and 32 at once on one connection. Run with
+//! `cargo bench --bench kv_invoke`; `FACTUM_BENCH_CALLS` sets the count (a twentieth of it for the remote rows).
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use factum_env::Env;
 use factum_node_agent::{Agent, AgentConfig};
 use factum_proto::{
-    CapabilityAssignment, CapabilityInvocation, InstanceStatus, KvOperation, Permission, RestartPolicy,
-    StartInstanceRequest,
+    CapabilityAssignment, CapabilityInvocation, GrantKey, InstanceStatus, KvOperation, Permission, Principal,
+    RestartPolicy, StartInstanceRequest,
 };
-use factum_providers::{KvProvider, Provider};
+use factum_providers::{remote, KvProvider, Provider, RemoteProvider};
 use factum_wasm::{WasmEngine, WasmiEngine, WasmtimeEngine};
 
 fn calls() -> usize {
@@ -94,6 +96,41 @@ async fn run() {
         black_box(kv.invoke(black_box(&invocation), &granted).await.encode());
     }
     per_call("provider invoke + response encode", started, n);
+
+    // The same get on a provider host: the local row above is its baseline from this run.
+    let key = GrantKey::derive(&[7; 32]);
+    let host_env = Env::tokio().with_principal(Principal::Provider("kv-1".into()));
+    let listener = host_env.net.bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let provider: Arc<dyn Provider> = Arc::new(KvProvider::new());
+    tokio::spawn(remote::serve(host_env, provider, key.clone(), listener));
+    let node = Env::tokio().with_principal(Principal::Node("node-1".into()));
+    let client = Arc::new(RemoteProvider::new(node, addr, Principal::Provider("kv-1".into()), Duration::from_secs(5)));
+    let assignment = CapabilityAssignment::new("i", "kv", &["kv:read".to_string()]).expect("assignment");
+    let grant = key.seal(&assignment, "node-1");
+    let remote_n = (n / 20).max(1);
+    let started = Instant::now();
+    for _ in 0..remote_n {
+        let response = client.invoke(invocation.clone(), grant.clone()).await;
+        assert!(response.error.is_none(), "{response:?}");
+    }
+    per_call("provider host over loopback tarpc, 1 at a time", started, remote_n);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..32)
+        .map(|_| {
+            let (client, invocation, grant) = (client.clone(), invocation.clone(), grant.clone());
+            tokio::spawn(async move {
+                for _ in 0..remote_n / 32 {
+                    let response = client.invoke(invocation.clone(), grant.clone()).await;
+                    assert!(response.error.is_none(), "{response:?}");
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+    per_call("provider host over loopback tarpc, 32 at once", started, remote_n / 32 * 32);
 
     through_guest("guest → agent → provider, wasmtime", Arc::new(WasmtimeEngine::new().expect("wasmtime")), n).await;
     through_guest("guest → agent → provider, wasmi", Arc::new(WasmiEngine::new()), n).await;
