@@ -712,7 +712,6 @@ impl Scenario {
             wasmtime: pick(4) == 0,
             messaging,
             http,
-            // A quarter send their KV calls to a provider host, with a rogue caller beside it.
             provider_host,
         }
     }
