@@ -107,7 +107,7 @@ async fn run() {
     let node = Env::tokio().with_principal(Principal::Node("node-1".into()));
     let client = Arc::new(RemoteProvider::new(node, addr, Principal::Provider("kv-1".into()), Duration::from_secs(5)));
     let assignment = CapabilityAssignment::new("i", "kv", &["kv:read".to_string()]).expect("assignment");
-    let grant = key.seal(&assignment, "node-1");
+    let grant = key.seal(&assignment, "node-1", u64::MAX);
     let remote_n = (n / 20).max(1);
     let started = Instant::now();
     for _ in 0..remote_n {

@@ -146,6 +146,7 @@ impl ClusterConfig {
                     }
                     secret
                 }),
+                grant_ttl: factum_control_plane::DEFAULT_GRANT_TTL,
                 injected_bug: None,
             },
             heartbeat_interval: Duration::from_millis(500),
@@ -447,12 +448,14 @@ pub fn build_observed_cluster(
         let rogue_trace = trace.clone();
         let rogue_observed = observed.clone();
         let key = config.control_plane.grant_key.clone();
+        let (ttl, skew, drift) = (config.control_plane.grant_ttl, config.clock_skew, config.clock_drift);
         sim.host(ROGUE, move || {
             let env = Env::turmoil(seed ^ 0x7063, sim_epoch()).with_trace(ROGUE, rogue_trace.clone());
-            let (observed, key) = (rogue_observed.clone(), key.clone());
+            let observed = rogue_observed.clone();
+            let loot = rogue::Loot { key: key.clone(), ttl, skew, drift };
             async move {
                 let addr = format!("{KV_HOST}:{PORT}");
-                rogue::run(env, observed, key, addr, Principal::Provider(KV_PROVIDER.into())).await;
+                rogue::run(env, observed, loot, addr, Principal::Provider(KV_PROVIDER.into())).await;
                 Ok(())
             }
         });

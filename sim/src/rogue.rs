@@ -1,7 +1,8 @@
 //! A rogue caller of the KV provider host (P17): it reaches the host's port like an agent and claims any node's
 //! identity (in simulation an identity is a claim; in production mTLS binds it), and it holds real seals, as a
 //! thief would, but never a call's rightful combination. Every call it makes must be refused, which is what
-//! the host's seal check and its sealed permissions are for. Each call is traced as
+//! the host's seal check and its sealed permissions are for, and a seal that has expired (one stolen long
+//! ago, or of a grant the control plane stopped renewing) is worth nothing. Each call is traced as
 //! `rogue <how> <claimed node> <outcome>`, and the monitor fails a run in which one succeeds.
 
 use std::collections::BTreeMap;
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use factum_env::Env;
-use factum_proto::{CapabilityAssignment, CapabilityInvocation, GrantKey, GrantSeal, KvOperation, Principal};
+use factum_proto::{CapabilityAssignment, CapabilityInvocation, GrantKey, KvOperation, Principal};
 use factum_providers::RemoteProvider;
 
 use crate::Observed;
@@ -18,17 +19,32 @@ use crate::Observed;
 pub const ROGUE: &str = "rogue";
 
 /// The ways a rogue call bends a stolen grant; each must be refused.
-const HOW: [&str; 5] = ["operation", "widened", "node", "instance", "forged"];
+const HOW: [&str; 6] = ["operation", "widened", "node", "instance", "forged", "expired"];
 
-/// Calls the provider host at `addr` every few hundred milliseconds with a bent grant, forever. `key` stands
-/// for seals the rogue stole: it seals only what the control plane itself has sealed for some node.
-pub async fn run(env: Env, observed: Arc<Observed>, key: GrantKey, addr: String, provider: Principal) {
+/// What the rogue has stolen, and what it knows of the cluster's clocks.
+pub struct Loot {
+    /// Stands for seals the rogue stole: it seals only what the control plane itself has sealed for some node.
+    pub key: GrantKey,
+    /// How long the control plane's seals last.
+    pub ttl: Duration,
+    /// The cluster's largest clock skew and drift: an expired seal must be expired on every host's clock.
+    pub skew: Duration,
+    /// See `skew`.
+    pub drift: f64,
+}
+
+/// Calls the provider host at `addr` every few hundred milliseconds with a bent grant, forever. The rogue's own
+/// clock is the simulation's true time.
+pub async fn run(env: Env, observed: Arc<Observed>, loot: Loot, addr: String, provider: Principal) {
     let mut callers: BTreeMap<String, RemoteProvider> = BTreeMap::new();
+    let start = env.clock.now();
+    let epoch_ms = env.wall_ms().saturating_sub(millis(start));
     loop {
         env.clock.sleep(Duration::from_millis(200 + env.rng.next_u64() % 500)).await;
         let Some((assignment, node, others)) = victim(&env, &observed) else { continue };
         let how = HOW.get((env.rng.next_u64() % HOW.len() as u64) as usize).copied().unwrap_or("forged");
-        let mut grant = key.seal(&assignment, &node);
+        // As the control plane would have sealed it a moment ago.
+        let mut grant = loot.key.seal(&assignment, &node, env.wall_ms() + millis(loot.ttl));
         let mut claimed = node.clone();
         let mut invocation = kv_call(&env, &assignment, &grant.permissions);
         match how {
@@ -45,10 +61,18 @@ pub async fn run(env: Env, observed: Arc<Observed>, key: GrantKey, addr: String,
                 claimed = others.get((env.rng.next_u64() % others.len() as u64) as usize).cloned().unwrap_or_default()
             }
             "instance" => invocation.instance_id = format!("{}-not", invocation.instance_id),
+            "expired" => {
+                // Expired on every host's clock, however skewed or slow: it reads at least the epoch less the
+                // skew plus the time elapsed at the slowest rate.
+                let elapsed = (env.clock.now() - start).mul_f64(1.0 - loot.drift);
+                let expiry = (epoch_ms + millis(elapsed)).saturating_sub(millis(loot.skew) + 1);
+                let last = env.rng.next_u64() % 2_000; // how long before that it expired
+                grant = loot.key.seal(&assignment, &node, expiry.saturating_sub(last));
+            }
             _ => {
                 let guess: Vec<u8> =
                     [env.rng.next_u64(), env.rng.next_u64()].iter().flat_map(|x| x.to_le_bytes()).collect();
-                grant.seal = GrantSeal(guess.try_into().unwrap_or_default());
+                grant.seal.tag = guess.try_into().unwrap_or_default();
                 grant.permissions = ["kv:read", "kv:write", "kv:delete"].map(String::from).to_vec();
                 invocation = kv_call(&env, &assignment, &grant.permissions);
             }
@@ -61,6 +85,10 @@ pub async fn run(env: Env, observed: Arc<Observed>, key: GrantKey, addr: String,
         let outcome = response.error_code().map_or_else(|| "ok".to_string(), |code| format!("{code:?}"));
         env.trace(|| format!("{ROGUE} {how} {claimed} {outcome}"));
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A KV grant the control plane holds now, the node of its instance, and the other nodes (plus one nobody

@@ -107,6 +107,10 @@ pub struct Scenario {
     /// rogue caller that tries bent grants on it (default false): Property 17.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub provider_host: bool,
+    /// How long the control plane's grant seals last (default 10 min, longer than any run): short, seals are
+    /// renewed several times a run and expire while a node is cut off from the control plane for longer.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub grant_ttl: Option<Duration>,
 }
 
 fn yes() -> bool {
@@ -353,6 +357,13 @@ impl Scenario {
     fn validate(&self) -> Result<(), String> {
         if self.agents == 0 {
             return Err("a scenario needs at least one agent".into());
+        }
+        let skew = self.clock_skew.unwrap_or_default();
+        if self.grant_ttl.is_some_and(|ttl| ttl < Duration::from_secs(1) || ttl <= 2 * skew) {
+            return Err(format!(
+                "grant_ttl must be at least 1s and longer than twice clock_skew ({skew:?}): a seal must outlive the \
+                 disagreement between the control plane's and the provider host's clocks"
+            ));
         }
         if !self.clock_drift.is_none_or(|d| (0.0..=0.1).contains(&d)) {
             return Err("clock_drift must be in [0, 0.1]: fencing assumes clock rates within 20% of each other".into());
@@ -713,6 +724,9 @@ impl Scenario {
             messaging,
             http,
             provider_host,
+            // Longer than a run: the swarm's control-plane outages are as long as it likes, and its short-lived
+            // greeters would use up their retries on refused calls. grant_renewal.toml has short seals.
+            grant_ttl: None,
         }
     }
 
@@ -931,6 +945,9 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     config.messaging = scenario.messaging;
     config.http = scenario.http;
     config.provider_host = scenario.provider_host;
+    if let Some(ttl) = scenario.grant_ttl {
+        config.control_plane.grant_ttl = ttl;
+    }
     let monitor_on = config.monitor;
     let buggify = config.faults.clone();
     let trace = Arc::new(TraceLog::default());

@@ -138,6 +138,8 @@ caught! {
         "provider_host.toml", host(HostBug::UncheckedSeals) => ["P17 provider_hosts_check_grants"];
     a_provider_host_that_ignores_sealed_permissions_is_caught_by_the_always_on_monitor:
         "provider_host.toml", host(HostBug::IgnoredPermissions) => ["P17 provider_hosts_check_grants"];
+    a_provider_host_that_ignores_seal_expiry_is_caught_by_the_always_on_monitor:
+        "grant_renewal.toml", host(HostBug::IgnoredExpiry) => ["P17 provider_hosts_check_grants"];
     a_removal_that_forgets_copies_left_elsewhere_is_caught_by_the_always_on_monitor:
         "drain_remove_lossy.toml", cp(InjectedBug::TombstoneOnlyWhereRemoved) => ["removed_instances_stay_removed"];
     a_drain_that_starts_before_it_stops_is_caught_by_single_placement:
@@ -182,7 +184,7 @@ type Inject = Box<dyn Fn(&mut ClusterConfig)>;
 /// Scenario checks that the always-on monitor would beat to a bug, each shown to catch one by itself.
 #[test]
 fn every_scenario_check_catches_a_bug_by_itself() {
-    let cases: [(&str, &str, Inject); 9] = [
+    let cases: [(&str, &str, Inject); 10] = [
         ("revoke_during_kv_use.toml", "none_running", Box::new(agent(AgentBug::StaleGrants))),
         ("backoff_storm.toml", "restarts", Box::new(agent(AgentBug::IgnoreMaxRetries))),
         ("agent_crash.toml", "dead_nodes_unknown", Box::new(cp(InjectedBug::NoFailureDetection))),
@@ -192,6 +194,7 @@ fn every_scenario_check_catches_a_bug_by_itself() {
         ("messaging.toml", "messages_flow", Box::new(agent(AgentBug::LostWakeups))),
         ("http.toml", "requests_flow", Box::new(http(HttpBug::LatchedFailure))),
         ("provider_host.toml", "provider_host_answers", Box::new(host(HostBug::LatchedClient))),
+        ("grant_renewal.toml", "provider_host_answers", Box::new(cp(InjectedBug::NoSealRenewal))),
     ];
     for (file, check, inject) in cases {
         let (seed, failure) =

@@ -316,11 +316,20 @@ pub async fn up(
     result
 }
 
+/// How long the control plane keeps what it keeps for a while.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifetimes {
+    /// Of instances that ended for good.
+    pub retention: Duration,
+    /// Of grant seals.
+    pub grant_ttl: Duration,
+}
+
 /// `factum control-plane`.
 pub async fn control_plane(
     listen: String,
     reschedule: bool,
-    retention: Duration,
+    lifetimes: Lifetimes,
     registry: RegistryOpts,
     tls: TlsOpts,
     metrics: MetricsOpts,
@@ -328,7 +337,8 @@ pub async fn control_plane(
     let shutdown = Shutdown::listen()?;
     let env = Env::tokio();
     let registry = connect_registry(&env, &registry).await?;
-    let config = ControlPlaneConfig { reschedule, retention, ..ControlPlaneConfig::default() };
+    let Lifetimes { retention, grant_ttl } = lifetimes;
+    let config = ControlPlaneConfig { reschedule, retention, grant_ttl, ..ControlPlaneConfig::default() };
     let (cp, addr) = start_control_plane(&env, &listen, config, registry, &tls).await?;
     serve_metrics(&env, &metrics, |registry| cp.register_metrics(registry)).await?;
     say(format!("control plane listening on {addr}"));

@@ -225,6 +225,15 @@ pub struct RegistryOpts {
     pub etcd_user: Option<String>,
 }
 
+/// A `--grant-ttl`: a duration of at least a second.
+fn grant_ttl(text: &str) -> Result<std::time::Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if ttl < std::time::Duration::from_secs(1) {
+        return Err(format!("{text} is too short: a grant seal must last at least 1s"));
+    }
+    Ok(ttl)
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -258,6 +267,11 @@ pub enum Command {
         /// How long instances that ended for good are kept (then removed, as `factum rm` does), e.g. `1h`.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         retention: std::time::Duration,
+        /// How long a grant's seal lasts at provider hosts (at least 1s). Seals are renewed while nodes report
+        /// here, so this is how long a revoked grant can still be used at a provider host by a node that kept
+        /// its seal, and how long nodes cut off from this control plane keep their remote providers.
+        #[arg(long, default_value = "10m", value_parser = grant_ttl)]
+        grant_ttl: std::time::Duration,
         /// Registry options.
         #[command(flatten)]
         registry: RegistryOpts,
@@ -598,8 +612,9 @@ pub fn run() -> ExitCode {
             Command::Up { listen, retention, agent, tls, metrics } => {
                 daemon::up(listen, retention, agent, tls, metrics).await
             }
-            Command::ControlPlane { listen, no_reschedule, retention, registry, tls, metrics } => {
-                daemon::control_plane(listen, !no_reschedule, retention, registry, tls, metrics).await
+            Command::ControlPlane { listen, no_reschedule, retention, grant_ttl, registry, tls, metrics } => {
+                let lifetimes = daemon::Lifetimes { retention, grant_ttl };
+                daemon::control_plane(listen, !no_reschedule, lifetimes, registry, tls, metrics).await
             }
             Command::Agent { control_plane, agent, registry, tls, metrics } => {
                 daemon::agent(control_plane, agent, registry, tls, metrics).await

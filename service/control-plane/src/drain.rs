@@ -159,7 +159,7 @@ impl ControlPlane {
             if !self.inner.config.has_bug(InjectedBug::TombstoneOnlyWhereRemoved) {
                 state.stale_copies.entry((from.to_string(), instance_id.to_string())).or_insert(false);
             }
-            begin_placement(&mut state, instance_id, to)
+            begin_placement(&mut state, instance_id, to, self.inner.env.wall_ms())
         };
         let Some((client, request)) = prepared else {
             return Err("the control plane no longer holds its module".into());

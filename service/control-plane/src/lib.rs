@@ -9,6 +9,7 @@
 mod drain;
 mod events;
 mod facts;
+mod grants;
 mod membership;
 mod metrics;
 mod removal;
@@ -25,8 +26,8 @@ use std::time::Duration;
 use factum_env::{rpc, Env};
 use factum_proto::{
     CapabilityAssignment, ErrorCode, ErrorResponse, GrantKey, InstanceDetails, InstanceFacts, InstanceMetadata,
-    InstanceStatus, KvEntry, NodeAgentClient, NodeInfo, NodeReport, RestartPolicy, StartInstanceRequest, StartRequest,
-    StatusReport, StopInstanceRequest, MAX_MODULE_BYTES, PROTOCOL_VERSION,
+    InstanceStatus, KvEntry, NodeAck, NodeAgentClient, NodeInfo, NodeReport, RestartPolicy, StartInstanceRequest,
+    StartRequest, StatusReport, StopInstanceRequest, MAX_MODULE_BYTES, PROTOCOL_VERSION,
 };
 
 use crate::snapshots::Snapshots;
@@ -61,6 +62,10 @@ pub struct ControlPlaneConfig {
     /// [`factum_proto::GrantKey`]). The plaintext default is public; a TLS cluster uses
     /// [`PlacementKey::grant_key`].
     pub grant_key: GrantKey,
+    /// How long a grant's seal lasts (see [`factum_proto::GrantKey`]): a node's seals are renewed in answer to
+    /// its reports once half of this is gone, so it is also how long a node cut off from the control plane
+    /// keeps its providers on other hosts, and how long a grant no longer held stays usable there at most.
+    pub grant_ttl: Duration,
     /// A deliberate bug, for proving that the simulator catches it (`sim/tests/injected_bugs.rs`). Compiled
     /// only with the `injected-bugs` feature, which the simulator turns on and the `factum` binary does not.
     #[cfg(feature = "injected-bugs")]
@@ -136,6 +141,9 @@ pub enum InjectedBug {
     /// A rescheduled instance goes to any node, whatever its placement constraints say (breaks
     /// `placements_satisfy_constraints`).
     RescheduleIgnoresConstraints,
+    /// Grant seals are never renewed: once the first ones expire, providers on other hosts refuse every call
+    /// (breaks `provider_host_answers`).
+    NoSealRenewal,
 }
 
 impl Default for ControlPlaneConfig {
@@ -149,11 +157,15 @@ impl Default for ControlPlaneConfig {
             retention: DEFAULT_RETENTION,
             placement_key: PlacementKey::plaintext(),
             grant_key: GrantKey::plaintext(),
+            grant_ttl: DEFAULT_GRANT_TTL,
             #[cfg(feature = "injected-bugs")]
             injected_bug: None,
         }
     }
 }
+
+/// The default [`ControlPlaneConfig::grant_ttl`]: long beside a control plane's restart and clock skew.
+pub const DEFAULT_GRANT_TTL: Duration = Duration::from_secs(600);
 
 /// Per-instance bookkeeping beside the metadata.
 #[derive(Debug, Clone)]
@@ -203,6 +215,8 @@ struct NodeRecord {
     client: Option<NodeAgentClient>,
     /// Which snapshots of the node are still news: see [`Snapshots`].
     snapshots: Snapshots,
+    /// Wall-clock milliseconds from which its grant seals are due to be renewed (0: at its next report).
+    seals_due_ms: u64,
 }
 
 impl NodeRecord {
@@ -219,6 +233,7 @@ impl NodeRecord {
             lease: None,
             client: None,
             snapshots: Snapshots::default(),
+            seals_due_ms: 0,
         }
     }
 }
@@ -249,8 +264,8 @@ struct State {
     injected: Option<InjectedBug>,
     /// What facts must be sealed with (the config's).
     placement_key: PlacementKey,
-    /// What grants are sealed with (the config's).
-    grant_key: GrantKey,
+    /// Seals grants (from the config's key and TTL).
+    grants: grants::GrantSealer,
     /// What changed, for `factum events`: fed as each [`Locked`] guard is released.
     events: events::Announcer,
 }
@@ -310,7 +325,7 @@ impl ControlPlane {
         let state = State {
             injected: config.injected(),
             placement_key: config.placement_key.clone(),
-            grant_key: config.grant_key.clone(),
+            grants: grants::GrantSealer::new(config.grant_key.clone(), config.grant_ttl),
             ..State::default()
         };
         let inner =
@@ -364,7 +379,7 @@ impl ControlPlane {
             }
         }
         let module_hash = factum_proto::module_hash(&req.module_bytes);
-        let (node_id, client, node_lease) = {
+        let (node_id, client, node_lease, grant_seals) = {
             let mut state = self.lock();
             if let Some(existing) = state.instances.get(&instance_id) {
                 // A retry of the same start (a client that timed out) gets the same answer; a different start
@@ -423,12 +438,13 @@ impl ControlPlane {
             if req.restart_policy.policy_type != factum_proto::PolicyType::Never {
                 state.modules.entry(module_hash.clone()).or_insert_with(|| Arc::new(req.module_bytes.clone()));
             }
-            (node_id, client, node_lease)
+            let grant_seals = state.grants.seals(&node_id, capabilities.values(), self.inner.env.wall_ms());
+            (node_id, client, node_lease, grant_seals)
         };
         let request = StartInstanceRequest {
             instance_id: instance_id.clone(),
             module_bytes: req.module_bytes,
-            grant_seals: grant_seals(&self.inner.config.grant_key, &node_id, capabilities.values()),
+            grant_seals,
             capabilities: capabilities.into_values().collect(),
             restart_policy: req.restart_policy,
             config: req.config,
@@ -585,7 +601,7 @@ impl ControlPlane {
             let (node_id, client) = self.route(instance_id)?;
             // Assigning replaces: safe to retry. (Revoking is not retried: a second revoke of an applied one
             // would report that the capability is not held.)
-            let seal = self.inner.config.grant_key.seal(&assignment, &node_id).seal;
+            let seal = self.lock().grants.seal(&assignment, &node_id, self.inner.env.wall_ms());
             let call = |c: NodeAgentClient| {
                 let assignment = assignment.clone();
                 async move { c.assign_capability(rpc::rpc_context(), assignment, seal).await }
@@ -701,8 +717,8 @@ impl ControlPlane {
     }
 
     /// An agent's registration / heartbeat: record the node as alive and merge its facts (rebuilds the maps
-    /// after a control-plane restart).
-    pub fn report_node(&self, report: NodeReport) -> Result<(), ErrorResponse> {
+    /// after a control-plane restart). The answer renews the node's grant seals when they are due.
+    pub fn report_node(&self, report: NodeReport) -> Result<NodeAck, ErrorResponse> {
         if report.protocol_version != PROTOCOL_VERSION {
             return Err(self.error(ErrorResponse::invalid(format!(
                 "node {} speaks protocol {}, this control plane speaks {PROTOCOL_VERSION}",
@@ -723,7 +739,7 @@ impl ControlPlane {
             self.inner.env.trace(|| {
                 format!("stale snapshot {} boot={} seq={} ignored", report.node_id, report.boot, report.sequence)
             });
-            return Ok(());
+            return Ok(NodeAck::default());
         }
         if !registry_mode {
             node.registered = true;
@@ -756,9 +772,29 @@ impl ControlPlane {
             self.inner.env.spawn(self.clone().fetch_modules(report.node_id.clone(), missing));
         }
         self.inner.env.trace(|| format!("snapshot {} instances={count}", report.node_id));
+        let renewed = self.renew_seals(&mut state, &report.node_id);
         drop(state);
         self.discard_stale_copies(&report.node_id);
-        Ok(())
+        Ok(NodeAck { renewed })
+    }
+
+    /// Fresh seals of every grant held for `node_id`'s instances, if its seals are due.
+    fn renew_seals(&self, state: &mut State, node_id: &str) -> Vec<(CapabilityAssignment, factum_proto::GrantSeal)> {
+        if self.inner.config.has_bug(InjectedBug::NoSealRenewal) {
+            return Vec::new();
+        }
+        let State { instances, capabilities, nodes, grants, .. } = state;
+        let Some(node) = nodes.get_mut(node_id) else { return Vec::new() };
+        let held = instances
+            .iter()
+            .filter(|(_, r)| r.metadata.node_id == node_id)
+            .filter_map(|(id, _)| capabilities.get(id))
+            .flat_map(|caps| caps.values());
+        let renewed = grants.renewal(node_id, held, &mut node.seals_due_ms, self.inner.env.wall_ms());
+        if !renewed.is_empty() {
+            self.inner.env.trace(|| format!("renew seals {node_id} grants={}", renewed.len()));
+        }
+        renewed
     }
 
     /// One status change from an agent.
@@ -977,13 +1013,4 @@ fn place(state: &State, constraints: &factum_proto::Labels) -> Result<String, Er
                 error.with_detail("constraints", wanted)
             }
         })
-}
-
-/// The seal of each of `capabilities` for `node_id`, by capability id (see [`StartInstanceRequest::grant_seals`]).
-pub(crate) fn grant_seals<'a>(
-    key: &GrantKey,
-    node_id: &str,
-    capabilities: impl IntoIterator<Item = &'a CapabilityAssignment>,
-) -> BTreeMap<String, factum_proto::GrantSeal> {
-    capabilities.into_iter().map(|a| (a.capability_id.clone(), key.seal(a, node_id).seal)).collect()
 }

@@ -142,7 +142,8 @@ impl ControlPlane {
                 return;
             }
             let client = node.and_then(|n| n.client.clone());
-            state.instances.get(instance_id).and_then(|r| start_request(state, r)).map(|r| (node_id, client, r))
+            let now_ms = self.inner.env.wall_ms();
+            state.instances.get(instance_id).and_then(|r| start_request(state, r, now_ms)).map(|r| (node_id, client, r))
         };
         let Some((node_id, client, request)) = prepared else { return };
         let epoch = request.epoch;
@@ -229,7 +230,8 @@ impl ControlPlane {
             &record.constraints
         };
         let node_id = place(state, constraints).map_err(|e: ErrorResponse| e.message)?;
-        Ok(begin_placement(state, instance_id, &node_id).map(|(client, request)| (node_id, client, request)))
+        Ok(begin_placement(state, instance_id, &node_id, self.inner.env.wall_ms())
+            .map(|(client, request)| (node_id, client, request)))
     }
 
     /// Starts an instance its node lost on that node again (see [`Retry::Restart`]).
@@ -252,7 +254,7 @@ impl ControlPlane {
             if !wanted || !node_up {
                 return; // stopped, out of retries or placed meanwhile; or wait for the node
             }
-            let placed = begin_placement(&mut state, instance_id, &node_id);
+            let placed = begin_placement(&mut state, instance_id, &node_id, self.inner.env.wall_ms());
             if placed.is_none() {
                 if let Some(record) = state.instances.get_mut(instance_id) {
                     record.retry = None;
@@ -276,6 +278,7 @@ pub(crate) fn begin_placement(
     state: &mut State,
     instance_id: &str,
     node_id: &str,
+    now_ms: u64,
 ) -> Option<(Option<NodeAgentClient>, StartInstanceRequest)> {
     if !state.instances.get(instance_id).is_some_and(|r| state.modules.contains_key(&r.metadata.module_hash)) {
         return None;
@@ -293,22 +296,23 @@ pub(crate) fn begin_placement(
     record.metadata.node_id = node_id.to_string();
     record.metadata.status = InstanceStatus::Starting;
     record.metadata.restarts = record.metadata.restarts.saturating_add(1);
-    let request = state.instances.get(instance_id).and_then(|r| start_request(state, r))?;
+    let request = state.instances.get(instance_id).and_then(|r| start_request(state, r, now_ms))?;
     state.pending_starts.insert(instance_id.to_string());
     Some((client, request))
 }
 
-/// The start of `record`'s current placement, as its node must receive it (`None` without module bytes).
-fn start_request(state: &State, record: &InstanceRecord) -> Option<StartInstanceRequest> {
+/// The start of `record`'s current placement, as its node must receive it at wall-clock `now_ms` (`None`
+/// without module bytes).
+fn start_request(state: &State, record: &InstanceRecord, now_ms: u64) -> Option<StartInstanceRequest> {
     let id = &record.metadata.instance_id;
     Some(StartInstanceRequest {
         instance_id: id.clone(),
         module_bytes: state.modules.get(&record.metadata.module_hash)?.to_vec(),
         capabilities: state.capabilities.get(id).map(|c| c.values().cloned().collect()).unwrap_or_default(),
-        grant_seals: crate::grant_seals(
-            &state.grant_key,
+        grant_seals: state.grants.seals(
             &record.metadata.node_id,
             state.capabilities.get(id).into_iter().flat_map(|c| c.values()),
+            now_ms,
         ),
         restart_policy: record.restart_policy,
         config: record.config.clone(),

@@ -4,7 +4,7 @@
 use factum_env::rpc::{hello::AUDIT, Peer};
 use factum_env::Listener;
 use factum_proto::{
-    ErrorResponse, InstanceDetails, InstanceMetadata, KvEntry, NodeInfo, NodeReport, Principal, StartRequest,
+    ErrorResponse, InstanceDetails, InstanceMetadata, KvEntry, NodeAck, NodeInfo, NodeReport, Principal, StartRequest,
     StatusReport,
 };
 use tarpc::context::Context;
@@ -216,7 +216,7 @@ impl factum_proto::ControlPlane for Session {
         .await
     }
 
-    async fn report_node(self, ctx: Context, report: NodeReport) -> Result<(), ErrorResponse> {
+    async fn report_node(self, ctx: Context, report: NodeReport) -> Result<NodeAck, ErrorResponse> {
         self.measured("report_node", async {
             self.admitted(&ctx, "report_node", &report.node_id, |p, action| p.require_node(action, &report.node_id))?;
             self.control_plane.report_node(report)

@@ -300,6 +300,49 @@ fn a_restarted_control_plane_rebuilds_from_agent_snapshots() {
     });
 }
 
+/// A node's report is answered with fresh seals of every grant the control plane holds for its instances, once
+/// half their life is gone (at once, for a control plane that just met the node); a revoked grant gets none, so
+/// the seal its node kept expires at the provider host.
+#[test]
+fn reports_renew_the_seals_of_held_grants_only() {
+    runtime().block_on(async {
+        let cluster = cluster(1).await;
+        let mut caps = kv(&["kv:read"]);
+        caps.push(CapabilityGrant { capability_id: "audit".into(), permissions: vec!["kv:read".into()] });
+        let id = cluster.cp.start_instance(start_request(None, module(fixtures::SLEEPER), caps)).await.unwrap();
+        eventually("running", || cluster.cp.list_instances().iter().any(|m| m.status == InstanceStatus::Running)).await;
+        let ttl = Duration::from_secs(60);
+        let renewed = |cp: &ControlPlane| {
+            let ack = cp.report_node(cluster.agents[0].node_report()).unwrap();
+            ack.renewed.into_iter().map(|(a, seal)| (a.capability_id.clone(), (a, seal))).collect::<BTreeMap<_, _>>()
+        };
+        let fresh = ControlPlane::new(Env::tokio(), ControlPlaneConfig { grant_ttl: ttl, ..Default::default() });
+        let before = Env::tokio().wall_ms();
+        let first = renewed(&fresh);
+        assert_eq!(first.keys().collect::<Vec<_>>(), ["audit", "kv"]);
+        let key = factum_proto::GrantKey::plaintext();
+        for (assignment, seal) in first.values() {
+            assert!(seal.expires_ms >= before + 60_000 && seal.expires_ms <= Env::tokio().wall_ms() + 60_000);
+            let mut grant = key.seal(assignment, "node-1", seal.expires_ms);
+            assert_eq!(grant.seal, *seal, "the seal is the control plane's for node-1");
+            grant.seal.expires_ms += 1;
+            let call = factum_proto::CapabilityInvocation {
+                instance_id: id.clone(),
+                capability_id: assignment.capability_id.clone(),
+                operation: "get".into(),
+                params: vec![],
+            };
+            assert!(key.check(&grant, &call, "node-1", before).is_err(), "an extended seal is not the control plane's");
+        }
+        assert!(renewed(&fresh).is_empty(), "not due again before half the TTL is gone");
+
+        cluster.cp.revoke_capability(&id, "audit").await.unwrap();
+        let after_revoke = ControlPlane::new(Env::tokio(), ControlPlaneConfig { grant_ttl: ttl, ..Default::default() });
+        assert_eq!(renewed(&after_revoke).keys().collect::<Vec<_>>(), ["kv"]);
+        cluster.cp.stop_instance(&id).await.unwrap();
+    });
+}
+
 /// In registry mode a node's address is the one it registered under its lease: a report naming another one (a
 /// confused or forged agent) does not redirect the control plane's calls to that node.
 #[test]

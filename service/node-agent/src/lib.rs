@@ -694,6 +694,24 @@ impl Agent {
         Ok(local.facts())
     }
 
+    /// Takes the control plane's fresh seals of grants (see [`factum_proto::NodeAck`]): each replaces the seal
+    /// of the grant it covers, if this agent holds that grant in exactly that form. A grant assigned anew since
+    /// keeps the seal it came with, and one revoked since gets none.
+    pub fn renew_seals(&self, renewed: Vec<(CapabilityAssignment, GrantSeal)>) {
+        if renewed.is_empty() {
+            return;
+        }
+        let mut instances = self.inner.lock();
+        for (assignment, seal) in renewed {
+            let held = instances
+                .get_mut(&assignment.instance_id)
+                .and_then(|i| i.capabilities.get_mut(&assignment.capability_id));
+            if let Some(grant) = held.filter(|g| g.assignment == assignment) {
+                grant.seal = seal;
+            }
+        }
+    }
+
     /// Removes one assignment; the instance's next call on it is PERMISSION_DENIED.
     pub fn revoke_capability(&self, instance_id: &str, capability_id: &str) -> Result<InstanceFacts, ErrorResponse> {
         let mut instances = self.inner.lock();

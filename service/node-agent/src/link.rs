@@ -49,7 +49,7 @@ pub async fn run_control_plane_link(agent: Agent, control_plane_addr: String, mu
             }
             previous = Some(report.clone());
             match env.timeout(timeout, cp.report_node(rpc::rpc_context(), report)).await {
-                Some(Ok(Ok(()))) => {}
+                Some(Ok(Ok(ack))) => agent.renew_seals(ack.renewed),
                 Some(Ok(Err(refused))) => tracing::error!(error = %refused, "control plane refused this node"),
                 _ => {
                     client = None;

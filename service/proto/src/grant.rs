@@ -5,8 +5,14 @@
 //! those permissions. An agent can therefore neither widen a grant nor invent one, nor use one made for an
 //! instance on another node.
 //!
-//! A seal proves that a grant was made, not that it is still in force: a revoke takes effect at the calling
-//! agent, which stops forwarding the grant on the instance's next call (P4), as for local providers.
+//! A seal proves that a grant was made, and lasts only until the expiry sealed with it (wall-clock time at the
+//! control plane plus its grant TTL). A revoke takes effect at the calling agent, which stops forwarding the
+//! grant on the instance's next call (P4), as for local providers; the expiry bounds what a seal is worth to an
+//! agent that kept it anyway (a compromised or confused one): the control plane renews the seals of every
+//! grant it holds in answer to a node's heartbeats ([`crate::NodeAck`]), so a grant it no longer holds stops
+//! being renewed and the host refuses it once its expiry has passed. The price is that a node cut off from the
+//! control plane for longer than the TTL loses its remote providers (local ones go on), so the TTL is long
+//! beside a control plane's restart and beside clock skew between the control plane and provider hosts.
 
 use hmac::digest::{Key, KeyInit};
 use hmac::{Hmac, Mac};
@@ -15,9 +21,16 @@ use sha2::Sha256;
 
 use crate::{CapabilityAssignment, CapabilityInvocation, ErrorResponse, ProviderType};
 
-/// A grant's seal: the leftmost 16 bytes of an HMAC-SHA-256 under the [`GrantKey`].
+/// A grant's seal: when it expires, and the leftmost 16 bytes of an HMAC-SHA-256 under the [`GrantKey`] over
+/// the grant and that expiry. The default seal is expired and matches nothing: a grant without one is served
+/// only by providers on the instance's own node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct GrantSeal(pub [u8; 16]);
+pub struct GrantSeal {
+    /// Wall-clock time it expires at, in milliseconds since the Unix epoch, on the control plane's clock.
+    pub expires_ms: u64,
+    /// The MAC.
+    pub tag: [u8; 16],
+}
 
 /// One capability grant of one instance on one node, as the control plane sealed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,29 +86,31 @@ impl GrantKey {
         hex::encode(self.0)
     }
 
-    /// The sealed form of `assignment` for its instance on `node_id`.
-    pub fn seal(&self, assignment: &CapabilityAssignment, node_id: &str) -> SealedGrant {
+    /// The sealed form of `assignment` for its instance on `node_id`, valid until `expires_ms` (wall-clock
+    /// milliseconds since the Unix epoch).
+    pub fn seal(&self, assignment: &CapabilityAssignment, node_id: &str, expires_ms: u64) -> SealedGrant {
         let mut grant = SealedGrant {
             instance_id: assignment.instance_id.clone(),
             capability_id: assignment.capability_id.clone(),
             node_id: node_id.to_string(),
             provider_type: assignment.provider_type,
             permissions: assignment.permissions.clone(),
-            seal: GrantSeal::default(),
+            seal: GrantSeal { expires_ms, tag: [0; 16] },
         };
         let tag = self.mac(&grant).finalize().into_bytes();
-        grant.seal.0.iter_mut().zip(tag).for_each(|(s, t)| *s = t);
+        grant.seal.tag.iter_mut().zip(tag).for_each(|(s, t)| *s = t);
         grant
     }
 
-    /// Whether `grant` entitles node `caller` to run `invocation`: the seal is this key's (compared in constant
-    /// time) and the grant names the invocation's instance and capability and the calling node. The refusal is
-    /// PERMISSION_DENIED and says which part did not match.
+    /// Whether `grant` entitles node `caller` to run `invocation` at wall-clock time `now_ms`: the seal is this
+    /// key's (compared in constant time), it has not expired, and the grant names the invocation's instance and
+    /// capability and the calling node. The refusal is PERMISSION_DENIED and says which part did not match.
     pub fn check(
         &self,
         grant: &SealedGrant,
         invocation: &CapabilityInvocation,
         caller: &str,
+        now_ms: u64,
     ) -> Result<(), ErrorResponse> {
         let mismatch = if grant.instance_id != invocation.instance_id || grant.capability_id != invocation.capability_id
         {
@@ -105,8 +120,14 @@ impl GrantKey {
             ))
         } else if grant.node_id != caller {
             Some(format!("the grant is for an instance on node {}, the caller is node {caller}", grant.node_id))
-        } else if self.mac(grant).verify_truncated_left(&grant.seal.0).is_err() {
+        } else if self.mac(grant).verify_truncated_left(&grant.seal.tag).is_err() {
             Some("the grant's seal does not match it: the control plane did not make this grant".to_string())
+        } else if now_ms >= grant.seal.expires_ms {
+            Some(format!(
+                "the grant's seal expired {:.1}s ago; the control plane renews seals only of grants it still holds, \
+                 for nodes that report to it",
+                (now_ms - grant.seal.expires_ms) as f64 / 1000.0
+            ))
         } else {
             None
         };
@@ -133,6 +154,7 @@ impl GrantKey {
         field(grant.provider_type.to_string().as_bytes());
         field(&(grant.permissions.len() as u64).to_le_bytes());
         grant.permissions.iter().for_each(|p| field(p.as_bytes()));
+        field(&grant.seal.expires_ms.to_le_bytes());
         mac
     }
 }
@@ -162,6 +184,9 @@ mod tests {
     use super::*;
     use crate::ErrorCode;
 
+    /// Some wall-clock instant, in milliseconds since the Unix epoch.
+    const NOW: u64 = 1_800_000_000_000;
+
     fn call(instance: &str, capability: &str) -> CapabilityInvocation {
         CapabilityInvocation {
             instance_id: instance.into(),
@@ -179,11 +204,11 @@ mod tests {
     #[test]
     fn a_sealed_grant_serves_its_own_call_and_nothing_altered() {
         let key = GrantKey::derive(&[1; 32]);
-        let grant = key.seal(&assignment(&["kv:read"]), "n1");
-        assert!(key.check(&grant, &call("i1", "store"), "n1").is_ok());
+        let grant = key.seal(&assignment(&["kv:read"]), "n1", NOW + 1);
+        assert!(key.check(&grant, &call("i1", "store"), "n1", NOW).is_ok());
 
         let refused = |grant: &SealedGrant, call: &CapabilityInvocation, caller: &str| {
-            let e = key.check(grant, call, caller).unwrap_err();
+            let e = key.check(grant, call, caller, NOW).unwrap_err();
             assert_eq!(e.error_code, ErrorCode::PermissionDenied);
             e.message
         };
@@ -197,8 +222,29 @@ mod tests {
         assert!(refused(&grant, &call("i2", "store"), "n1").contains("the call for i2/store"));
         assert!(refused(&grant, &call("i1", "other"), "n1").contains("the call for i1/other"));
         // Another key (another cluster, or a key the agent made up) seals nothing this one accepts.
-        let forged = GrantKey::derive(&[2; 32]).seal(&assignment(&["kv:read", "kv:write"]), "n1");
+        let forged = GrantKey::derive(&[2; 32]).seal(&assignment(&["kv:read", "kv:write"]), "n1", NOW + 1);
         assert!(refused(&forged, &call("i1", "store"), "n1").contains("seal does not match"));
+        // A later expiry is a new seal: an agent cannot extend one.
+        let mut extended = grant.clone();
+        extended.seal.expires_ms += 60_000;
+        assert!(refused(&extended, &call("i1", "store"), "n1").contains("seal does not match"));
+    }
+
+    #[test]
+    fn a_seal_is_refused_from_its_expiry_on() {
+        let key = GrantKey::derive(&[1; 32]);
+        let grant = key.seal(&assignment(&["kv:read"]), "n1", NOW);
+        assert!(key.check(&grant, &call("i1", "store"), "n1", NOW - 1).is_ok());
+        for now in [NOW, NOW + 2_500] {
+            let e = key.check(&grant, &call("i1", "store"), "n1", now).unwrap_err();
+            assert_eq!(e.error_code, ErrorCode::PermissionDenied);
+            assert!(e.message.contains("expired"), "{}", e.message);
+        }
+        assert!(key.check(&grant, &call("i1", "store"), "n1", NOW + 2_500).unwrap_err().message.contains("2.5s ago"));
+        // The default seal (a grant the control plane never sealed) is expired and matches nothing.
+        let mut unsealed = grant.clone();
+        unsealed.seal = GrantSeal::default();
+        assert!(key.check(&unsealed, &call("i1", "store"), "n1", NOW).is_err());
     }
 
     #[test]
@@ -213,9 +259,9 @@ mod tests {
     #[test]
     fn field_boundaries_are_part_of_the_seal() {
         let key = GrantKey::plaintext();
-        let a = key.seal(&CapabilityAssignment::new("ab", "c", &["kv:read".into()]).unwrap(), "n1");
+        let a = key.seal(&CapabilityAssignment::new("ab", "c", &["kv:read".into()]).unwrap(), "n1", NOW + 1);
         let mut b = a.clone();
         (b.instance_id, b.capability_id) = ("a".into(), "bc".into());
-        assert!(key.check(&b, &call("a", "bc"), "n1").is_err());
+        assert!(key.check(&b, &call("a", "bc"), "n1", NOW).is_err());
     }
 }

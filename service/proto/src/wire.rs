@@ -21,8 +21,9 @@ use crate::types::{CapabilityAssignment, InstanceMetadata, InstanceStatus, Resta
 /// [`NodeReport`]. 4: the hello, with the peer's identity; list calls answer errors. 5: placement seals. 6: guest
 /// arguments and environment ([`GuestConfig`]) in starts and facts; restart and logs calls. 7: the events call.
 /// 8: node labels in reports and listings, placement constraints in starts and facts; draining nodes. 9: grant
-/// seals in starts and grants, for providers on other hosts ([`crate::SealedGrant`]).
-pub const PROTOCOL_VERSION: u32 = 9;
+/// seals in starts and grants, for providers on other hosts ([`crate::SealedGrant`]). 10: grant seals expire,
+/// and the answer to a node's report renews them ([`NodeAck`]).
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Largest accepted module, in bytes.
 pub const MAX_MODULE_BYTES: usize = 32 * 1024 * 1024;
@@ -284,6 +285,15 @@ pub struct KvEntry {
     pub value: Vec<u8>,
 }
 
+/// The control plane's answer to a node's report: fresh seals of the grants it holds for the node's instances,
+/// when the ones the node has are due to be renewed (empty otherwise).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAck {
+    /// One seal per grant, each with the assignment it covers: the agent takes a seal only for a grant it holds
+    /// in exactly that form (a grant changed since keeps the seal it came with).
+    pub renewed: Vec<(CapabilityAssignment, GrantSeal)>,
+}
+
 /// The control plane's API: the design's six client calls, plus the two calls agents make.
 #[tarpc::service]
 pub trait ControlPlane {
@@ -326,7 +336,7 @@ pub trait ControlPlane {
     /// Operator view of a KV store (capability id) on every node, keys starting with `prefix`.
     async fn inspect_kv(capability_id: String, prefix: String) -> Result<Vec<KvEntry>, ErrorResponse>;
     /// Agent → control plane: registration and heartbeat with a full snapshot of its facts.
-    async fn report_node(report: NodeReport) -> Result<(), ErrorResponse>;
+    async fn report_node(report: NodeReport) -> Result<NodeAck, ErrorResponse>;
     /// Agent → control plane: one status change, sent as it happens.
     async fn report_status(report: StatusReport) -> Result<(), ErrorResponse>;
 }

@@ -41,6 +41,9 @@ pub enum HostBug {
     /// The seal is checked, but the call runs with every permission of the kind, not the sealed ones (breaks
     /// P17: an operation the grant does not allow succeeds).
     IgnoredPermissions,
+    /// The seal's expiry is not checked: a seal of a grant the control plane stopped renewing (revoked, or its
+    /// instance gone) works for ever (breaks P17).
+    IgnoredExpiry,
     /// In the agent's client: after one failed call it never dials again, so a host that restarted stays
     /// unavailable to it (breaks liveness: calls must reach the host again once it is back).
     LatchedClient,
@@ -87,7 +90,8 @@ impl Server {
     /// for this provider's kind.
     fn admit(&self, invocation: &CapabilityInvocation, grant: &SealedGrant) -> Result<Vec<Permission>, ErrorResponse> {
         if self.bug != Some(HostBug::UncheckedSeals) {
-            self.key.check(grant, invocation, &self.node)?;
+            let now_ms = if self.bug == Some(HostBug::IgnoredExpiry) { 0 } else { self.env.wall_ms() };
+            self.key.check(grant, invocation, &self.node, now_ms)?;
         }
         let (kind, granted) = parse_permissions(&grant.permissions)?;
         let serves = self.provider.metadata().provider_type;

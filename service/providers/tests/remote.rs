@@ -66,9 +66,21 @@ fn call(instance: &str, capability: &str, op: &KvOperation) -> CapabilityInvocat
     CapabilityInvocation { instance_id: instance.into(), capability_id: capability.into(), operation, params }
 }
 
+/// A grant sealed for an hour from now.
 fn grant(key: &GrantKey, instance: &str, capability: &str, permissions: &[Permission], node: &str) -> SealedGrant {
+    sealed_until(key, instance, capability, permissions, node, Env::tokio().wall_ms() + 3_600_000)
+}
+
+fn sealed_until(
+    key: &GrantKey,
+    instance: &str,
+    capability: &str,
+    permissions: &[Permission],
+    node: &str,
+    expires_ms: u64,
+) -> SealedGrant {
     let permissions: Vec<String> = permissions.iter().map(Permission::to_string).collect();
-    key.seal(&CapabilityAssignment::new(instance, capability, &permissions).unwrap(), node)
+    key.seal(&CapabilityAssignment::new(instance, capability, &permissions).unwrap(), node, expires_ms)
 }
 
 fn set(key: &str, value: &[u8]) -> KvOperation {
@@ -107,7 +119,10 @@ async fn a_remote_call_runs_only_under_a_grant_the_control_plane_sealed() {
     widened.permissions.push(Permission::KvWrite.to_string());
     let n2 = RemoteProvider::new(node_env("n2"), &host.addr, Principal::Provider("kv-1".into()), TIMEOUT);
     let forged = grant(&GrantKey::derive(&[8; 32]), "i1", "store", &[Permission::KvWrite], "n1");
+    // Nor use a seal past its expiry (a grant the control plane stopped renewing).
+    let expired = sealed_until(&key, "i1", "store", &[Permission::KvWrite], "n1", Env::tokio().wall_ms() - 1);
     for (who, call, grant) in [
+        (&n1, call("i1", "store", &set("k", b"w")), expired),
         (&n1, call("i1", "store", &set("k", b"w")), widened),
         (&n2, call("i1", "store", &set("k", b"w")), rw.clone()),
         (&n1, call("i2", "store", &set("k", b"w")), rw.clone()),
