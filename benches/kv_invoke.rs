@@ -54,6 +54,7 @@ async fn through_guest(name: &str, engine: Arc<dyn WasmEngine>, n: usize) {
     let kv = Arc::new(KvProvider::new());
     let (agent, mut reports) = Agent::new(env, AgentConfig::new("node-1", "127.0.0.1:0"), engine, kv);
     let request = StartInstanceRequest {
+        module_hash: String::new(),
         grant_seals: Default::default(),
         instance_id: "bench".into(),
         module_bytes: guest(n),

@@ -51,6 +51,7 @@ async fn through_guest(name: &str, engine: Arc<dyn WasmEngine>, n: usize) {
     };
     let (agent, mut reports) = Agent::new(Env::tokio(), AgentConfig::new("node-1", "127.0.0.1:0"), engine, providers);
     let request = StartInstanceRequest {
+        module_hash: String::new(),
         grant_seals: Default::default(),
         instance_id: "bench".into(),
         module_bytes: guest(n),

@@ -1,6 +1,7 @@
 //! StartInstance → `running` latency and throughput, in-process and through the control plane over loopback
 //! tarpc, for both engines, and from an operator's client through the control plane to the agent in plaintext
-//! and over mutual TLS (the cost of TLS, against its plaintext baseline from the same run). Run with
+//! and over mutual TLS (the cost of TLS, against its plaintext baseline from the same run), and of a 5 MiB module
+//! whose later starts reach the agent by hash only (against the tiny module's in the same cluster). Run with
 //! `cargo bench --bench start`. Prints p50 / p99 / mean and starts per second.
 
 use std::path::Path;
@@ -52,6 +53,7 @@ async fn agent_local(name: &str, engine: Arc<dyn WasmEngine>) {
     let started = Instant::now();
     for i in 0..iterations() {
         let req = StartInstanceRequest {
+            module_hash: String::new(),
             grant_seals: Default::default(),
             instance_id: format!("i-{i}"),
             module_bytes: bytes.clone(),
@@ -105,15 +107,23 @@ async fn cluster(engine: Arc<dyn WasmEngine>, tls: Option<&Path>) -> (ControlPla
 }
 
 /// Times [`iterations`] starts of the sleeper, each through `start`, and reports them under `label`.
-async fn measure<F, Fut>(label: &str, mut start: F)
+async fn measure<F, Fut>(label: &str, start: F)
 where
     F: FnMut(StartRequest) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let bytes = module(fixtures::SLEEPER);
-    let mut samples = Vec::with_capacity(iterations());
+    measure_module(label, module(fixtures::SLEEPER), iterations(), start).await;
+}
+
+/// Times `n` starts of module `bytes`, each through `start`, and reports them under `label`.
+async fn measure_module<F, Fut>(label: &str, bytes: Vec<u8>, n: usize, mut start: F)
+where
+    F: FnMut(StartRequest) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut samples = Vec::with_capacity(n);
     let started = Instant::now();
-    for _ in 0..iterations() {
+    for _ in 0..n {
         let req = StartRequest {
             instance_id: None,
             module_bytes: bytes.clone(),
@@ -138,6 +148,62 @@ async fn through_control_plane(name: &str, engine: Arc<dyn WasmEngine>) {
         }
     })
     .await;
+    agent.stop_all();
+}
+
+/// The sleeper with a custom section that makes it `size` bytes: as big as a real application's module to ship
+/// and hash, with nothing more to compile.
+fn big_sleeper(size: usize) -> Vec<u8> {
+    let mut bytes = module(fixtures::SLEEPER);
+    let name = b"padding";
+    let payload = size.saturating_sub(bytes.len() + name.len() + 8);
+    let mut section = leb128(name.len());
+    section.extend_from_slice(name);
+    section.resize(section.len() + payload, 0);
+    bytes.push(0); // custom section
+    bytes.extend(leb128(section.len()));
+    bytes.extend(section);
+    bytes
+}
+
+fn leb128(mut n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return out;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Starts of a 5 MiB module through the control plane, beside the tiny sleeper's in the same cluster: the first
+/// (shipped to the agent and compiled) alone, then the later ones, which reach the agent by hash only.
+async fn big_module(name: &str, engine: Arc<dyn WasmEngine>) {
+    let (cp, agent, _) = cluster(engine, None).await;
+    let start = |req: StartRequest| {
+        let cp = cp.clone();
+        async move {
+            cp.start_instance(req).await.expect("start");
+        }
+    };
+    let big = big_sleeper(5 << 20);
+    let n = (iterations() / 10).max(1);
+    measure_module(&format!("5 MiB module, first start ({name})"), big.clone(), 1, start).await;
+    measure_module(&format!("5 MiB module, later starts ({name})"), big.clone(), n, start).await;
+    measure_module(&format!("tiny module, same cluster ({name})"), module(fixtures::SLEEPER), n, start).await;
+    let hash = factum_proto::module_hash(&big);
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(factum_proto::module_hash(&big));
+    }
+    println!(
+        "{:<40} {:>8.1} µs  (the control plane hashes what a client sends: {hash:.8}…)",
+        "  of which SHA-256 of 5 MiB",
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    );
     agent.stop_all();
 }
 
@@ -168,6 +234,7 @@ fn main() {
         for (name, engine) in engines() {
             agent_local(name, engine.clone()).await;
             through_control_plane(name, engine.clone()).await;
+            big_module(name, engine.clone()).await;
             from_a_client(name, engine.clone(), None).await;
             from_a_client(name, engine, Some(&certs)).await;
         }

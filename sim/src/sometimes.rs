@@ -50,6 +50,8 @@ pub const GOALS: &[Goal] = &[
             words.next() == Some(factum_providers::remote::PROVIDED) && words.nth(1) == Some("ok")
         },
     },
+    Goal { name: "grant seals renewed", reached_by: |l| l.contains(" renew seals ") },
+    Goal { name: "start by hash found the module gone", reached_by: |l| l.contains(": sending its bytes") },
     Goal {
         name: "provider host refused a rogue call",
         reached_by: |l| l.split_whitespace().nth(2) == Some(crate::ROGUE) && !l.ends_with(" ok"),

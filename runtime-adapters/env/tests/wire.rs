@@ -154,7 +154,7 @@ proptest! {
         facts in prop::collection::vec(arb_facts(), 0..4),
     ) {
         let capabilities = facts.iter().flat_map(|f| f.capabilities.clone()).collect();
-        let start = StartInstanceRequest { instance_id: "i-1".into(), module_bytes, capabilities, grant_seals: Default::default(), restart_policy: policy, config: Default::default(), constraints: Default::default(), epoch, node_lease: Some(3), restarts: 2, seal: factum_proto::PlacementSeal([9; 16]) };
+        let start = StartInstanceRequest { module_hash: String::new(), instance_id: "i-1".into(), module_bytes, capabilities, grant_seals: Default::default(), restart_policy: policy, config: Default::default(), constraints: Default::default(), epoch, node_lease: Some(3), restarts: 2, seal: factum_proto::PlacementSeal([9; 16]) };
         prop_assert_eq!(round_trip(start.clone()), start);
         let report = NodeReport { protocol_version: PROTOCOL_VERSION, node_id: "n".into(), agent_addr: "h:1".into(), max_instances: 9, labels: Default::default(), drained: false, instances: facts, boot: 11, sequence: 5 };
         prop_assert_eq!(round_trip(report.clone()), report);
@@ -184,6 +184,7 @@ fn decode_raw<T: DeserializeOwned + Serialize + Unpin + Send + 'static>(bytes: V
 /// A well-formed frame holding a start request for either service.
 fn valid_frames(module_bytes: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
     let start = StartInstanceRequest {
+        module_hash: String::new(),
         grant_seals: Default::default(),
         instance_id: "i-1".into(),
         module_bytes,

@@ -217,6 +217,9 @@ struct NodeRecord {
     snapshots: Snapshots,
     /// Wall-clock milliseconds from which its grant seals are due to be renewed (0: at its next report).
     seals_due_ms: u64,
+    /// Hashes of modules a start on it took, so the next start of one sends only the hash. A belief, not a fact:
+    /// a start that finds the module gone sends the bytes after all.
+    modules: BTreeSet<String>,
 }
 
 impl NodeRecord {
@@ -234,6 +237,7 @@ impl NodeRecord {
             client: None,
             snapshots: Snapshots::default(),
             seals_due_ms: 0,
+            modules: BTreeSet::new(),
         }
     }
 }
@@ -444,6 +448,7 @@ impl ControlPlane {
         let request = StartInstanceRequest {
             instance_id: instance_id.clone(),
             module_bytes: req.module_bytes,
+            module_hash: module_hash.clone(),
             grant_seals,
             capabilities: capabilities.into_values().collect(),
             restart_policy: req.restart_policy,
@@ -484,11 +489,54 @@ impl ControlPlane {
         }
     }
 
+    /// Sends `request` to `node_id`: content-addressed, without the module's bytes, when the node is known to
+    /// hold the module, and with them (the request's, or else the module map's) if it turns out not to (its
+    /// cache evicted the module, or it restarted).
     async fn call_start(
         &self,
         node_id: &str,
         client: Option<NodeAgentClient>,
-        request: StartInstanceRequest,
+        mut request: StartInstanceRequest,
+    ) -> Result<InstanceFacts, ErrorResponse> {
+        let hash = request.module_hash.clone();
+        let (held, kept) = {
+            let state = self.lock();
+            (state.nodes.get(node_id).is_some_and(|n| n.modules.contains(&hash)), state.modules.get(&hash).cloned())
+        };
+        let mut own = Some(std::mem::take(&mut request.module_bytes));
+        let mut with_bytes = |request: &mut StartInstanceRequest| {
+            let own = own.take().unwrap_or_default();
+            request.module_bytes = if own.is_empty() { kept.as_deref().cloned().unwrap_or_default() } else { own };
+        };
+        if !held {
+            with_bytes(&mut request);
+        }
+        let mut result = self.send_start(node_id, client.clone(), &request).await;
+        let not_held = |e: &ErrorResponse| {
+            e.error_code == ErrorCode::InstanceNotFound
+                && e.details.as_ref().is_some_and(|d| d.contains_key("module_hash"))
+        };
+        if held && result.as_ref().is_err_and(not_held) {
+            self.inner.env.trace(|| format!("module {hash} not held by {node_id}: sending its bytes"));
+            with_bytes(&mut request);
+            result = self.send_start(node_id, client, &request).await;
+        }
+        let mut state = self.lock();
+        if let Some(node) = state.nodes.get_mut(node_id) {
+            match &result {
+                Ok(_) => node.modules.insert(hash),
+                Err(e) if not_held(e) => node.modules.remove(&hash),
+                Err(_) => false,
+            };
+        }
+        result
+    }
+
+    async fn send_start(
+        &self,
+        node_id: &str,
+        client: Option<NodeAgentClient>,
+        request: &StartInstanceRequest,
     ) -> Result<InstanceFacts, ErrorResponse> {
         // Idempotent by instance id and epoch: safe to retry.
         let call = |c: NodeAgentClient| {

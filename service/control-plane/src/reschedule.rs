@@ -301,13 +301,15 @@ pub(crate) fn begin_placement(
     Some((client, request))
 }
 
-/// The start of `record`'s current placement, as its node must receive it at wall-clock `now_ms` (`None`
-/// without module bytes).
+/// The start of `record`'s current placement, as its node must receive it at wall-clock `now_ms`, by module hash
+/// (`None` if the control plane lacks the module's bytes).
 fn start_request(state: &State, record: &InstanceRecord, now_ms: u64) -> Option<StartInstanceRequest> {
     let id = &record.metadata.instance_id;
     Some(StartInstanceRequest {
         instance_id: id.clone(),
-        module_bytes: state.modules.get(&record.metadata.module_hash)?.to_vec(),
+        // Filled in by `call_start` if the node does not hold the module.
+        module_bytes: Vec::new(),
+        module_hash: state.modules.get_key_value(&record.metadata.module_hash)?.0.clone(),
         capabilities: state.capabilities.get(id).map(|c| c.values().cloned().collect()).unwrap_or_default(),
         grant_seals: state.grants.seals(
             &record.metadata.node_id,

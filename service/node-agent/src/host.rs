@@ -356,6 +356,7 @@ mod tests {
         let capabilities =
             perms.iter().map(|(cap, perm)| CapabilityAssignment::new("i", cap, &[perm.to_string()]).unwrap()).collect();
         let request = StartInstanceRequest {
+            module_hash: String::new(),
             grant_seals: Default::default(),
             instance_id: "i".into(),
             module_bytes: fixtures::module(fixtures::SLEEPER),
@@ -492,7 +493,7 @@ mod tests {
                 let config = AgentConfig::new("n", "127.0.0.1:0");
                 let (agent, _reports) = Agent::new(Env::tokio(), config, Arc::new(WasmiEngine::new()), Arc::new(MemoryKv::new()));
                 for (id, cap) in [("a", &a_cap), ("b", &b_cap)] {
-                    let request = StartInstanceRequest {
+                    let request = StartInstanceRequest { module_hash: String::new(),
                         grant_seals: Default::default(),
                         instance_id: id.into(),
                         module_bytes: fixtures::module(fixtures::SLEEPER),
@@ -525,7 +526,7 @@ mod tests {
 
                 // Memory: two probes side by side; each must crash on its own trap, not exit 7 on the other's marker.
                 for id in ["p1", "p2"] {
-                    let request = StartInstanceRequest {
+                    let request = StartInstanceRequest { module_hash: String::new(),
                         grant_seals: Default::default(),
                         instance_id: id.into(),
                         module_bytes: fixtures::module(fixtures::REMEMBER),

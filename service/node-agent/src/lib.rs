@@ -391,7 +391,15 @@ impl Agent {
             let seal = req.grant_seals.get(&assignment.capability_id).copied().unwrap_or_default();
             capabilities.insert(assignment.capability_id.clone(), Grant::new(assignment, seal)?);
         }
-        let hash = factum_proto::module_hash(&req.module_bytes);
+        // Content-addressed (no bytes): the hash names the module; else the bytes do.
+        let by_hash = req.module_bytes.is_empty() && !req.module_hash.is_empty();
+        let hash = if by_hash { req.module_hash.clone() } else { factum_proto::module_hash(&req.module_bytes) };
+        if !by_hash && !req.module_hash.is_empty() && req.module_hash != hash {
+            return Err(ErrorResponse::invalid(format!(
+                "the module's bytes hash to {hash}, not to the module_hash {} the start names",
+                req.module_hash
+            )));
+        }
         {
             let mut instances = inner.lock();
             // An ended run of an older placement; one still supervised (waiting out a restart backoff) is alive.
@@ -429,8 +437,11 @@ impl Agent {
                 ));
             }
         }
-        let module =
-            inner.compiler.get_or_compile(&inner.env, &hash, &req.module_bytes).await.map_err(ErrorResponse::from)?;
+        let module = if by_hash {
+            self.held_module(&hash).ok_or_else(|| not_held(&hash))?
+        } else {
+            inner.compiler.get_or_compile(&inner.env, &hash, &req.module_bytes).await.map_err(ErrorResponse::from)?
+        };
         let metadata = InstanceMetadata {
             instance_id: req.instance_id.clone(),
             node_id: inner.config.node_id.clone(),
@@ -753,13 +764,14 @@ impl Agent {
     /// after a fence: the instances are forgotten, but a restarted control plane may have no other copy of
     /// their module, and without one it could never run them again.
     pub fn module_bytes(&self, module_hash: &str) -> Result<Vec<u8>, ErrorResponse> {
-        let held = {
+        self.held_module(module_hash).map(|m| m.bytes.to_vec()).ok_or_else(|| not_held(module_hash))
+    }
+
+    /// The compiled module of hash `module_hash`, from the cache or from a local instance that runs it.
+    fn held_module(&self, module_hash: &str) -> Option<factum_wasm::CachedModule> {
+        self.inner.cache.get(module_hash).or_else(|| {
             let instances = self.inner.lock();
-            instances.values().find(|i| i.metadata.module_hash == module_hash).map(|i| i.module.bytes.clone())
-        };
-        held.or_else(|| self.inner.cache.get(module_hash).map(|m| m.bytes)).map(|b| b.to_vec()).ok_or_else(|| {
-            ErrorResponse::new(ErrorCode::InstanceNotFound, format!("no module with hash {module_hash} on this node"))
-                .with_detail("module_hash", module_hash)
+            instances.values().find(|i| i.metadata.module_hash == module_hash).map(|i| i.module.clone())
         })
     }
 
@@ -1070,4 +1082,11 @@ fn log_exit(instance_id: &str, exit: &ExitReason, restart: bool) {
     } else {
         tracing::info!(instance_id, restart, "instance exited cleanly");
     }
+}
+
+/// INSTANCE_NOT_FOUND for a module this node does not hold, with detail `module_hash`: what a content-addressed
+/// start gets back, so the control plane sends the bytes.
+fn not_held(module_hash: &str) -> ErrorResponse {
+    ErrorResponse::new(ErrorCode::InstanceNotFound, format!("no module with hash {module_hash} on this node"))
+        .with_detail("module_hash", module_hash)
 }

@@ -342,6 +342,43 @@ async fn start_is_idempotent_by_instance_id() {
     assert_eq!(other.error_code, ErrorCode::InvalidRequest);
 }
 
+/// A start by module hash alone runs a module the node holds, and is INSTANCE_NOT_FOUND with detail
+/// `module_hash` for one it does not (the control plane then sends the bytes); bytes that do not match the
+/// hash the start names are refused.
+#[tokio::test(start_paused = true)]
+async fn a_start_by_hash_runs_a_held_module_and_asks_for_one_not_held() {
+    let (agent, _reports, _) = new_agent(Arc::new(WasmiEngine::new()), 10);
+    let hash = factum_proto::module_hash(&fixtures::module(fixtures::SLEEPER));
+    let by_hash = |id: &str| factum_proto::StartInstanceRequest {
+        module_bytes: Vec::new(),
+        module_hash: hash.clone(),
+        ..request(id, fixtures::SLEEPER, RestartPolicy::default(), &[])
+    };
+    let missing = agent.start_instance(by_hash("a")).await.unwrap_err();
+    assert_eq!(missing.error_code, ErrorCode::InstanceNotFound);
+    assert_eq!(missing.details.unwrap().get("module_hash"), Some(&hash));
+    assert!(agent.snapshot().is_empty(), "a start that lacked its module leaves nothing behind");
+
+    agent.start_instance(request("a", fixtures::SLEEPER, RestartPolicy::default(), &[])).await.unwrap();
+    let b = agent.start_instance(by_hash("b")).await.unwrap();
+    assert_eq!(b.metadata.module_hash, hash);
+    for _ in 0..50 {
+        if agent.metadata("b").unwrap().status == InstanceStatus::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(agent.metadata("b").unwrap().status, InstanceStatus::Running);
+
+    let lying = factum_proto::StartInstanceRequest {
+        module_hash: hash,
+        ..request("c", fixtures::TRAP, RestartPolicy::default(), &[])
+    };
+    let refused = agent.start_instance(lying).await.unwrap_err();
+    assert_eq!(refused.error_code, ErrorCode::InvalidRequest);
+    assert!(refused.message.contains("not to the module_hash"), "{}", refused.message);
+}
+
 #[tokio::test(start_paused = true)]
 async fn bad_input_gets_the_right_error_code_and_leaves_no_trace() {
     let (agent, _reports, _) = new_agent(Arc::new(WasmtimeEngine::new().unwrap()), 1);

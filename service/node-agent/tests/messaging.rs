@@ -73,6 +73,7 @@ fn hostile_subscriber(first: &str) -> String {
 fn subscriber_of(wat: &str, id: &str, subscribe: &str, policy: RestartPolicy) -> StartInstanceRequest {
     let cap = |name: &str, perms: &[String]| CapabilityAssignment::new(id, name, perms).unwrap();
     StartInstanceRequest {
+        module_hash: String::new(),
         grant_seals: Default::default(),
         instance_id: id.into(),
         module_bytes: module(wat),

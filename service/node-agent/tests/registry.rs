@@ -29,6 +29,7 @@ fn agent(node_id: &str, registry: Arc<dyn Registry>) -> Agent {
 
 fn start(id: &str, policy: PolicyType, node_lease: Option<i64>) -> StartInstanceRequest {
     StartInstanceRequest {
+        module_hash: String::new(),
         grant_seals: Default::default(),
         instance_id: id.into(),
         module_bytes: module(fixtures::SLEEPER),

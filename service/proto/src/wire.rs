@@ -22,7 +22,8 @@ use crate::types::{CapabilityAssignment, InstanceMetadata, InstanceStatus, Resta
 /// arguments and environment ([`GuestConfig`]) in starts and facts; restart and logs calls. 7: the events call.
 /// 8: node labels in reports and listings, placement constraints in starts and facts; draining nodes. 9: grant
 /// seals in starts and grants, for providers on other hosts ([`crate::SealedGrant`]). 10: grant seals expire,
-/// and the answer to a node's report renews them ([`NodeAck`]).
+/// and the answer to a node's report renews them ([`NodeAck`]); content-addressed starts
+/// ([`StartInstanceRequest::module_hash`]).
 pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Largest accepted module, in bytes.
@@ -65,9 +66,14 @@ pub struct StartRequest {
 pub struct StartInstanceRequest {
     /// Id chosen by the control plane.
     pub instance_id: String,
-    /// The Wasm module.
+    /// The Wasm module; empty when the control plane believes the node holds it already (see `module_hash`).
     #[serde(with = "serde_bytes")]
     pub module_bytes: Vec<u8>,
+    /// The module's hash ([`crate::module_hash`]). With `module_bytes` empty the start is content-addressed: the
+    /// agent runs the module it holds under that hash, or answers INSTANCE_NOT_FOUND with detail `module_hash`
+    /// if it holds none, and the control plane sends the bytes. With bytes, they must have this hash (empty:
+    /// not checked).
+    pub module_hash: String,
     /// Validated assignments.
     pub capabilities: Vec<CapabilityAssignment>,
     /// The control plane's seal of each assignment for this node, by capability id: what a provider on another

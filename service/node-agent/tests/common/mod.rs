@@ -22,6 +22,7 @@ pub fn request_bytes(
     caps: &[(&str, &[&str])],
 ) -> StartInstanceRequest {
     StartInstanceRequest {
+        module_hash: String::new(),
         grant_seals: Default::default(),
         instance_id: id.into(),
         module_bytes,
