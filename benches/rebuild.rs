@@ -60,6 +60,7 @@ async fn run() {
         let req = StartRequest {
             instance_id: Some(format!("i-{i}")),
             module_bytes: bytes.clone(),
+            module_hash: None,
             capabilities: vec![],
             restart_policy: policy,
             config: Default::default(),

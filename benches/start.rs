@@ -127,6 +127,7 @@ where
         let req = StartRequest {
             instance_id: None,
             module_bytes: bytes.clone(),
+            module_hash: None,
             capabilities: vec![],
             restart_policy: RestartPolicy::default(),
             config: Default::default(),
@@ -180,7 +181,8 @@ fn leb128(mut n: usize) -> Vec<u8> {
 }
 
 /// Starts of a 5 MiB module through the control plane, beside the tiny sleeper's in the same cluster: the first
-/// (shipped to the agent and compiled) alone, then the later ones, which reach the agent by hash only.
+/// (shipped to the agent and compiled) alone, then later ones with the bytes (which the control plane hashes;
+/// they reach the agent by hash only), and later ones by hash alone, as a client sends them.
 async fn big_module(name: &str, engine: Arc<dyn WasmEngine>) {
     let (cp, agent, _) = cluster(engine, None).await;
     let start = |req: StartRequest| {
@@ -193,8 +195,14 @@ async fn big_module(name: &str, engine: Arc<dyn WasmEngine>) {
     let n = (iterations() / 10).max(1);
     measure_module(&format!("5 MiB module, first start ({name})"), big.clone(), 1, start).await;
     measure_module(&format!("5 MiB module, later starts ({name})"), big.clone(), n, start).await;
-    measure_module(&format!("tiny module, same cluster ({name})"), module(fixtures::SLEEPER), n, start).await;
     let hash = factum_proto::module_hash(&big);
+    let by_hash = |mut req: StartRequest| {
+        req.module_bytes = Vec::new(); // as `factum_client::Client::start` sends it first
+        req.module_hash = Some(hash.clone());
+        start(req)
+    };
+    measure_module(&format!("5 MiB module, later starts by hash ({name})"), big.clone(), n, by_hash).await;
+    measure_module(&format!("tiny module, same cluster ({name})"), module(fixtures::SLEEPER), n, start).await;
     let t = Instant::now();
     for _ in 0..n {
         std::hint::black_box(factum_proto::module_hash(&big));

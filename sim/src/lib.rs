@@ -668,6 +668,7 @@ impl SimClient {
         let request = StartRequest {
             instance_id: Some(id.to_string()),
             module_bytes: fixtures::module(wat),
+            module_hash: None,
             capabilities,
             restart_policy: policy,
             config: Default::default(),

@@ -116,7 +116,15 @@ fn request(spec: &Spec) -> Result<StartRequest> {
     let constraints = factum_proto::labels::parse_labels("constraint", spec.constraints.iter().map(String::as_str))
         .map_err(|e| anyhow!("{e}"))?;
     let module_bytes = read_module(&spec.module)?;
-    Ok(StartRequest { instance_id: None, module_bytes, capabilities, restart_policy, config, constraints })
+    Ok(StartRequest {
+        instance_id: None,
+        module_bytes,
+        module_hash: None,
+        capabilities,
+        restart_policy,
+        config,
+        constraints,
+    })
 }
 
 #[cfg(test)]

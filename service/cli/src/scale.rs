@@ -99,6 +99,7 @@ async fn copy_of(cp: &Client, model: &str, module: &Path) -> Result<StartRequest
     Ok(StartRequest {
         instance_id: None,
         module_bytes,
+        module_hash: None,
         capabilities,
         restart_policy: details.restart_policy,
         config: details.config,

@@ -87,6 +87,7 @@ fn sleeper(id: &str) -> StartRequest {
     StartRequest {
         instance_id: Some(id.into()),
         module_bytes: module(fixtures::SLEEPER),
+        module_hash: None,
         capabilities: vec![],
         restart_policy: RestartPolicy::default(),
         config: Default::default(),

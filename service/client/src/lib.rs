@@ -76,8 +76,26 @@ impl Client {
     /// none, and while an answer is lost the same start is sent again on a new connection (up to three times,
     /// one correlation id), which the control plane answers without starting it twice. A
     /// `COMMUNICATION_FAILURE` therefore means the instance may or may not have started: query its id.
+    ///
+    /// The module goes by hash first: a control plane that already holds it (another instance runs it) starts
+    /// it without its bytes crossing the network again; one that does not says so, and the bytes follow.
     pub async fn start(&self, mut request: StartRequest) -> Result<String, ErrorResponse> {
-        let id = request.instance_id.get_or_insert_with(|| self.env.random_id("i-")).clone();
+        request.instance_id.get_or_insert_with(|| self.env.random_id("i-"));
+        if request.module_hash.is_none() && !request.module_bytes.is_empty() {
+            let hash = factum_proto::module_hash(&request.module_bytes);
+            let bytes = std::mem::take(&mut request.module_bytes);
+            request.module_hash = Some(hash);
+            match self.start_once(request.clone()).await {
+                Err(e) if e.is_module_not_held() => request.module_bytes = bytes,
+                answer => return answer,
+            }
+        }
+        self.start_once(request).await
+    }
+
+    /// One [`Client::start`] as `request` says, resent while its answer is lost.
+    async fn start_once(&self, request: StartRequest) -> Result<String, ErrorResponse> {
+        let id = request.instance_id.clone().unwrap_or_default();
         let ctx = rpc::traced_context(&self.env);
         let mut rpc = self.rpc.clone();
         let mut attempt = 1;

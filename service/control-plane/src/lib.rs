@@ -365,8 +365,9 @@ impl ControlPlane {
         result.map_err(|e| self.error(e))
     }
 
-    async fn start_inner(&self, req: StartRequest) -> Result<String, ErrorResponse> {
-        validate_module_bytes(&req.module_bytes)?;
+    async fn start_inner(&self, mut req: StartRequest) -> Result<String, ErrorResponse> {
+        let module_hash = module_hash_of(&req)?;
+        let by_hash = req.module_bytes.is_empty();
         req.restart_policy.validate()?;
         req.config.validate()?;
         factum_proto::labels::validate("constraints", &req.constraints)?;
@@ -382,7 +383,6 @@ impl ControlPlane {
                 return Err(ErrorResponse::invalid(format!("capability {:?} granted twice", grant.capability_id)));
             }
         }
-        let module_hash = factum_proto::module_hash(&req.module_bytes);
         let (node_id, client, node_lease, grant_seals) = {
             let mut state = self.lock();
             if let Some(existing) = state.instances.get(&instance_id) {
@@ -401,6 +401,9 @@ impl ControlPlane {
                          capabilities, arguments, environment or constraints differ)"
                     )))
                 };
+            }
+            if by_hash && !state.modules.contains_key(&module_hash) {
+                return Err(ErrorResponse::module_not_held(&module_hash, "the control plane"));
             }
             let node_id = place(&state, &req.constraints)?;
             let node_lease = state.nodes.get(&node_id).and_then(|n| n.lease);
@@ -438,10 +441,10 @@ impl ControlPlane {
             state.capabilities.insert(instance_id.clone(), capabilities.clone());
             state.pending_starts.insert(instance_id.clone());
             let client = state.nodes.get(&node_id).and_then(|n| n.client.clone());
-            // Kept to run it again should its node lose it (rescheduling, or a restarted agent).
-            if req.restart_policy.policy_type != factum_proto::PolicyType::Never {
-                state.modules.entry(module_hash.clone()).or_insert_with(|| Arc::new(req.module_bytes.clone()));
-            }
+            // Kept while an instance uses it: to run it again should its node lose it (rescheduling, a
+            // restarted agent), and for later starts by hash. `call_start` sends a node the bytes it lacks.
+            let bytes = std::mem::take(&mut req.module_bytes);
+            state.modules.entry(module_hash.clone()).or_insert_with(|| Arc::new(bytes));
             let grant_seals = state.grants.seals(&node_id, capabilities.values(), self.inner.env.wall_ms());
             (node_id, client, node_lease, grant_seals)
         };
@@ -481,8 +484,7 @@ impl ControlPlane {
             }
             Err(e) => {
                 if placement.is_some() {
-                    state.instances.remove(&instance_id);
-                    state.capabilities.remove(&instance_id);
+                    removal::forget(&mut state, &instance_id); // with its module, if no other instance uses it
                 }
                 Err(e)
             }
@@ -512,10 +514,7 @@ impl ControlPlane {
             with_bytes(&mut request);
         }
         let mut result = self.send_start(node_id, client.clone(), &request).await;
-        let not_held = |e: &ErrorResponse| {
-            e.error_code == ErrorCode::InstanceNotFound
-                && e.details.as_ref().is_some_and(|d| d.contains_key("module_hash"))
-        };
+        let not_held = ErrorResponse::is_module_not_held;
         if held && result.as_ref().is_err_and(not_held) {
             self.inner.env.trace(|| format!("module {hash} not held by {node_id}: sending its bytes"));
             with_bytes(&mut request);
@@ -1004,6 +1003,32 @@ impl ControlPlane {
             node.client = None;
         }
         ErrorResponse::communication(message).with_detail("node_id", node_id)
+    }
+}
+
+/// The hash of the module `req` starts: its bytes' (checked against the hash it names, if any), or, with no
+/// bytes, the hash it names (a start by hash).
+fn module_hash_of(req: &StartRequest) -> Result<String, ErrorResponse> {
+    match &req.module_hash {
+        Some(named) if req.module_bytes.is_empty() => {
+            let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+            if named.len() != 64 || !named.bytes().all(hex) {
+                return Err(ErrorResponse::invalid(format!(
+                    "module_hash {named:?} is not a module hash (64 lowercase hex digits of SHA-256)"
+                )));
+            }
+            Ok(named.clone())
+        }
+        named => {
+            validate_module_bytes(&req.module_bytes)?;
+            let hash = factum_proto::module_hash(&req.module_bytes);
+            match named {
+                Some(named) if *named != hash => Err(ErrorResponse::invalid(format!(
+                    "the module's bytes hash to {hash}, not to the module_hash {named} the start names"
+                ))),
+                _ => Ok(hash),
+            }
+        }
     }
 }
 

@@ -125,7 +125,7 @@ fn ended_record(record: &InstanceRecord, start_in_flight: bool) -> Result<(), &'
 }
 
 /// Drops an instance from the maps, and its module's bytes once no other instance uses them.
-fn forget(state: &mut State, instance_id: &str) {
+pub(crate) fn forget(state: &mut State, instance_id: &str) {
     let Some(record) = state.instances.remove(instance_id) else { return };
     state.capabilities.remove(instance_id);
     state.pending_starts.remove(instance_id);

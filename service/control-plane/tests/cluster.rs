@@ -67,6 +67,7 @@ fn start_request(id: Option<&str>, bytes: Vec<u8>, caps: Vec<CapabilityGrant>) -
     StartRequest {
         instance_id: id.map(String::from),
         module_bytes: bytes,
+        module_hash: None,
         capabilities: caps,
         restart_policy: RestartPolicy::default(),
         config: Default::default(),
@@ -295,6 +296,44 @@ fn a_restarted_control_plane_rebuilds_from_agent_snapshots() {
             assert_eq!(fresh.capabilities(id), cluster.cp.capabilities(id));
         }
         for id in [a, b, c] {
+            cluster.cp.stop_instance(&id).await.unwrap();
+        }
+    });
+}
+
+/// A start by module hash alone runs a module the control plane holds (an instance of it runs), asks for the
+/// bytes of one it does not hold, and refuses a hash that is malformed or does not match the bytes sent with it.
+#[test]
+fn a_start_by_hash_runs_a_held_module_and_asks_for_the_bytes_of_another() {
+    runtime().block_on(async {
+        let cluster = cluster(1).await;
+        let bytes = module(fixtures::SLEEPER);
+        let hash = factum_proto::module_hash(&bytes);
+        let by_hash = |hash: &str| StartRequest {
+            module_bytes: Vec::new(),
+            module_hash: Some(hash.to_string()),
+            ..start_request(None, Vec::new(), vec![])
+        };
+        let missing = cluster.cp.start_instance(by_hash(&hash)).await.unwrap_err();
+        assert!(missing.is_module_not_held(), "{missing:?}");
+        assert!(cluster.cp.list_instances().is_empty(), "nothing placed for it");
+
+        let first = cluster.cp.start_instance(start_request(None, bytes.clone(), vec![])).await.unwrap();
+        let second = cluster.cp.start_instance(by_hash(&hash)).await.unwrap();
+        eventually("both running", || {
+            let all = cluster.cp.list_instances();
+            all.len() == 2 && all.iter().all(|m| m.status == InstanceStatus::Running && m.module_hash == hash)
+        })
+        .await;
+
+        let malformed = cluster.cp.start_instance(by_hash("not-a-hash")).await.unwrap_err();
+        assert_eq!(malformed.error_code, ErrorCode::InvalidRequest);
+        let lying =
+            StartRequest { module_hash: Some(hash.clone()), ..start_request(None, module(fixtures::TRAP), vec![]) };
+        let refused = cluster.cp.start_instance(lying).await.unwrap_err();
+        assert_eq!(refused.error_code, ErrorCode::InvalidRequest);
+        assert!(refused.message.contains("not to the module_hash"), "{refused}");
+        for id in [first, second] {
             cluster.cp.stop_instance(&id).await.unwrap();
         }
     });

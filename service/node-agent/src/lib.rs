@@ -438,7 +438,8 @@ impl Agent {
             }
         }
         let module = if by_hash {
-            self.held_module(&hash).ok_or_else(|| not_held(&hash))?
+            self.held_module(&hash)
+                .ok_or_else(|| ErrorResponse::module_not_held(&hash, &format!("node {}", inner.config.node_id)))?
         } else {
             inner.compiler.get_or_compile(&inner.env, &hash, &req.module_bytes).await.map_err(ErrorResponse::from)?
         };
@@ -764,7 +765,9 @@ impl Agent {
     /// after a fence: the instances are forgotten, but a restarted control plane may have no other copy of
     /// their module, and without one it could never run them again.
     pub fn module_bytes(&self, module_hash: &str) -> Result<Vec<u8>, ErrorResponse> {
-        self.held_module(module_hash).map(|m| m.bytes.to_vec()).ok_or_else(|| not_held(module_hash))
+        self.held_module(module_hash)
+            .map(|m| m.bytes.to_vec())
+            .ok_or_else(|| ErrorResponse::module_not_held(module_hash, &format!("node {}", self.inner.config.node_id)))
     }
 
     /// The compiled module of hash `module_hash`, from the cache or from a local instance that runs it.
@@ -1082,11 +1085,4 @@ fn log_exit(instance_id: &str, exit: &ExitReason, restart: bool) {
     } else {
         tracing::info!(instance_id, restart, "instance exited cleanly");
     }
-}
-
-/// INSTANCE_NOT_FOUND for a module this node does not hold, with detail `module_hash`: what a content-addressed
-/// start gets back, so the control plane sends the bytes.
-fn not_held(module_hash: &str) -> ErrorResponse {
-    ErrorResponse::new(ErrorCode::InstanceNotFound, format!("no module with hash {module_hash} on this node"))
-        .with_detail("module_hash", module_hash)
 }

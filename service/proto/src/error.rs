@@ -99,6 +99,22 @@ impl ErrorResponse {
             .with_detail("instance_id", instance_id)
     }
 
+    /// INSTANCE_NOT_FOUND for a start by module hash alone when `holder` (the control plane, a node) holds no
+    /// module of that hash: the caller sends the start again with the module's bytes.
+    pub fn module_not_held(module_hash: &str, holder: &str) -> Self {
+        Self::new(
+            ErrorCode::InstanceNotFound,
+            format!("{holder} holds no module with hash {module_hash}; send the start with the module's bytes"),
+        )
+        .with_detail("module_hash", module_hash)
+    }
+
+    /// Whether this is a [`ErrorResponse::module_not_held`].
+    pub fn is_module_not_held(&self) -> bool {
+        self.error_code == ErrorCode::InstanceNotFound
+            && self.details.as_ref().is_some_and(|d| d.contains_key("module_hash"))
+    }
+
     /// Shorthand for [`ErrorCode::PermissionDenied`].
     pub fn permission_denied(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::PermissionDenied, message)

@@ -48,9 +48,14 @@ pub struct StartRequest {
     /// Makes the call idempotent: a retry with the same id and module returns the same instance. `None` lets
     /// the control plane choose a fresh id.
     pub instance_id: Option<String>,
-    /// The Wasm module.
+    /// The Wasm module; may be empty if `module_hash` names it.
     #[serde(with = "serde_bytes")]
     pub module_bytes: Vec<u8>,
+    /// The module's hash ([`crate::module_hash`]). With no bytes the start is by hash: the control plane runs the
+    /// module it holds under that hash (one that an instance of it uses), or answers INSTANCE_NOT_FOUND with
+    /// detail `module_hash` ([`crate::ErrorResponse::is_module_not_held`]), and the caller sends the bytes. With
+    /// bytes, they must have this hash.
+    pub module_hash: Option<String>,
     /// Capabilities granted from the start.
     pub capabilities: Vec<CapabilityGrant>,
     /// Restart policy.
