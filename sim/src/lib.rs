@@ -424,6 +424,7 @@ pub fn build_observed_cluster(
     if provider_host {
         let pause = observed.pause(KV_HOST, seed);
         let machine = observed.machine(KV_HOST, config, 0x4b05);
+        let host_clock = machine.clone();
         let host_trace = trace.clone();
         let key = config.control_plane.grant_key.clone();
         let bug = config.host_bug;
@@ -448,11 +449,11 @@ pub fn build_observed_cluster(
         let rogue_trace = trace.clone();
         let rogue_observed = observed.clone();
         let key = config.control_plane.grant_key.clone();
-        let (ttl, skew, drift) = (config.control_plane.grant_ttl, config.clock_skew, config.clock_drift);
+        let ttl = config.control_plane.grant_ttl;
         sim.host(ROGUE, move || {
             let env = Env::turmoil(seed ^ 0x7063, sim_epoch()).with_trace(ROGUE, rogue_trace.clone());
             let observed = rogue_observed.clone();
-            let loot = rogue::Loot { key: key.clone(), ttl, skew, drift };
+            let loot = rogue::Loot { key: key.clone(), ttl, host_clock: host_clock.clone() };
             async move {
                 let addr = format!("{KV_HOST}:{PORT}");
                 rogue::run(env, observed, loot, addr, Principal::Provider(KV_PROVIDER.into())).await;

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use factum_env::Env;
+use factum_env::{Env, MachineClock};
 use factum_proto::{CapabilityAssignment, CapabilityInvocation, GrantKey, KvOperation, Principal};
 use factum_providers::RemoteProvider;
 
@@ -27,18 +27,19 @@ pub struct Loot {
     pub key: GrantKey,
     /// How long the control plane's seals last.
     pub ttl: Duration,
-    /// The cluster's largest clock skew and drift: an expired seal must be expired on every host's clock.
-    pub skew: Duration,
-    /// See `skew`.
-    pub drift: f64,
+    /// The provider host's machine clock: an expired seal must be expired on it, however skewed, drifting or
+    /// stepped.
+    pub host_clock: Arc<MachineClock>,
 }
+
+/// The largest step of a machine's wall clock a fault makes (the swarm's `jump` is up to 30 s): one may land
+/// while a call is in flight and set the host's clock back by that much.
+const LARGEST_JUMP: Duration = Duration::from_secs(31);
 
 /// Calls the provider host at `addr` every few hundred milliseconds with a bent grant, forever. The rogue's own
 /// clock is the simulation's true time.
 pub async fn run(env: Env, observed: Arc<Observed>, loot: Loot, addr: String, provider: Principal) {
     let mut callers: BTreeMap<String, RemoteProvider> = BTreeMap::new();
-    let start = env.clock.now();
-    let epoch_ms = env.wall_ms().saturating_sub(millis(start));
     loop {
         env.clock.sleep(Duration::from_millis(200 + env.rng.next_u64() % 500)).await;
         let Some((assignment, node, others)) = victim(&env, &observed) else { continue };
@@ -62,12 +63,12 @@ pub async fn run(env: Env, observed: Arc<Observed>, loot: Loot, addr: String, pr
             }
             "instance" => invocation.instance_id = format!("{}-not", invocation.instance_id),
             "expired" => {
-                // Expired on every host's clock, however skewed or slow: it reads at least the epoch less the
-                // skew plus the time elapsed at the slowest rate.
-                let elapsed = (env.clock.now() - start).mul_f64(1.0 - loot.drift);
-                let expiry = (epoch_ms + millis(elapsed)).saturating_sub(millis(loot.skew) + 1);
+                // Expired on the host's clock now, by more than a step back while the call is in flight. (The
+                // rogue started with the run, so its monotonic clock is the run's simulated time.)
+                let host_now = loot.host_clock.wall_at(env.clock.now());
+                let host_ms = millis(host_now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default());
                 let last = env.rng.next_u64() % 2_000; // how long before that it expired
-                grant = loot.key.seal(&assignment, &node, expiry.saturating_sub(last));
+                grant = loot.key.seal(&assignment, &node, host_ms.saturating_sub(millis(LARGEST_JUMP) + last));
             }
             _ => {
                 let guess: Vec<u8> =

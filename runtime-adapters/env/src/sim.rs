@@ -110,6 +110,18 @@ impl MachineClock {
         self.lock().wall_steps += seconds;
     }
 
+    /// Its wall clock at `since_start` of simulated time into the run: what any process on the machine reads
+    /// then.
+    pub fn wall_at(&self, since_start: Duration) -> SystemTime {
+        let state = *self.lock();
+        let secs = state.machine_at(since_start.as_secs_f64()) + state.wall_steps;
+        if secs >= 0.0 {
+            self.wall_origin + Duration::from_secs_f64(secs)
+        } else {
+            self.wall_origin - Duration::from_secs_f64(-secs)
+        }
+    }
+
     /// Its rate now.
     pub fn rate(&self) -> f64 {
         self.lock().rate
@@ -149,13 +161,7 @@ impl crate::Clock for ProcessClock {
     }
 
     fn wall(&self) -> SystemTime {
-        let state = *self.machine.lock();
-        let secs = state.machine_at(self.true_now()) + state.wall_steps;
-        if secs >= 0.0 {
-            self.machine.wall_origin + Duration::from_secs_f64(secs)
-        } else {
-            self.machine.wall_origin - Duration::from_secs_f64(-secs)
-        }
+        self.machine.wall_at(Duration::from_secs_f64(self.true_now()))
     }
 
     fn sleep(&self, d: Duration) -> BoxFuture<'static, ()> {
