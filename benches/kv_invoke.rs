@@ -14,9 +14,9 @@ use factum_env::Env;
 use factum_node_agent::{Agent, AgentConfig};
 use factum_proto::{
     CapabilityAssignment, CapabilityInvocation, GrantKey, InstanceStatus, KvOperation, Permission, Principal,
-    RestartPolicy, StartInstanceRequest,
+    ProviderType, RestartPolicy, StartInstanceRequest,
 };
-use factum_providers::{remote, KvProvider, Provider, RemoteProvider};
+use factum_providers::{remote, HostEntry, KvProvider, Provider, ProviderHosts, RemoteProvider};
 use factum_wasm::{WasmEngine, WasmiEngine, WasmtimeEngine};
 
 fn calls() -> usize {
@@ -106,7 +106,8 @@ async fn run() {
     let provider: Arc<dyn Provider> = Arc::new(KvProvider::new());
     tokio::spawn(remote::serve(host_env, provider, key.clone(), listener));
     let node = Env::tokio().with_principal(Principal::Node("node-1".into()));
-    let client = Arc::new(RemoteProvider::new(node, addr, Principal::Provider("kv-1".into()), Duration::from_secs(5)));
+    let client =
+        Arc::new(RemoteProvider::new(node.clone(), &addr, Principal::Provider("kv-1".into()), Duration::from_secs(5)));
     let assignment = CapabilityAssignment::new("i", "kv", &["kv:read".to_string()]).expect("assignment");
     let grant = key.seal(&assignment, "node-1", u64::MAX);
     let remote_n = (n / 20).max(1);
@@ -132,6 +133,25 @@ async fn run() {
         worker.await.expect("worker");
     }
     per_call("provider host over loopback tarpc, 32 at once", started, remote_n / 32 * 32);
+
+    // The same get routed among three hosts (this node's own ranks first): what routing adds to the row above.
+    let routed = ProviderHosts::new(ProviderType::Kv, node, "node-1", Duration::from_secs(5));
+    routed.set([
+        HostEntry { id: "kv-1".into(), node: "node-1".into(), addr },
+        HostEntry { id: "kv-2".into(), node: "node-2".into(), addr: "127.0.0.1:9".into() },
+        HostEntry { id: "kv-3".into(), node: "node-3".into(), addr: "127.0.0.1:9".into() },
+    ]);
+    let started = Instant::now();
+    for _ in 0..remote_n {
+        let response = routed.invoke(invocation.clone(), grant.clone()).await;
+        assert!(response.error.is_none(), "{response:?}");
+    }
+    per_call("provider host over loopback tarpc, routed among 3 hosts, 1 at a time", started, remote_n);
+    let started = Instant::now();
+    for _ in 0..n {
+        black_box(routed.order(black_box("kv")));
+    }
+    per_call("routing order alone, 3 hosts", started, n);
 
     through_guest("guest → agent → provider, wasmtime", Arc::new(WasmtimeEngine::new().expect("wasmtime")), n).await;
     through_guest("guest → agent → provider, wasmi", Arc::new(WasmiEngine::new()), n).await;

@@ -4,50 +4,15 @@
 //! from etcd membership and the agents' facts. etcd never holds anything but nodes and providers (P11). Every
 //! factum connection is mutual TLS, with certificates from `factum certs`.
 //!
-//! Needs `etcd` on PATH (apt `etcd-server`; `.ci/run` installs it). Without it the tests say so and pass,
-//! except under `CI=true`, where a missing etcd is a failure.
+//! Needs `etcd` on PATH (see [`common::etcd_available`]).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{factum_daemon, free_port, Proc, FACTUM};
-
-fn etcd_available() -> bool {
-    let found = Command::new("etcd").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(std::env::var("CI").is_err(), "etcd is not installed, but CI must run the etcd tests");
-        eprintln!("skipping: no `etcd` binary on PATH (apt install etcd-server)");
-    }
-    found
-}
-
-/// A single-member etcd on free ports, with its data in a fresh temporary directory.
-fn start_etcd() -> (Proc, String, tempdir::Dir) {
-    let dir = tempdir::Dir::new("factum-etcd");
-    let (client, peer) = (free_port(), free_port());
-    let child = Command::new("etcd")
-        .args(["--name", "t", "--data-dir"])
-        .arg(dir.path())
-        .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
-        .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
-        .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-        .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
-        .arg(format!("--initial-cluster=t=http://127.0.0.1:{peer}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start etcd");
-    let endpoint = format!("127.0.0.1:{client}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&endpoint).is_err() {
-        assert!(Instant::now() < deadline, "etcd did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (Proc::new(child), endpoint, dir)
-}
+use common::{etcd_available, factum_daemon, free_port, start_etcd, Proc, FACTUM};
 
 /// A CA and certificates for the control plane, operator/local and nodes n1, n2 and n3, in `dir/certs`.
 fn certificates(dir: &std::path::Path) -> String {
@@ -212,30 +177,6 @@ fn agent_killed_instances_rescheduled_and_control_plane_rebuilds() {
     eprintln!("control plane restart -> same instances listed: {:?} (poll {rebuilt:?})", restarted_at.elapsed());
     let after = json(&cp_addr, tls, &["inspect", "web-1"]);
     assert_eq!(after["capabilities"][0]["capability_id"], "kv", "assignments rebuilt from the agent: {after}");
-}
-
-/// Minimal temporary directory (removed on drop), to avoid a dependency for one use.
-mod tempdir {
-    pub struct Dir(std::path::PathBuf);
-
-    impl Dir {
-        pub fn new(prefix: &str) -> Self {
-            let unique = format!("{prefix}-{}-{}", std::process::id(), super::free_port());
-            let path = std::env::temp_dir().join(unique);
-            std::fs::create_dir_all(&path).unwrap();
-            Dir(path)
-        }
-
-        pub fn path(&self) -> &std::path::Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 /// A node id is held by one live lease at a time, in etcd as in the in-memory registry: a registration under

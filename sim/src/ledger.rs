@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 
 use factum_node_agent::trace_events::{AUTH, BOOT, CALL, DELIVER, FORGET, GRANT, GRANTS, REVOKE};
 use factum_providers::remote::PROVIDED;
+use factum_providers::REROUTED;
 
 use crate::rogue::ROGUE;
 
@@ -111,6 +112,12 @@ impl GrantLedger {
                 if let Err(why) = permits(&perms, operation, "-") {
                     return Err(format!("{P17}: {node} answered {operation} for {instance} from {caller} but {why}"));
                 }
+            }
+            (REROUTED, [_, operation, from, "->", to]) if !matches!(*operation, "get" | "list") => {
+                return Err(format!(
+                    "{P17}: {node} sent {operation} on to {to} after {from} did not answer; it may have taken \
+                     effect at {from}, so it must not run again: {line}"
+                ));
             }
             (ROGUE, [how, claimed, "ok"]) => {
                 return Err(format!("{P17}: a rogue call claiming {claimed} succeeded with a {how} grant: {line}"));
@@ -234,6 +241,15 @@ mod tests {
         let e = run(&["rogue rogue widened n ok"]).unwrap_err();
         assert!(e.starts_with(P17), "{e}");
         run(&["rogue rogue widened n PermissionDenied"]).unwrap();
+    }
+
+    #[test]
+    fn only_reads_go_on_to_another_provider_host() {
+        run(&["n rerouted kv get kv-1 -> kv-2", "n rerouted kv list kv-2 -> kv-1"]).unwrap();
+        for write in ["n rerouted kv set kv-1 -> kv-2", "n rerouted kv delete kv-1 -> kv-2"] {
+            let e = run(&[write]).unwrap_err();
+            assert!(e.starts_with(P17) && e.contains("must not run again"), "{write}: {e}");
+        }
     }
 
     #[test]

@@ -30,7 +30,7 @@ use factum_proto::{
     CapabilityGrant, ControlPlaneClient, InstanceMetadata, InstanceStatus, NodeInfo, Principal, RestartPolicy,
     StartRequest,
 };
-use factum_providers::{HttpLimits, HttpProvider, MemoryKv, MessagingProvider, RemoteProvider};
+use factum_providers::{HostEntry, HttpLimits, HttpProvider, MemoryKv, MessagingProvider, ProviderHosts};
 use factum_registry::{MemoryRegistry, RemoteRegistry};
 use factum_wasm::{fixtures, Limits, WasmiEngine, WasmtimeEngine};
 
@@ -44,10 +44,26 @@ pub const CONTROL_PLANE: &str = "control-plane";
 pub const REGISTRY: &str = "etcd";
 /// Host name of the simulated message bus ([`bus`]), when the cluster runs one.
 pub const BUS: &str = "nats";
-/// Host name of the KV provider host, when the cluster has one.
+/// Host name of the first KV provider host, when the cluster has one (see [`kv_host`]).
 pub const KV_HOST: &str = "kv-host";
-/// The provider id the KV provider host answers as.
+/// The provider id the first KV provider host answers as (see [`kv_provider`]).
 pub const KV_PROVIDER: &str = "kv-1";
+/// How often agents read the provider hosts in the registry.
+pub const DISCOVERY: Duration = Duration::from_millis(500);
+
+/// Host name of KV provider host `n` (from 1): [`KV_HOST`], then `kv-host-2`, ….
+pub fn kv_host(n: usize) -> String {
+    if n == 1 {
+        KV_HOST.to_string()
+    } else {
+        format!("{KV_HOST}-{n}")
+    }
+}
+
+/// The provider id KV provider host `n` (from 1) answers as: `kv-1`, `kv-2`, ….
+pub fn kv_provider(n: usize) -> String {
+    format!("kv-{n}")
+}
 /// Host name of the rogue caller of the KV provider host ([`rogue`]).
 pub const ROGUE: &str = "rogue";
 /// Key prefix of the simulated registry.
@@ -112,9 +128,10 @@ pub struct ClusterConfig {
     pub http: bool,
     /// A bug injected into every agent's HTTP provider, to prove the simulator catches it.
     pub http_bug: Option<factum_providers::HttpBug>,
-    /// Run a KV provider host ([`KV_HOST`]) that every agent sends its KV calls to with the sealed grant, and a
-    /// rogue caller ([`ROGUE`]) that tries bent grants on it (P17).
-    pub provider_host: bool,
+    /// Run this many KV provider hosts ([`kv_host`], one store behind them all) that every agent sends its KV
+    /// calls to with the sealed grant, and, when there is one at least, a rogue caller ([`ROGUE`]) that tries
+    /// bent grants on the first (P17). With a registry the hosts register there and agents find them.
+    pub provider_hosts: usize,
     /// A bug injected into the KV provider host, to prove the simulator catches it.
     pub host_bug: Option<factum_providers::remote::HostBug>,
     /// Check the always-on monitor at every sample (default). Off only to show that a scenario's own check
@@ -164,7 +181,7 @@ impl ClusterConfig {
             messaging: false,
             http: false,
             http_bug: None,
-            provider_host: false,
+            provider_hosts: 0,
             host_bug: None,
             monitor: true,
         }
@@ -420,25 +437,38 @@ pub fn build_observed_cluster(
             });
         }
     }
-    let provider_host = config.provider_host;
-    if provider_host {
-        let pause = observed.pause(KV_HOST, seed);
-        let machine = observed.machine(KV_HOST, config, 0x4b05);
-        let host_clock = machine.clone();
+    let provider_hosts = config.provider_hosts;
+    let lease_ttl = config.lease_ttl;
+    // The store outlives a crash of any host and every host serves it, as a Redis behind them would.
+    let store = Arc::new(MemoryKv::new());
+    for n in 1..=provider_hosts {
+        let name = kv_host(n);
+        let salt = 0x4b05 ^ (((n - 1) as u64) << 16);
+        let pause = observed.pause(&name, seed);
+        let machine = observed.machine(&name, config, salt);
         let host_trace = trace.clone();
         let key = config.control_plane.grant_key.clone();
         let bug = config.host_bug;
-        // Its store outlives a crash of the host, as a Redis behind it would.
-        let store = Arc::new(MemoryKv::new());
-        sim.host(KV_HOST, move || {
-            let env = Env::turmoil(seed ^ 0x4b05, sim_epoch())
+        let store = store.clone();
+        let host_name = name.clone();
+        sim.host(name, move || {
+            let env = Env::turmoil(seed ^ salt, sim_epoch())
                 .with_machine_clock(&machine)
-                .with_principal(Principal::Provider(KV_PROVIDER.into()))
-                .with_trace(KV_HOST, host_trace.clone())
+                .with_principal(Principal::Provider(kv_provider(n)))
+                .with_trace(host_name.clone(), host_trace.clone())
                 .with_pause(pause.clone());
             let (key, provider) = (key.clone(), store.clone() as Arc<dyn factum_providers::Provider>);
+            let record = factum_registry::ProviderRecord {
+                provider_id: kv_provider(n),
+                node_id: host_name.clone(),
+                metadata: provider.metadata(),
+                addr: Some(format!("{host_name}:{PORT}")),
+            };
             pause.gate(async move {
                 let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
+                if with_registry {
+                    env.spawn(factum_registry::hold_provider(env.clone(), remote_registry(&env), record, lease_ttl));
+                }
                 match bug {
                     Some(bug) => factum_providers::remote::serve_with_bug(env, provider, key, bug, listener).await,
                     None => factum_providers::remote::serve(env, provider, key, listener).await,
@@ -446,6 +476,8 @@ pub fn build_observed_cluster(
                 Ok(())
             })
         });
+    }
+    if let Some(host_clock) = observed.clock(KV_HOST).filter(|_| provider_hosts > 0) {
         let rogue_trace = trace.clone();
         let rogue_observed = observed.clone();
         let key = config.control_plane.grant_key.clone();
@@ -544,23 +576,34 @@ pub fn build_observed_cluster(
                         let bus = bus::RemoteBus::new(env.clone(), format!("{BUS}:{PORT}"));
                         Arc::new(MessagingProvider::new(Arc::new(bus)))
                     }),
-                    remote: if provider_host {
+                    remote: if provider_hosts > 0 {
                         let as_node = env.clone().with_principal(Principal::Node(name.clone()));
-                        let host = Principal::Provider(KV_PROVIDER.into());
-                        let kv =
-                            RemoteProvider::new(as_node, format!("{KV_HOST}:{PORT}"), host, Duration::from_secs(2));
+                        let kind = factum_proto::ProviderType::Kv;
+                        let kv = ProviderHosts::new(kind, as_node, name.clone(), Duration::from_secs(2));
                         let kv = match host_bug {
                             Some(bug) => kv.with_injected_bug(bug),
                             None => kv,
                         };
-                        [(factum_proto::ProviderType::Kv, Arc::new(kv))].into()
+                        // With a registry the agent finds the hosts there; without one it is told them.
+                        if !with_registry {
+                            kv.set((1..=provider_hosts).map(|n| {
+                                let addr = format!("{}:{PORT}", kv_host(n));
+                                HostEntry { id: kv_provider(n), node: kv_host(n), addr }
+                            }));
+                        }
+                        [(kind, Arc::new(kv))].into()
                     } else {
                         Default::default()
                     },
                 };
+                let routes = providers.remote.clone();
                 let (agent, reports) = Agent::new(env.clone(), agent_config, engine, providers);
                 observed.set_agent(&name, Some(agent.clone()));
                 if with_registry {
+                    if !routes.is_empty() {
+                        let registry = remote_registry(&env);
+                        env.spawn(factum_node_agent::run_provider_discovery(env.clone(), registry, routes, DISCOVERY));
+                    }
                     env.spawn(factum_node_agent::run_registry_link(agent.clone(), remote_registry(&env)));
                 }
                 env.spawn(factum_node_agent::serve(agent.clone(), listener));

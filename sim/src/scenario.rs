@@ -103,14 +103,20 @@ pub struct Scenario {
     /// (default false), for `http_getter` instances.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub http: bool,
-    /// Run a KV provider host (host `kv-host`) that every agent's KV calls go to with their sealed grants, and a
-    /// rogue caller that tries bent grants on it (default false): Property 17.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub provider_host: bool,
+    /// Run this many KV provider hosts (`kv-host`, `kv-host-2`, …; one store behind them all, as one Redis
+    /// would be) that every agent's KV calls go to with their sealed grants, and a rogue caller that tries bent
+    /// grants on the first (default 0, at most 3): Property 17. With `registry`, the hosts register there under
+    /// leases of their own and agents find them; without, agents are told them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub provider_hosts: usize,
     /// How long the control plane's grant seals last (default 10 min, longer than any run): short, seals are
     /// renewed several times a run and expire while a node is cut off from the control plane for longer.
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub grant_ttl: Option<Duration>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn yes() -> bool {
@@ -370,11 +376,14 @@ impl Scenario {
         }
         let registry = self.registry.then(|| crate::REGISTRY.to_string());
         let bus = self.messaging.then(|| crate::BUS.to_string());
-        let kv_host = self.provider_host.then(|| crate::KV_HOST.to_string());
+        if self.provider_hosts > 3 {
+            return Err(format!("provider_hosts = {}: at most 3", self.provider_hosts));
+        }
+        let kv_hosts = (1..=self.provider_hosts).map(crate::kv_host);
         let hosts: BTreeSet<String> = std::iter::once(crate::CONTROL_PLANE.to_string())
             .chain(registry)
             .chain(bus)
-            .chain(kv_host)
+            .chain(kv_hosts)
             .chain(
                 self.http
                     .then(|| [crate::web::WEB.to_string(), crate::web::INTRANET.to_string()])
@@ -490,6 +499,11 @@ impl Scenario {
         let http = ChaCha8Rng::seed_from_u64(seed ^ 0x3eb).next_u64() % 4 == 0;
         // A quarter send their KV calls to a provider host (and have a rogue caller try it), drawn the same way.
         let provider_host = ChaCha8Rng::seed_from_u64(seed ^ 0x4b05).next_u64() % 4 == 0;
+        // Half of those have a second host (a stream of its own, so no other draw moves).
+        let provider_hosts = match provider_host {
+            true => 1 + (ChaCha8Rng::seed_from_u64(seed ^ 0x4b06).next_u64() % 2) as usize,
+            false => 0,
+        };
         let chaos_end = duration.saturating_sub(Duration::from_secs(15)).max(Duration::from_secs(2));
         let hosts: Vec<String> =
             std::iter::once(crate::CONTROL_PLANE.to_string()).chain((1..=agents).map(crate::agent_name)).collect();
@@ -518,7 +532,7 @@ impl Scenario {
             .chain(registry.then(|| crate::REGISTRY.to_string()))
             .chain(messaging.then(|| crate::BUS.to_string()))
             .chain(http.then(|| crate::web::WEB.to_string()))
-            .chain(provider_host.then(|| crate::KV_HOST.to_string()))
+            .chain((1..=provider_hosts).map(crate::kv_host))
             .collect();
         let mut steps = Vec::new();
         // Subscribers, publishers, HTTP clients and KV greeters from the start, so traffic is in flight when the
@@ -529,6 +543,7 @@ impl Scenario {
             (messaging, "publisher", "bus", &["msg:publish:greetings.*"][..]),
             (http, "http_getter", "web", &web[..]),
             (provider_host, "kv_greeter", "kv", &["kv:write"][..]),
+            (provider_host, "kv_reader", "kv", &["kv:read"][..]),
         ];
         for (_, guest, capability, permissions) in workloads.into_iter().filter(|w| w.0) {
             let mut s = blank(Duration::from_millis(300), Action::Start);
@@ -723,7 +738,7 @@ impl Scenario {
             wasmtime: pick(4) == 0,
             messaging,
             http,
-            provider_host,
+            provider_hosts,
             // Longer than a run: the swarm's control-plane outages are as long as it likes, and its short-lived
             // greeters would use up their retries on refused calls. grant_renewal.toml has short seals.
             grant_ttl: None,
@@ -944,7 +959,7 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     config.wasmtime = scenario.wasmtime;
     config.messaging = scenario.messaging;
     config.http = scenario.http;
-    config.provider_host = scenario.provider_host;
+    config.provider_hosts = scenario.provider_hosts;
     if let Some(ttl) = scenario.grant_ttl {
         config.control_plane.grant_ttl = ttl;
     }

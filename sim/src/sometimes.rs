@@ -50,6 +50,10 @@ pub const GOALS: &[Goal] = &[
             words.next() == Some(factum_providers::remote::PROVIDED) && words.nth(1) == Some("ok")
         },
     },
+    Goal {
+        name: "provider hosts routed by the registry",
+        reached_by: |l| l.split_whitespace().nth(2) == Some(factum_node_agent::ROUTING),
+    },
     Goal { name: "grant seals renewed", reached_by: |l| l.contains(" renew seals ") },
     Goal { name: "start by hash found the module gone", reached_by: |l| l.contains(": sending its bytes") },
     Goal {

@@ -140,6 +140,8 @@ caught! {
         "provider_host.toml", host(HostBug::IgnoredPermissions) => ["P17 provider_hosts_check_grants"];
     a_provider_host_that_ignores_seal_expiry_is_caught_by_the_always_on_monitor:
         "grant_renewal.toml", host(HostBug::IgnoredExpiry) => ["P17 provider_hosts_check_grants"];
+    a_routing_that_retries_writes_on_another_host_is_caught_by_the_always_on_monitor:
+        "provider_discovery.toml", host(HostBug::RetriedWrites) => ["P17 provider_hosts_check_grants"];
     a_removal_that_forgets_copies_left_elsewhere_is_caught_by_the_always_on_monitor:
         "drain_remove_lossy.toml", cp(InjectedBug::TombstoneOnlyWhereRemoved) => ["removed_instances_stay_removed"];
     a_drain_that_starts_before_it_stops_is_caught_by_single_placement:
@@ -236,4 +238,18 @@ fn a_control_plane_that_keeps_its_outage_backoff_after_nodes_join_is_caught() {
     })
     .expect("bug not caught");
     assert!(failure.contains("never settled"), "seed {seed}: {failure}");
+}
+
+/// The bug a release sweep found (seed 23000735 of drain_remove_lossy): without a registry, a placement retry
+/// on a node that had only missed heartbeats rescheduled everything there, and an instance ran on two nodes.
+/// Too rare for the 1..=100 search, so shown on its seed: with the bug put back, `single_placement` fires.
+#[test]
+fn rescheduling_off_a_node_nothing_fenced_is_caught_by_single_placement() {
+    let (file, seed) = ("drain_remove_lossy.toml", 23000735);
+    let scenario = load(file);
+    let mut config = ClusterConfig::new(seed, scenario.agents);
+    cp(InjectedBug::RescheduleLiveNodes)(&mut config);
+    let failure = scenario::run_with(&scenario, config).expect_err("the bug must be caught");
+    assert!(failure.message.contains("single_placement"), "{}", failure.message);
+    scenario::run(&scenario, seed).unwrap_or_else(|e| panic!("{file} seed {seed} fails without the bug: {e}"));
 }

@@ -212,3 +212,63 @@ pub fn factum_daemon(args: &[&str], ready: &str) -> Proc {
     }
     Proc { child, _stdout: Some(lines) }
 }
+
+/// Whether the `etcd` binary is on PATH (apt `etcd-server`; `.ci/run` installs it). Without it a test says
+/// so and passes, except under `CI=true`, where a missing etcd is a failure.
+pub fn etcd_available() -> bool {
+    let found = Command::new("etcd").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(std::env::var("CI").is_err(), "etcd is not installed, but CI must run the etcd tests");
+        eprintln!("skipping: no `etcd` binary on PATH (apt install etcd-server)");
+    }
+    found
+}
+
+/// A single-member etcd on free ports, with its data in a fresh temporary directory.
+pub fn start_etcd() -> (Proc, String, tempdir::Dir) {
+    let dir = tempdir::Dir::new("factum-etcd");
+    let (client, peer) = (free_port(), free_port());
+    let child = Command::new("etcd")
+        .args(["--name", "t", "--data-dir"])
+        .arg(dir.path())
+        .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+        .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+        .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+        .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+        .arg(format!("--initial-cluster=t=http://127.0.0.1:{peer}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start etcd");
+    let endpoint = format!("127.0.0.1:{client}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&endpoint).is_err() {
+        assert!(Instant::now() < deadline, "etcd did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Proc::new(child), endpoint, dir)
+}
+
+/// Minimal temporary directory (removed on drop), to avoid a dependency for one use.
+pub mod tempdir {
+    pub struct Dir(std::path::PathBuf);
+
+    impl Dir {
+        pub fn new(prefix: &str) -> Self {
+            let unique = format!("{prefix}-{}-{}", std::process::id(), super::free_port());
+            let path = std::env::temp_dir().join(unique);
+            std::fs::create_dir_all(&path).unwrap();
+            Dir(path)
+        }
+
+        pub fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

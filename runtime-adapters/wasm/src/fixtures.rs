@@ -17,6 +17,8 @@ pub const MEMORY_HOG: &str = include_str!("../../../guests/fixtures/memory_hog.w
 pub const REMEMBER: &str = include_str!("../../../guests/fixtures/remember.wat");
 /// Sets `greeting` in KV capability `kv` once a second; exits 1 when refused.
 pub const KV_GREETER: &str = include_str!("../../../guests/fixtures/kv_greeter.wat");
+/// Gets `greeting` from KV capability `kv` every 300 ms; exits 1 when refused.
+pub const KV_READER: &str = include_str!("../../../guests/fixtures/kv_reader.wat");
 
 /// Subscribes to `greetings.*` on capability `bus`; stores each message envelope under `last` in capability
 /// `kv`; traps on a payload ending in `!`.
@@ -36,7 +38,7 @@ pub const RANDOM_TRAP: &str = include_str!("../../../guests/fixtures/random_trap
 pub const OS_PROBE: &str = include_str!("../../../guests/fixtures/os_probe.wat");
 
 /// Every fixture by file stem.
-pub const ALL: [(&str, &str); 13] = [
+pub const ALL: [(&str, &str); 14] = [
     ("exit_clean", EXIT_CLEAN),
     ("exit_code", EXIT_CODE),
     ("trap", TRAP),
@@ -45,6 +47,7 @@ pub const ALL: [(&str, &str); 13] = [
     ("memory_hog", MEMORY_HOG),
     ("remember", REMEMBER),
     ("kv_greeter", KV_GREETER),
+    ("kv_reader", KV_READER),
     ("subscriber", SUBSCRIBER),
     ("publisher", PUBLISHER),
     ("http_getter", HTTP_GETTER),

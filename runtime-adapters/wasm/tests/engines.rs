@@ -314,7 +314,7 @@ proptest::proptest! {
         }
         bytes.extend(tail.unwrap_or_default());
         // Fuel bounds computing, not waiting: a guest that sleeps in a loop may outlive the timeout.
-        let sleeps = ["sleeper", "kv_greeter", "http_getter", "publisher", "os_probe", "random_trap"];
+        let sleeps = ["sleeper", "kv_greeter", "kv_reader", "http_getter", "publisher", "os_probe", "random_trap"];
         for (engine, end) in fuzz_through_engines(&bytes)? {
             proptest::prop_assert!(end.is_some() || sleeps.contains(&fixture.0), "{engine}: {} ran past its fuel", fixture.0);
         }

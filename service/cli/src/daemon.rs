@@ -8,20 +8,21 @@ use anyhow::{Context as _, Result};
 use factum_control_plane::{ControlPlane, ControlPlaneConfig};
 use factum_env::rpc::{self, tls::Tls};
 use factum_env::Env;
-use factum_node_agent::{Agent, AgentConfig, CompileLimits, Providers};
+use factum_node_agent::{Agent, AgentConfig, CompileLimits, Providers, Routes};
 use factum_proto::{GrantKey, Principal, ProviderType};
 use factum_providers::{
-    BackendTls, HttpLimits, HttpProvider, KvProvider, MessagingProvider, NatsBus, Provider, RedisStore, RemoteProvider,
-    DEFAULT_MAX_KEYS_PER_STORE,
+    BackendTls, HostEntry, HttpLimits, HttpProvider, KvProvider, MessagingProvider, NatsBus, Provider, ProviderHosts,
+    RedisStore, DEFAULT_MAX_KEYS_PER_STORE,
 };
 use factum_wasm::{Limits, NodeMemory, WasmEngine, WasmiEngine, WasmtimeEngine};
 
-use factum_registry::{EtcdRegistry, Registry};
+use factum_registry::{EtcdRegistry, ProviderRecord, Registry};
 
-use crate::{AgentOpts, EngineKind, KvOpts, LogFormat, MetricsOpts, ProviderKind, RegistryOpts, TlsOpts};
+use crate::supervisor;
+use crate::{AgentOpts, EngineKind, KvOpts, LogFormat, MetricsOpts, ProviderKind, ProviderOpts, RegistryOpts, TlsOpts};
 
 /// Prints a status line; a closed stdout (e.g. `factum up | head -1`) must not take the daemon down.
-fn say(line: String) {
+pub(crate) fn say(line: String) {
     use std::io::Write;
     let mut out = std::io::stdout();
     let _ = writeln!(out, "{line}");
@@ -146,33 +147,81 @@ async fn kv_provider(opts: &KvOpts) -> Result<KvProvider> {
 /// How long an agent waits for a provider host: to connect, and for one call's answer.
 const PROVIDER_HOST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The provider hosts of `--provider-host KIND=ID@ADDR` flags, by kind.
-fn provider_hosts(env: &Env, flags: &[String]) -> Result<BTreeMap<ProviderType, Arc<RemoteProvider>>> {
-    let mut hosts = BTreeMap::new();
-    for flag in flags {
-        let bad = |why: &str| {
-            anyhow::anyhow!("--provider-host {flag:?}: {why} (expected KIND=ID@ADDR, e.g. kv=kv-1@10.0.0.5:7801)")
-        };
-        let (kind, rest) = flag.split_once('=').ok_or_else(|| bad("no `=`"))?;
-        let (id, addr) = rest.split_once('@').ok_or_else(|| bad("no `@`"))?;
-        let kind = match kind {
-            "kv" => ProviderType::Kv,
-            "http" => ProviderType::Http,
-            _ => return Err(bad("KIND is kv or http")),
-        };
-        let principal: Principal =
-            format!("provider/{id}").parse().map_err(|e: factum_proto::ErrorResponse| bad(&e.message))?;
-        if addr.is_empty() {
-            return Err(bad("no address after `@`"));
-        }
-        say(format!("{kind} calls go to {principal} at {addr}"));
-        let remote = RemoteProvider::new(env.clone(), addr, principal, PROVIDER_HOST_TIMEOUT);
-        if hosts.insert(kind, Arc::new(remote)).is_some() {
-            return Err(bad(&format!("a second provider host for {kind}")));
-        }
+/// A `KIND=ID@ADDR` flag (`--provider-host`, `--run-provider`): the kind, the host's id and its address.
+fn host_flag(name: &str, flag: &str) -> Result<(ProviderKind, String, String)> {
+    let bad = |why: &str| anyhow::anyhow!("{name} {flag:?}: {why} (expected KIND=ID@ADDR, e.g. kv=kv-1@10.0.0.5:7801)");
+    let (kind, rest) = flag.split_once('=').ok_or_else(|| bad("no `=`"))?;
+    let (id, addr) = rest.split_once('@').ok_or_else(|| bad("no `@`"))?;
+    let kind = match kind {
+        "kv" => ProviderKind::Kv,
+        "http" => ProviderKind::Http,
+        _ => return Err(bad("KIND is kv or http")),
+    };
+    format!("provider/{id}").parse::<Principal>().map_err(|e| bad(&e.message))?;
+    if addr.is_empty() {
+        return Err(bad("no address after `@`"));
     }
-    Ok(hosts)
+    Ok((kind, id.to_string(), addr.to_string()))
 }
+
+fn provider_type(kind: ProviderKind) -> ProviderType {
+    match kind {
+        ProviderKind::Kv => ProviderType::Kv,
+        ProviderKind::Http => ProviderType::Http,
+    }
+}
+
+/// Where the agent's calls of each kind go: the hosts of its `--provider-host` and `--run-provider` flags
+/// (the latter on its own node), and empty routes for the kinds it finds in the registry. `env` introduces
+/// itself as the node. Also the children to run.
+fn provider_routes(
+    env: &Env,
+    node: &str,
+    opts: &AgentOpts,
+    with_registry: bool,
+) -> Result<(Routes, Vec<supervisor::Child>)> {
+    let mut entries: BTreeMap<ProviderType, Vec<HostEntry>> = BTreeMap::new();
+    let mut children = Vec::new();
+    for flag in &opts.provider_hosts {
+        let (kind, id, addr) = host_flag("--provider-host", flag)?;
+        say(format!("{} calls go to provider/{id} at {addr}", provider_type(kind)));
+        entries.entry(provider_type(kind)).or_default().push(HostEntry { id, node: String::new(), addr });
+    }
+    for flag in &opts.run_providers {
+        let (kind, id, addr) = host_flag("--run-provider", flag)?;
+        if addr.ends_with(":0") {
+            return Err(anyhow::anyhow!("--run-provider {flag:?}: the agent must know the port; port 0 picks one"));
+        }
+        let entry = HostEntry { id: id.clone(), node: node.to_string(), addr: addr.clone() };
+        entries.entry(provider_type(kind)).or_default().push(entry);
+        children.push(supervisor::Child { kind, id, addr });
+    }
+    for kind in &opts.provider_from_registry {
+        let kind = provider_type(*kind);
+        if !with_registry {
+            return Err(anyhow::anyhow!("--provider-from-registry {kind} needs a registry: add --etcd"));
+        }
+        if entries.contains_key(&kind) {
+            return Err(anyhow::anyhow!(
+                "{kind} calls have hosts from flags and from the registry; the registry's would replace them: pick one"
+            ));
+        }
+        say(format!("{kind} calls go to the provider hosts in the registry"));
+        entries.insert(kind, Vec::new());
+    }
+    let routes = entries
+        .into_iter()
+        .map(|(kind, hosts)| {
+            let routes = ProviderHosts::new(kind, env.clone(), node, PROVIDER_HOST_TIMEOUT);
+            routes.set(hosts);
+            (kind, Arc::new(routes))
+        })
+        .collect();
+    Ok((routes, children))
+}
+
+/// How often an agent reads the provider hosts in the registry.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Binds and serves an agent linked to `control_plane`; returns the address it listens on.
 async fn start_agent(
@@ -199,7 +248,7 @@ async fn start_agent(
         EngineKind::Wasmtime => Arc::new(WasmtimeEngine::new()?.with_node_memory(node_memory)),
         EngineKind::Wasmi => Arc::new(WasmiEngine::new().with_node_memory(node_memory)),
     };
-    let mut config = AgentConfig::new(opts.node_id, addr.clone());
+    let mut config = AgentConfig::new(opts.node_id.clone(), addr.clone());
     config.max_instances = opts.max_instances;
     config.labels = factum_proto::labels::parse_labels("label", opts.labels.iter().map(String::as_str))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -213,8 +262,11 @@ async fn start_agent(
     };
     let kv = kv_provider(&opts.kv).await?;
     // The agent's own env says who it is only once the agent exists; its provider hosts must hear it first.
-    let remote =
-        provider_hosts(&env.clone().with_principal(Principal::Node(config.node_id.clone())), &opts.provider_hosts)?;
+    let as_node = env.clone().with_principal(Principal::Node(config.node_id.clone()));
+    let (remote, children) = provider_routes(&as_node, &config.node_id, &opts, registry.is_some())?;
+    for child in children {
+        env.spawn(supervisor::supervise(env.clone(), child, opts.kv.clone(), tls.clone()));
+    }
     let http = HttpProvider::new(HttpLimits::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let messaging = match &opts.msg_nats {
         None => MessagingProvider::in_memory(),
@@ -230,8 +282,23 @@ async fn start_agent(
     };
     let providers =
         Providers { kv: Arc::new(kv), http: Some(Arc::new(http)), messaging: Some(Arc::new(messaging)), remote };
+    let discovered: BTreeMap<_, _> = opts
+        .provider_from_registry
+        .iter()
+        .filter_map(|kind| providers.remote.get_key_value(&provider_type(*kind)))
+        .map(|(kind, hosts)| (*kind, hosts.clone()))
+        .collect();
     let (agent, reports) = Agent::new(env.clone(), config, engine, providers);
     if let Some(registry) = registry {
+        if !discovered.is_empty() {
+            let discovery = factum_node_agent::run_provider_discovery(
+                env.clone(),
+                registry.clone(),
+                discovered,
+                DISCOVERY_INTERVAL,
+            );
+            env.spawn(discovery);
+        }
         env.spawn(factum_node_agent::run_registry_link(agent.clone(), registry));
     }
     env.spawn(factum_node_agent::serve(agent.clone(), listener));
@@ -365,10 +432,11 @@ pub async fn agent(
     result
 }
 
-/// `factum provider`: one capability provider as a process of its own, serving node agents.
-pub async fn provider(kind: ProviderKind, id: String, listen: String, kv: KvOpts, tls: TlsOpts) -> Result<()> {
+/// `factum provider`: one capability provider as a process of its own, serving node agents; with `--etcd`,
+/// registered under a lease of its own so agents find it.
+pub async fn provider(opts: ProviderOpts, kv: KvOpts, registry: RegistryOpts, tls: TlsOpts) -> Result<()> {
     let shutdown = Shutdown::listen()?;
-    let principal: Principal = format!("provider/{id}")
+    let principal: Principal = format!("provider/{}", opts.id)
         .parse()
         .map_err(|e: factum_proto::ErrorResponse| anyhow::anyhow!("--id: {}", e.message))?;
     let env = &secured(&Env::tokio(), &tls, principal.clone())?;
@@ -376,17 +444,45 @@ pub async fn provider(kind: ProviderKind, id: String, listen: String, kv: KvOpts
         Some(dir) => crate::certs::grant_key(dir)?,
         None => GrantKey::plaintext(),
     };
-    let provider: Arc<dyn Provider> = match kind {
+    let registry = connect_registry(env, &registry).await?;
+    let provider: Arc<dyn Provider> = match opts.kind {
         ProviderKind::Kv => Arc::new(kv_provider(&kv).await?),
         ProviderKind::Http => Arc::new(HttpProvider::new(HttpLimits::default()).map_err(|e| anyhow::anyhow!("{e}"))?),
     };
-    let listener = env.net.bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let listen = &opts.listen;
+    let listener = env.net.bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     warn_if_exposed(env, "provider", &addr);
-    let name = provider.metadata().name;
+    let metadata = provider.metadata();
     env.spawn(factum_providers::remote::serve(env.clone(), provider.clone(), key, listener));
-    say(format!("{principal} ({name}) listening on {addr}"));
-    let result = shutdown.wait().await;
+    say(format!("{principal} ({}) listening on {addr}", metadata.name));
+    if let Some(registry) = registry {
+        let advertised = opts.advertise.clone().unwrap_or_else(|| addr.clone());
+        let node_id = opts.node.clone().unwrap_or_default();
+        let record = ProviderRecord { provider_id: opts.id.clone(), node_id, metadata, addr: Some(advertised.clone()) };
+        say(format!("{principal} registers as {advertised} (lease TTL {:?})", opts.lease_ttl));
+        env.spawn(factum_registry::hold_provider(env.clone(), registry, record, opts.lease_ttl));
+    }
+    let result = if opts.exit_with_stdin {
+        tokio::select! {
+            biased;
+            result = shutdown.wait() => result,
+            () = stdin_closed() => {
+                tracing::info!("standard input closed (the supervising agent ended): shutting down");
+                Ok(())
+            }
+        }
+    } else {
+        shutdown.wait().await
+    };
     let _ = provider.shutdown().await; // calls in flight finish first (P20)
     result
+}
+
+/// Returns once standard input reaches its end or fails.
+async fn stdin_closed() {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
 }

@@ -7,6 +7,7 @@ mod client;
 mod daemon;
 mod metrics;
 mod scale;
+mod supervisor;
 
 use std::process::ExitCode;
 
@@ -147,9 +148,22 @@ pub struct AgentOpts {
     /// Send the calls of one capability kind to a provider host instead of this agent's own provider:
     /// `KIND=ID@ADDR`, e.g. `kv=kv-1@10.0.0.5:7801`, where KIND is kv or http and `factum provider KIND --id
     /// ID` runs at ADDR. The host checks each call's grant against the control plane's seal; over TLS its
-    /// certificate must name `provider/ID`. Repeatable, once per kind.
+    /// certificate must name `provider/ID`. Repeatable; several hosts of one kind share its calls by store
+    /// (see `--provider-from-registry`).
     #[arg(long = "provider-host", value_name = "KIND=ID@ADDR")]
     pub provider_hosts: Vec<String>,
+    /// Send the calls of one capability kind (kv or http) to the provider hosts registered in etcd (`factum
+    /// provider --etcd …`), following them as they come and go; needs `--etcd`. A call goes to a host on this
+    /// node first, else to the host that ranks first for its store (rendezvous hashing: every node agrees);
+    /// KV reads go on to the next host when one is unavailable, writes do not. Repeatable.
+    #[arg(long = "provider-from-registry", value_name = "KIND")]
+    pub provider_from_registry: Vec<ProviderKind>,
+    /// Run a provider host as a child process of this agent and send the calls of its kind to it:
+    /// `KIND=ID@ADDR` starts `factum provider KIND --id ID --listen ADDR` (with this agent's `--tls` and KV
+    /// options). It is started again whenever it exits (after 0.1 s, doubling to 5 s while it keeps failing)
+    /// and stops with the agent. Repeatable.
+    #[arg(long = "run-provider", value_name = "KIND=ID@ADDR")]
+    pub run_providers: Vec<String>,
     /// Carry messages through the NATS server at this URL (e.g. `nats://127.0.0.1:4222`), so instances on
     /// different nodes hear each other. Unset: an in-process bus (this node only).
     #[arg(long, env = "FACTUM_MSG_NATS")]
@@ -197,6 +211,33 @@ pub enum ProviderKind {
     Kv,
     /// Outbound HTTP.
     Http,
+}
+
+/// What `factum provider` runs, where, and how agents find it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProviderOpts {
+    /// Which provider.
+    #[arg(value_enum)]
+    pub kind: ProviderKind,
+    /// Its id, unique in the cluster: its identity is `provider/ID`.
+    #[arg(long, default_value = "kv-1")]
+    pub id: String,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7801")]
+    pub listen: String,
+    /// Address agents reach it at, as registered in etcd. Default: the address it listens on.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// The node it runs on, as registered in etcd: that node's agent sends it its calls first.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// TTL of its registry lease (with `--etcd`), e.g. `5s`: how long agents may still route to it after it
+    /// died.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: std::time::Duration,
+    /// Stop when standard input closes: how a supervising agent's children never outlive it.
+    #[arg(long, hide = true)]
+    pub exit_with_stdin: bool,
 }
 
 /// Where node membership and provider metadata live.
@@ -301,21 +342,20 @@ pub enum Command {
         metrics: MetricsOpts,
     },
     /// Run one capability provider as a process of its own, for agents started with `--provider-host
-    /// KIND=ID@ADDR`. It serves node agents only and checks every call's grant against the control plane's
-    /// seal before it runs it (over TLS with the `grant.key` that `factum certs issue provider/ID` writes).
+    /// KIND=ID@ADDR` or `--provider-from-registry KIND`. It serves node agents only and checks every call's
+    /// grant against the control plane's seal before it runs it (over TLS with the `grant.key` that `factum
+    /// certs issue provider/ID` writes). With `--etcd` it registers itself under a lease of its own, so agents
+    /// find it, and drop it once it stops renewing.
     Provider {
-        /// Which provider.
-        #[arg(value_enum)]
-        kind: ProviderKind,
-        /// Its id, unique in the cluster: its identity is `provider/ID`.
-        #[arg(long, default_value = "kv-1")]
-        id: String,
-        /// Address to listen on (port 0 picks a free port).
-        #[arg(long, default_value = "127.0.0.1:7801")]
-        listen: String,
+        /// The provider.
+        #[command(flatten)]
+        provider: ProviderOpts,
         /// Where a KV provider keeps its data.
         #[command(flatten)]
         kv: KvOpts,
+        /// Registry options.
+        #[command(flatten)]
+        registry: RegistryOpts,
         /// TLS options.
         #[command(flatten)]
         tls: TlsOpts,
@@ -619,7 +659,7 @@ pub fn run() -> ExitCode {
             Command::Agent { control_plane, agent, registry, tls, metrics } => {
                 daemon::agent(control_plane, agent, registry, tls, metrics).await
             }
-            Command::Provider { kind, id, listen, kv, tls } => daemon::provider(kind, id, listen, kv, tls).await,
+            Command::Provider { provider, kv, registry, tls } => daemon::provider(provider, kv, registry, tls).await,
             Command::Certs { action } => certs_command(action),
             Command::Completions { shell } => completions(shell),
             other => client::run(other).await,

@@ -144,6 +144,9 @@ pub enum InjectedBug {
     /// Grant seals are never renewed: once the first ones expire, providers on other hosts refuse every call
     /// (breaks `provider_host_answers`).
     NoSealRenewal,
+    /// Without a registry, a placement retry on a node reschedules everything reschedulable there, as if the
+    /// node had left, though nothing fenced it (breaks `single_placement`; the bug seed 23000735 found).
+    RescheduleLiveNodes,
 }
 
 impl Default for ControlPlaneConfig {
@@ -1009,27 +1012,10 @@ impl ControlPlane {
 /// The hash of the module `req` starts: its bytes' (checked against the hash it names, if any), or, with no
 /// bytes, the hash it names (a start by hash).
 fn module_hash_of(req: &StartRequest) -> Result<String, ErrorResponse> {
-    match &req.module_hash {
-        Some(named) if req.module_bytes.is_empty() => {
-            let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
-            if named.len() != 64 || !named.bytes().all(hex) {
-                return Err(ErrorResponse::invalid(format!(
-                    "module_hash {named:?} is not a module hash (64 lowercase hex digits of SHA-256)"
-                )));
-            }
-            Ok(named.clone())
-        }
-        named => {
-            validate_module_bytes(&req.module_bytes)?;
-            let hash = factum_proto::module_hash(&req.module_bytes);
-            match named {
-                Some(named) if *named != hash => Err(ErrorResponse::invalid(format!(
-                    "the module's bytes hash to {hash}, not to the module_hash {named} the start names"
-                ))),
-                _ => Ok(hash),
-            }
-        }
+    if !req.module_bytes.is_empty() || req.module_hash.is_none() {
+        validate_module_bytes(&req.module_bytes)?;
     }
+    factum_proto::start_module_hash(&req.module_bytes, req.module_hash.as_deref())
 }
 
 fn validate_module_bytes(bytes: &[u8]) -> Result<(), ErrorResponse> {

@@ -67,7 +67,7 @@ impl ControlPlane {
         if self.inner.config.reschedule {
             let cp = self.clone();
             let (node_id, lease) = (registration.node_id.clone(), registration.lease);
-            self.inner.env.spawn(cp.reschedule_from(node_id, Some(lease)));
+            self.inner.env.spawn(cp.reschedule_from(node_id, crate::reschedule::Lost::Rejoined(lease)));
         }
     }
 
@@ -121,7 +121,7 @@ impl ControlPlane {
             }
         }
         if reschedule && self.inner.config.reschedule {
-            self.inner.env.spawn(self.clone().reschedule_from(node_id.to_string(), None));
+            self.inner.env.spawn(self.clone().reschedule_from(node_id.to_string(), crate::reschedule::Lost::Left));
         }
     }
 

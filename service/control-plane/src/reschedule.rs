@@ -27,27 +27,40 @@ pub(crate) enum Retry {
     Restart,
 }
 
+/// What became of the node whose instances [`ControlPlane::reschedule_from`] looks at, which decides which of
+/// them may run elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Lost {
+    /// Its lease ended: it fenced, or will before the lease is gone, so nothing reschedulable runs there.
+    Left,
+    /// It registered again under this lease: what was placed under an older one no longer runs there.
+    Rejoined(i64),
+    /// It is still a member as far as anyone knows (no registry decides membership, so nothing fences it even
+    /// when its reports stop): only placements that did not take may go elsewhere.
+    Present,
+}
+
 /// Longest wait between two attempts to place one instance.
 const MAX_PLACEMENT_BACKOFF: Duration = Duration::from_secs(10);
 
 impl ControlPlane {
-    /// Starts every reschedulable instance of node `lost` on another node, one at a time, each under the next
-    /// placement epoch, except those placed under `current_lease` (the node's new lease, if it re-registered).
-    /// An instance that cannot be placed keeps its status with the reason in `last_error`, and is retried.
-    pub(crate) async fn reschedule_from(self, lost: String, current_lease: Option<i64>) {
+    /// Starts the instances of node `lost` that may run elsewhere (see [`Lost`]) on another node, one at a
+    /// time, each under the next placement epoch. An instance that cannot be placed keeps its status with the
+    /// reason in `last_error`, and is retried.
+    pub(crate) async fn reschedule_from(self, lost: String, scope: Lost) {
         let candidates: Vec<String> = {
             let state = self.lock();
             state
                 .instances
                 .values()
-                .filter(|r| reschedulable(r, &lost, current_lease))
+                .filter(|r| reschedulable(r, &lost, scope))
                 .map(|r| r.metadata.instance_id.clone())
                 .collect()
         };
         for instance_id in candidates {
             let prepared = {
                 let mut state = self.lock();
-                self.prepare_reschedule(&mut state, &instance_id, &lost, current_lease)
+                self.prepare_reschedule(&mut state, &instance_id, &lost, scope)
             };
             let (node_id, client, request) = match prepared {
                 Ok(Some(prepared)) => prepared,
@@ -80,7 +93,7 @@ impl ControlPlane {
             return; // one pass at a time
         }
         let now = self.inner.env.clock.now();
-        let due: Vec<(Retry, String, String, Option<i64>)> = {
+        let due: Vec<(Retry, String, String, Lost)> = {
             let state = self.lock();
             state
                 .instances
@@ -88,18 +101,27 @@ impl ControlPlane {
                 .filter_map(|r| r.retry.filter(|(at, _)| *at <= now).map(|(_, why)| (r, why)))
                 .map(|(r, why)| {
                     let node = r.metadata.node_id.clone();
+                    // Without a registry no node ever leaves (seed 23000735 of drain_remove_lossy rescheduled
+                    // an instance off a node that had only missed heartbeats, and it ran on two nodes).
                     let lease = state.nodes.get(&node).filter(|n| n.registered).and_then(|n| n.lease);
-                    (why, r.metadata.instance_id.clone(), node, lease)
+                    let scope = match (state.registry_mode, lease) {
+                        (false, _) if !self.inner.config.has_bug(crate::InjectedBug::RescheduleLiveNodes) => {
+                            Lost::Present
+                        }
+                        (_, Some(lease)) => Lost::Rejoined(lease),
+                        (_, None) => Lost::Left,
+                    };
+                    (why, r.metadata.instance_id.clone(), node, scope)
                 })
                 .collect()
         };
-        let origins: std::collections::BTreeSet<(String, Option<i64>)> = due
+        let origins: std::collections::BTreeSet<(String, Lost)> = due
             .iter()
             .filter(|(why, ..)| *why == Retry::Place)
-            .map(|(_, _, node, lease)| (node.clone(), *lease))
+            .map(|(_, _, node, scope)| (node.clone(), *scope))
             .collect();
-        for (node, lease) in origins {
-            self.clone().reschedule_from(node, lease).await;
+        for (node, scope) in origins {
+            self.clone().reschedule_from(node, scope).await;
         }
         for (why, instance_id, ..) in &due {
             match why {
@@ -207,11 +229,11 @@ impl ControlPlane {
         state: &mut State,
         instance_id: &str,
         lost: &str,
-        current_lease: Option<i64>,
+        scope: Lost,
     ) -> Result<Option<(String, Option<NodeAgentClient>, StartInstanceRequest)>, String> {
         let Some(record) = state.instances.get(instance_id) else { return Ok(None) };
         // A start still in flight to the lost node does not hold it back: that node can no longer run it.
-        if !reschedulable(record, lost, current_lease) {
+        if !reschedulable(record, lost, scope) {
             return Ok(None); // stopped, moved or out of retries meanwhile
         }
         // But the node may be back by now, and the instance placed on it again under its new lease (this pass
@@ -341,11 +363,14 @@ pub(crate) fn release_in_doubt(state: &mut State, node_id: &str) {
 /// the node is one), it has retries left, and nobody stopped it. A `crashed` instance qualifies too: the node
 /// may have fenced it (its snapshot then lacked it) just before its lease expired, or it was waiting out a
 /// restart backoff there. So does one whose last placement did not take.
-fn reschedulable(record: &InstanceRecord, lost: &str, current_lease: Option<i64>) -> bool {
+fn reschedulable(record: &InstanceRecord, lost: &str, scope: Lost) -> bool {
+    let not_taken = record.retry.is_some_and(|(_, why)| why == Retry::Place);
     record.metadata.node_id == lost
-        && (current_lease.is_none()
-            || record.lease != current_lease
-            || record.retry.is_some_and(|(_, why)| why == Retry::Place))
+        && match scope {
+            Lost::Left => true,
+            Lost::Rejoined(lease) => record.lease != Some(lease) || not_taken,
+            Lost::Present => not_taken,
+        }
         && restartable(record)
 }
 

@@ -6,6 +6,7 @@
 //! agent's facts and are rebuilt from [`Agent::snapshot`] after a control-plane restart.
 
 mod compiler;
+mod discovery;
 mod host;
 mod link;
 mod log_budget;
@@ -26,11 +27,12 @@ use factum_proto::{
     KvEntry, NodeReport, PlacementSeal, RestartPolicy, SealedGrant, SnapshotMark, StartInstanceRequest, StatusReport,
     PROTOCOL_VERSION,
 };
-use factum_providers::{Delivery, KvProvider, MessagingProvider, Provider, RemoteProvider};
+use factum_providers::{Delivery, KvProvider, MessagingProvider, Provider, ProviderHosts};
 use factum_wasm::{CachedModule, ExitReason, Instance, Limits, ModuleCache, WasmEngine};
 use futures::future::AbortHandle;
 
 pub use compiler::CompileLimits;
+pub use discovery::{hosts_of, run_provider_discovery, ROUTING};
 pub use link::run_control_plane_link;
 pub use log_budget::{LogLimits, MAX_LINE_BYTES};
 pub use registry_link::run_registry_link;
@@ -49,17 +51,21 @@ pub struct Providers {
     pub http: Option<Arc<dyn Provider>>,
     /// Publish/subscribe messaging.
     pub messaging: Option<Arc<MessagingProvider>>,
-    /// Providers on other hosts, by kind (KV and HTTP: calls that answer once; messaging delivers to its
-    /// subscribers and runs beside them).
-    pub remote: BTreeMap<factum_proto::ProviderType, Arc<RemoteProvider>>,
+    /// Provider hosts, by kind (KV and HTTP: calls that answer once; messaging delivers to its subscribers and
+    /// runs beside them). A kind listed here goes to its hosts even while it has none (PROVIDER_UNAVAILABLE),
+    /// never quietly to this agent's own provider.
+    pub remote: Routes,
 }
+
+/// The provider hosts of each kind that goes to provider hosts.
+pub type Routes = BTreeMap<factum_proto::ProviderType, Arc<ProviderHosts>>;
 
 /// Where a capability call goes.
 pub(crate) enum Route {
     /// A provider in this agent.
     Local(Arc<dyn Provider>),
-    /// A provider host, which checks the grant's seal itself.
-    Remote(Arc<RemoteProvider>),
+    /// Provider hosts, which check the grant's seal themselves.
+    Remote(Arc<ProviderHosts>),
 }
 
 impl Providers {
@@ -392,14 +398,9 @@ impl Agent {
             capabilities.insert(assignment.capability_id.clone(), Grant::new(assignment, seal)?);
         }
         // Content-addressed (no bytes): the hash names the module; else the bytes do.
-        let by_hash = req.module_bytes.is_empty() && !req.module_hash.is_empty();
-        let hash = if by_hash { req.module_hash.clone() } else { factum_proto::module_hash(&req.module_bytes) };
-        if !by_hash && !req.module_hash.is_empty() && req.module_hash != hash {
-            return Err(ErrorResponse::invalid(format!(
-                "the module's bytes hash to {hash}, not to the module_hash {} the start names",
-                req.module_hash
-            )));
-        }
+        let named = (!req.module_hash.is_empty()).then_some(req.module_hash.as_str());
+        let hash = factum_proto::start_module_hash(&req.module_bytes, named)?;
+        let by_hash = req.module_bytes.is_empty() && named.is_some();
         {
             let mut instances = inner.lock();
             // An ended run of an older placement; one still supervised (waiting out a restart backoff) is alive.

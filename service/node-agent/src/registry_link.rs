@@ -102,13 +102,14 @@ async fn register(
             provider_id: format!("{}@{}", metadata.name, node.node_id),
             node_id: node.node_id.clone(),
             metadata,
+            addr: None,
         };
         registry.put_provider(&record, Some(lease)).await?;
     }
     if agent.inner.config.has_bug(crate::AgentBug::InstancesInRegistry) {
         for (facts, metadata) in agent.snapshot().into_iter().zip(agent.providers().into_iter().cycle()) {
             let provider_id = facts.metadata.instance_id;
-            let record = ProviderRecord { provider_id, node_id: node.node_id.clone(), metadata };
+            let record = ProviderRecord { provider_id, node_id: node.node_id.clone(), metadata, addr: None };
             registry.put_provider(&record, Some(lease)).await?;
         }
     }

@@ -35,3 +35,29 @@ pub fn module_hash(module_bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(module_bytes))
 }
+
+/// The hash naming a start's module: `named` alone when the start carries no bytes (content-addressed), else
+/// [`module_hash`] of `bytes`, which must equal `named` when the start names one as well. A `named` that is no
+/// module hash, or that the bytes do not hash to, is INVALID_REQUEST.
+pub fn start_module_hash(bytes: &[u8], named: Option<&str>) -> Result<String, ErrorResponse> {
+    match named {
+        Some(named) if bytes.is_empty() => {
+            let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+            if named.len() != 64 || !named.bytes().all(hex) {
+                return Err(ErrorResponse::invalid(format!(
+                    "module_hash {named:?} is not a module hash (64 lowercase hex digits of SHA-256)"
+                )));
+            }
+            Ok(named.to_string())
+        }
+        named => {
+            let hash = module_hash(bytes);
+            match named {
+                Some(named) if named != hash => Err(ErrorResponse::invalid(format!(
+                    "the module's bytes hash to {hash}, not to the module_hash {named} the start names"
+                ))),
+                _ => Ok(hash),
+            }
+        }
+    }
+}

@@ -8,6 +8,7 @@ mod http;
 mod kv;
 mod msg;
 pub mod remote;
+mod routing;
 
 use async_trait::async_trait;
 use factum_proto::{CapabilityInvocation, CapabilityResponse, ErrorResponse, Permission};
@@ -27,6 +28,7 @@ pub use msg::{
     MAX_SUBSCRIPTIONS_PER_INSTANCE,
 };
 pub use remote::RemoteProvider;
+pub use routing::{is_idempotent, Host, HostEntry, ProviderHosts, REROUTED};
 
 /// A capability provider (design §Capability Provider, Base Interface). A provider implements
 /// [`Provider::handle`]; the provided [`Provider::invoke`] runs it behind the provider's [`Lifecycle`] gate, so

@@ -47,6 +47,9 @@ pub enum HostBug {
     /// In the agent's client: after one failed call it never dials again, so a host that restarted stays
     /// unavailable to it (breaks liveness: calls must reach the host again once it is back).
     LatchedClient,
+    /// In the agent's routing: every call, writes too, goes on to the next host after PROVIDER_UNAVAILABLE, so
+    /// a write whose answer was lost may take effect twice (breaks "only idempotent calls are retried").
+    RetriedWrites,
 }
 
 /// One connection's server: the provider, the key that checks grants, and the node at the other end.

@@ -11,7 +11,7 @@ use factum_proto::{
     CapabilityAssignment, CapabilityInvocation, CapabilityResponse, ErrorCode, GrantKey, KvOperation, Permission,
     Principal, SealedGrant,
 };
-use factum_providers::{remote, KvProvider, Provider, RemoteProvider};
+use factum_providers::{remote, HostEntry, KvProvider, Provider, ProviderHosts, RemoteProvider};
 use proptest::prelude::*;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -166,6 +166,33 @@ async fn a_dead_provider_is_unavailable_at_once_and_serves_again_once_restarted(
     assert!(read.success, "{read:?}");
     let value: Option<serde_bytes::ByteBuf> = rmp_serde::from_slice(read.result.as_deref().unwrap()).unwrap();
     assert_eq!(value, None);
+}
+
+#[tokio::test]
+async fn a_read_goes_on_to_the_next_host_when_the_first_is_down_and_a_write_does_not() {
+    let key = GrantKey::plaintext();
+    let dead = ProviderHost::start("127.0.0.1:0", key.clone());
+    let dead_addr = dead.addr.clone();
+    drop(dead);
+    let live = ProviderHost::start("127.0.0.1:0", key.clone());
+    let hosts = ProviderHosts::new(factum_proto::ProviderType::Kv, node_env("n1"), "n1", TIMEOUT);
+    // The dead host is on the caller's own node, so every call tries it first.
+    hosts.set([
+        HostEntry { id: "kv-1".into(), node: "n1".into(), addr: dead_addr },
+        HostEntry { id: "kv-1".into(), node: "n2".into(), addr: live.addr.clone() },
+    ]);
+    assert_eq!(hosts.order("store")[0].entry.node, "n1");
+    let rw = grant(&key, "i1", "store", &[Permission::KvRead, Permission::KvWrite], "n1");
+
+    let read = hosts.invoke(call("i1", "store", &get("k")), rw.clone()).await;
+    assert!(read.success, "a get is idempotent, so the live host answers it: {read:?}");
+    let wrote = hosts.invoke(call("i1", "store", &set("k", b"v")), rw.clone()).await;
+    assert_eq!(code(&wrote), Some(ErrorCode::ProviderUnavailable), "a set goes to its first host only: {wrote:?}");
+
+    hosts.set([]);
+    let none = hosts.invoke(call("i1", "store", &get("k")), rw).await;
+    assert_eq!(code(&none), Some(ErrorCode::ProviderUnavailable), "{none:?}");
+    assert!(none.error.unwrap().message.contains("no kv provider host"));
 }
 
 #[tokio::test]

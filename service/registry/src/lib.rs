@@ -9,6 +9,7 @@
 //! - `<prefix>/providers/<provider_id>`: a [`ProviderRecord`] as JSON, optionally attached to a lease.
 
 mod memory;
+mod provider_lease;
 mod remote;
 
 #[cfg(feature = "etcd")]
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdRegistry;
 pub use memory::MemoryRegistry;
+pub use provider_lease::hold_provider;
 pub use remote::{serve, RegistryApi, RemoteRegistry};
 
 /// Id of a lease, as etcd numbers them.
@@ -56,6 +58,11 @@ pub struct ProviderRecord {
     pub node_id: String,
     /// What it is.
     pub metadata: ProviderMetadata,
+    /// Where a provider host (`factum provider`) serves agents; none for a provider inside an agent, which
+    /// serves that agent's instances only. (Not skipped when absent: the simulator's registry speaks bincode,
+    /// which needs every field; `default` reads entries written before the field existed.)
+    #[serde(default)]
+    pub addr: Option<String>,
 }
 
 /// The registered nodes at one registry revision.
@@ -186,4 +193,19 @@ pub(crate) fn check_ttl(ttl: Duration) -> Result<(), RegistryError> {
         return Err(RegistryError::Invalid(format!("lease TTL {ttl:?} is outside 1 s ..= 1 h")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_provider_entry_without_an_address_still_reads() {
+        let old = br#"{"provider_id":"kv-memory@n1","node_id":"n1","metadata":{"provider_type":"kv","name":"kv-memory","version":"1","operations":["get"]}}"#;
+        let record: ProviderRecord = decode("k", old).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(record.addr, None);
+        let host = ProviderRecord { addr: Some("10.0.0.5:7801".into()), ..record };
+        let again: ProviderRecord = decode("k", &encode(&host).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(again, host);
+    }
 }

@@ -24,6 +24,7 @@ fn provider(id: &str, node_id: &str) -> ProviderRecord {
             version: "1".into(),
             operations: vec!["get".into()],
         },
+        addr: None,
     }
 }
 
