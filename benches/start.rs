@@ -22,27 +22,57 @@ fn iterations() -> usize {
     std::env::var("FACTUM_BENCH_STARTS").ok().and_then(|s| s.parse().ok()).unwrap_or(2_000)
 }
 
-fn report(name: &str, mut samples: Vec<Duration>, total: Duration) {
+/// The p50 of [`raw_wasmtime`], once measured: every later row prints its ratio to it.
+static BASELINE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// Prints one row, with its p50's ratio to the baseline; returns the p50.
+fn report(name: &str, mut samples: Vec<Duration>, total: Duration) -> Duration {
     samples.sort();
     let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
     let mean = total / samples.len() as u32;
+    let ratio = BASELINE.get().map(|b| pct(0.5).as_secs_f64() / b.as_secs_f64()).unwrap_or(1.0);
     println!(
-        "{name:<40} p50 {:>8.1} µs  p99 {:>8.1} µs  mean {:>8.1} µs  {:>8.0} starts/s",
+        "{name:<62} p50 {:>8.1} µs  p99 {:>8.1} µs  mean {:>8.1} µs  {:>8.0} starts/s  {ratio:>6.2}× raw",
         pct(0.5).as_secs_f64() * 1e6,
         pct(0.99).as_secs_f64() * 1e6,
         mean.as_secs_f64() * 1e6,
         samples.len() as f64 / total.as_secs_f64()
     );
+    pct(0.5)
 }
 
 fn engines() -> Vec<(&'static str, Arc<dyn WasmEngine>)> {
-    vec![("wasmtime", Arc::new(WasmtimeEngine::new().expect("wasmtime"))), ("wasmi", Arc::new(WasmiEngine::new()))]
+    let pooled = WasmtimeEngine::pooled(4096, &factum_wasm::Limits::default()).expect("wasmtime pool");
+    vec![
+        ("wasmtime", Arc::new(WasmtimeEngine::new().expect("wasmtime"))),
+        ("wasmtime, pooled", Arc::new(pooled)),
+        ("wasmi", Arc::new(WasmiEngine::new())),
+    ]
 }
 
 fn new_agent(env: &Env, engine: Arc<dyn WasmEngine>, addr: String) -> (Agent, factum_node_agent::StatusReports) {
     let mut config = AgentConfig::new("node-1", addr);
     config.max_instances = 100_000;
     Agent::new(env.clone(), config, engine, Arc::new(MemoryKv::new()))
+}
+
+/// The baseline of every start row: bare wasmtime (default config and allocator) instantiating the sleeper from
+/// an `InstancePre` into a fresh store, its import defined as a trap. Returns the p50.
+fn raw_wasmtime() -> Duration {
+    let engine = wasmtime::Engine::default();
+    let module = wasmtime::Module::new(&engine, module(fixtures::SLEEPER)).expect("compile");
+    let mut linker = wasmtime::Linker::new(&engine);
+    linker.define_unknown_imports_as_traps(&module).expect("imports");
+    let pre = linker.instantiate_pre(&module).expect("pre");
+    let mut samples = Vec::with_capacity(iterations());
+    let started = Instant::now();
+    for _ in 0..iterations() {
+        let t = Instant::now();
+        let mut store = wasmtime::Store::new(&engine, ());
+        std::hint::black_box(pre.instantiate(&mut store).expect("instantiate"));
+        samples.push(t.elapsed());
+    }
+    report("raw wasmtime instantiate (baseline)", samples, started.elapsed())
 }
 
 async fn agent_local(name: &str, engine: Arc<dyn WasmEngine>) {
@@ -220,8 +250,11 @@ async fn big_module(name: &str, engine: Arc<dyn WasmEngine>) {
 async fn from_a_client(name: &str, engine: Arc<dyn WasmEngine>, tls: Option<&Path>) {
     let (_cp, agent, cp_addr) = cluster(engine, tls).await;
     let client_env = env_as(Principal::Operator("bench".into()), tls);
-    let stream = rpc::dial(&client_env, &cp_addr, &Principal::ControlPlane).await.expect("dial");
-    let client = rpc::start_client(&client_env, ControlPlaneClient::new(Default::default(), rpc::transport(stream)));
+    let connect = || async {
+        let stream = rpc::dial(&client_env, &cp_addr, &Principal::ControlPlane).await.expect("dial");
+        rpc::start_client(&client_env, ControlPlaneClient::new(Default::default(), rpc::transport(stream)))
+    };
+    let client = connect().await;
     let how = if tls.is_some() { "mutual TLS" } else { "plaintext" };
     measure(&format!("client → control plane → agent, {how} ({name})"), |req| {
         let client = client.clone();
@@ -230,7 +263,52 @@ async fn from_a_client(name: &str, engine: Arc<dyn WasmEngine>, tls: Option<&Pat
         }
     })
     .await;
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        clients.push(connect().await);
+    }
+    concurrent(&format!("  {CLIENTS} clients at once, {how} ({name})"), clients).await;
     agent.stop_all();
+}
+
+/// Concurrent clients of [`concurrent`]: each its own connection, one start in flight at a time.
+const CLIENTS: usize = 32;
+
+/// [`iterations`] starts of the sleeper spread over `clients`, all running at once: p50/p99 of one start while
+/// the others are in flight, and starts per second over the whole.
+async fn concurrent(label: &str, clients: Vec<ControlPlaneClient>) {
+    let per_client = (iterations() / clients.len()).max(1);
+    let bytes = module(fixtures::SLEEPER);
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|client| {
+            let bytes = bytes.clone();
+            tokio::spawn(async move {
+                let mut samples = Vec::with_capacity(per_client);
+                for _ in 0..per_client {
+                    let req = StartRequest {
+                        instance_id: None,
+                        module_bytes: bytes.clone(),
+                        module_hash: None,
+                        capabilities: vec![],
+                        restart_policy: RestartPolicy::default(),
+                        config: Default::default(),
+                        constraints: Default::default(),
+                    };
+                    let t = Instant::now();
+                    client.start_instance(rpc::rpc_context(), req).await.expect("rpc").expect("start");
+                    samples.push(t.elapsed());
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut samples = Vec::with_capacity(per_client * CLIENTS);
+    for task in tasks {
+        samples.extend(task.await.expect("client task"));
+    }
+    report(label, samples, started.elapsed());
 }
 
 fn main() {
@@ -238,13 +316,29 @@ fn main() {
     let certs = std::env::temp_dir().join(format!("factum-bench-certs-{}", std::process::id()));
     let identities = [Principal::ControlPlane, Principal::Node("node-1".into()), Principal::Operator("bench".into())];
     factum_cli::certs::init(&certs, &identities).expect("certificates");
+    let _ = BASELINE.set(raw_wasmtime());
+    // `FACTUM_BENCH_ONLY=agent|control-plane|big|client|tls` runs one part (e.g. under a profiler).
+    let only = std::env::var("FACTUM_BENCH_ONLY").ok();
+    let runs = |part: &str| only.as_deref().is_none_or(|o| o == part);
     rt.block_on(async {
         for (name, engine) in engines() {
-            agent_local(name, engine.clone()).await;
-            through_control_plane(name, engine.clone()).await;
-            big_module(name, engine.clone()).await;
-            from_a_client(name, engine.clone(), None).await;
-            from_a_client(name, engine, Some(&certs)).await;
+            if runs("agent") {
+                // On a worker, as the agent's server runs it: `block_on` polls on the main thread, and every task
+                // the start spawns would cost a hand-off between threads that a served start does not pay.
+                tokio::spawn(agent_local(name, engine.clone())).await.expect("bench task");
+            }
+            if runs("control-plane") {
+                through_control_plane(name, engine.clone()).await;
+            }
+            if runs("big") {
+                big_module(name, engine.clone()).await;
+            }
+            if runs("client") {
+                from_a_client(name, engine.clone(), None).await;
+            }
+            if runs("tls") {
+                from_a_client(name, engine, Some(&certs)).await;
+            }
         }
     });
     let _ = std::fs::remove_dir_all(&certs);

@@ -54,11 +54,37 @@ impl CompiledModule for Compiled {
     }
 }
 
+/// How many memories and tables per module a pool admits at compile time (see [`WasmtimeEngine::pooled`]).
+const POOL_PER_MODULE_CAP: u32 = 64;
+
 impl WasmtimeEngine {
     /// An engine with fuel metering on (fuel drives cooperative yielding, so runs are deterministic).
     pub fn new() -> Result<Self, EngineError> {
         let mut config = Config::new();
         config.consume_fuel(true);
+        let engine = Engine::new(&config).map_err(|e| EngineError::Internal(format!("wasmtime config: {e}")))?;
+        Ok(Self { engine, node_memory: Arc::default() })
+    }
+
+    /// An engine whose instances take their memories, tables and async stacks from a pool of `slots`
+    /// preallocated slots sized by `limits` (wasmtime's pooling allocator): a start maps nothing, and a slot
+    /// freed by an ended instance is reused, its memory image reset copy-on-write. More than `slots` instances
+    /// at once are refused (RESOURCE_EXHAUSTED).
+    pub fn pooled(slots: u32, limits: &Limits) -> Result<Self, EngineError> {
+        let mut pool = wasmtime::PoolingAllocationConfig::new();
+        pool.total_core_instances(slots)
+            .total_memories(slots)
+            .total_tables(slots)
+            .total_stacks(slots)
+            .max_memory_size(limits.max_memory_bytes)
+            // Above the budget's own counts, so a module with one too many is refused at instantiation by
+            // the budget, naming the limit, as on the other engines (the pool would reject it at compile).
+            .max_memories_per_module(POOL_PER_MODULE_CAP.max(u32::try_from(limits.max_memories).unwrap_or(u32::MAX)))
+            .max_tables_per_module(POOL_PER_MODULE_CAP.max(u32::try_from(limits.max_tables).unwrap_or(u32::MAX)))
+            .table_elements(limits.max_table_elements);
+        let mut config = Config::new();
+        config.consume_fuel(true);
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| EngineError::Internal(format!("wasmtime config: {e}")))?;
         Ok(Self { engine, node_memory: Arc::default() })
     }
@@ -141,7 +167,15 @@ impl WasmEngine for WasmtimeEngine {
     }
 
     fn compile(&self, bytes: &[u8]) -> Result<Arc<dyn CompiledModule>, EngineError> {
-        let module = Module::new(&self.engine, bytes).map_err(|e| EngineError::InvalidModule(format!("{e:#}")))?;
+        let module = Module::new(&self.engine, bytes).map_err(|e| {
+            let msg = format!("{e:#}");
+            // A pooled engine checks a module's memories against its slots when it compiles it.
+            if msg.contains("pooling allocator") {
+                EngineError::ResourceExhausted(msg)
+            } else {
+                EngineError::InvalidModule(msg)
+            }
+        })?;
         match module.get_export(ENTRY_POINT) {
             Some(ExternType::Func(f)) if f.params().len() == 0 && f.results().len() == 0 => {}
             _ => {

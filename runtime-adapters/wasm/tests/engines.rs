@@ -40,8 +40,13 @@ impl GuestHost for RecordingHost {
     }
 }
 
+/// Every engine, wasmtime twice: mapping each instance's memory on demand, and from a pool of slots.
 fn engines() -> Vec<Arc<dyn WasmEngine>> {
-    vec![Arc::new(WasmtimeEngine::new().unwrap()), Arc::new(WasmiEngine::new())]
+    vec![
+        Arc::new(WasmtimeEngine::new().unwrap()),
+        Arc::new(WasmtimeEngine::pooled(64, &Limits::default()).unwrap()),
+        Arc::new(WasmiEngine::new()),
+    ]
 }
 
 async fn run(engine: &Arc<dyn WasmEngine>, wat: &str, host: Arc<RecordingHost>, limits: Limits) -> ExitReason {
@@ -412,7 +417,9 @@ fn fuzz_through_engines(
             let compiled = match engine.compile(bytes) {
                 Ok(compiled) => compiled,
                 Err(e) => {
-                    proptest::prop_assert!(matches!(e, EngineError::InvalidModule(_)), "{}: {e:?}", engine.name());
+                    // A pooled engine refuses a memory bigger than its slots when it compiles: over a limit.
+                    let right = matches!(e, EngineError::InvalidModule(_) | EngineError::ResourceExhausted(_));
+                    proptest::prop_assert!(right, "{}: {e:?}", engine.name());
                     continue;
                 }
             };
@@ -428,4 +435,19 @@ fn fuzz_through_engines(
         }
         Ok(ran)
     })
+}
+
+/// A pooled engine holds at most its slots' worth of instances: one more is RESOURCE_EXHAUSTED, not a crash,
+/// and the slot an instance frees serves the next start.
+#[tokio::test]
+async fn a_full_pool_refuses_a_start_until_a_slot_is_freed() {
+    let engine: Arc<dyn WasmEngine> = Arc::new(WasmtimeEngine::pooled(2, &Limits::default()).unwrap());
+    let compiled = engine.compile(&module(fixtures::SLEEPER)).unwrap();
+    let start = || engine.instantiate(&compiled, Arc::new(RecordingHost::default()), Limits::default());
+    let first = start().await.unwrap();
+    let _second = start().await.unwrap();
+    let err = start().await.err().unwrap();
+    assert!(matches!(err, EngineError::ResourceExhausted(_)), "{err:?}");
+    drop(first);
+    assert!(start().await.is_ok(), "the freed slot is taken again");
 }

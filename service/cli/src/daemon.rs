@@ -244,10 +244,6 @@ async fn start_agent(
         None => NodeMemory::unlimited(),
     };
     let node_memory = Arc::new(node_memory);
-    let engine: Arc<dyn WasmEngine> = match opts.engine {
-        EngineKind::Wasmtime => Arc::new(WasmtimeEngine::new()?.with_node_memory(node_memory)),
-        EngineKind::Wasmi => Arc::new(WasmiEngine::new().with_node_memory(node_memory)),
-    };
     let mut config = AgentConfig::new(opts.node_id.clone(), addr.clone());
     config.max_instances = opts.max_instances;
     config.labels = factum_proto::labels::parse_labels("label", opts.labels.iter().map(String::as_str))
@@ -259,6 +255,15 @@ async fn start_agent(
         max_table_elements: opts.max_table_elements,
         fuel: opts.fuel,
         ..Limits::default()
+    };
+    let engine: Arc<dyn WasmEngine> = match (opts.engine, opts.pooled) {
+        (EngineKind::Wasmtime, false) => Arc::new(WasmtimeEngine::new()?.with_node_memory(node_memory)),
+        (EngineKind::Wasmtime, true) => {
+            say(format!("wasmtime pooling allocator: {} slots", opts.max_instances));
+            Arc::new(WasmtimeEngine::pooled(opts.max_instances, &config.limits)?.with_node_memory(node_memory))
+        }
+        (EngineKind::Wasmi, false) => Arc::new(WasmiEngine::new().with_node_memory(node_memory)),
+        (EngineKind::Wasmi, true) => anyhow::bail!("--pooled is wasmtime's pooling allocator: not with --engine wasmi"),
     };
     let kv = kv_provider(&opts.kv).await?;
     // The agent's own env says who it is only once the agent exists; its provider hosts must hear it first.

@@ -295,6 +295,9 @@ pub(crate) struct Inner {
     fenced: std::sync::atomic::AtomicBool,
     /// Drained by the control plane: new starts are refused (see [`Agent::set_drained`]).
     drained: std::sync::atomic::AtomicBool,
+    /// Instances in a non-terminal status, kept beside the map (changed only under its lock) so the
+    /// `max_instances` check costs the same on an empty node and on one holding 100,000.
+    active: std::sync::atomic::AtomicUsize,
     /// While registered: the env-clock instant by which the lease must have been renewed. Whoever takes the
     /// instance lock after it fences the node first (see [`Inner::lock`]).
     lease_deadline: Mutex<Option<Duration>>,
@@ -340,6 +343,7 @@ impl Agent {
             reports: tx,
             fenced: std::sync::atomic::AtomicBool::new(false),
             drained: std::sync::atomic::AtomicBool::new(false),
+            active: std::sync::atomic::AtomicUsize::new(0),
             lease_deadline: Mutex::new(None),
             lease: std::sync::atomic::AtomicI64::new(0),
             calls: std::sync::atomic::AtomicU64::new(0),
@@ -427,7 +431,8 @@ impl Agent {
                     )))
                 };
             }
-            let active = instances.values().filter(|i| !i.metadata.status.is_terminal()).count();
+            let active = inner.active.load(std::sync::atomic::Ordering::SeqCst);
+            debug_assert_eq!(active, instances.values().filter(|i| !i.metadata.status.is_terminal()).count());
             if active >= inner.config.max_instances as usize {
                 return Err(ErrorResponse::new(
                     ErrorCode::ResourceExhausted,
@@ -512,6 +517,7 @@ impl Agent {
                 let grants: Vec<String> = local.capabilities.values().map(Grant::describe).collect();
                 format!("{} {} {}", trace_events::GRANTS, req.instance_id, grants.join(" ")).trim_end().to_string()
             });
+            inner.count_active(None, Some(local.metadata.status));
             instances.insert(req.instance_id.clone(), local);
             inner.set_status(&mut instances, &req.instance_id, InstanceStatus::Starting, None);
         }
@@ -856,9 +862,26 @@ impl Inner {
         local.mailbox.close(instance_id, why);
     }
 
+    /// Keeps [`Inner::active`] in step with one instance's status going from `was` to `now` (`None`: absent).
+    /// Called under the instance lock.
+    fn count_active(&self, was: Option<InstanceStatus>, now: Option<InstanceStatus>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let active = |s: Option<InstanceStatus>| s.is_some_and(|s| !s.is_terminal());
+        match (active(was), active(now)) {
+            (false, true) => {
+                self.active.fetch_add(1, SeqCst);
+            }
+            (true, false) => {
+                self.active.fetch_sub(1, SeqCst);
+            }
+            _ => {}
+        }
+    }
+
     /// Removes an instance and everything it held, traced so the simulator's grant ledger forgets it too.
     fn forget(&self, instances: &mut BTreeMap<String, LocalInstance>, instance_id: &str) -> Option<LocalInstance> {
         let mut local = instances.remove(instance_id)?;
+        self.count_active(Some(local.metadata.status), None);
         if let Some(abort) = local.abort.take() {
             abort.abort(); // its supervisor must not go on with whatever takes this id next
         }
@@ -933,6 +956,7 @@ impl Inner {
     ) {
         let Some(local) = instances.get_mut(instance_id) else { return };
         local.seq += 1;
+        self.count_active(Some(local.metadata.status), Some(status));
         local.metadata.status = status;
         if status != InstanceStatus::Crashed {
             local.metadata.backoff_ms = None; // only a crash waits out a backoff (a stop during one ends it)
