@@ -103,8 +103,8 @@ impl ControlPlane {
             if !state.modules.contains_key(&record.metadata.module_hash) {
                 return Err("the control plane does not hold its module yet (it restarted); drain again soon".into());
             }
-            let to = place(&state, &record.constraints).map_err(|e| e.message)?;
-            let epoch = record.epoch;
+            let (epoch, constraints) = (record.epoch, record.constraints.clone());
+            let to = place(&mut state, &constraints).map_err(|e| e.message)?;
             state.moving.insert(instance_id.to_string());
             (epoch, to, state.nodes.get(from).and_then(|n| n.client.clone()))
         };

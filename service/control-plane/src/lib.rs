@@ -6,6 +6,7 @@
 //! (instance id → metadata, instance id → capability assignments) plus the node list and, per instance, the
 //! sequence number of the newest fact so reordered reports cannot roll a fact back.
 
+mod active;
 mod drain;
 mod events;
 mod facts;
@@ -252,6 +253,8 @@ struct State {
     /// instance id → capability id → assignment (design map 2).
     capabilities: Tracked<BTreeMap<String, CapabilityAssignment>>,
     nodes: BTreeMap<String, NodeRecord>,
+    /// Active instances per node, for placement.
+    active: active::ActiveIndex,
     /// Starts sent to an agent and not yet answered: a snapshot that lacks them is not evidence of loss.
     pending_starts: BTreeSet<String>,
     /// Module bytes by hash, kept for rescheduling; refilled from agents after a restart.
@@ -408,7 +411,7 @@ impl ControlPlane {
             if by_hash && !state.modules.contains_key(&module_hash) {
                 return Err(ErrorResponse::module_not_held(&module_hash, "the control plane"));
             }
-            let node_id = place(&state, &req.constraints)?;
+            let node_id = place(&mut state, &req.constraints)?;
             let node_lease = state.nodes.get(&node_id).and_then(|n| n.lease);
             let record = InstanceRecord {
                 metadata: InstanceMetadata {
@@ -1035,21 +1038,18 @@ fn validate_module_bytes(bytes: &[u8]) -> Result<(), ErrorResponse> {
 
 /// Placement: among the available nodes whose labels satisfy `constraints`, the one with the fewest active
 /// (starting/running) instances below its quota; ties go to the lowest node id, so placement is deterministic.
-fn place(state: &State, constraints: &factum_proto::Labels) -> Result<String, ErrorResponse> {
-    // One pass over the instances, then one over the nodes.
-    let mut active: BTreeMap<&str, usize> = BTreeMap::new();
-    for record in state.instances.values() {
-        if matches!(record.metadata.status, InstanceStatus::Starting | InstanceStatus::Running) {
-            *active.entry(record.metadata.node_id.as_str()).or_default() += 1;
-        }
-    }
+fn place(state: &mut State, constraints: &factum_proto::Labels) -> Result<String, ErrorResponse> {
+    // The instances written since the last placement, then one pass over the nodes.
+    state.active.refresh(&mut state.instances);
+    debug_assert_eq!(state.active.counts(), &active::ActiveIndex::scan(&state.instances));
+    let active = &state.active;
     let up = |n: &&NodeRecord| n.available && n.registered && !n.drained;
     let fits = |n: &&NodeRecord| factum_proto::labels::satisfies(&n.labels, constraints);
     state
         .nodes
         .iter()
         .filter(|(_, n)| up(n) && fits(n))
-        .map(|(id, n)| (active.get(id.as_str()).copied().unwrap_or(0), id, n.max_instances as usize))
+        .map(|(id, n)| (active.on_node(id), id, n.max_instances as usize))
         .filter(|(count, _, max)| count < max)
         .min_by_key(|(count, id, _)| (*count, (*id).clone()))
         .map(|(_, id, _)| id.clone())

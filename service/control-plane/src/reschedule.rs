@@ -245,13 +245,12 @@ impl ControlPlane {
         if !state.modules.contains_key(&record.metadata.module_hash) {
             return Err("the control plane no longer has its module bytes".into());
         }
-        let unconstrained = factum_proto::Labels::new();
         let constraints = if self.inner.config.has_bug(crate::InjectedBug::RescheduleIgnoresConstraints) {
-            &unconstrained
+            factum_proto::Labels::new()
         } else {
-            &record.constraints
+            record.constraints.clone()
         };
-        let node_id = place(state, constraints).map_err(|e: ErrorResponse| e.message)?;
+        let node_id = place(state, &constraints).map_err(|e: ErrorResponse| e.message)?;
         Ok(begin_placement(state, instance_id, &node_id, self.inner.env.wall_ms())
             .map(|(client, request)| (node_id, client, request)))
     }

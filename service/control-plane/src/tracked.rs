@@ -8,11 +8,13 @@ use std::ops::Deref;
 pub(crate) struct Tracked<V> {
     map: BTreeMap<String, V>,
     touched: BTreeSet<String>,
+    /// The same keys, for a second reader with its own pace (see [`Tracked::take_unindexed`]).
+    unindexed: BTreeSet<String>,
 }
 
 impl<V> Default for Tracked<V> {
     fn default() -> Self {
-        Tracked { map: BTreeMap::new(), touched: BTreeSet::new() }
+        Tracked { map: BTreeMap::new(), touched: BTreeSet::new(), unindexed: BTreeSet::new() }
     }
 }
 
@@ -31,37 +33,52 @@ impl<V> Deref for Tracked<V> {
 
 impl<V> Tracked<V> {
     pub(crate) fn get_mut(&mut self, key: &str) -> Option<&mut V> {
-        let value = self.map.get_mut(key)?;
-        self.touched.insert(key.to_string());
-        Some(value)
+        if !self.map.contains_key(key) {
+            return None;
+        }
+        self.note(key);
+        self.map.get_mut(key)
     }
 
     pub(crate) fn insert(&mut self, key: String, value: V) -> Option<V> {
-        self.touched.insert(key.clone());
+        self.note(&key);
         self.map.insert(key, value)
     }
 
     pub(crate) fn remove(&mut self, key: &str) -> Option<V> {
         let value = self.map.remove(key)?;
-        self.touched.insert(key.to_string());
+        self.note(key);
         Some(value)
     }
 
     /// Notes every key: the caller may write any value.
     pub(crate) fn iter_mut(&mut self) -> std::collections::btree_map::IterMut<'_, String, V> {
         self.touched.extend(self.map.keys().cloned());
+        self.unindexed.extend(self.map.keys().cloned());
         self.map.iter_mut()
     }
 
     /// Notes every key: the caller may write any value.
     pub(crate) fn values_mut(&mut self) -> std::collections::btree_map::ValuesMut<'_, String, V> {
         self.touched.extend(self.map.keys().cloned());
+        self.unindexed.extend(self.map.keys().cloned());
         self.map.values_mut()
     }
 
     /// The keys written (inserted, changed or removed) since the last call.
     pub(crate) fn take_touched(&mut self) -> BTreeSet<String> {
         std::mem::take(&mut self.touched)
+    }
+
+    /// The keys written since the last call of this one: [`take_touched`](Self::take_touched)'s, for an index
+    /// that is brought up to date when it is read rather than when the lock is released.
+    pub(crate) fn take_unindexed(&mut self) -> BTreeSet<String> {
+        std::mem::take(&mut self.unindexed)
+    }
+
+    fn note(&mut self, key: &str) {
+        self.touched.insert(key.to_string());
+        self.unindexed.insert(key.to_string());
     }
 }
 
@@ -84,5 +101,7 @@ mod tests {
         map.values_mut().for_each(|v| *v += 1);
         assert_eq!(map.take_touched(), ["a".to_string()].into());
         assert_eq!(map.get("a"), Some(&4));
+        assert_eq!(map.take_unindexed(), ["a".to_string(), "b".to_string()].into(), "read at its own pace");
+        assert!(map.take_unindexed().is_empty());
     }
 }
