@@ -145,6 +145,19 @@ where
     measure_module(label, module(fixtures::SLEEPER), iterations(), start).await;
 }
 
+/// A client's start of module `bytes`, with nothing else asked for.
+fn start_request(module_bytes: Vec<u8>) -> StartRequest {
+    StartRequest {
+        instance_id: None,
+        module_bytes,
+        module_hash: None,
+        capabilities: vec![],
+        restart_policy: RestartPolicy::default(),
+        config: Default::default(),
+        constraints: Default::default(),
+    }
+}
+
 /// Times `n` starts of module `bytes`, each through `start`, and reports them under `label`.
 async fn measure_module<F, Fut>(label: &str, bytes: Vec<u8>, n: usize, mut start: F)
 where
@@ -154,15 +167,7 @@ where
     let mut samples = Vec::with_capacity(n);
     let started = Instant::now();
     for _ in 0..n {
-        let req = StartRequest {
-            instance_id: None,
-            module_bytes: bytes.clone(),
-            module_hash: None,
-            capabilities: vec![],
-            restart_policy: RestartPolicy::default(),
-            config: Default::default(),
-            constraints: Default::default(),
-        };
+        let req = start_request(bytes.clone());
         let t = Instant::now();
         start(req).await;
         samples.push(t.elapsed());
@@ -287,15 +292,7 @@ async fn concurrent(label: &str, clients: Vec<ControlPlaneClient>) {
             tokio::spawn(async move {
                 let mut samples = Vec::with_capacity(per_client);
                 for _ in 0..per_client {
-                    let req = StartRequest {
-                        instance_id: None,
-                        module_bytes: bytes.clone(),
-                        module_hash: None,
-                        capabilities: vec![],
-                        restart_policy: RestartPolicy::default(),
-                        config: Default::default(),
-                        constraints: Default::default(),
-                    };
+                    let req = start_request(bytes.clone());
                     let t = Instant::now();
                     client.start_instance(rpc::rpc_context(), req).await.expect("rpc").expect("start");
                     samples.push(t.elapsed());
