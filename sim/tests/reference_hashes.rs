@@ -11,11 +11,11 @@ use std::process::Command;
 /// (scenario file, seed, trace hash).
 const REFERENCE: &[(&str, u64, &str)] = &[
     ("agent_crash.toml", 7, "9d77d813c99d4deadaf82998eb51aa3d3a6df9bdacc6e4ac5f236ec323a97b11"),
-    ("lease_expiry.toml", 3, "cd2273010b116b43649c3fc486f173d9df8c247f089cc8398b4437bd1ef79e2b"),
+    ("lease_expiry.toml", 3, "cf3a92c3036c59183e1421f7d08f1a5357383a94f8bcc22a8404151cdceb0d58"),
     ("revoke_during_kv_use.toml", 5, "358a13ea419465e0d346038c8c426340fdfcb6be4d85a4378b162fd05f51c8b5"),
-    ("reschedule_in_doubt.toml", 2, "ab694ff136ea58e92db80ab761a9692bbadce7e747688b4acbc9b0ef3a7279c2"),
-    ("agent_pause.toml", 4, "3cac98aed2adc27e860f9d1c15009a8ef84580efc05fbed8fe97bf115f8d3206"),
-    ("clock_drift.toml", 2, "e3e9648ff9541686f07a87a9ab133f33949bfdbed68ca13eb752336a91ce2a7f"),
+    ("reschedule_in_doubt.toml", 2, "2cade3e7cd0f7a845f589b54ac4af01602e60ff80c53f143690eed9a1fc25d9d"),
+    ("agent_pause.toml", 4, "0c61ec064e042f23a85c599311008ec35d2b0586701dc681b9c4d6a277321cba"),
+    ("clock_drift.toml", 2, "73e717c7ea3b80531af1155c03f784da7b35dfc6d98252de97d5c56d95d003a7"),
     ("control_plane_restart.toml", 11, "aaca5b1eb9958d42526030c9a49c92e715434f231d92bee7c8b99c7a3fb06509"),
     ("messaging.toml", 3, "469f52dd6ea02efff1e15c69d15fdc303f3a5e697a4d2c0a50d1fc147ea80b83"),
     ("http.toml", 2, "cdf7e97e83413d2d517f94392222a220fbb43df4b1710a11fe78a1dce4ca8551"),
