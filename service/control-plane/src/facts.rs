@@ -21,6 +21,11 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
     if !sealed(state, node_id, &id, facts.epoch, facts.seal) {
         return;
     }
+    if state.instances.get(&id).is_some_and(|r| restates(r, state.capabilities.get(&id), node_id, &facts)) {
+        // Writing it again would change nothing, but would still count as a write: every heartbeat would make
+        // the event feed and the node index look at every instance of its node.
+        return;
+    }
     match state.instances.get_mut(&id) {
         Some(record) => {
             if facts.epoch < record.epoch || (facts.epoch == record.epoch && record.metadata.node_id != node_id) {
@@ -81,6 +86,32 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
             state.instances.insert(id, record);
         }
     }
+}
+
+/// Whether `facts` say exactly what the control plane holds of that placement (a heartbeat's usual content),
+/// so that applying them would write only what is there.
+fn restates(
+    record: &InstanceRecord,
+    held: Option<&std::collections::BTreeMap<String, factum_proto::CapabilityAssignment>>,
+    node_id: &str,
+    facts: &InstanceFacts,
+) -> bool {
+    let same_capabilities = match held {
+        Some(held) => {
+            held.len() == facts.capabilities.len()
+                && facts.capabilities.iter().all(|c| held.get(&c.capability_id) == Some(c))
+        }
+        None => false, // applying them would add an (empty) entry
+    };
+    record.epoch == facts.epoch
+        && record.metadata.node_id == node_id
+        && record.seq == facts.seq
+        && record.caps_seq == facts.seq
+        && record.retry.is_none()
+        && record.lease == facts.lease
+        && record.accepted_after == Some(facts.accepted_after)
+        && record.metadata == facts.metadata
+        && same_capabilities
 }
 
 /// Applies one status report. Reports about instances the control plane does not know are dropped: the
@@ -173,16 +204,13 @@ pub(crate) fn merge_snapshot(
         }
         Source::Listing(_) => return,
     };
+    state.by_node.refresh(&mut state.instances);
     let missing: Vec<String> = state
-        .instances
-        .iter()
-        .filter(|(id, r)| {
-            r.metadata.node_id == node_id
-                && !present.contains(*id)
-                && !state.pending_starts.contains(*id)
-                && !r.accepted_after.is_some_and(|accepted| mark.predates(accepted))
-        })
-        .map(|(id, _)| id.clone())
+        .by_node
+        .held_by(node_id)
+        .filter(|id| !present.contains(*id) && !state.pending_starts.contains(*id))
+        .filter(|id| !state.instances.get(*id).is_some_and(|r| r.accepted_after.is_some_and(|a| mark.predates(a))))
+        .cloned()
         .collect();
     for id in missing {
         let forget = state.instances.get(&id).is_some_and(|r| r.seq == 0 && r.epoch == 1);
@@ -207,8 +235,13 @@ pub(crate) fn merge_snapshot(
 /// The node stopped reporting: what it runs is no longer known.
 pub(crate) fn mark_node_unknown(state: &mut State, node_id: &str) {
     let ended_too = state.injected == Some(crate::InjectedBug::UnknownEndedRuns);
-    for record in state.instances.values_mut() {
-        if record.metadata.node_id == node_id && (ended_too || !record.metadata.status.is_terminal()) {
+    state.by_node.refresh(&mut state.instances);
+    let State { by_node, instances, .. } = state;
+    for id in by_node.held_by(node_id) {
+        let unknown = instances.get(id).is_some_and(|r| {
+            r.metadata.status != InstanceStatus::Unknown && (ended_too || !r.metadata.status.is_terminal())
+        });
+        if let Some(record) = instances.get_mut(id).filter(|_| unknown) {
             record.metadata.status = InstanceStatus::Unknown;
         }
     }
@@ -270,6 +303,36 @@ mod tests {
     }
 
     const HEARTBEAT: Source = Source::Heartbeat(SnapshotMark { boot: 9, sequence: 20 });
+
+    #[test]
+    fn a_heartbeat_that_restates_what_is_held_writes_nothing() {
+        let mut state = placed();
+        let record = &state.instances["s1"];
+        let facts = InstanceFacts {
+            metadata: InstanceMetadata { status: InstanceStatus::Running, ..record.metadata.clone() },
+            capabilities: Vec::new(),
+            restart_policy: record.restart_policy,
+            config: Default::default(),
+            constraints: Default::default(),
+            seq: 2,
+            epoch: 3,
+            lease: None,
+            accepted_after: SnapshotMark { boot: 9, sequence: 5 },
+            seal: crate::PlacementKey::plaintext().seal("s1", "n1", 3),
+        };
+        apply_facts(&mut state, "n1", facts.clone(), true, true);
+        assert_eq!(state.instances["s1"].metadata.status, InstanceStatus::Running);
+        state.instances.take_touched();
+        state.capabilities.take_touched();
+        apply_facts(&mut state, "n1", facts.clone(), true, true);
+        assert!(state.instances.take_touched().is_empty(), "nothing new: nothing written");
+        assert!(state.capabilities.take_touched().is_empty());
+        // What the control plane changed on its own (the node went silent) is not a restatement: written back.
+        mark_node_unknown(&mut state, "n1");
+        assert_eq!(state.instances["s1"].metadata.status, InstanceStatus::Unknown);
+        apply_facts(&mut state, "n1", facts, true, true);
+        assert_eq!(state.instances["s1"].metadata.status, InstanceStatus::Running);
+    }
 
     #[test]
     fn a_listing_that_lacks_a_reported_run_changes_nothing() {

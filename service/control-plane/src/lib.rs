@@ -6,13 +6,13 @@
 //! (instance id → metadata, instance id → capability assignments) plus the node list and, per instance, the
 //! sequence number of the newest fact so reordered reports cannot roll a fact back.
 
-mod active;
 mod drain;
 mod events;
 mod facts;
 mod grants;
 mod membership;
 mod metrics;
+mod node_index;
 mod removal;
 mod reschedule;
 mod seal;
@@ -253,8 +253,8 @@ struct State {
     /// instance id → capability id → assignment (design map 2).
     capabilities: Tracked<BTreeMap<String, CapabilityAssignment>>,
     nodes: BTreeMap<String, NodeRecord>,
-    /// Active instances per node, for placement.
-    active: active::ActiveIndex,
+    /// Instances per node: for placement, snapshots and failure detection.
+    by_node: node_index::NodeIndex,
     /// Starts sent to an agent and not yet answered: a snapshot that lacks them is not evidence of loss.
     pending_starts: BTreeSet<String>,
     /// Module bytes by hash, kept for rescheduling; refilled from agents after a restart.
@@ -836,13 +836,10 @@ impl ControlPlane {
         if self.inner.config.has_bug(InjectedBug::NoSealRenewal) {
             return Vec::new();
         }
-        let State { instances, capabilities, nodes, grants, .. } = state;
+        state.by_node.refresh(&mut state.instances);
+        let State { by_node, capabilities, nodes, grants, .. } = state;
         let Some(node) = nodes.get_mut(node_id) else { return Vec::new() };
-        let held = instances
-            .iter()
-            .filter(|(_, r)| r.metadata.node_id == node_id)
-            .filter_map(|(id, _)| capabilities.get(id))
-            .flat_map(|caps| caps.values());
+        let held = by_node.held_by(node_id).filter_map(|id| capabilities.get(id)).flat_map(|caps| caps.values());
         let renewed = grants.renewal(node_id, held, &mut node.seals_due_ms, self.inner.env.wall_ms());
         if !renewed.is_empty() {
             self.inner.env.trace(|| format!("renew seals {node_id} grants={}", renewed.len()));
@@ -1040,16 +1037,15 @@ fn validate_module_bytes(bytes: &[u8]) -> Result<(), ErrorResponse> {
 /// (starting/running) instances below its quota; ties go to the lowest node id, so placement is deterministic.
 fn place(state: &mut State, constraints: &factum_proto::Labels) -> Result<String, ErrorResponse> {
     // The instances written since the last placement, then one pass over the nodes.
-    state.active.refresh(&mut state.instances);
-    debug_assert_eq!(state.active.counts(), &active::ActiveIndex::scan(&state.instances));
-    let active = &state.active;
+    state.by_node.refresh(&mut state.instances);
+    let by_node = &state.by_node;
     let up = |n: &&NodeRecord| n.available && n.registered && !n.drained;
     let fits = |n: &&NodeRecord| factum_proto::labels::satisfies(&n.labels, constraints);
     state
         .nodes
         .iter()
         .filter(|(_, n)| up(n) && fits(n))
-        .map(|(id, n)| (active.on_node(id), id, n.max_instances as usize))
+        .map(|(id, n)| (by_node.active_on(id), id, n.max_instances as usize))
         .filter(|(count, _, max)| count < max)
         .min_by_key(|(count, id, _)| (*count, (*id).clone()))
         .map(|(_, id, _)| id.clone())

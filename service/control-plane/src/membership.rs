@@ -184,12 +184,15 @@ impl ControlPlane {
 /// The modules of `node_id`'s `always`/`on_failure` instances the control plane lacks and is not already
 /// fetching (it needs them to run those instances again), now marked as being fetched.
 pub(crate) fn missing_modules(state: &mut crate::State, node_id: &str) -> Vec<String> {
+    state.by_node.refresh(&mut state.instances);
     let missing: std::collections::BTreeSet<String> = state
-        .instances
-        .values()
-        .filter(|r| r.metadata.node_id == node_id && r.restart_policy.policy_type != PolicyType::Never)
-        .map(|r| r.metadata.module_hash.clone())
-        .filter(|hash| !state.modules.contains_key(hash) && !state.fetching.contains(hash))
+        .by_node
+        .held_by(node_id)
+        .filter_map(|id| state.instances.get(id))
+        .filter(|r| r.restart_policy.policy_type != PolicyType::Never)
+        .map(|r| &r.metadata.module_hash)
+        .filter(|hash| !state.modules.contains_key(*hash) && !state.fetching.contains(*hash))
+        .cloned()
         .collect();
     state.fetching.extend(missing.iter().cloned());
     missing.into_iter().collect()
