@@ -1,5 +1,6 @@
-//! Control-plane scale: what one node's heartbeat, `ps` and a rebuild after a restart cost as a cluster grows
-//! from 1,000 to 100,000 instances over 10 nodes. The nodes are stand-ins: their snapshots are built here, sealed
+//! Control-plane scale: what one node's heartbeat (a full snapshot, and the delta an agent sends once the
+//! control plane holds one), `ps` and a rebuild after a restart cost as a cluster grows from 1,000 to 100,000
+//! instances over 10 nodes. The nodes are stand-ins: their snapshots are built here, sealed
 //! as the control plane seals its placements, so only the control plane's own work is timed (plus, for `ps`, a
 //! real tarpc client over loopback). The baseline of every row is its own 1,000-instance figure: per-instance
 //! costs that stay flat are linear, ones that grow are not.
@@ -67,6 +68,8 @@ fn snapshot(node: usize, per_node: usize, sequence: u64) -> NodeReport {
         instances,
         boot: BOOT,
         sequence,
+        base: None,
+        removed: Vec::new(),
     }
 }
 
@@ -88,6 +91,8 @@ struct Row {
     rebuild: Duration,
     heartbeat: Duration,
     heartbeat_bytes: usize,
+    delta: Duration,
+    delta_bytes: usize,
     list: Duration,
     ps: Duration,
 }
@@ -121,6 +126,23 @@ async fn measure(total: usize) -> Row {
         began.elapsed()
     });
 
+    // The same heartbeat as a delta against the snapshot the control plane holds: what an agent sends.
+    let mut held = factum_proto::delta::facts_of(&snapshot(0, per_node, sequence));
+    let mut delta_bytes = 0;
+    let delta = median(9, || {
+        sequence += 1;
+        let full = snapshot(0, per_node, sequence);
+        let mut report = full.clone();
+        factum_proto::delta::into_delta(&mut report, sequence - 1, &held);
+        delta_bytes = wire_bytes(&report);
+        held = factum_proto::delta::facts_of(&full);
+        let began = Instant::now();
+        let ack = cp.report_node(report).expect("heartbeat");
+        let took = began.elapsed();
+        assert_eq!(ack.holding, Some(sequence), "the delta was applied");
+        took
+    });
+
     let list = median(9, || {
         let began = Instant::now();
         std::hint::black_box(cp.list_instances());
@@ -142,7 +164,7 @@ async fn measure(total: usize) -> Row {
         assert_eq!(rows.len(), per_node * NODES);
     }
     ps.sort();
-    Row { total: per_node * NODES, rebuild, heartbeat, heartbeat_bytes, list, ps: ps[ps.len() / 2] }
+    Row { total: per_node * NODES, rebuild, heartbeat, heartbeat_bytes, delta, delta_bytes, list, ps: ps[ps.len() / 2] }
 }
 
 fn main() {
@@ -152,8 +174,14 @@ fn main() {
     let per = |d: Duration, n: usize| d.as_secs_f64() * 1e9 / n as f64;
     println!("control plane at scale, {NODES} nodes (ns per instance; x = per-instance cost over the first row's)");
     println!(
-        "{:>9} {:>22} {:>26} {:>22} {:>22} {:>12}",
-        "instances", "rebuild (10 snapshots)", "one node's heartbeat", "list in-process", "ps over tarpc", "heartbeat"
+        "{:>9} {:>22} {:>22} {:>22} {:>22} {:>22} {:>18}",
+        "instances",
+        "rebuild (10 snapshots)",
+        "heartbeat, full",
+        "heartbeat, delta",
+        "list in-process",
+        "ps over tarpc",
+        "bytes full/delta"
     );
     for r in &rows {
         let per_node = r.total / NODES;
@@ -162,13 +190,15 @@ fn main() {
             format!("{:>8.1} ms {:>5.0} {:>4.2}x", d.as_secs_f64() * 1e3, per(d, n), per(d, n) / per(b, bn))
         };
         println!(
-            "{:>9} {:>22} {:>26} {:>22} {:>22} {:>9} KiB",
+            "{:>9} {:>22} {:>22} {:>22} {:>22} {:>22} {:>9} KiB/{:>4} B",
             r.total,
             cell(r.rebuild, r.total, base.rebuild, base.total),
             cell(r.heartbeat, per_node, base.heartbeat, base.total / NODES),
+            cell(r.delta, per_node, base.delta, base.total / NODES),
             cell(r.list, r.total, base.list, base.total),
             cell(r.ps, r.total, base.ps, base.total),
             r.heartbeat_bytes / 1024,
+            r.delta_bytes,
         );
     }
 }

@@ -96,6 +96,8 @@ caught! {
         "agent_crash.toml", cp(InjectedBug::NoFailureDetection) => ["node_unknown:agent-2"];
     an_agent_that_restarts_past_max_retries_is_caught_by_the_always_on_monitor:
         "backoff_storm.toml", agent(AgentBug::IgnoreMaxRetries) => ["P8 restart_policies_are_respected"];
+    an_agent_whose_delta_heartbeats_leave_out_removals_is_caught:
+        "remove_ended.toml", agent(AgentBug::DeltaWithoutRemovals) => ["removed_instances_stay_removed"];
     an_agent_that_caches_grants_per_run_is_caught_by_the_always_on_monitor:
         "revoke_during_kv_use.toml", agent(AgentBug::StaleGrants) => ["P4 calls_were_granted"];
     a_control_plane_that_reports_intentions_is_caught_by_the_always_on_monitor:

@@ -11,14 +11,14 @@ use std::process::Command;
 /// (scenario file, seed, trace hash).
 const REFERENCE: &[(&str, u64, &str)] = &[
     ("agent_crash.toml", 7, "9d77d813c99d4deadaf82998eb51aa3d3a6df9bdacc6e4ac5f236ec323a97b11"),
-    ("lease_expiry.toml", 3, "cf3a92c3036c59183e1421f7d08f1a5357383a94f8bcc22a8404151cdceb0d58"),
+    ("lease_expiry.toml", 3, "c03b993fcaeee7d42b07082c7feed6979607fb11887844ff90c5d7df4182a97e"),
     ("revoke_during_kv_use.toml", 5, "358a13ea419465e0d346038c8c426340fdfcb6be4d85a4378b162fd05f51c8b5"),
-    ("reschedule_in_doubt.toml", 2, "2cade3e7cd0f7a845f589b54ac4af01602e60ff80c53f143690eed9a1fc25d9d"),
-    ("agent_pause.toml", 4, "0c61ec064e042f23a85c599311008ec35d2b0586701dc681b9c4d6a277321cba"),
-    ("clock_drift.toml", 2, "73e717c7ea3b80531af1155c03f784da7b35dfc6d98252de97d5c56d95d003a7"),
+    ("reschedule_in_doubt.toml", 2, "9e012efa11b17a6583a06b8fb2453abb714c84904b8d6fc552b641a3e206b4e2"),
+    ("agent_pause.toml", 4, "66f320a5b2d8ad1969df0671a2ed5b2bd3b90131ac1ca1b01b97f72ee59f63d5"),
+    ("clock_drift.toml", 2, "ebfc2c9bc18a728a0935807fff378822d8e57513dd0b0bbef118a3041fa635c6"),
     ("control_plane_restart.toml", 11, "aaca5b1eb9958d42526030c9a49c92e715434f231d92bee7c8b99c7a3fb06509"),
-    ("messaging.toml", 3, "469f52dd6ea02efff1e15c69d15fdc303f3a5e697a4d2c0a50d1fc147ea80b83"),
-    ("http.toml", 2, "cdf7e97e83413d2d517f94392222a220fbb43df4b1710a11fe78a1dce4ca8551"),
+    ("messaging.toml", 3, "2ba306f094548985920f16f1a0c02cf50c0231b0e634db5e962b76844f523d49"),
+    ("http.toml", 2, "cec949cef916df8716e7d1ca86e7d660610be1dacd381129d77e6dce21fbc3e6"),
 ];
 
 /// The trace hash of one run of `file` at `seed`, in a fresh `factum-sim` process.

@@ -156,8 +156,64 @@ proptest! {
         let capabilities = facts.iter().flat_map(|f| f.capabilities.clone()).collect();
         let start = StartInstanceRequest { module_hash: String::new(), instance_id: "i-1".into(), module_bytes, capabilities, grant_seals: Default::default(), restart_policy: policy, config: Default::default(), constraints: Default::default(), epoch, node_lease: Some(3), restarts: 2, seal: factum_proto::PlacementSeal([9; 16]) };
         prop_assert_eq!(round_trip(start.clone()), start);
-        let report = NodeReport { protocol_version: PROTOCOL_VERSION, node_id: "n".into(), agent_addr: "h:1".into(), max_instances: 9, labels: Default::default(), drained: false, instances: facts, boot: 11, sequence: 5 };
+        let report = NodeReport { protocol_version: PROTOCOL_VERSION, node_id: "n".into(), agent_addr: "h:1".into(), max_instances: 9, labels: Default::default(), drained: false, instances: facts, boot: 11, sequence: 5, base: None, removed: vec![] };
         prop_assert_eq!(round_trip(report.clone()), report);
+    }
+}
+
+/// A node's snapshot: `facts` under distinct ids (a later duplicate id is dropped).
+fn snapshot_of(facts: Vec<InstanceFacts>, sequence: u64) -> NodeReport {
+    let mut seen = std::collections::BTreeSet::new();
+    let instances = facts.into_iter().filter(|f| seen.insert(f.metadata.instance_id.clone())).collect();
+    NodeReport {
+        protocol_version: PROTOCOL_VERSION,
+        node_id: "n".into(),
+        agent_addr: "h:1".into(),
+        max_instances: 9,
+        labels: Default::default(),
+        drained: false,
+        instances,
+        boot: 11,
+        sequence,
+        base: None,
+        removed: vec![],
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Feature: wasm-orchestrator, Property 9: Node Agent Status Reporting
+    /// A heartbeat sent as a delta carries every change: the control plane, applying it through the framing to
+    /// the snapshot it holds, has exactly the agent's full snapshot, whatever was added, changed or removed.
+    #[test]
+    fn a_delta_heartbeat_rebuilds_the_full_snapshot(
+        before in prop::collection::vec(arb_facts(), 0..6),
+        kept in prop::collection::vec(any::<(bool, bool)>(), 6),
+        added in prop::collection::vec(arb_facts(), 0..4),
+    ) {
+        use factum_proto::delta;
+        let base = snapshot_of(before, 4);
+        // The next snapshot: each earlier instance kept as it was, kept with a new fact, or gone; plus new ones.
+        let mut next = Vec::new();
+        for (facts, (keep, change)) in base.instances.iter().zip(kept.iter().chain(std::iter::repeat(&(true, false)))) {
+            let mut facts = facts.clone();
+            if *change {
+                facts.seq = facts.seq.wrapping_add(1);
+                facts.metadata.status = InstanceStatus::Crashed;
+            }
+            if *keep {
+                next.push(facts);
+            }
+        }
+        next.extend(added);
+        let full = snapshot_of(next, 5);
+        let mut held = delta::facts_of(&base);
+        let mut sent = full.clone();
+        delta::into_delta(&mut sent, base.sequence, &held);
+        prop_assert!(sent.instances.len() <= full.instances.len());
+        delta::apply(&mut held, &mut round_trip(sent));
+        prop_assert_eq!(held, delta::facts_of(&full));
     }
 }
 

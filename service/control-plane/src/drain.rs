@@ -145,7 +145,7 @@ impl ControlPlane {
             // The agent may have restarted it after the check above, using up its last retry (seed 19 of
             // drain_remove_lossy): its count after the stop decides, or the move would break P8.
             if let Some(facts) = stopped {
-                apply_facts(&mut state, from, facts, false, true);
+                apply_facts(&mut state, from, &facts, false, true);
             }
             let policy = state.instances.get(instance_id).map(|r| (r.restart_policy, r.metadata.restarts));
             if let Some((policy, restarts)) = policy.filter(|(p, n)| !p.should_restart(true, *n)) {

@@ -16,12 +16,12 @@ use crate::{InstanceRecord, State};
 /// Applies one instance's facts from `node_id`. Unknown instances are added with their assignments: this is
 /// how the maps are rebuilt after a control-plane restart (unless `learn` is off). `restating` accepts an equal
 /// sequence number.
-pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts, restating: bool, learn: bool) {
+pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: &InstanceFacts, restating: bool, learn: bool) {
     let id = facts.metadata.instance_id.clone();
     if !sealed(state, node_id, &id, facts.epoch, facts.seal) {
         return;
     }
-    if state.instances.get(&id).is_some_and(|r| restates(r, state.capabilities.get(&id), node_id, &facts)) {
+    if state.instances.get(&id).is_some_and(|r| restates(r, state.capabilities.get(&id), node_id, facts)) {
         // Writing it again would change nothing, but would still count as a write: every heartbeat would make
         // the event feed and the node index look at every instance of its node.
         return;
@@ -36,7 +36,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
             // Assignments have their own watermark: a status report may overtake the answer to a grant, and
             // the grant must still land. The agent enforces them, so its word wins.
             if newer(record.caps_seq) && state.injected != Some(crate::InjectedBug::FrozenCapabilities) {
-                let capabilities = facts.capabilities.into_iter().map(|c| (c.capability_id.clone(), c)).collect();
+                let capabilities = facts.capabilities.iter().map(|c| (c.capability_id.clone(), c.clone())).collect();
                 state.capabilities.insert(id.clone(), capabilities);
                 record.caps_seq = facts.seq;
             }
@@ -47,7 +47,7 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
                 }
                 let stuck = state.injected == Some(crate::InjectedBug::StickyUnknown)
                     && record.metadata.status == InstanceStatus::Unknown;
-                record.metadata = facts.metadata;
+                record.metadata = facts.metadata.clone();
                 record.accepted_after = Some(facts.accepted_after);
                 if stuck {
                     record.metadata.status = InstanceStatus::Unknown;
@@ -66,13 +66,13 @@ pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: InstanceFacts
         None if !learn => {}
         None => {
             tracing::info!(instance_id = %id, node = node_id, status = %facts.metadata.status, "instance learned from agent");
-            let capabilities = facts.capabilities.into_iter().map(|c| (c.capability_id.clone(), c)).collect();
+            let capabilities = facts.capabilities.iter().map(|c| (c.capability_id.clone(), c.clone())).collect();
             state.capabilities.insert(id.clone(), capabilities);
             let record = InstanceRecord {
-                metadata: facts.metadata,
+                metadata: facts.metadata.clone(),
                 restart_policy: facts.restart_policy,
-                config: facts.config,
-                constraints: facts.constraints,
+                config: facts.config.clone(),
+                constraints: facts.constraints.clone(),
                 seq: facts.seq,
                 caps_seq: facts.seq,
                 epoch: facts.epoch,
@@ -185,14 +185,14 @@ pub(crate) enum Source {
 pub(crate) fn merge_snapshot(
     state: &mut State,
     node_id: &str,
-    snapshot: Vec<InstanceFacts>,
+    snapshot: &[&InstanceFacts],
     learn: bool,
     source: Source,
 ) {
     let (Source::Heartbeat(numbered) | Source::Listing(numbered)) = source;
     let snapshot = crate::removal::screen(state, node_id, numbered, snapshot);
     crate::removal::note_stale_copies(state, node_id, &snapshot);
-    let present: BTreeSet<String> = snapshot.iter().map(|f| f.metadata.instance_id.clone()).collect();
+    let present: BTreeSet<&str> = snapshot.iter().map(|f| f.metadata.instance_id.as_str()).collect();
     for facts in snapshot {
         apply_facts(state, node_id, facts, true, learn);
     }
@@ -208,7 +208,7 @@ pub(crate) fn merge_snapshot(
     let missing: Vec<String> = state
         .by_node
         .held_by(node_id)
-        .filter(|id| !present.contains(*id) && !state.pending_starts.contains(*id))
+        .filter(|id| !present.contains(id.as_str()) && !state.pending_starts.contains(*id))
         .filter(|id| !state.instances.get(*id).is_some_and(|r| r.accepted_after.is_some_and(|a| mark.predates(a))))
         .cloned()
         .collect();
@@ -320,17 +320,17 @@ mod tests {
             accepted_after: SnapshotMark { boot: 9, sequence: 5 },
             seal: crate::PlacementKey::plaintext().seal("s1", "n1", 3),
         };
-        apply_facts(&mut state, "n1", facts.clone(), true, true);
+        apply_facts(&mut state, "n1", &facts, true, true);
         assert_eq!(state.instances["s1"].metadata.status, InstanceStatus::Running);
         state.instances.take_touched();
         state.capabilities.take_touched();
-        apply_facts(&mut state, "n1", facts.clone(), true, true);
+        apply_facts(&mut state, "n1", &facts, true, true);
         assert!(state.instances.take_touched().is_empty(), "nothing new: nothing written");
         assert!(state.capabilities.take_touched().is_empty());
         // What the control plane changed on its own (the node went silent) is not a restatement: written back.
         mark_node_unknown(&mut state, "n1");
         assert_eq!(state.instances["s1"].metadata.status, InstanceStatus::Unknown);
-        apply_facts(&mut state, "n1", facts, true, true);
+        apply_facts(&mut state, "n1", &facts, true, true);
         assert_eq!(state.instances["s1"].metadata.status, InstanceStatus::Running);
     }
 
@@ -339,7 +339,7 @@ mod tests {
         // Seed 1403002923: a listing taken just before the start arrives after the run's reports.
         let mut state = placed();
         apply_report(&mut state, report(InstanceStatus::Running, 2));
-        merge_snapshot(&mut state, "n1", vec![], true, Source::Listing(SnapshotMark { boot: 9, sequence: 20 }));
+        merge_snapshot(&mut state, "n1", &[], true, Source::Listing(SnapshotMark { boot: 9, sequence: 20 }));
         let record = &state.instances["s1"];
         assert_eq!(record.metadata.status, InstanceStatus::Running);
         assert_eq!(record.retry, None, "the agent applies its own policy; no second restart");
@@ -349,7 +349,7 @@ mod tests {
     fn a_heartbeat_that_lacks_a_reported_run_restarts_it() {
         let mut state = placed();
         apply_report(&mut state, report(InstanceStatus::Running, 2));
-        merge_snapshot(&mut state, "n1", vec![], true, HEARTBEAT);
+        merge_snapshot(&mut state, "n1", &[], true, HEARTBEAT);
         let record = &state.instances["s1"];
         assert_eq!(record.metadata.status, InstanceStatus::Crashed);
         assert_eq!(record.retry, Some((std::time::Duration::ZERO, Retry::Restart)));
@@ -363,7 +363,7 @@ mod tests {
             let record = state.instances.get_mut("s1").unwrap();
             record.metadata.status = InstanceStatus::Running;
             record.accepted_after = Some(SnapshotMark { boot, sequence });
-            merge_snapshot(&mut state, "n1", vec![], true, HEARTBEAT);
+            merge_snapshot(&mut state, "n1", &[], true, HEARTBEAT);
             let record = &state.instances["s1"];
             let status = if lost { InstanceStatus::Crashed } else { InstanceStatus::Running };
             assert_eq!(record.metadata.status, status, "accepted after snapshot {sequence} of boot {boot}");
@@ -391,15 +391,15 @@ mod tests {
             seal: crate::PlacementKey::plaintext().seal("s1", "n1", 3),
         };
         // Another node's snapshot neither learns it (it is not that node's) nor clears the tombstone.
-        merge_snapshot(&mut state, "n2", vec![], true, Source::Heartbeat(SnapshotMark { boot: 5, sequence: 99 }));
+        merge_snapshot(&mut state, "n2", &[], true, Source::Heartbeat(SnapshotMark { boot: 5, sequence: 99 }));
         assert!(state.removed.contains_key("s1"));
         // Taken before the removal (number 20 or less): it still holds s1, which stays removed.
         for source in [Source::Listing(removed_at), Source::Heartbeat(SnapshotMark { boot: 9, sequence: 19 })] {
-            merge_snapshot(&mut state, "n1", vec![facts.clone()], true, source);
+            merge_snapshot(&mut state, "n1", &[&facts], true, source);
             assert!(!state.instances.contains_key("s1"), "learned back from {source:?}");
         }
         // Any later snapshot of that node cannot hold it: the tombstone goes.
-        merge_snapshot(&mut state, "n1", vec![], true, Source::Heartbeat(SnapshotMark { boot: 9, sequence: 21 }));
+        merge_snapshot(&mut state, "n1", &[], true, Source::Heartbeat(SnapshotMark { boot: 9, sequence: 21 }));
         assert!(state.removed.is_empty());
     }
 
@@ -426,16 +426,16 @@ mod tests {
             seal: crate::PlacementKey::plaintext().seal("s1", "n2", epoch),
         };
         // n2 kept the copy of placement 2 (a drain moved it on, its discard was lost): screened, to discard.
-        merge_snapshot(&mut state, "n2", vec![copy(2)], true, Source::Heartbeat(SnapshotMark { boot: 5, sequence: 7 }));
+        merge_snapshot(&mut state, "n2", &[&copy(2)], true, Source::Heartbeat(SnapshotMark { boot: 5, sequence: 7 }));
         assert!(!state.instances.contains_key("s1"), "a stale copy brought the removed instance back");
         assert!(state.stale_copies.contains_key(&("n2".to_string(), "s1".to_string())));
         assert_eq!(state.removed["s1"].nodes["n2"], None);
         // Until discarded, n2's later snapshots still hold it: screened still.
-        merge_snapshot(&mut state, "n2", vec![copy(2)], true, Source::Heartbeat(SnapshotMark { boot: 5, sequence: 8 }));
+        merge_snapshot(&mut state, "n2", &[&copy(2)], true, Source::Heartbeat(SnapshotMark { boot: 5, sequence: 8 }));
         assert!(!state.instances.contains_key("s1"));
         // Discarded there, answered with n2's snapshot number 8: a snapshot after that cannot hold it.
         state.removed.get_mut("s1").unwrap().nodes.insert("n2".into(), Some(SnapshotMark { boot: 5, sequence: 8 }));
-        merge_snapshot(&mut state, "n2", vec![], true, Source::Heartbeat(SnapshotMark { boot: 5, sequence: 9 }));
+        merge_snapshot(&mut state, "n2", &[], true, Source::Heartbeat(SnapshotMark { boot: 5, sequence: 9 }));
         assert_eq!(state.removed["s1"].nodes.len(), 1, "n2's entry goes once a snapshot postdates its discard");
     }
 
@@ -467,11 +467,11 @@ mod tests {
             accepted_after: SnapshotMark::default(),
             seal: PlacementSeal([1; 16]),
         };
-        merge_snapshot(&mut state, "n1", vec![facts.clone()], true, HEARTBEAT);
+        merge_snapshot(&mut state, "n1", &[&facts], true, HEARTBEAT);
         assert!(!state.instances.contains_key("s2"));
         // With the seal its placement was given, it is.
         let seal = crate::PlacementKey::plaintext().seal("s2", "n1", 1);
-        merge_snapshot(&mut state, "n1", vec![InstanceFacts { seal, ..facts }], true, HEARTBEAT);
+        merge_snapshot(&mut state, "n1", &[&InstanceFacts { seal, ..facts }], true, HEARTBEAT);
         assert!(state.instances.contains_key("s2"));
     }
 }

@@ -476,7 +476,7 @@ impl ControlPlane {
         let placement = state.instances.get_mut(&instance_id).filter(|r| r.epoch == 1 && r.metadata.node_id == node_id);
         match result {
             Ok(facts) => {
-                facts::apply_facts(&mut state, &node_id, facts, true, true);
+                facts::apply_facts(&mut state, &node_id, &facts, true, true);
                 tracing::info!(%instance_id, node = %node_id, "instance started");
                 Ok(instance_id)
             }
@@ -562,7 +562,7 @@ impl ControlPlane {
         let result = async {
             let (node_id, client) = self.route(instance_id)?;
             if let Some(facts) = self.stop_on(instance_id, &node_id, client, "stop").await? {
-                facts::apply_facts(&mut self.lock(), &node_id, facts, false, true);
+                facts::apply_facts(&mut self.lock(), &node_id, &facts, false, true);
             }
             Ok(())
         }
@@ -660,7 +660,7 @@ impl ControlPlane {
                 async move { c.assign_capability(rpc::rpc_context(), assignment, seal).await }
             };
             let facts = self.call_agent_retrying(&node_id, client, "assign", call).await??;
-            facts::apply_facts(&mut self.lock(), &node_id, facts, false, true);
+            facts::apply_facts(&mut self.lock(), &node_id, &facts, false, true);
             Ok(())
         }
         .await;
@@ -676,7 +676,7 @@ impl ControlPlane {
             let call =
                 |c: NodeAgentClient| async move { c.revoke_capability(rpc::rpc_context(), instance, capability).await };
             let facts = self.call_agent(&node_id, client, "revoke", call).await??;
-            facts::apply_facts(&mut self.lock(), &node_id, facts, false, true);
+            facts::apply_facts(&mut self.lock(), &node_id, &facts, false, true);
             Ok(())
         }
         .await;
@@ -771,7 +771,7 @@ impl ControlPlane {
 
     /// An agent's registration / heartbeat: record the node as alive and merge its facts (rebuilds the maps
     /// after a control-plane restart). The answer renews the node's grant seals when they are due.
-    pub fn report_node(&self, report: NodeReport) -> Result<NodeAck, ErrorResponse> {
+    pub fn report_node(&self, mut report: NodeReport) -> Result<NodeAck, ErrorResponse> {
         if report.protocol_version != PROTOCOL_VERSION {
             return Err(self.error(ErrorResponse::invalid(format!(
                 "node {} speaks protocol {}, this control plane speaks {PROTOCOL_VERSION}",
@@ -782,18 +782,33 @@ impl ControlPlane {
         factum_proto::labels::validate("node labels", &report.labels).map_err(|e| self.error(e))?;
         let now = self.inner.env.clock.now();
         let mut state = self.lock();
+        if let Some(base) = report
+            .base
+            .filter(|base| !state.nodes.get(&report.node_id).is_some_and(|n| n.snapshots.holds(report.boot, *base)))
+        {
+            // A delta means nothing without its base (this control plane restarted, or a report was lost, or it
+            // is late): the agent sends a full snapshot when the answer does not say the report was held.
+            self.inner.env.trace(|| {
+                format!("delta {} boot={} seq={} base={base} not held", report.node_id, report.boot, report.sequence)
+            });
+            return Ok(NodeAck::default());
+        }
         let registry_mode = state.registry_mode;
         let node = state.nodes.entry(report.node_id.clone()).or_insert_with(|| {
             tracing::info!(node = %report.node_id, addr = %report.agent_addr, "node registered");
             NodeRecord::new(report.agent_addr.clone(), report.max_instances, now)
         });
         let stale_ok = self.inner.config.has_bug(InjectedBug::AcceptStaleSnapshots);
-        if !node.snapshots.admit(report.boot, report.sequence) && !stale_ok {
+        let taken = node.snapshots.take_in(&mut report);
+        let admitted = taken.is_some();
+        if !admitted && !stale_ok {
             self.inner.env.trace(|| {
                 format!("stale snapshot {} boot={} seq={} ignored", report.node_id, report.boot, report.sequence)
             });
             return Ok(NodeAck::default());
         }
+        // The stale one the injected bug lets through is merged as it came.
+        let stale = std::mem::take(&mut report.instances);
         if !registry_mode {
             node.registered = true;
         }
@@ -811,14 +826,22 @@ impl ControlPlane {
         node.max_instances = report.max_instances;
         node.labels = report.labels;
         node.drained = report.drained;
-        let count = report.instances.len();
+        let snapshot: Vec<&InstanceFacts> = match &taken {
+            Some(facts) => facts.values().collect(),
+            None => stale.iter().collect(),
+        };
+        let count = snapshot.len();
         let learn = !self.inner.config.has_bug(InjectedBug::NoRebuildFromSnapshots);
         let mark = if stale_ok {
             factum_proto::SnapshotMark { boot: 0, sequence: u64::MAX } // predates nothing
         } else {
             factum_proto::SnapshotMark { boot: report.boot, sequence: report.sequence }
         };
-        facts::merge_snapshot(&mut state, &report.node_id, report.instances, learn, facts::Source::Heartbeat(mark));
+        facts::merge_snapshot(&mut state, &report.node_id, &snapshot, learn, facts::Source::Heartbeat(mark));
+        drop(snapshot);
+        if let (Some(facts), Some(node)) = (taken, state.nodes.get_mut(&report.node_id)) {
+            node.snapshots.keep(facts);
+        }
         // Instances learned here (after a restart of this control plane) can only be run again with their bytes.
         let missing = membership::missing_modules(&mut state, &report.node_id);
         if !missing.is_empty() {
@@ -828,7 +851,7 @@ impl ControlPlane {
         let renewed = self.renew_seals(&mut state, &report.node_id);
         drop(state);
         self.discard_stale_copies(&report.node_id);
-        Ok(NodeAck { renewed })
+        Ok(NodeAck { renewed, holding: admitted.then_some(report.sequence) })
     }
 
     /// Fresh seals of every grant held for `node_id`'s instances, if its seals are due.

@@ -131,27 +131,42 @@ impl ControlPlane {
     async fn sync_node(self, node_id: String) {
         let client = self.lock().nodes.get(&node_id).and_then(|n| n.client.clone());
         let call = |c: NodeAgentClient| async move { c.list_local_instances(rpc::rpc_context()).await };
-        let snapshot = match self.call_agent_retrying(&node_id, client, "instance listing", call).await {
+        let mut snapshot = match self.call_agent_retrying(&node_id, client, "instance listing", call).await {
             Ok(snapshot) => snapshot,
             Err(e) => {
                 tracing::warn!(node = %node_id, error = %e, "cannot list the node's instances; waiting for its report");
                 return;
             }
         };
+        if snapshot.base.is_some() {
+            tracing::warn!(node = %node_id, "the node answered a listing with a delta; waiting for its report");
+            return;
+        }
         let count = snapshot.instances.len();
         let missing = {
             let mut state = self.lock();
             let stale_ok = self.inner.config.has_bug(crate::InjectedBug::AcceptStaleSnapshots);
-            let admitted =
-                state.nodes.get_mut(&node_id).is_none_or(|n| n.snapshots.admit(snapshot.boot, snapshot.sequence));
-            if !admitted && !stale_ok {
-                // A heartbeat taken after this listing got here first.
-                self.inner.env.trace(|| format!("stale listing {node_id} seq={} ignored", snapshot.sequence));
-                return;
-            }
-            let learn = !self.inner.config.has_bug(crate::InjectedBug::NoRebuildFromSnapshots);
             let mark = factum_proto::SnapshotMark { boot: snapshot.boot, sequence: snapshot.sequence };
-            facts::merge_snapshot(&mut state, &node_id, snapshot.instances, learn, facts::Source::Listing(mark));
+            let taken = match state.nodes.get_mut(&node_id).map(|node| node.snapshots.take_in(&mut snapshot)) {
+                Some(Some(facts)) => Some(facts),
+                None => None,
+                Some(None) if stale_ok => None,
+                Some(None) => {
+                    // A heartbeat taken after this listing got here first.
+                    self.inner.env.trace(|| format!("stale listing {node_id} seq={} ignored", snapshot.sequence));
+                    return;
+                }
+            };
+            let listed: Vec<&factum_proto::InstanceFacts> = match &taken {
+                Some(facts) => facts.values().collect(),
+                None => snapshot.instances.iter().collect(),
+            };
+            let learn = !self.inner.config.has_bug(crate::InjectedBug::NoRebuildFromSnapshots);
+            facts::merge_snapshot(&mut state, &node_id, &listed, learn, facts::Source::Listing(mark));
+            drop(listed);
+            if let (Some(facts), Some(node)) = (taken, state.nodes.get_mut(&node_id)) {
+                node.snapshots.keep(facts);
+            }
             missing_modules(&mut state, &node_id)
         };
         self.inner.env.trace(|| format!("synced {node_id} instances={count} fetch_modules={}", missing.len()));

@@ -160,21 +160,21 @@ impl Tombstone {
 /// What of `snapshot` (numbered `mark`, from `node_id`) may be applied: not the instances removed from that
 /// node after it was taken, nor stale copies of removed instances (those are noted for discard). Tombstone
 /// entries of that node that this snapshot postdates are dropped: no later snapshot of it holds their instance.
-pub(crate) fn screen(
+pub(crate) fn screen<'a>(
     state: &mut State,
     node_id: &str,
     mark: SnapshotMark,
-    snapshot: Vec<InstanceFacts>,
-) -> Vec<InstanceFacts> {
+    snapshot: &[&'a InstanceFacts],
+) -> Vec<&'a InstanceFacts> {
     let by_epoch = state.injected != Some(crate::InjectedBug::TombstoneOnlyWhereRemoved);
     let mut kept = Vec::with_capacity(snapshot.len());
-    for facts in snapshot {
+    for &facts in snapshot {
         let id = &facts.metadata.instance_id;
         let Some(tombstone) = state.removed.get_mut(id) else {
             kept.push(facts);
             continue;
         };
-        if !tombstone.holds(node_id, mark, &facts) || (!by_epoch && !tombstone.nodes.contains_key(node_id)) {
+        if !tombstone.holds(node_id, mark, facts) || (!by_epoch && !tombstone.nodes.contains_key(node_id)) {
             kept.push(facts);
         } else if !tombstone.nodes.contains_key(node_id) {
             // A copy nobody knew of (its node was away when the instance moved): discard it too.
@@ -193,7 +193,7 @@ pub(crate) fn screen(
 /// drain stops an instance on its node before starting it on another, and what it leaves behind is a stale
 /// fact to discard (see [`ControlPlane::discard_stale_copies`]). A copy that still runs is not touched: ending
 /// it is fencing's work.
-pub(crate) fn note_stale_copies(state: &mut State, node_id: &str, snapshot: &[InstanceFacts]) {
+pub(crate) fn note_stale_copies(state: &mut State, node_id: &str, snapshot: &[&InstanceFacts]) {
     for facts in snapshot {
         let id = &facts.metadata.instance_id;
         let elsewhere = state.instances.get(id).is_some_and(|r| r.metadata.node_id != node_id && facts.epoch < r.epoch);

@@ -214,7 +214,7 @@ impl ControlPlane {
             Ok(facts) => {
                 record.placement_failures = 0;
                 record.retry = None;
-                facts::apply_facts(state, node_id, facts, true, true);
+                facts::apply_facts(state, node_id, &facts, true, true);
             }
             // The answer was lost, but the node has already reported facts of this placement: it took.
             Err(e) if e.error_code == ErrorCode::CommunicationFailure && record.seq > 0 => {

@@ -417,6 +417,8 @@ fn an_agent_speaking_another_protocol_version_is_refused() {
         instances: vec![],
         boot: 1,
         sequence: 1,
+        base: None,
+        removed: vec![],
     };
     assert_eq!(cp.report_node(report).unwrap_err().error_code, ErrorCode::InvalidRequest);
     assert!(cp.list_nodes().is_empty());

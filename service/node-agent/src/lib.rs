@@ -178,6 +178,9 @@ pub enum AgentBug {
     /// A message queued for an instance does not wake its run (a lost wake-up): messages pile up unhandled
     /// (breaks messaging liveness).
     LostWakeups,
+    /// A heartbeat sent as a delta leaves out the instances gone since its base: the control plane keeps facts
+    /// of instances the node no longer holds, and relists an instance removed for good.
+    DeltaWithoutRemovals,
 }
 
 impl AgentConfig {
@@ -657,7 +660,8 @@ impl Agent {
         &self.inner.config.labels
     }
 
-    /// The registration / heartbeat message for the control plane.
+    /// The registration / heartbeat message for the control plane: a full snapshot (the link may send it as a
+    /// delta, see [`factum_proto::delta`]).
     pub fn node_report(&self) -> NodeReport {
         let (instances, sequence) = {
             // Under the lock that inserts instances, which also stamps their `created_at`; numbered under it
@@ -676,6 +680,8 @@ impl Agent {
             instances,
             boot: self.inner.boot,
             sequence,
+            base: None,
+            removed: Vec::new(),
         }
     }
 

@@ -1,11 +1,12 @@
-//! The agent's link to the control plane: status reports as they happen (P9), and a periodic full snapshot
-//! that doubles as registration and heartbeat. A control plane that restarted rebuilds its maps from the
-//! next snapshot; a report lost to a network fault is repaired by the next snapshot too.
+//! The agent's link to the control plane: status reports as they happen (P9), and a periodic snapshot that
+//! doubles as registration and heartbeat. A control plane that restarted rebuilds its maps from the next
+//! snapshot; a report lost to a network fault is repaired by the next snapshot too. A snapshot goes whole once,
+//! then as changes against the last one the control plane said it holds ([`factum_proto::delta`]).
 
 use std::time::Duration;
 
 use factum_env::rpc;
-use factum_proto::{ControlPlaneClient, Principal};
+use factum_proto::{delta, ControlPlaneClient, Principal};
 
 use crate::{Agent, StatusReports};
 
@@ -18,6 +19,8 @@ pub async fn run_control_plane_link(agent: Agent, control_plane_addr: String, mu
     let mut client: Option<ControlPlaneClient> = None;
     let mut next_heartbeat = Duration::ZERO;
     let mut previous: Option<factum_proto::NodeReport> = None;
+    // The snapshot the control plane holds (its number and facts): the base of the next delta.
+    let mut base: Option<(u64, delta::SnapshotFacts)> = None;
     loop {
         if client.is_none() {
             match env.timeout(timeout, rpc::dial(&env, &control_plane_addr, &Principal::ControlPlane)).await {
@@ -25,6 +28,7 @@ pub async fn run_control_plane_link(agent: Agent, control_plane_addr: String, mu
                     let new = ControlPlaneClient::new(tarpc::client::Config::default(), rpc::transport(stream));
                     client = Some(rpc::start_client(&env, new));
                     next_heartbeat = Duration::ZERO;
+                    base = None; // the other end may be another control plane now
                     tracing::info!(node = agent.node_id(), control_plane = %control_plane_addr, "connected to control plane");
                 }
                 _ => {
@@ -37,7 +41,8 @@ pub async fn run_control_plane_link(agent: Agent, control_plane_addr: String, mu
         let Some(cp) = client.clone() else { continue };
         let now = env.clock.now();
         if now >= next_heartbeat {
-            let report = agent.node_report();
+            let mut report = agent.node_report();
+            let (sequence, facts) = (report.sequence, delta::facts_of(&report));
             if let Some(stale) = previous.take().filter(|_| env.buggify("agent.replay_snapshot")) {
                 // A snapshot that arrives late, after newer ones: as one sent on a connection given up for dead
                 // may, when another connection has already carried its successors.
@@ -48,8 +53,23 @@ pub async fn run_control_plane_link(agent: Agent, control_plane_addr: String, mu
                 });
             }
             previous = Some(report.clone());
+            if let Some((base_sequence, base_facts)) = base.take() {
+                delta::into_delta(&mut report, base_sequence, &base_facts);
+                if agent.inner.config.has_bug(crate::AgentBug::DeltaWithoutRemovals) {
+                    report.removed.clear();
+                }
+            }
+            let report_was_delta = report.base.is_some();
             match env.timeout(timeout, cp.report_node(rpc::rpc_context(), report)).await {
-                Some(Ok(Ok(ack))) => agent.renew_seals(ack.renewed),
+                Some(Ok(Ok(ack))) => {
+                    let holds = ack.holding == Some(sequence);
+                    agent.renew_seals(ack.renewed);
+                    if holds {
+                        base = Some((sequence, facts));
+                    } else if report_was_delta {
+                        continue; // it lacks the base (it restarted, or lost a report): send it all now
+                    }
+                }
                 Some(Ok(Err(refused))) => tracing::error!(error = %refused, "control plane refused this node"),
                 _ => {
                     client = None;

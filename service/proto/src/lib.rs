@@ -2,6 +2,7 @@
 //! crate speaks in these types.
 
 pub mod capability;
+pub mod delta;
 pub mod error;
 pub mod events;
 pub mod grant;

@@ -23,8 +23,8 @@ use crate::types::{CapabilityAssignment, InstanceMetadata, InstanceStatus, Resta
 /// 8: node labels in reports and listings, placement constraints in starts and facts; draining nodes. 9: grant
 /// seals in starts and grants, for providers on other hosts ([`crate::SealedGrant`]). 10: grant seals expire,
 /// and the answer to a node's report renews them ([`NodeAck`]); content-addressed starts
-/// ([`StartInstanceRequest::module_hash`]).
-pub const PROTOCOL_VERSION: u32 = 10;
+/// ([`StartInstanceRequest::module_hash`]). 11: heartbeats as deltas ([`NodeReport::base`], [`NodeAck::holding`]).
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// Largest accepted module, in bytes.
 pub const MAX_MODULE_BYTES: usize = 32 * 1024 * 1024;
@@ -231,13 +231,19 @@ pub struct NodeReport {
     pub labels: Labels,
     /// Whether the node is drained: it takes no new instances (see [`ControlPlane::drain_node`]).
     pub drained: bool,
-    /// Every instance the agent holds.
+    /// Every instance the agent holds; in a delta (`base` set), only those whose facts changed since.
     pub instances: Vec<InstanceFacts>,
     /// Identifies this run of the agent process (drawn when it starts): a snapshot of an earlier run is stale.
     pub boot: u64,
     /// Numbers this run's snapshots from 1, in the order they were taken: one older than a snapshot already
     /// applied is stale (it may arrive late, on a connection given up for dead) and is ignored.
     pub sequence: u64,
+    /// `None`: a full snapshot. `Some(b)`: a delta against this run's snapshot `b`, which the control plane said
+    /// it holds ([`NodeAck::holding`]); see [`crate::delta`]. A control plane that does not hold `b` applies
+    /// nothing and answers `holding: None`, and the agent sends a full snapshot next.
+    pub base: Option<u64>,
+    /// In a delta, the instances snapshot `base` held and this one does not.
+    pub removed: Vec<String>,
 }
 
 /// A node as the control plane sees it.
@@ -303,6 +309,9 @@ pub struct NodeAck {
     /// One seal per grant, each with the assignment it covers: the agent takes a seal only for a grant it holds
     /// in exactly that form (a grant changed since keeps the seal it came with).
     pub renewed: Vec<(CapabilityAssignment, GrantSeal)>,
+    /// The node's snapshot the control plane holds now (the report's own `sequence` when it was applied): the
+    /// next report may be a delta against it. `None`: send a full one.
+    pub holding: Option<u64>,
 }
 
 /// The control plane's API: the design's six client calls, plus the two calls agents make.
