@@ -60,10 +60,7 @@ const POOL_PER_MODULE_CAP: u32 = 64;
 impl WasmtimeEngine {
     /// An engine with fuel metering on (fuel drives cooperative yielding, so runs are deterministic).
     pub fn new() -> Result<Self, EngineError> {
-        let mut config = Config::new();
-        config.consume_fuel(true);
-        let engine = Engine::new(&config).map_err(|e| EngineError::Internal(format!("wasmtime config: {e}")))?;
-        Ok(Self { engine, node_memory: Arc::default() })
+        Self::from_config(Config::new())
     }
 
     /// An engine whose instances take their memories, tables and async stacks from a pool of `slots`
@@ -83,8 +80,13 @@ impl WasmtimeEngine {
             .max_tables_per_module(POOL_PER_MODULE_CAP.max(u32::try_from(limits.max_tables).unwrap_or(u32::MAX)))
             .table_elements(limits.max_table_elements);
         let mut config = Config::new();
-        config.consume_fuel(true);
         config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        Self::from_config(config)
+    }
+
+    /// An engine from `config`, with what every factum engine needs on top: fuel metering.
+    fn from_config(mut config: Config) -> Result<Self, EngineError> {
+        config.consume_fuel(true);
         let engine = Engine::new(&config).map_err(|e| EngineError::Internal(format!("wasmtime config: {e}")))?;
         Ok(Self { engine, node_memory: Arc::default() })
     }

@@ -18,12 +18,13 @@ use crate::{InstanceRecord, State};
 /// sequence number.
 pub(crate) fn apply_facts(state: &mut State, node_id: &str, facts: &InstanceFacts, restating: bool, learn: bool) {
     let id = facts.metadata.instance_id.clone();
-    if !sealed(state, node_id, &id, facts.epoch, facts.seal) {
-        return;
-    }
     if state.instances.get(&id).is_some_and(|r| restates(r, state.capabilities.get(&id), node_id, facts)) {
         // Writing it again would change nothing, but would still count as a write: every heartbeat would make
-        // the event feed and the node index look at every instance of its node.
+        // the event feed and the node index look at every instance of its node. Nor is its seal checked (most
+        // of a heartbeat's cost): whatever the seal, applying it changes nothing.
+        return;
+    }
+    if !sealed(state, node_id, &id, facts.epoch, facts.seal) {
         return;
     }
     match state.instances.get_mut(&id) {
