@@ -51,8 +51,9 @@ impl Snapshots {
 
     /// The whole of `report`'s snapshot if it is newer than every one applied (see [`Snapshots::admit`]): a full
     /// one as it is, a delta applied to the facts held (the caller checked that they are its base, see
-    /// [`Snapshots::holds`]); the report's facts move out of it. The facts are lent out, to be merged without a copy: give them back with
-    /// [`Snapshots::keep`], or the next delta finds no base and the node sends a full snapshot.
+    /// [`Snapshots::holds`]); the report's facts move out of it. The facts are lent out, to be merged without
+    /// a copy: give them back with [`Snapshots::keep`], or the next delta finds no base and the node sends a
+    /// full snapshot.
     pub(crate) fn take_in(&mut self, report: &mut NodeReport) -> Option<delta::SnapshotFacts> {
         if !self.admit(report.boot, report.sequence) {
             return None;
