@@ -1,7 +1,7 @@
-//! Deterministic simulation of a factum cluster on turmoil.
+//! Deterministic simulation of a factum cluster on turmoil or madsim ([`world`]).
 //!
-//! The real control plane and real node agents (on the wasmi engine, fuel-metered) run as turmoil hosts and
-//! talk tarpc over turmoil's simulated TCP. Time is virtual, randomness comes from the seed, and every status
+//! The real control plane and real node agents (on the wasmi engine, fuel-metered) run as simulated hosts and
+//! talk tarpc over the simulator's TCP. Time is virtual, randomness comes from the seed, and every status
 //! transition and applied fact is recorded in a [`TraceLog`] whose hash identifies the run: the same seed on
 //! the same commit gives the same hash.
 
@@ -17,6 +17,7 @@ pub mod scenario;
 pub mod sometimes;
 mod trace;
 pub mod web;
+pub mod world;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -35,6 +36,7 @@ use factum_registry::{MemoryRegistry, RemoteRegistry};
 use factum_wasm::{fixtures, Limits, WasmiEngine, WasmtimeEngine};
 
 pub use trace::TraceLog;
+pub use world::{Backend, World};
 
 /// Port every simulated component listens on.
 pub const PORT: u16 = 7700;
@@ -75,7 +77,7 @@ pub fn sim_epoch() -> SystemTime {
 }
 
 /// Boxed error of simulated hosts.
-pub type SimError = Box<dyn std::error::Error>;
+pub type SimError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The step of simulated time. 10 ms is a tenth of the largest message latency and a twenty-fifth of the
 /// shortest protocol period (the control plane's 250 ms check), so every protocol timing still spans many steps,
@@ -86,8 +88,10 @@ pub const DEFAULT_TICK: Duration = Duration::from_millis(10);
 /// Settings of one simulated cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    /// Seed of every random choice: turmoil's network and each component's env.
+    /// Seed of every random choice: the simulator's network and scheduling, and each component's env.
     pub seed: u64,
+    /// Which simulator runs the cluster.
+    pub backend: Backend,
     /// Number of node agents, named `agent-1`, `agent-2`, ...
     pub agents: usize,
     /// Control plane settings.
@@ -144,6 +148,7 @@ impl ClusterConfig {
     pub fn new(seed: u64, agents: usize) -> Self {
         Self {
             seed,
+            backend: Backend::default(),
             agents,
             control_plane: ControlPlaneConfig {
                 node_timeout: Duration::from_secs(3),
@@ -344,8 +349,9 @@ pub enum Render {
     ModulesOnly,
 }
 
-/// Builds a turmoil simulation running a control plane and `config.agents` agents, all recording into `trace`.
-pub fn build_cluster(config: &ClusterConfig, trace: Arc<TraceLog>) -> turmoil::Sim<'static> {
+/// Builds a simulated world (on `config.backend`) running a control plane and `config.agents` agents, all
+/// recording into `trace`.
+pub fn build_cluster(config: &ClusterConfig, trace: Arc<TraceLog>) -> Result<Box<dyn World>, String> {
     build_observed_cluster(config, trace, Arc::new(Observed::default()))
 }
 
@@ -354,15 +360,8 @@ pub fn build_observed_cluster(
     config: &ClusterConfig,
     trace: Arc<TraceLog>,
     observed: Arc<Observed>,
-) -> turmoil::Sim<'static> {
-    let mut sim = turmoil::Builder::new()
-        .simulation_duration(config.duration)
-        .tick_duration(config.tick)
-        .epoch(sim_epoch())
-        .rng_seed(config.seed)
-        .min_message_latency(config.latency.0)
-        .max_message_latency(config.latency.1)
-        .build();
+) -> Result<Box<dyn World>, String> {
+    let mut world = config.backend.world(config)?;
     let faults = config.faults.clone();
     let cp_config = config.control_plane.clone();
     let cp_trace = trace.clone();
@@ -382,59 +381,68 @@ pub fn build_observed_cluster(
         let machine = observed.machine(REGISTRY, config, 0xe7cd);
         // etcd's data directory: what a crashed etcd had acknowledged is there when it restarts.
         let disk: Arc<Mutex<Option<Arc<MemoryRegistry>>>> = Arc::default();
-        sim.host(REGISTRY, move || {
-            let disk = disk.clone();
-            let env = Env::turmoil(seed ^ 0xe7cd, sim_epoch())
-                .with_machine_clock(&machine)
-                .with_trace(REGISTRY, registry_trace.clone())
-                .with_pause(pause.clone());
-            let observed = registry_observed.clone();
-            pause.gate(async move {
-                let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
-                let registry = {
-                    let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
-                    let registry = Arc::new(match disk.as_ref() {
-                        Some(before) => before.restarted(env.clone()),
-                        None => MemoryRegistry::new(env.clone(), REGISTRY_PREFIX),
-                    });
-                    *disk = Some(registry.clone());
-                    registry
-                };
-                *observed.registry.lock().unwrap_or_else(|p| p.into_inner()) = Some(registry.clone());
-                factum_registry::serve(env, registry, listener).await;
-                Ok(())
-            })
-        });
+        world.host(
+            REGISTRY,
+            Box::new(move || {
+                let disk = disk.clone();
+                let env = world::process_env(seed ^ 0xe7cd)
+                    .with_machine_clock(&machine)
+                    .with_trace(REGISTRY, registry_trace.clone())
+                    .with_pause(pause.clone());
+                let observed = registry_observed.clone();
+                Box::pin(pause.gate(async move {
+                    let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
+                    let registry = {
+                        let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
+                        let registry = Arc::new(match disk.as_ref() {
+                            Some(before) => before.restarted(env.clone()),
+                            None => MemoryRegistry::new(env.clone(), REGISTRY_PREFIX),
+                        });
+                        *disk = Some(registry.clone());
+                        registry
+                    };
+                    *observed.registry.lock().unwrap_or_else(|p| p.into_inner()) = Some(registry.clone());
+                    factum_registry::serve(env, registry, listener).await;
+                    Ok(())
+                }))
+            }),
+        );
     }
     if config.messaging {
         let pause = observed.pause(BUS, seed);
         let machine = observed.machine(BUS, config, 0xb05);
-        sim.host(BUS, move || {
-            let env = Env::turmoil(seed ^ 0xb05, sim_epoch()).with_machine_clock(&machine).with_pause(pause.clone());
-            pause.gate(async move {
-                let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
-                let bus = bus::Bus::new(env.clone());
-                env.spawn(bus.clone().run_reaper());
-                bus::serve(bus, listener).await;
-                Ok(())
-            })
-        });
+        world.host(
+            BUS,
+            Box::new(move || {
+                let env = world::process_env(seed ^ 0xb05).with_machine_clock(&machine).with_pause(pause.clone());
+                Box::pin(pause.gate(async move {
+                    let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
+                    let bus = bus::Bus::new(env.clone());
+                    env.spawn(bus.clone().run_reaper());
+                    bus::serve(bus, listener).await;
+                    Ok(())
+                }))
+            }),
+        );
     }
     let messaging = config.messaging;
     if config.http {
         for (n, name) in [web::WEB, web::INTRANET].into_iter().enumerate() {
             let pause = observed.pause(name, seed);
             let host_trace = trace.clone();
-            sim.host(name, move || {
-                let env = Env::turmoil(seed ^ 0x3eb ^ ((n as u64) << 12), sim_epoch())
-                    .with_trace(name, host_trace.clone())
-                    .with_pause(pause.clone());
-                pause.gate(async move {
-                    let listener = env.net.bind(&format!("0.0.0.0:{}", web::HTTP_PORT)).await?;
-                    web::serve(env, listener).await;
-                    Ok(())
-                })
-            });
+            world.host(
+                name,
+                Box::new(move || {
+                    let env = world::process_env(seed ^ 0x3eb ^ ((n as u64) << 12))
+                        .with_trace(name, host_trace.clone())
+                        .with_pause(pause.clone());
+                    Box::pin(pause.gate(async move {
+                        let listener = env.net.bind(&format!("0.0.0.0:{}", web::HTTP_PORT)).await?;
+                        web::serve(env, listener).await;
+                        Ok(())
+                    }))
+                }),
+            );
         }
     }
     let provider_hosts = config.provider_hosts;
@@ -451,72 +459,86 @@ pub fn build_observed_cluster(
         let bug = config.host_bug;
         let store = store.clone();
         let host_name = name.clone();
-        sim.host(name, move || {
-            let env = Env::turmoil(seed ^ salt, sim_epoch())
-                .with_machine_clock(&machine)
-                .with_principal(Principal::Provider(kv_provider(n)))
-                .with_trace(host_name.clone(), host_trace.clone())
-                .with_pause(pause.clone());
-            let (key, provider) = (key.clone(), store.clone() as Arc<dyn factum_providers::Provider>);
-            let record = factum_registry::ProviderRecord {
-                provider_id: kv_provider(n),
-                node_id: host_name.clone(),
-                metadata: provider.metadata(),
-                addr: Some(format!("{host_name}:{PORT}")),
-            };
-            pause.gate(async move {
-                let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
-                if with_registry {
-                    env.spawn(factum_registry::hold_provider(env.clone(), remote_registry(&env), record, lease_ttl));
-                }
-                match bug {
-                    Some(bug) => factum_providers::remote::serve_with_bug(env, provider, key, bug, listener).await,
-                    None => factum_providers::remote::serve(env, provider, key, listener).await,
-                }
-                Ok(())
-            })
-        });
+        world.host(
+            &name.clone(),
+            Box::new(move || {
+                let env = world::process_env(seed ^ salt)
+                    .with_machine_clock(&machine)
+                    .with_principal(Principal::Provider(kv_provider(n)))
+                    .with_trace(host_name.clone(), host_trace.clone())
+                    .with_pause(pause.clone());
+                let (key, provider) = (key.clone(), store.clone() as Arc<dyn factum_providers::Provider>);
+                let record = factum_registry::ProviderRecord {
+                    provider_id: kv_provider(n),
+                    node_id: host_name.clone(),
+                    metadata: provider.metadata(),
+                    addr: Some(format!("{host_name}:{PORT}")),
+                };
+                Box::pin(pause.gate(async move {
+                    let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
+                    if with_registry {
+                        env.spawn(factum_registry::hold_provider(
+                            env.clone(),
+                            remote_registry(&env),
+                            record,
+                            lease_ttl,
+                        ));
+                    }
+                    match bug {
+                        Some(bug) => factum_providers::remote::serve_with_bug(env, provider, key, bug, listener).await,
+                        None => factum_providers::remote::serve(env, provider, key, listener).await,
+                    }
+                    Ok(())
+                }))
+            }),
+        );
     }
     if let Some(host_clock) = observed.clock(KV_HOST).filter(|_| provider_hosts > 0) {
         let rogue_trace = trace.clone();
         let rogue_observed = observed.clone();
         let key = config.control_plane.grant_key.clone();
         let ttl = config.control_plane.grant_ttl;
-        sim.host(ROGUE, move || {
-            let env = Env::turmoil(seed ^ 0x7063, sim_epoch()).with_trace(ROGUE, rogue_trace.clone());
-            let observed = rogue_observed.clone();
-            let loot = rogue::Loot { key: key.clone(), ttl, host_clock: host_clock.clone() };
-            async move {
-                let addr = format!("{KV_HOST}:{PORT}");
-                rogue::run(env, observed, loot, addr, Principal::Provider(KV_PROVIDER.into())).await;
-                Ok(())
-            }
-        });
+        world.host(
+            ROGUE,
+            Box::new(move || {
+                let env = world::process_env(seed ^ 0x7063).with_trace(ROGUE, rogue_trace.clone());
+                let observed = rogue_observed.clone();
+                let loot = rogue::Loot { key: key.clone(), ttl, host_clock: host_clock.clone() };
+                Box::pin(async move {
+                    let addr = format!("{KV_HOST}:{PORT}");
+                    rogue::run(env, observed, loot, addr, Principal::Provider(KV_PROVIDER.into())).await;
+                    Ok(())
+                })
+            }),
+        );
     }
     let (http, http_bug) = (config.http, config.http_bug);
-    sim.host(CONTROL_PLANE, move || {
-        let incarnation = cp_incarnations.fetch_add(1, Ordering::SeqCst);
-        let env = with_faults(
-            Env::turmoil(seed ^ 0xc0 ^ (incarnation << 32), sim_epoch())
-                .with_machine_clock(&cp_machine)
-                .with_trace(CONTROL_PLANE, cp_trace.clone())
-                .with_pause(cp_pause.clone()),
-            &cp_faults,
-        );
-        let cp_config = cp_config.clone();
-        let observed = cp_observed.clone();
-        cp_pause.gate(async move {
-            let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
-            let cp = ControlPlane::new(env.clone(), cp_config);
-            observed.set_control_plane(Some(cp.clone()));
-            env.spawn(cp.clone().run_failure_detector());
-            if with_registry {
-                env.spawn(cp.clone().run_membership(remote_registry(&env)));
-            }
-            factum_control_plane::serve(cp, listener).await;
-            Ok(())
-        })
-    });
+    world.host(
+        CONTROL_PLANE,
+        Box::new(move || {
+            let incarnation = cp_incarnations.fetch_add(1, Ordering::SeqCst);
+            let env = with_faults(
+                world::process_env(seed ^ 0xc0 ^ (incarnation << 32))
+                    .with_machine_clock(&cp_machine)
+                    .with_trace(CONTROL_PLANE, cp_trace.clone())
+                    .with_pause(cp_pause.clone()),
+                &cp_faults,
+            );
+            let cp_config = cp_config.clone();
+            let observed = cp_observed.clone();
+            Box::pin(cp_pause.gate(async move {
+                let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
+                let cp = ControlPlane::new(env.clone(), cp_config);
+                observed.set_control_plane(Some(cp.clone()));
+                env.spawn(cp.clone().run_failure_detector());
+                if with_registry {
+                    env.spawn(cp.clone().run_membership(remote_registry(&env)));
+                }
+                factum_control_plane::serve(cp, listener).await;
+                Ok(())
+            }))
+        }),
+    );
     for i in 1..=config.agents {
         let name = agent_name(i);
         let agent_trace = trace.clone();
@@ -531,88 +553,96 @@ pub fn build_observed_cluster(
         let engine_bug = config.engine_bug;
         let wasmtime = config.wasmtime && i % 2 == 0;
         let pause = observed.pause(&name, seed);
-        sim.host(name.clone(), move || {
-            let incarnation = agent_incarnations.fetch_add(1, Ordering::SeqCst);
-            let env = with_faults(
-                Env::turmoil(seed ^ ((i as u64) << 8) ^ (incarnation << 32), sim_epoch())
-                    .with_machine_clock(&machine)
-                    .with_trace(name.clone(), agent_trace.clone())
-                    .with_pause(pause.clone()),
-                &agent_faults,
-            );
-            let observed = agent_observed.clone();
-            let name = name.clone();
-            let mut agent_config = AgentConfig::new(name.clone(), format!("{name}:{PORT}"));
-            agent_config.heartbeat_interval = heartbeat;
-            agent_config.rpc_timeout = Duration::from_secs(2);
-            agent_config.lease_ttl = lease_ttl;
-            agent_config.labels = agent_labels(i);
-            agent_config.injected_bug = agent_bug;
-            // Fuel makes guest execution and its yield points a function of the module alone.
-            agent_config.limits = Limits { fuel_yield_interval: 10_000, ..Limits::default() };
-            pause.gate(async move {
-                let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
-                let engine: Arc<dyn factum_wasm::WasmEngine> = match (wasmtime, engine_bug) {
-                    (true, _) => Arc::new(WasmtimeEngine::new()?),
-                    (false, Some(bug)) => Arc::new(WasmiEngine::with_injected_bug(bug)),
-                    (false, None) => Arc::new(WasmiEngine::new()),
-                };
-                let providers = factum_node_agent::Providers {
-                    kv: Arc::new(MemoryKv::new()),
-                    http: http.then(|| {
-                        let limits = HttpLimits { timeout: Duration::from_secs(2), ..HttpLimits::default() };
-                        let provider = HttpProvider::with_transport(
-                            limits,
-                            Arc::new(web::SimHttp::new(env.clone())),
-                            env.clock.clone(),
-                        );
-                        let provider = match http_bug {
-                            Some(bug) => provider.with_injected_bug(bug),
-                            None => provider,
-                        };
-                        Arc::new(provider) as Arc<dyn factum_providers::Provider>
-                    }),
-                    messaging: messaging.then(|| {
-                        let bus = bus::RemoteBus::new(env.clone(), format!("{BUS}:{PORT}"));
-                        Arc::new(MessagingProvider::new(Arc::new(bus)))
-                    }),
-                    remote: if provider_hosts > 0 {
-                        let as_node = env.clone().with_principal(Principal::Node(name.clone()));
-                        let kind = factum_proto::ProviderType::Kv;
-                        let kv = ProviderHosts::new(kind, as_node, name.clone(), Duration::from_secs(2));
-                        let kv = match host_bug {
-                            Some(bug) => kv.with_injected_bug(bug),
-                            None => kv,
-                        };
-                        // With a registry the agent finds the hosts there; without one it is told them.
-                        if !with_registry {
-                            kv.set((1..=provider_hosts).map(|n| {
-                                let addr = format!("{}:{PORT}", kv_host(n));
-                                HostEntry { id: kv_provider(n), node: kv_host(n), addr }
-                            }));
+        world.host(
+            &name.clone(),
+            Box::new(move || {
+                let incarnation = agent_incarnations.fetch_add(1, Ordering::SeqCst);
+                let env = with_faults(
+                    world::process_env(seed ^ ((i as u64) << 8) ^ (incarnation << 32))
+                        .with_machine_clock(&machine)
+                        .with_trace(name.clone(), agent_trace.clone())
+                        .with_pause(pause.clone()),
+                    &agent_faults,
+                );
+                let observed = agent_observed.clone();
+                let name = name.clone();
+                let mut agent_config = AgentConfig::new(name.clone(), format!("{name}:{PORT}"));
+                agent_config.heartbeat_interval = heartbeat;
+                agent_config.rpc_timeout = Duration::from_secs(2);
+                agent_config.lease_ttl = lease_ttl;
+                agent_config.labels = agent_labels(i);
+                agent_config.injected_bug = agent_bug;
+                // Fuel makes guest execution and its yield points a function of the module alone.
+                agent_config.limits = Limits { fuel_yield_interval: 10_000, ..Limits::default() };
+                Box::pin(pause.gate(async move {
+                    let listener = env.net.bind(&format!("0.0.0.0:{PORT}")).await?;
+                    let engine: Arc<dyn factum_wasm::WasmEngine> = match (wasmtime, engine_bug) {
+                        (true, _) => Arc::new(WasmtimeEngine::new()?),
+                        (false, Some(bug)) => Arc::new(WasmiEngine::with_injected_bug(bug)),
+                        (false, None) => Arc::new(WasmiEngine::new()),
+                    };
+                    let providers = factum_node_agent::Providers {
+                        kv: Arc::new(MemoryKv::new()),
+                        http: http.then(|| {
+                            let limits = HttpLimits { timeout: Duration::from_secs(2), ..HttpLimits::default() };
+                            let provider = HttpProvider::with_transport(
+                                limits,
+                                Arc::new(web::SimHttp::new(env.clone())),
+                                env.clock.clone(),
+                            );
+                            let provider = match http_bug {
+                                Some(bug) => provider.with_injected_bug(bug),
+                                None => provider,
+                            };
+                            Arc::new(provider) as Arc<dyn factum_providers::Provider>
+                        }),
+                        messaging: messaging.then(|| {
+                            let bus = bus::RemoteBus::new(env.clone(), format!("{BUS}:{PORT}"));
+                            Arc::new(MessagingProvider::new(Arc::new(bus)))
+                        }),
+                        remote: if provider_hosts > 0 {
+                            let as_node = env.clone().with_principal(Principal::Node(name.clone()));
+                            let kind = factum_proto::ProviderType::Kv;
+                            let kv = ProviderHosts::new(kind, as_node, name.clone(), Duration::from_secs(2));
+                            let kv = match host_bug {
+                                Some(bug) => kv.with_injected_bug(bug),
+                                None => kv,
+                            };
+                            // With a registry the agent finds the hosts there; without one it is told them.
+                            if !with_registry {
+                                kv.set((1..=provider_hosts).map(|n| {
+                                    let addr = format!("{}:{PORT}", kv_host(n));
+                                    HostEntry { id: kv_provider(n), node: kv_host(n), addr }
+                                }));
+                            }
+                            [(kind, Arc::new(kv))].into()
+                        } else {
+                            Default::default()
+                        },
+                    };
+                    let routes = providers.remote.clone();
+                    let (agent, reports) = Agent::new(env.clone(), agent_config, engine, providers);
+                    observed.set_agent(&name, Some(agent.clone()));
+                    if with_registry {
+                        if !routes.is_empty() {
+                            let registry = remote_registry(&env);
+                            env.spawn(factum_node_agent::run_provider_discovery(
+                                env.clone(),
+                                registry,
+                                routes,
+                                DISCOVERY,
+                            ));
                         }
-                        [(kind, Arc::new(kv))].into()
-                    } else {
-                        Default::default()
-                    },
-                };
-                let routes = providers.remote.clone();
-                let (agent, reports) = Agent::new(env.clone(), agent_config, engine, providers);
-                observed.set_agent(&name, Some(agent.clone()));
-                if with_registry {
-                    if !routes.is_empty() {
-                        let registry = remote_registry(&env);
-                        env.spawn(factum_node_agent::run_provider_discovery(env.clone(), registry, routes, DISCOVERY));
+                        env.spawn(factum_node_agent::run_registry_link(agent.clone(), remote_registry(&env)));
                     }
-                    env.spawn(factum_node_agent::run_registry_link(agent.clone(), remote_registry(&env)));
-                }
-                env.spawn(factum_node_agent::serve(agent.clone(), listener));
-                factum_node_agent::run_control_plane_link(agent, format!("{CONTROL_PLANE}:{PORT}"), reports).await;
-                Ok(())
-            })
-        });
+                    env.spawn(factum_node_agent::serve(agent.clone(), listener));
+                    factum_node_agent::run_control_plane_link(agent, format!("{CONTROL_PLANE}:{PORT}"), reports).await;
+                    Ok(())
+                }))
+            }),
+        );
     }
-    sim
+    Ok(world)
 }
 
 /// The labels of agent `i` (from 1): `zone=a` when odd, `zone=b` when even, so a scenario can constrain starts
@@ -632,7 +662,7 @@ fn with_faults(env: Env, faults: &Option<Arc<buggify::Buggify>>) -> Env {
     }
 }
 
-/// A client of the simulated control plane, for scenario scripts running as turmoil clients.
+/// A client of the simulated control plane, for scenario scripts running as simulated clients.
 pub struct SimClient {
     env: Env,
     cp: ControlPlaneClient,
@@ -644,7 +674,7 @@ pub struct SimClient {
 impl SimClient {
     /// Connects to the control plane, retrying until it listens.
     pub async fn connect(seed: u64) -> Result<Self, SimError> {
-        let env = Env::turmoil(seed ^ 0xc1, sim_epoch())
+        let env = world::process_env(seed ^ 0xc1)
             .with_credentials(rpc::Credentials::claim(Principal::Operator("driver".into())));
         let addr = format!("{CONTROL_PLANE}:{PORT}");
         for _ in 0..100 {
@@ -664,7 +694,7 @@ impl SimClient {
     /// must fail like it would for a real client, not hang the scenario.
     pub async fn call<T, E>(&self, fut: impl std::future::Future<Output = Result<T, E>>) -> Result<T, SimError>
     where
-        E: std::error::Error + 'static,
+        E: std::error::Error + Send + Sync + 'static,
     {
         let result = match self.env.timeout(Duration::from_secs(5), fut).await {
             Some(Ok(v)) => return Ok(v),
@@ -771,37 +801,40 @@ pub struct Outcome {
 pub fn agent_crash(seed: u64) -> Result<Outcome, String> {
     let config = ClusterConfig::new(seed, 2);
     let trace = Arc::new(TraceLog::default());
-    let mut sim = build_cluster(&config, trace.clone());
+    let mut sim = build_cluster(&config, trace.clone())?;
     let phase = Arc::new(AtomicU8::new(0));
     let result: Arc<Mutex<Vec<InstanceMetadata>>> = Arc::default();
     let (client_phase, client_result) = (phase.clone(), result.clone());
-    sim.client("client", async move {
-        let client = SimClient::connect(seed).await?;
-        for _ in 0..100 {
-            if client.nodes().await?.iter().filter(|n| n.available).count() == 2 {
-                break;
+    sim.client(
+        "client",
+        Box::pin(async move {
+            let client = SimClient::connect(seed).await?;
+            for _ in 0..100 {
+                if client.nodes().await?.iter().filter(|n| n.available).count() == 2 {
+                    break;
+                }
+                client.sleep(Duration::from_millis(100)).await;
             }
-            client.sleep(Duration::from_millis(100)).await;
-        }
-        for i in 0..6 {
-            client.start(&format!("inst-{i}"), fixtures::SLEEPER, RestartPolicy::default()).await?;
-        }
-        let running = client
-            .eventually("all six running", Duration::from_secs(10), |all| {
-                all.len() == 6 && all.iter().all(|m| m.status == InstanceStatus::Running)
-            })
-            .await?;
-        invariants::placement_is_balanced(&running, 2).map_err(SimError::from)?;
-        client_phase.store(1, Ordering::SeqCst); // the driver crashes agent-2 now
-        let after = client
-            .eventually("agent-2's instances unknown, agent-1's running", Duration::from_secs(15), |all| {
-                invariants::crashed_node_is_unknown(all, "agent-2").is_ok()
-                    && invariants::node_keeps_running(all, "agent-1").is_ok()
-            })
-            .await?;
-        *client_result.lock().map_err(|_| "poisoned")? = after;
-        Ok(())
-    });
+            for i in 0..6 {
+                client.start(&format!("inst-{i}"), fixtures::SLEEPER, RestartPolicy::default()).await?;
+            }
+            let running = client
+                .eventually("all six running", Duration::from_secs(10), |all| {
+                    all.len() == 6 && all.iter().all(|m| m.status == InstanceStatus::Running)
+                })
+                .await?;
+            invariants::placement_is_balanced(&running, 2).map_err(SimError::from)?;
+            client_phase.store(1, Ordering::SeqCst); // the driver crashes agent-2 now
+            let after = client
+                .eventually("agent-2's instances unknown, agent-1's running", Duration::from_secs(15), |all| {
+                    invariants::crashed_node_is_unknown(all, "agent-2").is_ok()
+                        && invariants::node_keeps_running(all, "agent-1").is_ok()
+                })
+                .await?;
+            *client_result.lock().map_err(|_| "poisoned")? = after;
+            Ok(())
+        }),
+    );
     let mut crashed = false;
     loop {
         let done = sim.step().map_err(|e| format!("seed {seed}: {e}"))?;

@@ -6,11 +6,15 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use factum_sim::scenario::{self, Scenario};
+use factum_sim::Backend;
 
 /// Run factum chaos scenarios in a deterministic simulation.
 #[derive(Debug, Parser)]
 #[command(name = "factum-sim", version)]
 struct Cli {
+    /// The simulator: turmoil, or madsim in a build made with RUSTFLAGS="--cfg madsim" (see CI.md).
+    #[arg(long, global = true, value_enum, default_value_t = Backend::Turmoil)]
+    backend: Backend,
     #[command(subcommand)]
     command: Command,
 }
@@ -127,6 +131,7 @@ struct Job {
     replay: String,
     scenario: Scenario,
     seed: u64,
+    backend: Backend,
 }
 
 /// Runs `jobs` on `workers` threads (each simulation is single-threaded and deterministic on its own); returns
@@ -148,7 +153,7 @@ fn run_parallel(
                     return;
                 }
                 let Some(job) = jobs.get(i) else { return };
-                let result = scenario::run(&job.scenario, job.seed);
+                let result = scenario::run_on(&job.scenario, job.seed, job.backend);
                 if let Err(e) = &result {
                     eprintln!("FAILED: {e}\n  replay: {}", job.replay);
                 }
@@ -263,7 +268,7 @@ fn report(summary: &Summary, output: Output) -> ExitCode {
     }
 }
 
-fn run_one(path: &std::path::Path, seed: u64, trace: bool) -> ExitCode {
+fn run_one(path: &std::path::Path, seed: u64, trace: bool, backend: Backend) -> ExitCode {
     let scenario = match Scenario::load(path) {
         Ok(s) => s,
         Err(e) => {
@@ -271,7 +276,7 @@ fn run_one(path: &std::path::Path, seed: u64, trace: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match scenario::run(&scenario, seed) {
+    match scenario::run_on(&scenario, seed, backend) {
         Ok(outcome) => {
             if trace {
                 for line in &outcome.timeline {
@@ -294,7 +299,7 @@ fn run_one(path: &std::path::Path, seed: u64, trace: bool) -> ExitCode {
                 }
             }
             eprintln!("FAILED: {e}");
-            eprintln!("replay: factum-sim replay {} --seed {seed}", path.display());
+            eprintln!("replay: factum-sim{} replay {} --seed {seed}", flag(backend), path.display());
             ExitCode::FAILURE
         }
     }
@@ -303,9 +308,15 @@ fn run_one(path: &std::path::Path, seed: u64, trace: bool) -> ExitCode {
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-    match Cli::parse().command {
-        Command::Run { scenario, seed, trace } => run_one(&scenario, seed, trace),
-        Command::Replay { scenario, seed } => run_one(&scenario, seed, true),
+    let cli = Cli::parse();
+    let backend = cli.backend;
+    if let Err(e) = backend.check() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    match cli.command {
+        Command::Run { scenario, seed, trace } => run_one(&scenario, seed, trace, backend),
+        Command::Replay { scenario, seed } => run_one(&scenario, seed, true, backend),
         Command::Sweep { dir, seeds, start, jobs, output } => {
             let scenarios = match scenario::load_dir(&dir) {
                 Ok(s) => s,
@@ -318,9 +329,10 @@ fn main() -> ExitCode {
                 .iter()
                 .flat_map(|(path, scenario)| {
                     (start..start + seeds).map(move |seed| Job {
-                        replay: format!("factum-sim replay {path} --seed {seed}"),
+                        replay: format!("factum-sim{} replay {path} --seed {seed}", flag(backend)),
                         scenario: scenario.clone(),
                         seed,
+                        backend,
                     })
                 })
                 .collect();
@@ -342,10 +354,12 @@ fn main() -> ExitCode {
                 let chunk: Vec<Job> = (next..end)
                     .map(|seed| Job {
                         replay: format!(
-                            "factum-sim swarm --seeds 1 --agents {agents} --duration {duration} --start {seed}"
+                            "factum-sim{} swarm --seeds 1 --agents {agents} --duration {duration} --start {seed}",
+                            flag(backend)
                         ),
                         scenario: Scenario::swarm(seed, agents, *duration),
                         seed,
+                        backend,
                     })
                     .collect();
                 let ran = run_parallel(&chunk, jobs, deadline, None);
@@ -356,7 +370,7 @@ fn main() -> ExitCode {
             let mut summary = summarize(&work, &results, began.elapsed().as_secs_f64());
             let failed = work.iter().zip(&results).filter(|(_, r)| r.is_err()).map(|(job, _)| job);
             for (failure, job) in summary.failures.iter_mut().zip(failed) {
-                let shrunk = job.scenario.shrink(job.seed);
+                let shrunk = job.scenario.shrink(job.seed, job.backend);
                 failure.shrunk = Some(format!(
                     "# seed {} shrunk from {} to {} steps\n{}",
                     job.seed,
@@ -367,5 +381,14 @@ fn main() -> ExitCode {
             }
             report(&summary, output)
         }
+    }
+}
+
+/// The `--backend` flag that replays a run on `backend` (none for the default).
+fn flag(backend: Backend) -> String {
+    if backend == Backend::default() {
+        String::new()
+    } else {
+        format!(" --backend {backend}")
     }
 }

@@ -43,7 +43,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::convergence::Convergence;
 use crate::{
-    build_observed_cluster, invariants, ClusterConfig, Observed, Outcome, Render, SimClient, SimError, TraceLog,
+    build_observed_cluster, invariants, Backend, ClusterConfig, Observed, Outcome, Render, SimClient, SimError,
+    TraceLog,
 };
 
 /// Attempts a `must_succeed` start gets, a second apart.
@@ -747,8 +748,8 @@ impl Scenario {
 
     /// Shrinks a scenario that fails from `seed`: drops one step at a time (keeping the settle steps) while the
     /// run still fails, until no single step can go. Returns the smallest failing scenario found.
-    pub fn shrink(&self, seed: u64) -> Scenario {
-        self.shrink_with(&|| ClusterConfig::new(seed, self.agents))
+    pub fn shrink(&self, seed: u64, backend: Backend) -> Scenario {
+        self.shrink_with(&|| ClusterConfig { backend, ..ClusterConfig::new(seed, self.agents) })
     }
 
     /// [`Scenario::shrink`] under a cluster configuration of the caller's (e.g. with an injected bug).
@@ -781,7 +782,7 @@ impl Scenario {
     }
 }
 
-/// Runs the API steps of a scenario as a turmoil client.
+/// Runs the API steps of a scenario as a simulated client.
 async fn drive_api(
     steps: Vec<Step>,
     seed: u64,
@@ -936,10 +937,15 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// Runs `scenario` from `seed`: the control plane and agents as turmoil hosts, API steps from a client, faults
+/// Runs `scenario` from `seed`: the control plane and agents as simulated hosts, API steps from a client, faults
 /// from the driver, checks sampled every 50 ms. The error names the seed, the time and the violated check.
 pub fn run(scenario: &Scenario, seed: u64) -> Result<Outcome, Failure> {
-    run_with(scenario, ClusterConfig::new(seed, scenario.agents))
+    run_on(scenario, seed, Backend::default())
+}
+
+/// [`run`] on the simulator `backend`.
+pub fn run_on(scenario: &Scenario, seed: u64, backend: Backend) -> Result<Outcome, Failure> {
+    run_with(scenario, ClusterConfig { backend, ..ClusterConfig::new(seed, scenario.agents) })
 }
 
 /// [`run`] with a cluster configuration of the caller's (its seed and agent count are used as given).
@@ -967,13 +973,14 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     let buggify = config.faults.clone();
     let trace = Arc::new(TraceLog::default());
     let observed = Arc::new(Observed::default());
-    let mut sim = build_observed_cluster(&config, trace.clone(), observed.clone());
+    let mut sim = build_observed_cluster(&config, trace.clone(), observed.clone())
+        .map_err(|e| Failure { message: format!("{} (seed {seed}): {e}", scenario.name), timeline: Vec::new() })?;
     let api_steps: Vec<Step> = sorted(scenario.steps.iter().filter(|s| !s.action.is_fault()).cloned().collect());
     let mut faults: Vec<Step> = sorted(scenario.steps.iter().filter(|s| s.action.is_fault()).cloned().collect());
     faults.reverse(); // pop() takes the earliest
     let duration = scenario.duration;
     let api_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    sim.client("client", drive_api(api_steps, seed, duration, api_done.clone()));
+    sim.client("client", Box::pin(drive_api(api_steps, seed, duration, api_done.clone())));
 
     let fail = |at: Duration, what: String| Failure {
         message: format!("{} (seed {seed}) at {:.3}s: {what}", scenario.name, at.as_secs_f64()),
@@ -993,13 +1000,13 @@ pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcom
     let mut next_sample = Duration::ZERO;
     let mut samples: u64 = 0;
     loop {
-        let done = sim.step().map_err(|e| fail(sim.elapsed(), e.to_string()))?;
+        let done = sim.step().map_err(|e| fail(sim.elapsed(), e))?;
         let now = sim.elapsed();
         let mut thawed = false;
         while faults.last().is_some_and(|f| f.at <= now) {
             let Some(step) = faults.pop() else { break };
             thawed |= matches!(step.action, Action::Resume | Action::Recover);
-            inject(&mut sim, &observed, &step, &mut network, &mut crashed);
+            inject(sim.as_mut(), &observed, &step, &mut network, &mut crashed);
             trace.record_driver(now, &format!("{:?} {}", step.action, describe(&step)));
         }
         // A host thawed this instant has not run yet: what it held when it froze is not what it does. It is
@@ -1088,7 +1095,7 @@ struct Network {
 }
 
 fn inject(
-    sim: &mut turmoil::Sim<'_>,
+    sim: &mut dyn crate::World,
     observed: &Observed,
     step: &Step,
     network: &mut Network,

@@ -45,7 +45,7 @@ impl TraceLog {
     }
 
     /// Records an action of the simulation driver (a fault it injected) at simulated time `at` (the driver runs
-    /// outside every host, where turmoil has no clock to read).
+    /// outside every host, where the simulator has no clock to read).
     pub fn record_driver(&self, at: std::time::Duration, event: &str) {
         self.push(at, "driver", event);
     }
@@ -65,7 +65,7 @@ impl TraceLog {
 
 impl Trace for TraceLog {
     fn record(&self, component: &str, event: String) {
-        self.push(turmoil::sim_elapsed().unwrap_or_default(), component, &event);
+        self.push(factum_env::sim_elapsed().unwrap_or_default(), component, &event);
     }
 }
 

@@ -22,7 +22,7 @@ const FORBIDDEN: [&str; 15] = [
     // Threads and the blocking pool run outside the simulated host and its schedule.
     "thread::spawn",
     "spawn_blocking",
-    // Sockets that are not the env's network: turmoil never sees them, so no partition or loss applies.
+    // Sockets that are not the env's network: the simulator never sees them, so no partition or loss applies.
     "std::net",
     // A bare tokio task is dropped, on a host crash, in an order set by process-global task ids; tarpc's
     // `NewClient::spawn` is one. Spawn through the env (`rpc::start_client` for tarpc clients).
@@ -31,11 +31,15 @@ const FORBIDDEN: [&str; 15] = [
 ];
 
 /// Files allowed to use them, and why.
-const ALLOWED: [(&str, &str); 7] = [
+const ALLOWED: [(&str, &str); 8] = [
     ("runtime-adapters/env/src/lib.rs", "the production (tokio) implementation of the seam itself"),
     (
         "runtime-adapters/env/src/sim.rs",
         "the simulation implementation of the seam: tokio time inside a turmoil host is the simulated clock",
+    ),
+    (
+        "runtime-adapters/env/src/madsim_env.rs",
+        "the madsim implementation of the seam: inside a madsim node, `Instant` is the simulated clock",
     ),
     (
         "runtime-adapters/env/src/rpc.rs",

@@ -1,7 +1,7 @@
 //! The env seam: everything nondeterministic that factum's components touch (time, network, task spawning,
 //! randomness) goes through these traits. Production uses [`Env::tokio`]; the simulator uses
-//! [`Env::turmoil`] (feature `turmoil`), where time is virtual, the network is turmoil's and randomness is
-//! seeded, so a run is a function of its seed.
+//! [`Env::turmoil`] (feature `turmoil`) or `Env::madsim` (built with `RUSTFLAGS="--cfg madsim"`), where time is
+//! virtual, the network is the simulator's and randomness is seeded, so a run is a function of its seed.
 
 mod backend_tls;
 mod pause;
@@ -336,7 +336,31 @@ impl Rng for SeededRng {
 #[cfg(feature = "turmoil")]
 mod sim;
 #[cfg(feature = "turmoil")]
-pub use sim::{MachineClock, TurmoilNet};
+pub use sim::TurmoilNet;
+
+#[cfg(madsim)]
+mod madsim_env;
+#[cfg(madsim)]
+pub use madsim_env::{MadsimClock, MadsimNet, MadsimSpawn};
+
+#[cfg(any(feature = "turmoil", madsim))]
+mod machine_clock;
+#[cfg(any(feature = "turmoil", madsim))]
+pub use machine_clock::MachineClock;
+
+/// Simulated time since the run began, read from whichever simulator runs on this thread (turmoil or madsim);
+/// `None` outside a simulation.
+pub fn sim_elapsed() -> Option<Duration> {
+    #[cfg(feature = "turmoil")]
+    if let Some(elapsed) = turmoil::sim_elapsed() {
+        return Some(elapsed);
+    }
+    #[cfg(madsim)]
+    if let Some(elapsed) = madsim_env::elapsed() {
+        return Some(elapsed);
+    }
+    None
+}
 
 #[cfg(test)]
 mod tests {
