@@ -799,7 +799,16 @@ pub struct Outcome {
 /// crashes. Checks that the control plane marks agent-2's instances `unknown` (P12, P14) while agent-1's keep
 /// running (P12), and that every invariant holds at the end.
 pub fn agent_crash(seed: u64) -> Result<Outcome, String> {
-    let config = ClusterConfig::new(seed, 2);
+    agent_crash_with(ClusterConfig::new(seed, 2))
+}
+
+/// [`agent_crash`] on the cluster `config` (its backend, seed and faults).
+pub fn agent_crash_with(config: ClusterConfig) -> Result<Outcome, String> {
+    config.backend.isolated(|| agent_crash_here(config))
+}
+
+fn agent_crash_here(config: ClusterConfig) -> Result<Outcome, String> {
+    let seed = config.seed;
     let trace = Arc::new(TraceLog::default());
     let mut sim = build_cluster(&config, trace.clone())?;
     let phase = Arc::new(AtomicU8::new(0));

@@ -949,7 +949,11 @@ pub fn run_on(scenario: &Scenario, seed: u64, backend: Backend) -> Result<Outcom
 }
 
 /// [`run`] with a cluster configuration of the caller's (its seed and agent count are used as given).
-pub fn run_with(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcome, Failure> {
+pub fn run_with(scenario: &Scenario, config: ClusterConfig) -> Result<Outcome, Failure> {
+    config.backend.isolated(|| run_here(scenario, config))
+}
+
+fn run_here(scenario: &Scenario, mut config: ClusterConfig) -> Result<Outcome, Failure> {
     let seed = config.seed;
     config.agents = scenario.agents;
     config.registry = scenario.registry;

@@ -83,6 +83,19 @@ impl Backend {
         }
     }
 
+    /// Runs `run` (one simulation, start to end) where a run on this backend is a function of its seed alone.
+    /// madsim seeds std's `HashMap` keys only if its runtime makes a thread's first `RandomState`, so a madsim
+    /// run gets a fresh thread; otherwise what ran before on the thread would change the run.
+    pub fn isolated<T: Send>(self, run: impl FnOnce() -> T + Send) -> T {
+        match self {
+            Backend::Turmoil => run(),
+            Backend::Madsim => std::thread::scope(|s| match s.spawn(run).join() {
+                Ok(out) => out,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }),
+        }
+    }
+
     /// A new, empty world on this backend for a cluster configured as `config`.
     pub fn world(self, config: &ClusterConfig) -> Result<Box<dyn World>, String> {
         match self {

@@ -37,7 +37,11 @@ impl MadsimWorld {
     pub fn new(config: &ClusterConfig) -> Self {
         let (lo, hi) = config.latency;
         let mut sim_config = madsim::Config::default();
-        sim_config.net.send_latency = lo..hi.max(lo + Duration::from_nanos(1));
+        // madsim draws a latency uniformly from its range; turmoil draws lo + (hi - lo) * Exp(5), mean a fifth
+        // of the range. The first two fifths of the range, drawn uniformly, have the same mean, so a scenario's
+        // deadlines mean the same on both.
+        let mean_matched = lo + (hi - lo) * 2 / 5;
+        sim_config.net.send_latency = lo..mean_matched.max(lo + Duration::from_nanos(1));
         let rt = Runtime::with_seed_and_config(config.seed, sim_config);
         let net = rt.block_on(async { NetSim::current() });
         Self {
