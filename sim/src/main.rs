@@ -12,8 +12,9 @@ use factum_sim::Backend;
 #[derive(Debug, Parser)]
 #[command(name = "factum-sim", version)]
 struct Cli {
-    /// The simulator: turmoil, or madsim in a build made with RUSTFLAGS="--cfg madsim" (see CI.md).
-    #[arg(long, global = true, value_enum, default_value_t = Backend::Turmoil)]
+    /// The simulator: turmoil, or madsim in a build made with RUSTFLAGS="--cfg madsim" (see CI.md), where it is
+    /// the default.
+    #[arg(long, global = true, value_enum, default_value_t = Backend::default())]
     backend: Backend,
     #[command(subcommand)]
     command: Command,
@@ -384,9 +385,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// The `--backend` flag that replays a run on `backend` (none for the default).
+/// The `--backend` flag that replays a run on `backend`: none only for turmoil in a build where it is the
+/// default, so a printed replay line means the same run in a madsim build.
 fn flag(backend: Backend) -> String {
-    if backend == Backend::default() {
+    if backend == Backend::Turmoil && backend == Backend::default() {
         String::new()
     } else {
         format!(" --backend {backend}")

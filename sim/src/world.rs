@@ -55,15 +55,25 @@ pub trait World {
     fn set_fail_rate(&mut self, rate: f64);
 }
 
-/// Which simulator runs a world.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+/// Which simulator runs a world. The default is the build's own: madsim in a build with `--cfg madsim` (so the
+/// same tests and sweeps run there on madsim), turmoil otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
     /// turmoil: fixed ticks of simulated time, every host stepped each tick.
-    #[default]
     Turmoil,
     /// madsim: time jumps to the next event and ready tasks run in a seeded order; only in builds with
     /// `RUSTFLAGS="--cfg madsim"`.
     Madsim,
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        if cfg!(madsim) {
+            Backend::Madsim
+        } else {
+            Backend::Turmoil
+        }
+    }
 }
 
 impl Backend {

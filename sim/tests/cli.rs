@@ -33,3 +33,13 @@ fn a_bad_scenario_is_refused_with_exit_code_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown check"));
 }
+
+/// A build without madsim says how to get one that has it, rather than running turmoil under another name.
+#[cfg(not(madsim))]
+#[test]
+fn madsim_in_a_build_without_it_is_refused_with_exit_code_2() {
+    let scenario = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/agent_crash.toml");
+    let out = sim(&["--backend", "madsim", "run", scenario.to_str().unwrap(), "--seed", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cfg madsim"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -5,6 +5,7 @@
 //! A change to what the product or the simulator does changes these hashes, and that is the point: update them
 //! in the same commit, after reading the new timeline (`factum-sim replay scenarios/<file> --seed <n>`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
+#![cfg(not(madsim))] // the stored hashes are turmoil's; tests/madsim_backend.rs checks madsim
 
 use std::process::Command;
 

@@ -184,3 +184,15 @@ impl World for MadsimWorld {
         self.net.update_config(|c| c.packet_loss_rate = rate.clamp(0.0, 1.0));
     }
 }
+
+impl Drop for MadsimWorld {
+    /// madsim's runtime frees nothing when dropped: a task still waiting holds the timer that holds its waker,
+    /// so each run leaked its cluster (about 2 MB; a 1,000-seed sweep filled 24 GB). Killing every node and
+    /// running the executor once drops their tasks, which breaks those cycles.
+    fn drop(&mut self) {
+        for id in self.nodes.values() {
+            self.rt.handle().kill(*id);
+        }
+        self.rt.block_on(async {});
+    }
+}
