@@ -677,7 +677,11 @@ impl SimClient {
         let env = world::process_env(seed ^ 0xc1)
             .with_credentials(rpc::Credentials::claim(Principal::Operator("driver".into())));
         let addr = format!("{CONTROL_PLANE}:{PORT}");
-        for _ in 0..100 {
+        // Bounded by simulated time, not attempts: turmoil lets a connect to a crashed host hang until the
+        // timeout (1.1 s an attempt), madsim refuses it at once, and a control plane down for 24 s must still
+        // be waited for on both.
+        let give_up = env.clock.now() + Duration::from_secs(110);
+        while env.clock.now() < give_up {
             // A connect into a partition never answers: bound it like every other call.
             let connect = env.timeout(Duration::from_secs(1), rpc::dial(&env, &addr, &Principal::ControlPlane));
             if let Some(Ok(stream)) = connect.await {

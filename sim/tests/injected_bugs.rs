@@ -79,8 +79,9 @@ fn http(bug: HttpBug) -> impl Fn(&mut ClusterConfig) {
 /// One test per injected bug: `test name: scenario file, injection => [what the failure must name, any of]`.
 /// The scenario must fail within 100 seeds with the bug, and that seed must pass without it.
 macro_rules! caught {
-    ($($name:ident: $file:literal, $inject:expr => [$($check:literal),+];)+) => {$(
+    ($($(#[$attr:meta])* $name:ident: $file:literal, $inject:expr => [$($check:literal),+];)+) => {$(
         #[test]
+        $(#[$attr])*
         fn $name() {
             let (seed, failure) = first_failure_with($file, $inject).expect("bug not caught");
             assert!([$($check),+].iter().any(|check| failure.contains(check)), "seed {seed}: {failure}");
@@ -118,6 +119,9 @@ caught! {
         "lease_expiry.toml", cp(InjectedBug::ForgetLostNodes) => ["P6 instances_live_on_known_nodes"];
     a_control_plane_that_ignores_capability_facts_is_caught_by_registry_matches_agents:
         "revoke_during_kv_use.toml", cp(InjectedBug::FrozenCapabilities) => ["registry_matches_agents"];
+    // madsim's TCP retries a clogged segment until it passes, so the start held on its way to agent-1 lands
+    // after the release and the instance runs without the retry the bug leaves out.
+    #[cfg_attr(madsim, ignore = "madsim delivers the held start after the release: no retry is needed")]
     a_control_plane_that_never_retries_a_placement_is_caught_by_always_running:
         "reschedule_in_doubt.toml", cp(InjectedBug::NoPlacementRetries) => ["always_running"];
     a_control_plane_that_keeps_a_replaced_running_status_is_caught_by_the_always_on_monitor:
@@ -144,6 +148,8 @@ caught! {
         "grant_renewal.toml", host(HostBug::IgnoredExpiry) => ["P17 provider_hosts_check_grants"];
     a_routing_that_retries_writes_on_another_host_is_caught_by_the_always_on_monitor:
         "provider_discovery.toml", host(HostBug::RetriedWrites) => ["P17 provider_hosts_check_grants"];
+    // The copy is left only when loss fails its discard; madsim's lossy network delays messages, never loses one.
+    #[cfg_attr(madsim, ignore = "madsim's loss delays the discard but never fails it: no copy is left")]
     a_removal_that_forgets_copies_left_elsewhere_is_caught_by_the_always_on_monitor:
         "drain_remove_lossy.toml", cp(InjectedBug::TombstoneOnlyWhereRemoved) => ["removed_instances_stay_removed"];
     a_drain_that_starts_before_it_stops_is_caught_by_single_placement:
@@ -246,6 +252,7 @@ fn a_control_plane_that_keeps_its_outage_backoff_after_nodes_join_is_caught() {
 /// on a node that had only missed heartbeats rescheduled everything there, and an instance ran on two nodes.
 /// Too rare for the 1..=100 search, so shown on its seed: with the bug put back, `single_placement` fires.
 #[test]
+#[cfg_attr(madsim, ignore = "a turmoil seed: madsim runs another timeline from it")]
 fn rescheduling_off_a_node_nothing_fenced_is_caught_by_single_placement() {
     let (file, seed) = ("drain_remove_lossy.toml", 23000735);
     let scenario = load(file);
