@@ -42,7 +42,8 @@ fn report(name: &str, mut samples: Vec<Duration>, total: Duration) -> Duration {
 }
 
 fn engines() -> Vec<(&'static str, Arc<dyn WasmEngine>)> {
-    let pooled = WasmtimeEngine::pooled(4096, &factum_wasm::Limits::default()).expect("wasmtime pool");
+    let pooled = WasmtimeEngine::pooled(4096, &factum_wasm::Limits::default(), factum_wasm::Reservation::Guarded)
+        .expect("wasmtime pool");
     vec![
         ("wasmtime", Arc::new(WasmtimeEngine::new().expect("wasmtime"))),
         ("wasmtime, pooled", Arc::new(pooled)),

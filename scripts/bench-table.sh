@@ -8,7 +8,7 @@
 #   SIM_SEEDS=20 scripts/bench-table.sh     # a shorter sweep (default 100 seeds of every scenario)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-benches=${BENCHES:-start kv_invoke msg_deliver limits rebuild cp_scale}
+benches=${BENCHES:-start kv_invoke msg_deliver limits density rebuild cp_scale}
 seeds=${SIM_SEEDS:-100}
 out=BENCHMARKS.md
 tmp=$(mktemp)

@@ -1,5 +1,6 @@
 //! `factum-sim`: run chaos scenarios against a simulated factum cluster.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -107,9 +108,9 @@ struct Summary {
     /// Each failure with the command that replays it (and, for a swarm, the failing scenario shrunk).
     failures: Vec<FailureSummary>,
     /// Fault point → runs it was reached in, times it fired.
-    fault_points: std::collections::BTreeMap<String, PointSummary>,
+    fault_points: BTreeMap<String, PointSummary>,
     /// Sometimes-goal → runs that reached it.
-    sometimes: std::collections::BTreeMap<String, usize>,
+    sometimes: BTreeMap<String, usize>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -135,6 +136,19 @@ struct Job {
     backend: Backend,
 }
 
+/// What a sweep keeps of a passed run until its summary: its fault-point coverage and the sometimes-goals it
+/// reached. Kept whole, outcomes (timelines mostly) grew a 26,000-run sweep by 1.6 GB.
+struct Passed {
+    coverage: BTreeMap<String, factum_sim::buggify::PointCoverage>,
+    goals: BTreeSet<&'static str>,
+}
+
+impl From<factum_sim::Outcome> for Passed {
+    fn from(outcome: factum_sim::Outcome) -> Self {
+        Passed { goals: factum_sim::sometimes::reached(&outcome.timeline), coverage: outcome.coverage }
+    }
+}
+
 /// Runs `jobs` on `workers` threads (each simulation is single-threaded and deterministic on its own); returns
 /// the results in job order.
 fn run_parallel(
@@ -142,9 +156,9 @@ fn run_parallel(
     workers: usize,
     deadline: Option<Instant>,
     progress: Option<&Progress>,
-) -> Vec<Result<factum_sim::Outcome, scenario::Failure>> {
+) -> Vec<Result<Passed, scenario::Failure>> {
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: std::sync::Mutex<Vec<Option<Result<factum_sim::Outcome, scenario::Failure>>>> =
+    let results: std::sync::Mutex<Vec<Option<Result<Passed, scenario::Failure>>>> =
         std::sync::Mutex::new((0..jobs.len()).map(|_| None).collect());
     std::thread::scope(|scope| {
         for _ in 0..workers.max(1) {
@@ -154,7 +168,7 @@ fn run_parallel(
                     return;
                 }
                 let Some(job) = jobs.get(i) else { return };
-                let result = scenario::run_on(&job.scenario, job.seed, job.backend).map(goal_lines);
+                let result = scenario::run_on(&job.scenario, job.seed, job.backend).map(Passed::from);
                 if let Err(e) = &result {
                     eprintln!("FAILED: {e}\n  replay: {}", job.replay);
                 }
@@ -168,16 +182,6 @@ fn run_parallel(
         }
     });
     results.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().flatten().collect()
-}
-
-/// What a finished run keeps until the summary: of its timeline, the first line that reaches each
-/// sometimes-goal (all the summary reads). Kept whole, timelines grew a 26,000-run sweep by 1.6 GB.
-fn goal_lines(mut outcome: factum_sim::Outcome) -> factum_sim::Outcome {
-    let timeline = std::mem::take(&mut outcome.timeline);
-    outcome.timeline = (factum_sim::sometimes::GOALS.iter())
-        .filter_map(|goal| timeline.iter().find(|line| (goal.reached_by)(line)).cloned())
-        .collect();
-    outcome
 }
 
 /// A long run's progress on stderr: a line each time another twentieth of the runs is done, so an hour-long
@@ -208,7 +212,7 @@ impl Progress {
 
 /// Throughput, failures, fault-point coverage and the sometimes-goals reached by a finished sweep (`results`
 /// are the first runs of `jobs`).
-fn summarize(jobs: &[Job], results: &[Result<factum_sim::Outcome, scenario::Failure>], secs: f64) -> Summary {
+fn summarize(jobs: &[Job], results: &[Result<Passed, scenario::Failure>], secs: f64) -> Summary {
     let jobs = jobs.get(..results.len()).unwrap_or(jobs);
     let simulated: f64 = jobs.iter().map(|j| j.scenario.duration.as_secs_f64()).sum();
     let mut summary = Summary {
@@ -221,14 +225,14 @@ fn summarize(jobs: &[Job], results: &[Result<factum_sim::Outcome, scenario::Fail
     };
     for (job, result) in jobs.iter().zip(results) {
         match result {
-            Ok(outcome) => {
-                for (point, c) in &outcome.coverage {
+            Ok(passed) => {
+                for (point, c) in &passed.coverage {
                     let entry = summary.fault_points.entry(point.clone()).or_default();
                     entry.reached_in += 1;
                     entry.fired += c.fired;
                 }
-                for goal in factum_sim::sometimes::reached(&outcome.timeline) {
-                    *summary.sometimes.entry(goal.to_string()).or_default() += 1;
+                for goal in &passed.goals {
+                    *summary.sometimes.entry((*goal).to_string()).or_default() += 1;
                 }
             }
             Err(e) => summary.failures.push(FailureSummary {

@@ -5,10 +5,11 @@
 #![cfg(madsim)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+
+use common::Busy;
 
 fn scenarios() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
@@ -23,46 +24,7 @@ fn scenarios() -> Vec<PathBuf> {
 
 /// The trace hash of one madsim run of `file` at `seed`, in a fresh `factum-sim` process.
 fn trace_hash(file: &Path, seed: u64) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_factum-sim"))
-        .args(["--backend", "madsim", "run", file.to_str().unwrap(), "--seed", &seed.to_string()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let name = file.display();
-    assert!(out.status.success(), "{name} seed {seed} failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    let hash = stdout.split("trace hash ").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap_or("");
-    assert_eq!(hash.len(), 64, "{name} seed {seed} printed no trace hash:\n{stdout}");
-    hash.to_string()
-}
-
-/// Keeps two threads spinning until dropped: a busy machine must not change what happens in a run.
-struct Busy(Arc<AtomicBool>, Vec<std::thread::JoinHandle<()>>);
-
-impl Busy {
-    fn start() -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let spinners = (0..2)
-            .map(|_| {
-                let stop = stop.clone();
-                std::thread::spawn(move || {
-                    let mut x = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-                    }
-                })
-            })
-            .collect();
-        Busy(stop, spinners)
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-        for spinner in self.1.drain(..) {
-            let _ = spinner.join();
-        }
-    }
+    common::trace_hash(&["--backend", "madsim"], file, seed)
 }
 
 #[test]

@@ -7,7 +7,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // tests may panic
 #![cfg(not(madsim))] // the stored hashes are turmoil's; tests/madsim_backend.rs checks madsim
 
-use std::process::Command;
+mod common;
+
+use common::Busy;
 
 /// (scenario file, seed, trace hash).
 const REFERENCE: &[(&str, u64, &str)] = &[
@@ -22,16 +24,9 @@ const REFERENCE: &[(&str, u64, &str)] = &[
     ("http.toml", 2, "cec949cef916df8716e7d1ca86e7d660610be1dacd381129d77e6dce21fbc3e6"),
 ];
 
-/// The trace hash of one run of `file` at `seed`, in a fresh `factum-sim` process.
+/// The trace hash of one run of `scenarios/<file>` at `seed`, in a fresh `factum-sim` process.
 fn trace_hash(file: &str, seed: u64) -> String {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
-    let out = Command::new(env!("CARGO_BIN_EXE_factum-sim"))
-        .args(["run", &dir.join(file).display().to_string(), "--seed", &seed.to_string()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{file} seed {seed} failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    stdout.split("trace hash ").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap_or("").to_string()
+    common::trace_hash(&[], &common::scenario(file), seed)
 }
 
 #[test]
@@ -51,23 +46,9 @@ fn reference_runs_give_their_stored_trace_hashes_in_a_fresh_process() {
 /// OS clock, and `messaging.toml` seed 3 gave another hash in about one run of six while the CPU was busy.
 #[test]
 fn a_busy_machine_gives_the_same_trace_hash() {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let spinners: Vec<_> = (0..2)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut x = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-                }
-            })
-        })
-        .collect();
+    let busy = Busy::start();
     let (file, seed, want) = REFERENCE.iter().find(|(file, ..)| *file == "messaging.toml").unwrap();
     let hashes: Vec<String> = (0..8).map(|_| trace_hash(file, *seed)).collect();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for spinner in spinners {
-        spinner.join().unwrap();
-    }
+    drop(busy);
     assert!(hashes.iter().all(|h| h == want), "{file} seed {seed} under load: {hashes:?}, stored {want}");
 }

@@ -23,7 +23,7 @@ pub use budget::TABLE_ELEMENT_BYTES;
 pub use cache::{CachedModule, ModuleCache};
 pub use node_memory::NodeMemory;
 pub use wasmi_engine::{EngineBug, WasmiEngine};
-pub use wasmtime_engine::WasmtimeEngine;
+pub use wasmtime_engine::{Reservation, WasmtimeEngine};
 
 /// Resource limits of one instance (wasmtime `StoreLimits`-style: explicit, per instance, documented).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

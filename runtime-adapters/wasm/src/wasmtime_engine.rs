@@ -57,17 +57,37 @@ impl CompiledModule for Compiled {
 /// How many memories and tables per module a pool admits at compile time (see [`WasmtimeEngine::pooled`]).
 const POOL_PER_MODULE_CAP: u32 = 64;
 
+/// How much address space a wasmtime engine reserves for each linear memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reservation {
+    /// wasmtime's default, 4 GiB plus guard pages: every 32-bit address falls inside it, so guest code needs no
+    /// bounds checks, but each instance takes ~4 GiB of a 128 TiB address space (~32,000 instances at most).
+    #[default]
+    Guarded,
+    /// Only the instance's memory budget ([`Limits::max_memory_bytes`]): guest loads and stores check their
+    /// bounds explicitly (measured in `benches/limits.rs`), and 100,000 instances of 64 MiB take ~6 TiB.
+    Budget,
+}
+
 impl WasmtimeEngine {
     /// An engine with fuel metering on (fuel drives cooperative yielding, so runs are deterministic).
     pub fn new() -> Result<Self, EngineError> {
         Self::from_config(Config::new())
     }
 
+    /// An engine that maps each instance's memory on demand, reserving `reservation`'s worth of address space.
+    pub fn on_demand(reservation: Reservation, limits: &Limits) -> Result<Self, EngineError> {
+        let mut config = Config::new();
+        reserve(&mut config, reservation, limits);
+        Self::from_config(config)
+    }
+
     /// An engine whose instances take their memories, tables and async stacks from a pool of `slots`
     /// preallocated slots sized by `limits` (wasmtime's pooling allocator): a start maps nothing, and a slot
     /// freed by an ended instance is reused, its memory image reset copy-on-write. More than `slots` instances
-    /// at once are refused (RESOURCE_EXHAUSTED).
-    pub fn pooled(slots: u32, limits: &Limits) -> Result<Self, EngineError> {
+    /// at once are refused (RESOURCE_EXHAUSTED). The pool reserves `slots` × `reservation` of address space up
+    /// front, so a pool of more than ~32,000 slots needs [`Reservation::Budget`].
+    pub fn pooled(slots: u32, limits: &Limits, reservation: Reservation) -> Result<Self, EngineError> {
         let mut pool = wasmtime::PoolingAllocationConfig::new();
         pool.total_core_instances(slots)
             .total_memories(slots)
@@ -81,7 +101,19 @@ impl WasmtimeEngine {
             .table_elements(limits.max_table_elements);
         let mut config = Config::new();
         config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
-        Self::from_config(config)
+        reserve(&mut config, reservation, limits);
+        Self::from_config(config).map_err(|e| {
+            let space = match reservation {
+                Reservation::Guarded => "~4 GiB of address space each (a large pool needs the budget reservation)",
+                Reservation::Budget => "their memory budget of address space each",
+            };
+            // Read only to explain a refusal: each slot's stack and memory are separate maps.
+            let map_count = std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap_or_default();
+            EngineError::Internal(format!(
+                "{e}: {slots} slots reserve {space} and map ~2 regions each (vm.max_map_count is {})",
+                map_count.trim()
+            ))
+        })
     }
 
     /// An engine from `config`, with what every factum engine needs on top: fuel metering.
@@ -94,6 +126,16 @@ impl WasmtimeEngine {
     /// The same engine with its instances drawing on `node_memory` (unlimited by default).
     pub fn with_node_memory(self, node_memory: Arc<NodeMemory>) -> Self {
         Self { node_memory, ..self }
+    }
+}
+
+/// Sizes `config`'s memory reservation as `reservation` says.
+fn reserve(config: &mut Config, reservation: Reservation, limits: &Limits) {
+    if reservation == Reservation::Budget {
+        let budget = u64::try_from(limits.max_memory_bytes).unwrap_or(u64::MAX);
+        // Growth never passes the budget, so nothing is reserved beyond it; one 64 KiB guard page per memory
+        // still lets constant offsets of small loads skip their check.
+        config.memory_reservation(budget).memory_reservation_for_growth(0).memory_guard_size(64 * 1024);
     }
 }
 
@@ -270,7 +312,8 @@ fn instantiation_error(e: &wasmtime::Error, budget: &Budget, limits: &Limits) ->
         crate::too_many("tables", limits.max_tables)
     } else if msg.contains("memory count") {
         crate::too_many("memories", limits.max_memories)
-    } else if msg.contains("limit") {
+    } else if msg.contains("limit") || msg.contains("Cannot allocate memory") {
+        // The latter: the OS refused to map the memory (address space or map count exhausted).
         EngineError::ResourceExhausted(msg)
     } else {
         EngineError::InvalidModule(msg)
@@ -322,4 +365,19 @@ async fn run_to_end(
         }
     }
     ExitReason::Exited(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The OS refusing to map an instance's memory (address space or `vm.max_map_count` used up, as a node
+    /// of ~32,000 instances with 4 GiB reservations meets) is a full node, not a bad module.
+    #[test]
+    fn a_refused_memory_mapping_is_resource_exhausted() {
+        let e = wasmtime::Error::msg("mmap failed to reserve 0x104000000 bytes: Cannot allocate memory (os error 12)");
+        let budget = Budget::new(Limits::default(), Arc::default());
+        let err = instantiation_error(&e, &budget, &Limits::default());
+        assert!(matches!(err, EngineError::ResourceExhausted(_)), "{err:?}");
+    }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use factum_proto::{CapabilityResponse, ErrorCode, KvOperation};
 use factum_wasm::fixtures::{self, module};
-use factum_wasm::{EngineError, ExitReason, GuestHost, Limits, WasmEngine, WasmiEngine, WasmtimeEngine};
+use factum_wasm::{EngineError, ExitReason, GuestHost, Limits, Reservation, WasmEngine, WasmiEngine, WasmtimeEngine};
 use futures::future::BoxFuture;
 
 /// A host that records invocations and answers every `set` with success.
@@ -40,11 +40,13 @@ impl GuestHost for RecordingHost {
     }
 }
 
-/// Every engine, wasmtime twice: mapping each instance's memory on demand, and from a pool of slots.
+/// Every engine, wasmtime three times: mapping each instance's memory on demand (with 4 GiB of guarded address
+/// space, and with only its budget, so guest code checks bounds), and from a pool of slots.
 fn engines() -> Vec<Arc<dyn WasmEngine>> {
     vec![
         Arc::new(WasmtimeEngine::new().unwrap()),
-        Arc::new(WasmtimeEngine::pooled(64, &Limits::default()).unwrap()),
+        Arc::new(WasmtimeEngine::on_demand(Reservation::Budget, &Limits::default()).unwrap()),
+        Arc::new(WasmtimeEngine::pooled(64, &Limits::default(), Reservation::Guarded).unwrap()),
         Arc::new(WasmiEngine::new()),
     ]
 }
@@ -441,7 +443,8 @@ fn fuzz_through_engines(
 /// and the slot an instance frees serves the next start.
 #[tokio::test]
 async fn a_full_pool_refuses_a_start_until_a_slot_is_freed() {
-    let engine: Arc<dyn WasmEngine> = Arc::new(WasmtimeEngine::pooled(2, &Limits::default()).unwrap());
+    let engine: Arc<dyn WasmEngine> =
+        Arc::new(WasmtimeEngine::pooled(2, &Limits::default(), Reservation::Guarded).unwrap());
     let compiled = engine.compile(&module(fixtures::SLEEPER)).unwrap();
     let start = || engine.instantiate(&compiled, Arc::new(RecordingHost::default()), Limits::default());
     let first = start().await.unwrap();

@@ -14,7 +14,7 @@ use factum_providers::{
     BackendTls, HostEntry, HttpLimits, HttpProvider, KvProvider, MessagingProvider, NatsBus, Provider, ProviderHosts,
     RedisStore, DEFAULT_MAX_KEYS_PER_STORE,
 };
-use factum_wasm::{Limits, NodeMemory, WasmEngine, WasmiEngine, WasmtimeEngine};
+use factum_wasm::{Limits, NodeMemory, Reservation, WasmEngine, WasmiEngine, WasmtimeEngine};
 
 use factum_registry::{EtcdRegistry, ProviderRecord, Registry};
 
@@ -256,11 +256,18 @@ async fn start_agent(
         fuel: opts.fuel,
         ..Limits::default()
     };
+    let reservation = if opts.compact_memory { Reservation::Budget } else { Reservation::Guarded };
     let engine: Arc<dyn WasmEngine> = match (opts.engine, opts.pooled) {
-        (EngineKind::Wasmtime, false) => Arc::new(WasmtimeEngine::new()?.with_node_memory(node_memory)),
+        (EngineKind::Wasmtime, false) => {
+            Arc::new(WasmtimeEngine::on_demand(reservation, &config.limits)?.with_node_memory(node_memory))
+        }
         (EngineKind::Wasmtime, true) => {
             say(format!("wasmtime pooling allocator: {} slots", opts.max_instances));
-            Arc::new(WasmtimeEngine::pooled(opts.max_instances, &config.limits)?.with_node_memory(node_memory))
+            let engine = WasmtimeEngine::pooled(opts.max_instances, &config.limits, reservation)?;
+            Arc::new(engine.with_node_memory(node_memory))
+        }
+        (EngineKind::Wasmi, false) if opts.compact_memory => {
+            anyhow::bail!("--compact-memory sizes wasmtime's reservations: not with --engine wasmi")
         }
         (EngineKind::Wasmi, false) => Arc::new(WasmiEngine::new().with_node_memory(node_memory)),
         (EngineKind::Wasmi, true) => anyhow::bail!("--pooled is wasmtime's pooling allocator: not with --engine wasmi"),

@@ -116,9 +116,16 @@ pub struct AgentOpts {
     /// Wasmtime only: take instances' memories, tables and stacks from a pool of `--max-instances`
     /// preallocated slots (wasmtime's pooling allocator) instead of mapping them per start: starts are about a
     /// fifth faster (`cargo bench --bench start`), at the cost of reserving every slot's address space up
-    /// front (about 4 GiB of virtual memory per slot, so keep `--max-instances` at or below ~16,000).
+    /// front (about 4 GiB of virtual memory per slot, so above ~30,000 slots add `--compact-memory`).
     #[arg(long)]
     pub pooled: bool,
+    /// Wasmtime only: reserve for each instance's memory only its budget (`--max-memory-mib`) of address space
+    /// instead of 4 GiB with guard pages. Guest loads and stores then check their bounds (`cargo bench --bench
+    /// limits` shows the cost), and the node can hold far more than the ~30,000 instances that 4 GiB each
+    /// allows in a 128 TiB address space (`cargo bench --bench density`). Past ~30,000 instances Linux also
+    /// needs `vm.max_map_count` raised (each instance maps 3 to 6 regions; the default is 65,530).
+    #[arg(long)]
+    pub compact_memory: bool,
     /// Node label `NAME=VALUE`, e.g. `zone=a`; repeatable. A start with `--constraint zone=a` is placed only
     /// on nodes labelled so. Names and values take `[A-Za-z0-9._/-]`.
     #[arg(long = "label", value_name = "NAME=VALUE")]
