@@ -41,14 +41,23 @@ fn report(name: &str, mut samples: Vec<Duration>, total: Duration) -> Duration {
     pct(0.5)
 }
 
+/// The engines to measure: all three, or those `FACTUM_BENCH_ENGINES` names (`wasmtime,pooled,wasmi`).
 fn engines() -> Vec<(&'static str, Arc<dyn WasmEngine>)> {
-    let pooled = WasmtimeEngine::pooled(4096, &factum_wasm::Limits::default(), factum_wasm::Reservation::Guarded)
-        .expect("wasmtime pool");
-    vec![
-        ("wasmtime", Arc::new(WasmtimeEngine::new().expect("wasmtime"))),
-        ("wasmtime, pooled", Arc::new(pooled)),
-        ("wasmi", Arc::new(WasmiEngine::new())),
-    ]
+    let chosen = std::env::var("FACTUM_BENCH_ENGINES").unwrap_or_else(|_| "wasmtime,pooled,wasmi".into());
+    let chosen: Vec<&str> = chosen.split(',').collect();
+    let mut engines: Vec<(&'static str, Arc<dyn WasmEngine>)> = Vec::new();
+    if chosen.contains(&"wasmtime") {
+        engines.push(("wasmtime", Arc::new(WasmtimeEngine::new().expect("wasmtime"))));
+    }
+    if chosen.contains(&"pooled") {
+        let limits = factum_wasm::Limits::default();
+        let pooled = WasmtimeEngine::pooled(4096, &limits, factum_wasm::Reservation::Guarded).expect("wasmtime pool");
+        engines.push(("wasmtime, pooled", Arc::new(pooled)));
+    }
+    if chosen.contains(&"wasmi") {
+        engines.push(("wasmi", Arc::new(WasmiEngine::new())));
+    }
+    engines
 }
 
 fn new_agent(env: &Env, engine: Arc<dyn WasmEngine>, addr: String) -> (Agent, factum_node_agent::StatusReports) {
@@ -315,7 +324,8 @@ fn main() {
     let identities = [Principal::ControlPlane, Principal::Node("node-1".into()), Principal::Operator("bench".into())];
     factum_cli::certs::init(&certs, &identities).expect("certificates");
     let _ = BASELINE.set(raw_wasmtime());
-    // `FACTUM_BENCH_ONLY=agent|control-plane|big|client|tls` runs one part (e.g. under a profiler).
+    // `FACTUM_BENCH_ONLY=agent|control-plane|big|client|tls` runs one part (e.g. under a profiler), and
+    // `FACTUM_BENCH_ENGINES` some engines.
     let only = std::env::var("FACTUM_BENCH_ONLY").ok();
     let runs = |part: &str| only.as_deref().is_none_or(|o| o == part);
     rt.block_on(async {
