@@ -265,6 +265,30 @@ fn shell_completions_name_every_command() {
     assert!(!bad.status.success());
 }
 
+/// `--compact-memory`: each instance reserves only its memory budget of address space, in a pool too, and
+/// guests run as before; with wasmi, which reserves nothing, the flag is refused and says why.
+#[test]
+fn compact_memory_runs_guests_and_is_refused_with_wasmi() {
+    let up = up_with(&["--pooled", "--compact-memory", "--max-instances", "64"]);
+    let sleeper = ok(&up, &["start", &fixture("sleeper")]).trim().to_string();
+    wait_for_status(&up, &sleeper, "running");
+    let out = Command::new(FACTUM)
+        .args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--agent-listen",
+            "127.0.0.1:0",
+            "--engine",
+            "wasmi",
+            "--compact-memory",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("not with --engine wasmi"), "{stderr}");
+}
+
 #[test]
 fn restart_runs_an_instance_again_with_fresh_memory() {
     let up = up();

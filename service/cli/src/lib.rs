@@ -120,10 +120,11 @@ pub struct AgentOpts {
     #[arg(long)]
     pub pooled: bool,
     /// Wasmtime only: reserve for each instance's memory only its budget (`--max-memory-mib`) of address space
-    /// instead of 4 GiB with guard pages. Guest loads and stores then check their bounds (`cargo bench --bench
-    /// limits` shows the cost), and the node can hold far more than the ~30,000 instances that 4 GiB each
-    /// allows in a 128 TiB address space (`cargo bench --bench density`). Past ~30,000 instances Linux also
-    /// needs `vm.max_map_count` raised (each instance maps 3 to 6 regions; the default is 65,530).
+    /// instead of 4 GiB with guard pages. Guest loads and stores then check their bounds (a load-heavy hash
+    /// loop runs ~1.6x slower: `cargo bench --bench limits`), and the node can hold far more than the ~30,000
+    /// instances that 4 GiB each allows in a 128 TiB address space (`cargo bench --bench density`). Past
+    /// ~10,000 instances Linux also needs `vm.max_map_count` raised (each instance maps 3 to 6 regions; the
+    /// default is 65,530).
     #[arg(long)]
     pub compact_memory: bool,
     /// Node label `NAME=VALUE`, e.g. `zone=a`; repeatable. A start with `--constraint zone=a` is placed only

@@ -399,9 +399,19 @@ mod tests {
             merge_snapshot(&mut state, "n1", &[&facts], true, source);
             assert!(!state.instances.contains_key("s1"), "learned back from {source:?}");
         }
-        // Any later snapshot of that node cannot hold it: the tombstone goes.
+        // Any later snapshot of that node cannot hold it: its entry goes. The tombstone stays (epoch 3: an
+        // earlier placement's node may still send a copy nobody has heard of).
         merge_snapshot(&mut state, "n1", &[], true, Source::Heartbeat(SnapshotMark { boot: 9, sequence: 21 }));
-        assert!(state.removed.is_empty());
+        assert!(state.removed.get("s1").is_some_and(|t| t.nodes.is_empty()));
+        // As a node that crashed behind a partition and left does, with its snapshot from before (swarm seed
+        // 41004357): that copy is of an older placement, so it is not learned back but noted for discard.
+        let old_copy = InstanceFacts { epoch: 2, seal: crate::PlacementKey::plaintext().seal("s1", "n3", 2), ..facts };
+        merge_snapshot(&mut state, "n3", &[&old_copy], true, Source::Heartbeat(SnapshotMark { boot: 4, sequence: 7 }));
+        assert!(!state.instances.contains_key("s1"), "learned back from a node that held an earlier placement");
+        assert!(state.stale_copies.contains_key(&("n3".to_string(), "s1".to_string())));
+        // A first placement (epoch 1) has no earlier copies: once its last entry goes, so does its tombstone.
+        let first = crate::removal::Tombstone { epoch: 1, nodes: std::collections::BTreeMap::new() };
+        assert!(!first.kept());
     }
 
     #[test]

@@ -63,7 +63,7 @@ impl ControlPlane {
             for (node, _) in state.stale_copies.keys().filter(|(_, id)| elsewhere && id == instance_id) {
                 tombstone.nodes.insert(node.clone(), None);
             }
-            if !tombstone.nodes.is_empty() {
+            if tombstone.kept() {
                 state.removed.insert(instance_id.to_string(), tombstone);
             }
         }
@@ -142,11 +142,20 @@ pub(crate) struct Tombstone {
     pub(crate) epoch: u64,
     /// Node → its snapshot number once it no longer held the instance (removed there, or its stale copy
     /// discarded); `None` while a stale copy there waits to be discarded. A snapshot postdating the number
-    /// cannot hold the instance, so the node's entry goes with it; the tombstone goes with its last entry.
+    /// cannot hold the instance, so the node's entry goes with it; the tombstone goes with its last entry
+    /// unless [`Tombstone::kept`] says otherwise.
     pub(crate) nodes: BTreeMap<String, Option<SnapshotMark>>,
 }
 
 impl Tombstone {
+    /// Whether the tombstone is still needed. After a move (epoch above 1) an earlier placement's node may hold
+    /// a copy nobody has heard of, in a snapshot still on its way: a node that crashed behind a partition and
+    /// left (swarm seed 41004357: its snapshot from before the crash, held 18 s, brought the instance back
+    /// after its removal). Such a tombstone stays until the id is used again or this control plane restarts.
+    pub(crate) fn kept(&self) -> bool {
+        !self.nodes.is_empty() || self.epoch > 1
+    }
+
     /// Whether a fact of the removed instance in snapshot `mark` of `node_id` is one the removal left behind.
     fn holds(&self, node_id: &str, mark: SnapshotMark, facts: &InstanceFacts) -> bool {
         match self.nodes.get(node_id) {
@@ -184,7 +193,7 @@ pub(crate) fn screen<'a>(
     }
     state.removed.retain(|_, tombstone| {
         tombstone.nodes.retain(|node, gone_at| node != node_id || gone_at.is_none_or(|at| mark.predates(at)));
-        !tombstone.nodes.is_empty()
+        tombstone.kept()
     });
     kept
 }
@@ -258,7 +267,7 @@ impl ControlPlane {
                             Some(mark) => tombstone.nodes.insert(node_id.clone(), Some(mark)),
                             None => tombstone.nodes.remove(&node_id),
                         };
-                        if tombstone.nodes.is_empty() {
+                        if !tombstone.kept() {
                             state.removed.remove(&id);
                         }
                     }
